@@ -1,0 +1,5 @@
+import sys
+
+from fulltune.cli import main
+
+sys.exit(main())

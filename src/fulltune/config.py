@@ -1,0 +1,225 @@
+"""Typed run configuration: YAML + dotted key=value overrides, every mistake reported at once.
+
+Each field carries a one-line doc (``doc``) and, where it has one, a range or a set of choices.
+A config holds plain values only; nothing in it can name code to import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fulltune.errors import UserError
+
+
+def opt(default: Any, doc: str, *, choices: tuple | None = None, lo: float | None = None,
+        hi: float | None = None, lo_open: bool = False) -> Any:
+    """A config field with its one-line doc and its valid range or choices."""
+    meta = {"doc": doc, "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    path: str = opt("default", "θ0: an HF model directory (safetensors), a .gguf file, or 'default' (SmolLM2-135M-Instruct)")
+    trust_remote_code: bool = opt(False, "allow the model directory's own Python code to run (off: only transformers' built-in architectures)")
+    activation_checkpointing: bool = opt(False, "recompute each decoder layer's activations in the backward pass (less memory, ~30% more compute)")
+    attn_implementation: str = opt("sdpa", "attention kernel passed to transformers", choices=("sdpa", "eager"))
+
+
+@dataclass
+class DataConfig:
+    train: str = opt("builtin:sst2/train", "training data: a .jsonl/.json/.csv/.parquet file, a datasets save_to_disk directory, or builtin:sst2/train")
+    validation: str = opt("", "validation data (same kinds as train); empty: hold out val_fraction of train")
+    val_fraction: float = opt(0.0, "fraction of train held out for validation loss when no validation file is given", lo=0.0, hi=0.5)
+    format: str = opt("auto", "record format; auto picks messages, prompt+completion or text from the columns",
+                      choices=("auto", "text", "prompt_completion", "messages"))
+    max_seq_len: int = opt(512, "longest sequence in tokens; longer ones are handled by `overlong`", lo=8)
+    overlong: str = opt("truncate", "what to do with sequences longer than max_seq_len", choices=("truncate", "drop"))
+    loss_on: str = opt("completion", "which tokens carry loss: completion/assistant tokens only, or all tokens", choices=("completion", "all"))
+
+
+@dataclass
+class OptimConfig:
+    name: str = opt("adamw", "optimiser", choices=("adamw", "sgd"))
+    lr: float = opt(5e-5, "peak learning rate (the top layer's rate with layer_lr_decay)", lo=0.0, lo_open=True)
+    weight_decay: float = opt(0.0, "decoupled weight decay, never applied to biases and norm weights", lo=0.0)
+    betas: list = opt([0.9, 0.999], "AdamW (beta1, beta2)")
+    eps: float = opt(1e-8, "AdamW epsilon", lo=0.0, lo_open=True)
+    momentum: float = opt(0.0, "SGD momentum", lo=0.0, hi=1.0)
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this value (0: off)", lo=0.0)
+    layer_lr_decay: float = opt(1.0, "ULMFiT ξ: decoder layer l (0 = last) gets lr·ξ^-l; embeddings the lowest rate", lo=1.0)
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = opt("cosine", "warmup then cosine to min_lr, warmup then constant, or warmup then linear to min_lr",
+                    choices=("cosine", "constant", "linear"))
+    warmup_steps: int = opt(-1, "linear warmup steps (-1: use warmup_ratio)", lo=-1)
+    warmup_ratio: float = opt(0.05, "warmup as a fraction of all steps when warmup_steps is -1", lo=0.0, hi=1.0)
+    min_lr: float = opt(0.0, "learning rate at the end of cosine/linear decay", lo=0.0)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = opt("runs/quickstart", "run directory: config, metrics, checkpoints, final model")
+    seed: int = opt(0, "seed for data order, held-out split and initial RNG; same seed, same run", lo=0)
+    precision: str = opt("auto", "bf16-mixed: fp32 master weights + bf16 autocast; fp32; auto: bf16-mixed where the hardware has bf16 units",
+                         choices=("auto", "bf16-mixed", "fp32"))
+    micro_batch_size: int = opt(8, "sequences per forward/backward pass", lo=1)
+    grad_accum_steps: int = opt(1, "micro-batches per optimiser step (loss normalised by all their target tokens)", lo=1)
+    epochs: float = opt(1.0, "passes over the training data (ignored when max_steps > 0)", lo=0.0, lo_open=True)
+    max_steps: int = opt(0, "optimiser steps to run; 0: derive from epochs", lo=0)
+    log_interval: int = opt(1, "write a metrics.jsonl line every N steps", lo=1)
+    val_interval: int = opt(0, "validation loss every N steps (0: only at the end)", lo=0)
+    save_interval: int = opt(0, "checkpoint every N steps (0: only at the end)", lo=0)
+    keep_checkpoints: int = opt(2, "how many periodic checkpoints to keep (oldest removed first)", lo=1)
+    resume: str = opt("", "resume from a checkpoint: auto (latest in output_dir/checkpoints) or a checkpoint path")
+    overwrite: bool = opt(False, "allow starting a fresh run in an output_dir that already holds one")
+    device: str = opt("auto", "cpu, cuda, or auto (cuda when available)", choices=("auto", "cpu", "cuda"))
+    progress: bool = opt(True, "show a progress bar")
+
+
+@dataclass
+class EvalConfig:
+    task_file: str = opt("", "records scored for task accuracy (their last answer is the gold label); empty: off")
+    labels: list = opt([], "the fixed label set compared by log-likelihood, e.g. [positive, negative]")
+    batch_size: int = opt(16, "sequences per forward pass when scoring", lo=1)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_value(key: str, f: dataclasses.Field, kind: type, value: Any, errors: list[str]) -> Any:
+    """Coerce `value` to the field's type and check its range; append problems to `errors`."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is float and isinstance(value, str):
+        try:
+            value = float(value)  # YAML reads 5e-5 (no dot) as a string
+        except ValueError:
+            pass
+    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+    if not ok:
+        errors.append(f"{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    m = f.metadata
+    if m.get("choices") and value not in m["choices"]:
+        errors.append(f"{key}: {value!r} is not one of {', '.join(map(str, m['choices']))}")
+    if m.get("lo") is not None and (value < m["lo"] or (m["lo_open"] and value == m["lo"])):
+        errors.append(f"{key}: {value!r} must be {'>' if m['lo_open'] else '>='} {m['lo']}")
+    if m.get("hi") is not None and value > m["hi"]:
+        errors.append(f"{key}: {value!r} must be <= {m['hi']}")
+    return value
+
+
+def _build(cls: type, raw: dict, prefix: str, errors: list[str]) -> Any:
+    """Build dataclass `cls` from `raw`, collecting unknown keys, wrong types and ranges."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            errors.append(f"{full}: unknown key (valid: {', '.join(fields)})")
+            continue
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                errors.append(f"{full}: expected a section (mapping), got {value!r}")
+                continue
+            kwargs[key] = _build(hints[key], value, full + ".", errors)
+        else:
+            kwargs[key] = _check_value(full, fields[key], hints[key], value, errors)
+    return cls(**kwargs)
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    node = raw
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`a.b=1` → ("a.b", 1); values are parsed as YAML scalars/lists."""
+    pairs = []
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r}: expected key=value, e.g. optim.lr=3e-5")
+        key, text = item.split("=", 1)
+        pairs.append((key.strip(), yaml.safe_load(text) if text != "" else ""))
+    return pairs
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config, apply overrides, validate everything, and return a RunConfig."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: the top level must be a mapping of sections")
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(raw, key, value)
+    errors: list[str] = []
+    cfg = _build(RunConfig, raw, "", errors)
+    errors += _cross_checks(cfg)
+    if errors:
+        where = f" in {path}" if path else ""
+        raise UserError(f"invalid config{where} ({len(errors)} problem{'s' * (len(errors) > 1)}):\n  "
+                        + "\n  ".join(errors))
+    return cfg
+
+
+def _cross_checks(cfg: RunConfig) -> list[str]:
+    errors = []
+    betas = cfg.optim.betas
+    if not (len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+        errors.append(f"optim.betas: expected two numbers in [0, 1), got {betas!r}")
+    if not all(isinstance(x, str) for x in cfg.eval.labels):
+        errors.append(f"eval.labels: expected a list of strings, got {cfg.eval.labels!r}")
+    if cfg.eval.task_file and len(cfg.eval.labels) < 2:
+        errors.append("eval.labels: task accuracy needs at least two labels")
+    return errors
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def describe_fields() -> str:
+    """Markdown table of every config key with its default and doc (for the README)."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for section in dataclasses.fields(RunConfig):
+        for f in dataclasses.fields(typing.get_type_hints(RunConfig)[section.name]):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            doc = f.metadata["doc"]
+            if f.metadata.get("choices"):
+                doc += f" ({' / '.join(f.metadata['choices'])})"
+            rows.append(f"| `{section.name}.{f.name}` | `{default!r}` | {doc} |")
+    return "\n".join(rows)

@@ -1,0 +1,146 @@
+"""Records → token ids + a target mask: `text`, `prompt`+`completion`, or chat `messages`.
+
+`target_mask[t] = 1` means token t is predicted (carries loss). By default only completion /
+assistant tokens are targets. The chat template is rendered up to each assistant turn with
+`add_generation_prompt=True` and including the turn; the difference is the assistant's tokens.
+We check that each rendering is a token prefix of the next, so the mask cannot drift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fulltune.config import DataConfig
+from fulltune.data.sources import row_location
+from fulltune.errors import UserError
+
+FORMAT_COLUMNS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    target_mask: list[int]
+
+
+@dataclass
+class EncodeStats:
+    records: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped_overlong: int = 0
+    dropped_no_target: int = 0
+    tokens: int = 0
+    target_tokens: int = 0
+    longest: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        return (f"{self.kept}/{self.records} sequences kept, {self.tokens:,} tokens ({self.target_tokens:,} with loss), "
+                f"longest {self.longest}; truncated {self.truncated}, dropped {self.dropped_overlong} overlong, "
+                f"{self.dropped_no_target} with no target tokens")
+
+
+def detect_format(columns: list[str], requested: str, source: str) -> str:
+    if requested != "auto":
+        missing = [c for c in FORMAT_COLUMNS[requested] if c not in columns]
+        if missing:
+            raise UserError(f"{source}: format {requested} needs column(s) {', '.join(missing)}; found {', '.join(columns)}")
+        return requested
+    for name, needed in FORMAT_COLUMNS.items():
+        if all(c in columns for c in needed):
+            return name
+    raise UserError(f"{source}: cannot tell the format from columns {', '.join(columns)} "
+                    "(expected messages, prompt+completion, or text)")
+
+
+def _tokens(tokenizer, text: str, special: bool) -> list[int]:
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def encode_text(tokenizer, text: str) -> Example:
+    ids = _tokens(tokenizer, text, True) + [tokenizer.eos_token_id]
+    return Example(ids, [1] * len(ids))
+
+
+def encode_prompt_completion(tokenizer, prompt: str, completion: str, loss_on: str) -> Example:
+    p = _tokens(tokenizer, prompt, True)
+    c = _tokens(tokenizer, completion, False) + [tokenizer.eos_token_id]
+    return Example(p + c, [int(loss_on == "all")] * len(p) + [1] * len(c))
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def encode_messages(tokenizer, messages: list[dict], loss_on: str) -> Example:
+    if tokenizer.chat_template is None:
+        raise UserError("the tokenizer has no chat template; use text or prompt+completion data")
+    ids = _tokens(tokenizer, _render(tokenizer, messages, False), False)
+    mask = [int(loss_on == "all")] * len(ids)
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        before = _tokens(tokenizer, _render(tokenizer, messages[:i], True), False)
+        upto = _tokens(tokenizer, _render(tokenizer, messages[: i + 1], False), False)
+        if upto[: len(before)] != before or ids[: len(upto)] != upto:
+            raise UserError("the chat template does not render conversations as a prefix of their continuation "
+                            "(cannot locate assistant tokens); use prompt+completion data")
+        mask[len(before): len(upto)] = [1] * (len(upto) - len(before))
+    return Example(ids, mask)
+
+
+def _check_messages(messages, where: str) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: messages must be a non-empty list")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise UserError(f"{where}: each message needs string 'role' and 'content', got {m!r}"[:300])
+        if m["role"] not in ("system", "user", "assistant"):
+            raise UserError(f"{where}: unknown role {m['role']!r} (system, user, assistant)")
+
+
+def encode_record(tokenizer, record: dict, fmt: str, loss_on: str, where: str) -> Example:
+    """One record → Example; `where` (file:line) names the record in errors."""
+    if fmt == "messages":
+        _check_messages(record["messages"], where)
+        return encode_messages(tokenizer, record["messages"], loss_on)
+    if fmt == "prompt_completion":
+        prompt, completion = record["prompt"], record["completion"]
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise UserError(f"{where}: prompt and completion must be strings")
+        return encode_prompt_completion(tokenizer, prompt, completion, loss_on)
+    text = record["text"]
+    if not isinstance(text, str):
+        raise UserError(f"{where}: text must be a string, got {type(text).__name__}")
+    return encode_text(tokenizer, text)
+
+
+def encode_dataset(ds, tokenizer, cfg: DataConfig, source: str) -> tuple[list[Example], EncodeStats]:
+    """Tokenise every record; truncate or drop overlong ones and count what happened."""
+    fmt = detect_format(list(ds.column_names), cfg.format, source)
+    stats = EncodeStats(records=len(ds))
+    examples = []
+    for index, record in enumerate(ds):
+        try:
+            ex = encode_record(tokenizer, record, fmt, cfg.loss_on, f"{source} (record {index})")
+        except UserError as exc:
+            raise UserError(str(exc).replace(f"{source} (record {index})", row_location(source, index))) from None
+        if len(ex.input_ids) > cfg.max_seq_len:
+            if cfg.overlong == "drop":
+                stats.dropped_overlong += 1
+                continue
+            stats.truncated += 1
+            ex = Example(ex.input_ids[: cfg.max_seq_len], ex.target_mask[: cfg.max_seq_len])
+        # Position 0 is never predicted (nothing precedes it).
+        if sum(ex.target_mask[1:]) == 0:
+            stats.dropped_no_target += 1
+            continue
+        examples.append(ex)
+        stats.tokens += len(ex.input_ids)
+        stats.target_tokens += sum(ex.target_mask[1:])
+        stats.longest = max(stats.longest, len(ex.input_ids))
+    stats.kept = len(examples)
+    if not examples:
+        raise UserError(f"{source}: no usable sequences ({stats.line()})")
+    return examples, stats

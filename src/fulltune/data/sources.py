@@ -1,0 +1,73 @@
+"""Local data files → a `datasets.Dataset`, with errors that name the file and the line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fulltune.errors import UserError
+
+SUFFIX_BUILDER = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet",
+                  ".arrow": "arrow"}
+
+
+def _check_jsonl(path: Path) -> None:
+    """Fail on the first malformed line, naming it (datasets' own error does not)."""
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{lineno}: malformed JSON line ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+
+
+def row_location(path: str, index: int) -> str:
+    """Where record `index` lives, for error messages: file:line for JSONL/CSV, file row N otherwise."""
+    p = Path(path)
+    if p.suffix == ".jsonl":
+        with open(p, encoding="utf-8") as fh:
+            seen = -1
+            for lineno, line in enumerate(fh, 1):
+                seen += bool(line.strip())
+                if seen == index:
+                    return f"{p}:{lineno}"
+    if p.suffix == ".csv":
+        return f"{p}:{index + 2}"  # header on line 1
+    return f"{p} (record {index})"
+
+
+def load_records(path: str):
+    """A `datasets.Dataset` of the records in a local file or save_to_disk directory."""
+    from datasets import Dataset, load_dataset, load_from_disk
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"data file not found: {p}")
+    try:
+        if p.is_dir():
+            if not (p / "dataset_info.json").exists() and not (p / "state.json").exists():
+                raise UserError(f"{p}: a directory must be a datasets save_to_disk directory")
+            ds = load_from_disk(str(p))
+            if not isinstance(ds, Dataset):
+                raise UserError(f"{p}: holds several splits ({', '.join(ds)}); point at one split's directory")
+        else:
+            builder = SUFFIX_BUILDER.get(p.suffix)
+            if builder is None:
+                raise UserError(f"{p}: unsupported file type {p.suffix!r} (use {', '.join(SUFFIX_BUILDER)})")
+            if p.suffix == ".jsonl":
+                _check_jsonl(p)
+            if p.stat().st_size == 0:
+                raise UserError(f"{p}: the file is empty, no training records")
+            ds = load_dataset(builder, data_files=str(p), split="train")
+    except UserError:
+        raise
+    except Exception as exc:  # datasets wraps parser errors in many types; keep the file name
+        cause = exc.__cause__ or exc
+        raise UserError(f"{p}: could not read records: {type(cause).__name__}: {str(cause)[:300]}") from None
+    if len(ds) == 0:
+        raise UserError(f"{p}: no records")
+    return ds

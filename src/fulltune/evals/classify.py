@@ -1,0 +1,80 @@
+"""Task accuracy for a fixed label set: the label the model finds most likely is its answer.
+
+Each record's last answer (assistant message or completion) is the gold label; we replace it by
+each candidate label, score the candidate's tokens (with the end-of-turn marker the format adds)
+by summed log-likelihood, and take the argmax. No sampling, no parsing of generated text.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm import tqdm
+
+from fulltune.data.formats import detect_format, encode_record
+from fulltune.data.loader import collate
+from fulltune.data.sources import row_location
+from fulltune.errors import UserError
+from fulltune.loss import target_logprobs
+
+
+def _with_answer(record: dict, fmt: str, answer: str) -> dict:
+    if fmt == "messages":
+        msgs = [dict(m) for m in record["messages"]]
+        msgs[-1]["content"] = answer
+        return {"messages": msgs}
+    return {"prompt": record["prompt"], "completion": answer}
+
+
+def _gold(record: dict, fmt: str, where: str) -> str:
+    if fmt == "messages":
+        last = record["messages"][-1]
+        if last.get("role") != "assistant":
+            raise UserError(f"{where}: the last message must be the assistant's answer (the gold label)")
+        return last["content"]
+    return record["completion"]
+
+
+@torch.no_grad()
+def score_sequences(model, examples, pad_id: int, batch_size: int, autocast, desc: str = "") -> list[float]:
+    """Summed target log-likelihood of each example, batched by length."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    scores = [0.0] * len(examples)
+    was_training = model.training
+    model.eval()
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=not desc):
+        idx = order[start: start + batch_size]
+        batch = collate([examples[i] for i in idx], pad_id, device)
+        with autocast():
+            logp, rows = target_logprobs(model, batch)
+        sums = torch.zeros(len(idx), dtype=torch.float64, device=logp.device).index_add_(0, rows, logp.double())
+        for j, i in enumerate(idx):
+            scores[i] = float(sums[j])
+    model.train(was_training)
+    return scores
+
+
+def label_accuracy(model, tokenizer, ds, source: str, labels: list[str], batch_size: int, autocast,
+                   desc: str = "") -> dict:
+    """{"accuracy", "correct", "n", "stderr"} over the records of `ds`."""
+    fmt = detect_format(list(ds.column_names), "auto", source)
+    if fmt == "text":
+        raise UserError(f"{source}: task accuracy needs messages or prompt+completion records")
+    golds, candidates = [], []
+    for index, record in enumerate(ds):
+        where = row_location(source, index)
+        gold = _gold(record, fmt, where)
+        if gold not in labels:
+            raise UserError(f"{where}: answer {gold!r} is not one of eval.labels {labels}")
+        golds.append(labels.index(gold))
+        for label in labels:
+            candidates.append(encode_record(tokenizer, _with_answer(record, fmt, label), fmt, "completion", where))
+    scores = score_sequences(model, candidates, tokenizer.pad_token_id, batch_size, autocast, desc)
+    k = len(labels)
+    preds = [max(range(k), key=lambda j: scores[i * k + j]) for i in range(len(golds))]
+    correct = sum(int(p == g) for p, g in zip(preds, golds))
+    acc = correct / len(golds)
+    return {"accuracy": acc, "correct": correct, "n": len(golds),
+            "stderr": math.sqrt(acc * (1 - acc) / len(golds))}

@@ -1,0 +1,43 @@
+"""Log-probabilities of target tokens only: the LM head runs where a token carries loss.
+
+In SFT with prompt masking most positions carry no loss, and the vocabulary projection plus its
+fp32 log-softmax (b·s·V) is often the largest activation. For architectures whose logits are a
+plain linear map of the final hidden state we project only the target positions; for anything
+else (soft-capping, logit scaling) we take the model's own logits, so we are never silently wrong.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fulltune.data.loader import IGNORE
+
+PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2"}
+
+
+def _plain_head(model) -> bool:
+    return getattr(model.config, "model_type", None) in PLAIN_HEAD_TYPES
+
+
+def target_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p of each target token in fp32 [N], its batch row [N]), next-token shifted."""
+    labels = batch["labels"][:, 1:]
+    select = labels != IGNORE
+    targets = labels[select]
+    if _plain_head(model):
+        hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     use_cache=False).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[:, :-1][select])
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       use_cache=False).logits[:, :-1][select]
+    logp = -F.cross_entropy(logits.float(), targets, reduction="none")
+    rows = select.nonzero()[:, 0]
+    return logp, rows
+
+
+def loss_sum(model, batch: dict) -> torch.Tensor:
+    """Sum of the target tokens' cross-entropy (divide by the step's target count outside)."""
+    logp, _ = target_logprobs(model, batch)
+    return -logp.sum()

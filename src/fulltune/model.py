@@ -1,0 +1,88 @@
+"""Load θ0 and check it: every weight from the file, every weight trainable, fp32 master copy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fulltune import assets
+from fulltune.config import ModelConfig
+from fulltune.errors import UserError
+
+
+def resolve_model_path(path: str) -> Path:
+    if path == "default":
+        return assets.ensure_model()
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"model.path not found: {p}")
+    return p
+
+
+def _load_hf_dir(path: Path, cfg: ModelConfig):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: not an HF model directory (no config.json)")
+    if not any(path.glob("*.safetensors")):
+        raise UserError(f"{path}: no *.safetensors weights (fulltune loads safetensors only, never pickles)")
+    model, info = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, use_safetensors=True, output_loading_info=True,
+        trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        detail = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, sorted(v)[:5]))}"
+                           + (f" (+{len(v) - 5} more)" if len(v) > 5 else "") for k, v in problems.items())
+        raise UserError(f"{path}: the checkpoint does not match the architecture, some weights would be "
+                        f"randomly initialised or dropped ({detail})")
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    return model, tokenizer
+
+
+def load_theta0(cfg: ModelConfig, verbose: bool = True):
+    """(model, tokenizer, path): θ0 in fp32 with every parameter trainable, checked."""
+    path = resolve_model_path(cfg.path)
+    if path.is_file() and path.suffix == ".gguf":
+        model, tokenizer = assets.gguf_to_model(path, cfg.trust_remote_code)
+        model.config._attn_implementation = cfg.attn_implementation
+    else:
+        model, tokenizer = _load_hf_dir(path, cfg)
+    model.requires_grad_(True)
+    model.train()
+    if tokenizer.pad_token_id is None:
+        # Only used to fill padded positions; they are masked by length, never by id.
+        tokenizer.pad_token = tokenizer.eos_token
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    summary = verify_trainable(model)
+    if verbose:
+        print(f"[model] θ0 {path}: {summary}", flush=True)
+    return model, tokenizer, path
+
+
+def verify_trainable(model: nn.Module) -> str:
+    """Assert the full fine-tuning invariant and describe the model in one line."""
+    params = list(model.parameters())  # shared (tied) tensors appear once
+    trainable = [p for p in params if p.requires_grad]
+    n_total = sum(p.numel() for p in params)
+    n_train = sum(p.numel() for p in trainable)
+    if n_train != n_total:
+        raise UserError(f"only {n_train}/{n_total} parameters are trainable; full fine-tuning trains all")
+    dtypes = sorted({str(p.dtype).replace("torch.", "") for p in params})
+    tied = model.get_output_embeddings() is not None and \
+        model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    return (f"{type(model).__name__}, {n_total:,} parameters in {len(params)} tensors, "
+            f"trainable {n_train:,} (100.00%), dtype {'/'.join(dtypes)}, tied embeddings: {'yes' if tied else 'no'}")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ordered decoder blocks (bottom first): the key for per-layer rates, sharding, memory."""
+    base = getattr(model, model.base_model_prefix, model)
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(base, name, None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise UserError(f"{type(model).__name__}: cannot find the decoder layers (looked for layers, h, blocks)")

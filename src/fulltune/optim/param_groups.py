@@ -1,0 +1,68 @@
+"""Parameter groups: no weight decay on biases and norm weights; ULMFiT discriminative rates.
+
+With `layer_lr_decay` ξ, decoder layer l counted from the top (l = 0 for the last layer) gets
+lr·ξ^-l; the embeddings sit one below the bottom layer (the lowest rate, lr·ξ^-L); the final norm
+and an untied LM head get the top rate. A tied embedding/LM-head tensor is one parameter and can
+sit in one group only: it takes the embedding's (lowest, most conservative) rate.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fulltune.config import OptimConfig
+from fulltune.model import decoder_layers
+
+
+def depth_from_top(model: nn.Module) -> dict[int, tuple[int, str]]:
+    """id(param) → (l, group label): l = 0 for the top layer, head and final norm."""
+    layers = decoder_layers(model)
+    n_layers = len(layers)
+    depth: dict[int, tuple[int, str]] = {}
+    for p in model.get_input_embeddings().parameters():
+        depth[id(p)] = (n_layers, "embed")
+    for i, layer in enumerate(layers):
+        for p in layer.parameters():
+            depth.setdefault(id(p), (n_layers - 1 - i, f"layer.{i}"))
+    for p in model.parameters():
+        depth.setdefault(id(p), (0, "head"))  # final norm, untied LM head
+    return depth
+
+
+def _decays(name: str, p: nn.Parameter) -> bool:
+    """Weight decay only on matrices: never on biases or norm weights (1-D tensors)."""
+    return p.ndim >= 2
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    depth = depth_from_top(model) if cfg.layer_lr_decay != 1.0 else {}
+    groups: dict[tuple[str, bool], dict] = {}
+    for name, p in model.named_parameters():  # a tied tensor is listed once
+        level, label = depth.get(id(p), (0, "all"))
+        lr = cfg.lr * cfg.layer_lr_decay ** (-level)
+        decay = _decays(name, p) and cfg.weight_decay > 0
+        key = (label, decay)
+        if key not in groups:
+            groups[key] = {"name": label, "params": [], "lr": lr, "initial_lr": lr,
+                           "weight_decay": cfg.weight_decay if decay else 0.0}
+        groups[key]["params"].append(p)
+    out = list(groups.values())
+    # Invariant: every trainable parameter in exactly one group.
+    seen = [id(p) for g in out for p in g["params"]]
+    assert len(seen) == len(set(seen)) == len(list(model.parameters())), "a parameter is in 0 or 2 groups"
+    return out
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    # fused AdamW runs on CPU too: ~3× faster than the foreach path on 135M parameters.
+    fused = all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
+
+
+def lrs_by_name(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Current lr per group label (decay/no-decay halves share a label and a rate)."""
+    return {g["name"]: g["lr"] for g in optimizer.param_groups}

@@ -1,0 +1,59 @@
+"""The run's data: tokenised train / validation examples and the task-accuracy records."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from fulltune.assets import resolve_data_path
+from fulltune.config import RunConfig
+from fulltune.data.formats import Example, encode_dataset
+from fulltune.data.sources import load_records
+from fulltune.evals.classify import label_accuracy
+
+
+@dataclass
+class TaskData:
+    train: list[Example]
+    val: list[Example]
+    task: object | None   # datasets.Dataset of records scored for task accuracy
+    task_source: str
+    stats: dict
+
+
+def load_task_data(cfg: RunConfig, tokenizer) -> TaskData:
+    d = cfg.data
+    train_path = resolve_data_path(d.train)
+    train, train_stats = encode_dataset(load_records(train_path), tokenizer, d, train_path)
+    print(f"[data] train {train_path}: {train_stats.line()}", flush=True)
+    stats = {"train": asdict(train_stats)}
+    val: list[Example] = []
+    if d.validation:
+        val_path = resolve_data_path(d.validation)
+        val, val_stats = encode_dataset(load_records(val_path), tokenizer, d, val_path)
+        print(f"[data] validation {val_path}: {val_stats.line()}", flush=True)
+        stats["validation"] = asdict(val_stats)
+    elif d.val_fraction > 0:
+        # A seeded hold-out: the same seed holds out the same examples.
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.train.seed)).tolist()
+        n_val = max(1, round(d.val_fraction * len(train)))
+        val = [train[i] for i in sorted(order[:n_val])]
+        train = [train[i] for i in sorted(order[n_val:])]
+        print(f"[data] held out {len(val)} of the training sequences for validation", flush=True)
+    stats["n_train"], stats["n_val"] = len(train), len(val)
+    task, task_source = None, ""
+    if cfg.eval.task_file:
+        task_source = resolve_data_path(cfg.eval.task_file)
+        task = load_records(task_source)
+    return TaskData(train, val, task, task_source, stats)
+
+
+def task_accuracy(run, tag: str) -> dict:
+    """Accuracy of the model as it is now on the task records (printed and returned)."""
+    cfg = run.cfg.eval
+    result = label_accuracy(run.model, run.tokenizer, run.data.task, run.data.task_source, list(cfg.labels),
+                            cfg.batch_size, run.autocast, desc=f"task eval {tag}" if run.cfg.train.progress else "")
+    print(f"[eval] {tag} task accuracy {100 * result['accuracy']:.1f}% "
+          f"({result['correct']}/{result['n']}, ±{100 * result['stderr']:.1f} s.e.)", flush=True)
+    return result

@@ -1,0 +1,219 @@
+"""The training loop: one readable loop, θ0 → θ*, every weight trainable.
+
+    for each optimiser step:
+        set every group's lr = initial_lr · lr_multiplier(step)       (stateless schedule)
+        take grad_accum micro-batches; N = their target tokens in total
+        backward(Σ token CE / N) per micro-batch                       (== one big batch)
+        clip the global grad norm; optimizer.step(); zero grads
+        log; validate; checkpoint
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fulltune import checkpoint
+from fulltune.config import RunConfig, save_config
+from fulltune.data.loader import StepSampler, collate, count_targets
+from fulltune.errors import UserError
+from fulltune.loss import loss_sum
+from fulltune.model import load_theta0
+from fulltune.optim.param_groups import build_optimizer, lrs_by_name
+from fulltune.optim.schedules import schedule_fn
+from fulltune.runtime import autocast_factory, pick_device, resolve_precision
+from fulltune.taskdata import TaskData, load_task_data, task_accuracy
+
+
+@dataclass
+class Run:
+    """Everything the loop touches, built once by `setup`."""
+    cfg: RunConfig
+    run_dir: Path
+    model: torch.nn.Module
+    tokenizer: object
+    data: TaskData
+    optimizer: torch.optim.Optimizer
+    sampler: StepSampler
+    total_steps: int
+    lr_multiplier: object
+    autocast: object
+    device: torch.device
+    state: dict
+
+
+def prepare_run_dir(cfg: RunConfig) -> Path:
+    """The run directory; refuses to overwrite an existing run unless asked to."""
+    run_dir = Path(cfg.train.output_dir).expanduser()
+    has_run = (run_dir / "config.yaml").exists()
+    if has_run and not cfg.train.resume and not cfg.train.overwrite:
+        raise UserError(f"{run_dir} already holds a run; resume it with train.resume=auto, "
+                        "pick another train.output_dir, or set train.overwrite=true")
+    if has_run and cfg.train.overwrite and not cfg.train.resume:
+        for name in ("checkpoints", "final", "metrics.jsonl", "results.json"):
+            target = run_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def setup(cfg: RunConfig) -> Run:
+    run_dir = prepare_run_dir(cfg)
+    resume_from = checkpoint.resolve_resume(cfg.train.resume, run_dir)
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    device = pick_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+    model, tokenizer, _ = load_theta0(cfg.model)
+    model.to(device)
+    data = load_task_data(cfg, tokenizer)
+    sampler = StepSampler(len(data.train), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, cfg.train.seed)
+    total = cfg.train.max_steps or math.ceil(sampler.steps_per_epoch * cfg.train.epochs)
+    optimizer = build_optimizer(model, cfg.optim)
+    save_config(cfg, run_dir / "config.yaml")
+    state = {"step": 0, "tokens_seen": 0, "target_tokens_seen": 0, "elapsed_s": 0.0, "results": {}}
+    if resume_from is not None:
+        state = checkpoint.load_checkpoint(resume_from, model, optimizer)
+        sampler.load_state_dict(state["sampler"])
+        _trim_metrics(run_dir / "metrics.jsonl", state["step"])
+        print(f"[train] resumed from {resume_from} at step {state['step']}", flush=True)
+    print(f"[train] device {device}, precision {precision}, {total} steps "
+          f"({sampler.steps_per_epoch} per epoch, batch {cfg.train.micro_batch_size}×{cfg.train.grad_accum_steps}), "
+          f"{len(optimizer.param_groups)} parameter groups", flush=True)
+    return Run(cfg, run_dir, model, tokenizer, data, optimizer, sampler, total,
+               schedule_fn(cfg.schedule, cfg.optim.lr, total), autocast_factory(precision, device), device, state)
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past the resumed step: they will be written again."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def train_step(model, optimizer, micro_batches: list[dict], autocast, grad_clip: float) -> tuple[float, float]:
+    """One optimiser step over micro-batches; returns (mean token loss, grad norm before clipping)."""
+    n_targets = sum(count_targets(b) for b in micro_batches)
+    total = 0.0
+    for batch in micro_batches:
+        with autocast():
+            s = loss_sum(model, batch)
+        (s / n_targets).backward()
+        total += s.item()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / n_targets, float(norm)
+
+
+@torch.no_grad()
+def validation_loss(run: Run) -> float:
+    examples = run.data.val
+    was_training = run.model.training
+    run.model.eval()
+    total, n = 0.0, 0
+    bs = run.cfg.train.micro_batch_size
+    for start in range(0, len(examples), bs):
+        batch = collate(examples[start: start + bs], run.tokenizer.pad_token_id, run.device)
+        with run.autocast():
+            total += float(loss_sum(run.model, batch))
+        n += count_targets(batch)
+    run.model.train(was_training)
+    return total / n
+
+
+def _log(run: Run, record: dict) -> None:
+    with open(run.run_dir / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _save(run: Run) -> Path:
+    run.state["sampler"] = run.sampler.state_dict()
+    return checkpoint.save_checkpoint(run.run_dir, run.state["step"], run.model, run.optimizer,
+                                      run.state, run.cfg.train.keep_checkpoints)
+
+
+def _one_step(run: Run) -> dict:
+    step = run.state["step"]
+    for group in run.optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * run.lr_multiplier(step)
+    lrs = lrs_by_name(run.optimizer)
+    indices = run.sampler.next_step()
+    batches = [collate([run.data.train[i] for i in idx], run.tokenizer.pad_token_id, run.device) for idx in indices]
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    targets = sum(count_targets(b) for b in batches)
+    t0 = time.perf_counter()
+    loss, norm = train_step(run.model, run.optimizer, batches, run.autocast, run.cfg.optim.grad_clip)
+    dt = time.perf_counter() - t0
+    if not math.isfinite(loss):
+        raise UserError(f"loss became {loss} at step {step}: lower optim.lr or check the data")
+    s = run.state
+    s["step"], s["tokens_seen"], s["target_tokens_seen"] = step + 1, s["tokens_seen"] + tokens, s["target_tokens_seen"] + targets
+    s["elapsed_s"] += dt
+    return {"step": step + 1, "epoch": run.sampler.epoch, "loss": loss, "lr": lrs, "grad_norm": norm,
+            "tokens_seen": s["tokens_seen"], "target_tokens_seen": s["target_tokens_seen"],
+            "tokens_per_s": tokens / dt, "elapsed_s": s["elapsed_s"]}
+
+
+def loop(run: Run) -> None:
+    cfg = run.cfg.train
+    bar = tqdm(total=run.total_steps, initial=run.state["step"], desc="train", disable=not cfg.progress,
+               dynamic_ncols=True)
+    while run.state["step"] < run.total_steps:
+        rec = _one_step(run)
+        step = rec["step"]
+        if cfg.val_interval and step % cfg.val_interval == 0 and step < run.total_steps and run.data.val:
+            rec["val_loss"] = validation_loss(run)
+        if step % cfg.log_interval == 0 or "val_loss" in rec or step == run.total_steps:
+            _log(run, rec)
+        top_lr = max(rec["lr"].values())
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{top_lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
+        bar.update(1)
+        if cfg.save_interval and step % cfg.save_interval == 0 and step < run.total_steps:
+            _save(run)
+    bar.close()
+
+
+def finish(run: Run) -> dict:
+    results = run.state["results"]
+    if run.data.val:
+        results["final_val_loss"] = validation_loss(run)
+        _log(run, {"step": run.state["step"], "val_loss": results["final_val_loss"]})
+        print(f"[train] validation loss {results['final_val_loss']:.4f}", flush=True)
+    final = checkpoint.export_hf(run.model, run.tokenizer, run.run_dir / "final")
+    print(f"[train] saved the fine-tuned model to {final}", flush=True)
+    _save(run)
+    if run.data.task is not None:
+        results["task_accuracy_final"] = task_accuracy(run, "θ*")
+        report_task(results)
+    results.update(steps=run.state["step"], tokens_seen=run.state["tokens_seen"],
+                   target_tokens_seen=run.state["target_tokens_seen"], train_time_s=run.state["elapsed_s"],
+                   data=run.data.stats)
+    (run.run_dir / "results.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def report_task(results: dict) -> None:
+    before, after = results["task_accuracy_theta0"], results["task_accuracy_final"]
+    print(f"[eval] task accuracy: θ0 {100 * before['accuracy']:.1f}% → fine-tuned {100 * after['accuracy']:.1f}% "
+          f"({100 * (after['accuracy'] - before['accuracy']):+.1f} points, n={after['n']}, "
+          f"±{100 * after['stderr']:.1f} s.e.)", flush=True)
+
+
+def run_training(cfg: RunConfig) -> dict:
+    run = setup(cfg)
+    if run.data.task is not None and "task_accuracy_theta0" not in run.state["results"]:
+        run.state["results"]["task_accuracy_theta0"] = task_accuracy(run, "θ0")
+    started = time.perf_counter()
+    loop(run)
+    results = finish(run)
+    print(f"[train] done: {run.state['step']} steps in {time.perf_counter() - started:.0f} s → {run.run_dir}", flush=True)
+    return results
