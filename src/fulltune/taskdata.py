@@ -22,16 +22,23 @@ class TaskData:
     stats: dict
 
 
-def load_task_data(cfg: RunConfig, tokenizer) -> TaskData:
+def read_sources(cfg: RunConfig) -> dict[str, tuple[str, object]]:
+    """Every data file the run needs, read and checked before the model is loaded."""
+    named = {"train": cfg.data.train, "validation": cfg.data.validation, "task": cfg.eval.task_file}
+    return {role: (path, load_records(path)) for role, path in
+            ((role, resolve_data_path(spec)) for role, spec in named.items() if spec)}
+
+
+def load_task_data(cfg: RunConfig, tokenizer, sources: dict) -> TaskData:
     d = cfg.data
-    train_path = resolve_data_path(d.train)
-    train, train_stats = encode_dataset(load_records(train_path), tokenizer, d, train_path)
+    train_path, train_ds = sources["train"]
+    train, train_stats = encode_dataset(train_ds, tokenizer, d, train_path)
     print(f"[data] train {train_path}: {train_stats.line()}", flush=True)
     stats = {"train": asdict(train_stats)}
     val: list[Example] = []
-    if d.validation:
-        val_path = resolve_data_path(d.validation)
-        val, val_stats = encode_dataset(load_records(val_path), tokenizer, d, val_path)
+    if "validation" in sources:
+        val_path, val_ds = sources["validation"]
+        val, val_stats = encode_dataset(val_ds, tokenizer, d, val_path)
         print(f"[data] validation {val_path}: {val_stats.line()}", flush=True)
         stats["validation"] = asdict(val_stats)
     elif d.val_fraction > 0:
@@ -42,10 +49,7 @@ def load_task_data(cfg: RunConfig, tokenizer) -> TaskData:
         train = [train[i] for i in sorted(order[n_val:])]
         print(f"[data] held out {len(val)} of the training sequences for validation", flush=True)
     stats["n_train"], stats["n_val"] = len(train), len(val)
-    task, task_source = None, ""
-    if cfg.eval.task_file:
-        task_source = resolve_data_path(cfg.eval.task_file)
-        task = load_records(task_source)
+    task_source, task = sources.get("task", ("", None))
     return TaskData(train, val, task, task_source, stats)
 
 

@@ -30,7 +30,7 @@ from fulltune.model import load_theta0
 from fulltune.optim.param_groups import build_optimizer, lrs_by_name
 from fulltune.optim.schedules import schedule_fn
 from fulltune.runtime import autocast_factory, pick_device, resolve_precision
-from fulltune.taskdata import TaskData, load_task_data, task_accuracy
+from fulltune.taskdata import TaskData, load_task_data, read_sources, task_accuracy
 
 
 @dataclass
@@ -61,7 +61,6 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
         for name in ("checkpoints", "final", "metrics.jsonl", "results.json"):
             target = run_dir / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
@@ -72,12 +71,14 @@ def setup(cfg: RunConfig) -> Run:
     random.seed(cfg.train.seed)
     device = pick_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
+    sources = read_sources(cfg)  # a missing or malformed file fails before the model loads
     model, tokenizer, _ = load_theta0(cfg.model)
     model.to(device)
-    data = load_task_data(cfg, tokenizer)
+    data = load_task_data(cfg, tokenizer, sources)
     sampler = StepSampler(len(data.train), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, cfg.train.seed)
     total = cfg.train.max_steps or math.ceil(sampler.steps_per_epoch * cfg.train.epochs)
     optimizer = build_optimizer(model, cfg.optim)
+    run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     state = {"step": 0, "tokens_seen": 0, "target_tokens_seen": 0, "elapsed_s": 0.0, "results": {}}
     if resume_from is not None:
@@ -208,12 +209,13 @@ def report_task(results: dict) -> None:
           f"±{100 * after['stderr']:.1f} s.e.)", flush=True)
 
 
-def run_training(cfg: RunConfig) -> dict:
+def run_training(cfg: RunConfig) -> Run:
+    """setup → task accuracy of θ0 → loop → export, task accuracy of θ*, results.json."""
     run = setup(cfg)
     if run.data.task is not None and "task_accuracy_theta0" not in run.state["results"]:
         run.state["results"]["task_accuracy_theta0"] = task_accuracy(run, "θ0")
     started = time.perf_counter()
     loop(run)
-    results = finish(run)
+    finish(run)
     print(f"[train] done: {run.state['step']} steps in {time.perf_counter() - started:.0f} s → {run.run_dir}", flush=True)
-    return results
+    return run

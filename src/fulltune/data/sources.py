@@ -11,8 +11,9 @@ SUFFIX_BUILDER = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": 
                   ".arrow": "arrow"}
 
 
-def _check_jsonl(path: Path) -> None:
-    """Fail on the first malformed line, naming it (datasets' own error does not)."""
+def _check_jsonl(path: Path) -> int:
+    """Count records; fail on the first malformed line, naming it (datasets' own error does not)."""
+    count = 0
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -23,6 +24,8 @@ def _check_jsonl(path: Path) -> None:
                 raise UserError(f"{path}:{lineno}: malformed JSON line ({exc.msg} at column {exc.colno})") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+            count += 1
+    return count
 
 
 def row_location(path: str, index: int) -> str:
@@ -58,10 +61,8 @@ def load_records(path: str):
             builder = SUFFIX_BUILDER.get(p.suffix)
             if builder is None:
                 raise UserError(f"{p}: unsupported file type {p.suffix!r} (use {', '.join(SUFFIX_BUILDER)})")
-            if p.suffix == ".jsonl":
-                _check_jsonl(p)
-            if p.stat().st_size == 0:
-                raise UserError(f"{p}: the file is empty, no training records")
+            if p.stat().st_size == 0 or (p.suffix == ".jsonl" and _check_jsonl(p) == 0):
+                raise UserError(f"{p}: no records (the file is empty)")
             ds = load_dataset(builder, data_files=str(p), split="train")
     except UserError:
         raise

@@ -1,0 +1,73 @@
+"""User errors end in one clear message and a non-zero exit, with no traceback and no damage."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import tiny_overrides, write_jsonl, sentiment_records
+from fulltune.cli import main
+
+
+def _fail(capsys, argv) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert err.count("fulltune: error: ") == 1
+    err = err[err.index("fulltune: error: "):]
+    return err
+
+
+def test_missing_data_file(capsys, tiny_dir, tmp_path, tmp_path_factory):
+    err = _fail(capsys, ["train", "configs/quickstart.yaml", *tiny_overrides(tiny_dir, tmp_path / "nope.jsonl", tmp_path / "o")])
+    assert f"data file not found: {tmp_path / 'nope.jsonl'}" in err
+
+
+def test_malformed_jsonl_names_the_line(capsys, tiny_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "fine"}\n{"text": oops}\n')
+    err = _fail(capsys, ["train", "configs/quickstart.yaml", *tiny_overrides(tiny_dir, bad, tmp_path / "o")])
+    assert f"{bad}:3: malformed JSON line" in err
+
+
+def test_unknown_key_reported_before_any_model_loads(capsys, tmp_path):
+    err = _fail(capsys, ["train", "configs/quickstart.yaml", "optim.learning_rate=1e-4", "model.path=/does/not/exist",
+                         "train.micro_batch_size=0"])
+    assert "optim.learning_rate: unknown key" in err and "train.micro_batch_size: 0 must be >= 1" in err
+    assert "model.path not found" not in err
+
+
+def test_empty_dataset(capsys, tiny_dir, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    err = _fail(capsys, ["train", "configs/quickstart.yaml", *tiny_overrides(tiny_dir, empty, tmp_path / "o")])
+    assert "empty.jsonl" in err and "no records" in err
+
+
+def test_existing_run_is_not_overwritten(capsys, tiny_dir, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(8))
+    args = ["train", "configs/quickstart.yaml", *tiny_overrides(tiny_dir, data, tmp_path / "run", **{"train.max_steps": 1}),
+            "eval.task_file=", "data.val_fraction=0"]
+    assert main(args) == 0
+    final = (tmp_path / "run" / "final" / "model.safetensors").read_bytes()
+    err = _fail(capsys, args)
+    assert "already holds a run" in err and "train.resume=auto" in err
+    assert (tmp_path / "run" / "final" / "model.safetensors").read_bytes() == final
+
+
+def test_subprocess_exit_code_and_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fulltune", "train", str(tmp_path / "missing.yaml")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"fulltune: error: config file not found: {tmp_path / 'missing.yaml'}"
+
+
+def test_schedule_command_prints_and_plots(capsys, tmp_path):
+    out = tmp_path / "lr.png"
+    assert main(["schedule", "configs/quickstart.yaml", "train.max_steps=100", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "cosine schedule over 100 steps" in text
+    rows = {int(line.split()[0]): float(line.split()[1]) for line in text.splitlines() if line.strip()[:1].isdigit()}
+    assert rows[0] == pytest.approx(1e-5) and rows[4] == pytest.approx(5e-5) and rows[99] < 1e-7
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

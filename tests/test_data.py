@@ -1,0 +1,109 @@
+import json
+
+import pytest
+import torch
+
+from conftest import make_tokenizer, write_jsonl
+from fulltune.config import DataConfig
+from fulltune.data.formats import encode_dataset, encode_messages, encode_prompt_completion
+from fulltune.data.loader import IGNORE, StepSampler, collate
+from fulltune.data.sources import load_records
+from fulltune.errors import UserError
+
+TOK = make_tokenizer()
+CONV = [{"role": "user", "content": "classify the movie"}, {"role": "assistant", "content": "positive"},
+        {"role": "user", "content": "and the plot"}, {"role": "assistant", "content": "negative"}]
+
+
+def test_assistant_mask_is_exactly_the_assistant_turns():
+    ex = encode_messages(TOK, CONV, "completion")
+    targets = TOK.decode([t for t, m in zip(ex.input_ids, ex.target_mask) if m])
+    assert targets == "positive<|im_end|>\nnegative<|im_end|>\n"
+    # The rendered prefix really is a token prefix of the full rendering.
+    prefix = TOK(TOK.apply_chat_template(CONV[:1], tokenize=False, add_generation_prompt=True),
+                 add_special_tokens=False)["input_ids"]
+    assert ex.input_ids[: len(prefix)] == prefix and sum(ex.target_mask[: len(prefix)]) == 0
+    assert all(encode_messages(TOK, CONV, "all").target_mask)
+
+
+def test_prompt_completion_mask():
+    ex = encode_prompt_completion(TOK, "the movie was", " great", "completion")
+    n_prompt = len(TOK("the movie was")["input_ids"])
+    assert ex.target_mask == [0] * n_prompt + [1] * (len(ex.input_ids) - n_prompt)
+    assert ex.input_ids[-1] == TOK.eos_token_id
+
+
+def test_overlong_truncate_and_drop_are_counted(tmp_path):
+    rows = [{"text": "the movie " * n} for n in (2, 40, 3)]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    ds = load_records(str(path))
+    ex, stats = encode_dataset(ds, TOK, DataConfig(max_seq_len=16, overlong="truncate"), str(path))
+    assert stats.truncated == 1 and len(ex) == 3 and max(len(e.input_ids) for e in ex) == 16
+    ex, stats = encode_dataset(ds, TOK, DataConfig(max_seq_len=16, overlong="drop"), str(path))
+    assert stats.dropped_overlong == 1 and len(ex) == 2 and stats.kept == 2
+
+
+def test_truncation_that_leaves_no_target_drops_the_example(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the movie " * 30, "completion": "good"},
+                                             {"prompt": "the", "completion": "good"}])
+    ex, stats = encode_dataset(load_records(str(path)), TOK, DataConfig(max_seq_len=16), str(path))
+    assert len(ex) == 1 and stats.dropped_no_target == 1
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet", "json"])
+def test_other_file_types(tmp_path, suffix):
+    import datasets
+    ds = datasets.Dataset.from_list([{"prompt": "the movie", "completion": "good"}] * 3)
+    path = tmp_path / f"d.{suffix}"
+    getattr(ds, f"to_{suffix}")(str(path))
+    assert load_records(str(path))[1] == {"prompt": "the movie", "completion": "good"}
+
+
+def test_save_to_disk_directory(tmp_path):
+    import datasets
+    datasets.Dataset.from_list([{"text": "a"}, {"text": "b"}]).save_to_disk(str(tmp_path / "d"))
+    assert len(load_records(str(tmp_path / "d"))) == 2
+
+
+def test_malformed_jsonl_line_is_named(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"text": "ok"}) + "\n\n" + '{"text": "broken"\n')
+    with pytest.raises(UserError, match=r"bad\.jsonl:3: malformed JSON"):
+        load_records(str(path))
+
+
+def test_bad_record_names_its_line(tmp_path):
+    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": CONV}, {"messages": [{"role": "robot", "content": "x"}]}])
+    with pytest.raises(UserError, match=r"m\.jsonl:2: unknown role 'robot'"):
+        encode_dataset(load_records(str(path)), TOK, DataConfig(), str(path))
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "e.jsonl").write_text("")
+    with pytest.raises(UserError, match="no records"):
+        load_records(str(tmp_path / "e.jsonl"))
+
+
+def test_sampler_covers_each_epoch_once_and_resumes_without_replay():
+    s = StepSampler(10, micro_batch=2, grad_accum=2, seed=3)
+    assert s.steps_per_epoch == 3
+    epoch0 = [i for _ in range(3) for mb in s.next_step() for i in mb]
+    assert sorted(epoch0) == list(range(10))
+    state = s.state_dict()
+    rest = [s.next_step() for _ in range(4)]
+    t = StepSampler(10, micro_batch=2, grad_accum=2, seed=3)
+    t.load_state_dict(state)
+    assert [t.next_step() for _ in range(4)] == rest
+    assert sorted(i for step in rest[:3] for mb in step for i in mb) == list(range(10))
+    with pytest.raises(UserError, match="data order changed"):
+        StepSampler(11, 2, 2, 3).load_state_dict(state)
+
+
+def test_collate_masks_padding_by_length_not_by_id():
+    from fulltune.data.formats import Example
+    eos = TOK.eos_token_id
+    batch = collate([Example([5, 6, eos], [0, 1, 1]), Example([7], [1])], pad_id=eos)
+    # The real EOS at the end of row 0 is a target; the padding (same id) in row 1 is not.
+    assert batch["labels"].tolist() == [[IGNORE, 6, eos], [IGNORE, IGNORE, IGNORE]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert torch.equal(batch["input_ids"][1], torch.tensor([7, eos, eos]))
