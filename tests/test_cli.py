@@ -71,3 +71,30 @@ def test_schedule_command_prints_and_plots(capsys, tmp_path):
     rows = {int(line.split()[0]): float(line.split()[1]) for line in text.splitlines() if line.strip()[:1].isdigit()}
     assert rows[0] == pytest.approx(1e-5) and rows[4] == pytest.approx(5e-5) and rows[99] < 1e-7
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_dir, tmp_path):
+    import json
+    import signal
+    import time
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(400))
+    args = [sys.executable, "-m", "fulltune", "train", "configs/quickstart.yaml",
+            *tiny_overrides(tiny_dir, data, tmp_path / "run", **{"train.max_steps": 100000}),
+            "eval.task_file=", "data.val_fraction=0"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "continue with train.resume=auto" in err and "Traceback" not in err
+    saved = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    assert len(saved) == 1
+    step = json.loads((saved[0] / "trainer_state.json").read_text())["step"]
+    assert step >= 3 and len(metrics.read_text().splitlines()) == step
+    assert main(["train", "configs/quickstart.yaml", *tiny_overrides(tiny_dir, data, tmp_path / "run", **{
+        "train.max_steps": step + 2, "train.resume": "auto"}), "eval.task_file=", "data.val_fraction=0"]) == 0
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
+    assert steps == list(range(1, step + 3))

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from fulltune.errors import UserError
+from fulltune.errors import Interrupted, UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,6 +42,11 @@ def dispatch(args: argparse.Namespace) -> None:
         run_training(cfg)
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    import torch
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError))
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
@@ -50,14 +55,19 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"fulltune: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"fulltune: {exc}", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if not _out_of_memory(exc):
+            raise
+        print("fulltune: error: out of memory; lower train.micro_batch_size or data.max_seq_len, or set "
+              "model.activation_checkpointing=true (checkpoints already written are intact)", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("fulltune: interrupted; the last checkpoint (if any) is intact — resume with train.resume=auto",
               file=sys.stderr)
         return 130
-    except MemoryError:
-        print("fulltune: error: out of memory; lower train.micro_batch_size or data.max_seq_len, or set "
-              "model.activation_checkpointing=true", file=sys.stderr)
-        return 3
     return 0
 
 

@@ -30,7 +30,7 @@ def opt(default: Any, doc: str, *, choices: tuple | None = None, lo: float | Non
 class ModelConfig:
     path: str = opt("default", "θ0: an HF model directory (safetensors), a .gguf file, or 'default' (SmolLM2-135M-Instruct)")
     trust_remote_code: bool = opt(False, "allow the model directory's own Python code to run (off: only transformers' built-in architectures)")
-    activation_checkpointing: bool = opt(False, "recompute each decoder layer's activations in the backward pass (less memory, ~30% more compute)")
+    activation_checkpointing: bool = opt(False, "recompute each decoder layer's activations in the backward pass (less memory, one more forward per layer)")
     attn_implementation: str = opt("sdpa", "attention kernel passed to transformers", choices=("sdpa", "eager"))
 
 
@@ -83,7 +83,7 @@ class TrainConfig:
     keep_checkpoints: int = opt(2, "how many periodic checkpoints to keep (oldest removed first)", lo=1)
     resume: str = opt("", "resume from a checkpoint: auto (latest in output_dir/checkpoints) or a checkpoint path")
     overwrite: bool = opt(False, "allow starting a fresh run in an output_dir that already holds one")
-    device: str = opt("auto", "cpu, cuda, or auto (cuda when available)", choices=("auto", "cpu", "cuda"))
+    device: str = opt("auto", "where to train; auto: cuda when available", choices=("auto", "cpu", "cuda"))
     progress: bool = opt(True, "show a progress bar")
 
 

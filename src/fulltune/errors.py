@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """A bad input (file, line, config key, data) described in one clear message."""
+
+
+class Interrupted(Exception):
+    """The run stopped at the user's request (Ctrl-C, SIGTERM) after saving a checkpoint."""

