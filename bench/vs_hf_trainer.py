@@ -43,11 +43,11 @@ def run_fulltune(steps: int, out: Path) -> dict:
     wall = time.perf_counter() - t0
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"engine": "fulltune", "useful_tokens": run.state["tokens_seen"], "wall_s": wall,
-            "final_loss": losses[-1], "precision": run.precision}
+            "final_loss": losses[-1], "mean_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
+            "precision": run.precision}
 
 
 def run_hf(steps: int, out: Path) -> dict:
-    import torch
     from transformers import Trainer, TrainingArguments
 
     from fulltune.config import load_config
@@ -77,9 +77,8 @@ def run_hf(steps: int, out: Path) -> dict:
     trainer.train()
     wall = time.perf_counter() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    del torch
     return {"engine": "HF Trainer", "useful_tokens": counted["tokens"], "wall_s": wall, "final_loss": losses[-1],
-            "precision": "bf16-mixed" if bf16 else "fp32"}
+            "mean_loss_last10": sum(losses[-10:]) / len(losses[-10:]), "precision": "bf16-mixed" if bf16 else "fp32"}
 
 
 def child(engine: str, steps: int, out: Path) -> None:
@@ -95,10 +94,10 @@ def table(rows: list[dict], steps: int) -> str:
             f"fused AdamW, clip 1.0; {os.cpu_count()} CPU cores, "
             f"{platform.processor() or platform.machine()}, torch {_torch_version()}.\n"
             f"Command: `.venv/bin/python bench/vs_hf_trainer.py --steps {steps}`\n\n"
-            "| engine | precision | useful tokens/s | wall time (s) | peak RSS (GB) | final loss |\n"
-            "| --- | --- | ---: | ---: | ---: | ---: |\n")
+            "| engine | precision | useful tokens/s | wall time (s) | peak RSS (GB) | final loss | mean loss, last 10 steps |\n"
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: |\n")
     return head + "".join(f"| {r['engine']} | {r['precision']} | {r['tokens_per_s']:.0f} | {r['wall_s']:.1f} | {r['peak_rss_gb']:.2f} | "
-                          f"{r['final_loss']:.4f} |\n" for r in rows)
+                          f"{r['final_loss']:.4f} | {r['mean_loss_last10']:.4f} |\n" for r in rows)
 
 
 def _torch_version() -> str:

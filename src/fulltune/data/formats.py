@@ -8,7 +8,7 @@ We check that each rendering is a token prefix of the next, so the mask cannot d
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fulltune.config import DataConfig
 from fulltune.data.sources import row_location
@@ -33,7 +33,6 @@ class EncodeStats:
     tokens: int = 0
     target_tokens: int = 0
     longest: int = 0
-    notes: list[str] = field(default_factory=list)
 
     def line(self) -> str:
         return (f"{self.kept}/{self.records} sequences kept, {self.tokens:,} tokens ({self.target_tokens:,} with loss), "
