@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import tiny_overrides, write_jsonl, sentiment_records
+from conftest import QUICKSTART, tiny_overrides, write_jsonl, sentiment_records
 from fulltune.cli import main
 
 
@@ -20,19 +20,19 @@ def _fail(capsys, argv) -> str:
 
 
 def test_missing_data_file(capsys, tiny_dir, tmp_path, tmp_path_factory):
-    err = _fail(capsys, ["train", "configs/quickstart.yaml", *tiny_overrides(tiny_dir, tmp_path / "nope.jsonl", tmp_path / "o")])
+    err = _fail(capsys, ["train", QUICKSTART, *tiny_overrides(tiny_dir, tmp_path / "nope.jsonl", tmp_path / "o")])
     assert f"data file not found: {tmp_path / 'nope.jsonl'}" in err
 
 
 def test_malformed_jsonl_names_the_line(capsys, tiny_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": "fine"}\n{"text": oops}\n')
-    err = _fail(capsys, ["train", "configs/quickstart.yaml", *tiny_overrides(tiny_dir, bad, tmp_path / "o")])
+    err = _fail(capsys, ["train", QUICKSTART, *tiny_overrides(tiny_dir, bad, tmp_path / "o")])
     assert f"{bad}:3: malformed JSON line" in err
 
 
 def test_unknown_key_reported_before_any_model_loads(capsys, tmp_path):
-    err = _fail(capsys, ["train", "configs/quickstart.yaml", "optim.learning_rate=1e-4", "model.path=/does/not/exist",
+    err = _fail(capsys, ["train", QUICKSTART, "optim.learning_rate=1e-4", "model.path=/does/not/exist",
                          "train.micro_batch_size=0"])
     assert "optim.learning_rate: unknown key" in err and "train.micro_batch_size: 0 must be >= 1" in err
     assert "model.path not found" not in err
@@ -41,13 +41,13 @@ def test_unknown_key_reported_before_any_model_loads(capsys, tmp_path):
 def test_empty_dataset(capsys, tiny_dir, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    err = _fail(capsys, ["train", "configs/quickstart.yaml", *tiny_overrides(tiny_dir, empty, tmp_path / "o")])
+    err = _fail(capsys, ["train", QUICKSTART, *tiny_overrides(tiny_dir, empty, tmp_path / "o")])
     assert "empty.jsonl" in err and "no records" in err
 
 
 def test_existing_run_is_not_overwritten(capsys, tiny_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(8))
-    args = ["train", "configs/quickstart.yaml", *tiny_overrides(tiny_dir, data, tmp_path / "run", **{"train.max_steps": 1}),
+    args = ["train", QUICKSTART, *tiny_overrides(tiny_dir, data, tmp_path / "run", **{"train.max_steps": 1}),
             "eval.task_file=", "data.val_fraction=0"]
     assert main(args) == 0
     final = (tmp_path / "run" / "final" / "model.safetensors").read_bytes()
@@ -65,7 +65,7 @@ def test_subprocess_exit_code_and_no_traceback(tmp_path):
 
 def test_schedule_command_prints_and_plots(capsys, tmp_path):
     out = tmp_path / "lr.png"
-    assert main(["schedule", "configs/quickstart.yaml", "train.max_steps=100", "--out", str(out)]) == 0
+    assert main(["schedule", QUICKSTART, "train.max_steps=100", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "cosine schedule over 100 steps" in text
     rows = {int(line.split()[0]): float(line.split()[1]) for line in text.splitlines() if line.strip()[:1].isdigit()}
@@ -78,7 +78,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_dir, tmp_path):
     import signal
     import time
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(400))
-    args = [sys.executable, "-m", "fulltune", "train", "configs/quickstart.yaml",
+    args = [sys.executable, "-m", "fulltune", "train", QUICKSTART,
             *tiny_overrides(tiny_dir, data, tmp_path / "run", **{"train.max_steps": 100000}),
             "eval.task_file=", "data.val_fraction=0"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -94,7 +94,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_dir, tmp_path):
     assert len(saved) == 1
     step = json.loads((saved[0] / "trainer_state.json").read_text())["step"]
     assert step >= 3 and len(metrics.read_text().splitlines()) == step
-    assert main(["train", "configs/quickstart.yaml", *tiny_overrides(tiny_dir, data, tmp_path / "run", **{
+    assert main(["train", QUICKSTART, *tiny_overrides(tiny_dir, data, tmp_path / "run", **{
         "train.max_steps": step + 2, "train.resume": "auto"}), "eval.task_file=", "data.val_fraction=0"]) == 0
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
     assert steps == list(range(1, step + 3))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from conftest import QUICKSTART, write_jsonl
 from fulltune import assets
 from fulltune.config import ModelConfig, load_config
 from fulltune.model import load_theta0
@@ -57,7 +57,7 @@ def test_sst2_split_is_fixed():
 def test_a_few_real_steps(tmp_path):
     test_records = [json.loads(line) for line in (assets.ensure_sst2() / "test.jsonl").read_text().splitlines()[:16]]
     task = write_jsonl(tmp_path / "task.jsonl", test_records)
-    cfg = load_config("configs/quickstart.yaml", [
+    cfg = load_config(QUICKSTART, [
         f"train.output_dir={tmp_path / 'run'}", "train.max_steps=3", "train.micro_batch_size=4",
         "train.progress=false", "data.val_fraction=0.02", f"eval.task_file={task}", "train.save_interval=2"])
     run = run_training(cfg)

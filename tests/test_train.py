@@ -165,3 +165,12 @@ def test_task_accuracy_before_and_after_in_results(tiny_dir, tmp_path):
         r = results[key]
         assert r["n"] == 10 and r["accuracy"] == r["correct"] / 10
     assert results["steps"] == 2 * 8 and results["data"]["n_val"] == 3 and results["final_val_loss"] > 0
+
+
+def test_same_seed_same_run_other_seed_other_order(tiny_dir, chat_file, tmp_path):
+    def losses(name, seed):
+        _run(tiny_dir, chat_file, tmp_path / name, **{"train.max_steps": 3, "train.seed": seed})
+        return [json.loads(l)["loss"] for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    first = losses("a", 0)
+    assert losses("b", 0) == first
+    assert losses("c", 1) != first

@@ -49,6 +49,7 @@ def _out_of_memory(exc: BaseException) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights and data are local; never stall on a hub
     args = _parser().parse_args(argv)
     try:
         dispatch(args)
