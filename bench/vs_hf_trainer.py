@@ -3,7 +3,8 @@
 Each engine runs in its own subprocess (so peak RSS is its own) on the same tokenised SST-2
 training sequences (assistant-only labels), micro-batch 8, no accumulation, AdamW (fused),
 lr 5e-5 warmup+cosine, grad clip 1.0, bf16 autocast where the CPU has bf16 units, seed 0.
-Reports useful (non-padding) tokens/s over the training call, its wall time, peak RSS and the
+A third row runs fulltune with the LM head applied at every position (as HF does) to show what
+projecting only the loss positions buys. Reports useful (non-padding) tokens/s over the training call, its wall time, peak RSS and the
 last step's loss, prints a table and appends it to docs/benchmarks.md.
 
     .venv/bin/python bench/vs_hf_trainer.py [--steps 30] [--no-write]
@@ -23,6 +24,7 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+ENGINES = ("hf", "fulltune", "fulltune-full-logits")
 COMMON = ["train.micro_batch_size=8", "train.grad_accum_steps=1", "optim.lr=5e-5", "schedule.name=cosine",
           "schedule.warmup_steps=2", "data.val_fraction=0", "eval.task_file=", "train.progress=false", "train.seed=0"]
 
@@ -31,9 +33,13 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux → GB
 
 
-def run_fulltune(steps: int, out: Path) -> dict:
+def run_fulltune(steps: int, out: Path, full_logits: bool = False) -> dict:
+    from fulltune import loss
     from fulltune.config import load_config
     from fulltune.train import loop, setup
+
+    if full_logits:  # ablation: project every position through the LM head, as HF does
+        loss.PLAIN_HEAD_TYPES.clear()
 
     cfg = load_config(ROOT / "configs/quickstart.yaml",
                       COMMON + [f"train.max_steps={steps}", f"train.output_dir={out}", "train.overwrite=true"])
@@ -42,7 +48,7 @@ def run_fulltune(steps: int, out: Path) -> dict:
     loop(run)
     wall = time.perf_counter() - t0
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"engine": "fulltune", "useful_tokens": run.state["tokens_seen"], "wall_s": wall,
+    return {"engine": "fulltune" + (" (full logits)" if full_logits else ""), "useful_tokens": run.state["tokens_seen"], "wall_s": wall,
             "final_loss": losses[-1], "mean_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
             "precision": run.precision}
 
@@ -82,7 +88,10 @@ def run_hf(steps: int, out: Path) -> dict:
 
 
 def child(engine: str, steps: int, out: Path) -> None:
-    result = (run_fulltune if engine == "fulltune" else run_hf)(steps, out)
+    if engine == "hf":
+        result = run_hf(steps, out)
+    else:
+        result = run_fulltune(steps, out, full_logits=engine == "fulltune-full-logits")
     result["tokens_per_s"] = result["useful_tokens"] / result["wall_s"]
     result["peak_rss_gb"] = _peak_rss_gb()
     print("RESULT " + json.dumps(result), flush=True)
@@ -109,14 +118,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--no-write", action="store_true", help="print only; do not append to docs/benchmarks.md")
-    ap.add_argument("--child", choices=("fulltune", "hf"))
+    ap.add_argument("--child", choices=ENGINES)
     ap.add_argument("--out", default="/tmp/fulltune-bench")
     args = ap.parse_args()
     if args.child:
         child(args.child, args.steps, Path(args.out) / args.child)
         return
     rows = []
-    for engine in ("hf", "fulltune"):
+    for engine in ENGINES:
         print(f"[bench] running {engine} for {args.steps} steps ...", flush=True)
         proc = subprocess.run([sys.executable, __file__, "--child", engine, "--steps", str(args.steps), "--out", args.out],
                               capture_output=True, text=True, cwd=ROOT)

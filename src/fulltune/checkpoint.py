@@ -9,36 +9,17 @@ trainer state (step, sampler position, counters) and the RNG states.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_model, save_model
 
+from fulltune.atomic import write_dir_atomically
 from fulltune.errors import UserError
 
 CKPT_PREFIX = "step-"
-
-
-def _atomic_write_dir(final: Path, write) -> Path:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        write(tmp)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
 
 
 def rng_state() -> dict:
@@ -65,7 +46,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         shutil.copy(run_dir / "config.yaml", tmp / "config.yaml")
-    _atomic_write_dir(final, write)
+    write_dir_atomically(final, write)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old)
     return final
@@ -110,6 +91,6 @@ def export_hf(model, tokenizer, dest: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     try:
-        return _atomic_write_dir(dest, write)
+        return write_dir_atomically(dest, write)
     finally:
         model.config.use_cache = use_cache

@@ -16,6 +16,7 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fully fine-tune θ0 on a dataset")
     t.add_argument("config", help="YAML config (see configs/quickstart.yaml)")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=3e-5")
+    t.add_argument("--resume", metavar="auto|PATH", help="same as train.resume=...: continue from a checkpoint")
     s = sub.add_parser("schedule", help="print and plot the learning-rate schedule of a config")
     s.add_argument("config")
     s.add_argument("overrides", nargs="*")
@@ -37,7 +38,8 @@ def dispatch(args: argparse.Namespace) -> None:
         from fulltune.schedule_plot import run_schedule
         run_schedule(load_config(args.config, args.overrides), Path(args.out))
     elif args.command == "train":
-        cfg = load_config(args.config, args.overrides)  # every config error before any model loads
+        overrides = args.overrides + ([f"train.resume={args.resume}"] if args.resume else [])
+        cfg = load_config(args.config, overrides)  # every config error before any model loads
         from fulltune.train import run_training
         run_training(cfg)
 

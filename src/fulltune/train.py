@@ -53,23 +53,30 @@ class Run:
     state: dict
 
 
-def prepare_run_dir(cfg: RunConfig) -> Path:
-    """The run directory; refuses to overwrite an existing run unless asked to."""
+def check_run_dir(cfg: RunConfig) -> Path:
+    """The run directory; refuses to reuse one that holds a run unless resuming or overwriting."""
     run_dir = Path(cfg.train.output_dir).expanduser()
-    has_run = (run_dir / "config.yaml").exists()
-    if has_run and not cfg.train.resume and not cfg.train.overwrite:
+    if (run_dir / "config.yaml").exists() and not cfg.train.resume and not cfg.train.overwrite:
         raise UserError(f"{run_dir} already holds a run; resume it with train.resume=auto, "
                         "pick another train.output_dir, or set train.overwrite=true")
-    if has_run and cfg.train.overwrite and not cfg.train.resume:
-        for name in ("checkpoints", "final", "metrics.jsonl", "results.json"):
-            target = run_dir / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     return run_dir
 
 
+def start_run_dir(run_dir: Path, cfg: RunConfig, fresh: bool) -> None:
+    """Called once θ0 and the data have loaded, so a failed start never clears an old run."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        for name in ("checkpoints", "final", "metrics.jsonl", "results.json"):
+            target = run_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+
+
 def setup(cfg: RunConfig) -> Run:
-    run_dir = prepare_run_dir(cfg)
+    run_dir = check_run_dir(cfg)
     resume_from = checkpoint.resolve_resume(cfg.train.resume, run_dir)
+    if cfg.train.resume and resume_from is None:
+        print(f"[train] no checkpoint in {run_dir / 'checkpoints'}; starting from θ0", flush=True)
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     device = pick_device(cfg.train.device)
@@ -81,14 +88,13 @@ def setup(cfg: RunConfig) -> Run:
     sampler = StepSampler(len(data.train), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, cfg.train.seed)
     total = cfg.train.max_steps or math.ceil(sampler.steps_per_epoch * cfg.train.epochs)
     optimizer = build_optimizer(model, cfg.optim)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
     state = {"step": 0, "tokens_seen": 0, "target_tokens_seen": 0, "elapsed_s": 0.0, "results": {}}
     if resume_from is not None:
         state = checkpoint.load_checkpoint(resume_from, model, optimizer)
         sampler.load_state_dict(state["sampler"])
         _trim_metrics(run_dir / "metrics.jsonl", state["step"])
         print(f"[train] resumed from {resume_from} at step {state['step']}", flush=True)
+    start_run_dir(run_dir, cfg, fresh=resume_from is None)
     print(f"[train] device {device}, precision {precision}, {total} steps "
           f"({sampler.steps_per_epoch} per epoch, batch {cfg.train.micro_batch_size}×{cfg.train.grad_accum_steps}), "
           f"{len(optimizer.param_groups)} parameter groups", flush=True)
