@@ -166,7 +166,7 @@ def resolve_data_path(spec: str) -> str:
             raise UserError(f"unknown built-in dataset {spec!r} (known: {', '.join(BUILTIN_DATA)})")
         filename, ensure = BUILTIN_DATA[spec]
         return str(ensure() / filename)
-    return spec
+    return str(Path(spec).expanduser())
 
 
 def ensure_all() -> None:

@@ -16,17 +16,17 @@ def write_dir_atomically(final: Path, write: Callable[[Path], None]) -> Path:
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    old = final.with_name(f".{final.name}.old")
     try:
         write(tmp)
         if final.exists():
-            old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
+        os.replace(tmp, final)
     except BaseException:
+        if old.exists() and not final.exists():
+            os.replace(old, final)  # interrupted between the two renames: put the old one back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(old, ignore_errors=True)
     return final

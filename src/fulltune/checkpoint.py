@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_model, save_model
 
 from fulltune.atomic import write_dir_atomically
@@ -72,14 +73,45 @@ def resolve_resume(spec: str, run_dir: Path) -> Path | None:
     return path
 
 
+# Settings that change what the resumed steps compute; max_steps / epochs may change (to extend a run).
+RESUME_FIXED = {"model": None, "data": None, "optim": None,
+                "schedule": None, "train": ("seed", "precision", "micro_batch_size", "grad_accum_steps"),
+                "eval": ("task_file", "labels")}  # θ0's task accuracy must be on the same items
+
+
+def check_compatible(path: Path, cfg) -> None:
+    """Refuse to resume with settings that differ from the checkpoint's where they change the run."""
+    saved = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
+    now = cfg.to_dict()
+    changed = []
+    for section, keys in RESUME_FIXED.items():
+        for key in keys or now[section].keys():
+            old = saved.get(section, {}).get(key, now[section][key])
+            if old != now[section][key]:
+                changed.append(f"{section}.{key}: {old!r} → {now[section][key]!r}")
+    if changed:
+        raise UserError(f"cannot resume from {path}: the config changed in ways that alter the run ("
+                        + "; ".join(changed) + "); start a new run (another train.output_dir) instead")
+
+
 def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Restore weights, optimiser and RNG in place; return the trainer state."""
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise UserError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    return json.loads((path / "trainer_state.json").read_text())
+    try:
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+        if missing or unexpected:
+            raise UserError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+        return json.loads((path / "trainer_state.json").read_text())
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        raise UserError(f"{path}: cannot restore this checkpoint into the configured model/optimiser "
+                        f"({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def drop_later_checkpoints(run_dir: Path, step: int) -> None:
+    for path in list_checkpoints(run_dir):
+        if int(path.name[len(CKPT_PREFIX):]) > step:
+            shutil.rmtree(path)
 
 
 def export_hf(model, tokenizer, dest: Path) -> Path:

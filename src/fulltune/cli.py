@@ -21,15 +21,44 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("config")
     s.add_argument("overrides", nargs="*")
     s.add_argument("--out", default="schedule.png", help="PNG to write (default: schedule.png)")
+    _memory_parser(sub)
     sub.add_parser("assets", help="fetch and prepare the embedded default model and SST-2 task")
     sub.add_parser("config", help="list every config key with its default and meaning")
     return p
 
 
+def _memory_parser(sub) -> None:
+    from fulltune.memory.estimate import METHODS, OPTIMIZERS, PRECISIONS
+    from fulltune.memory.report import GPUS
+    m = sub.add_parser("memory", help="estimate the memory of a training setup, per GPU")
+    m.add_argument("model", nargs="?", default="default",
+                   help="preset (llama-7b, llama3-8b, smollm2-135m, ...), HF model dir or config.json")
+    m.add_argument("--formula", choices=("detailed", "seed"), default="detailed",
+                   help="seed: the seed's 16N + s·b·d·L·k table for LLaMA-7B/13B/70B")
+    m.add_argument("--batch", type=int, default=1, help="micro-batch size")
+    m.add_argument("--seq", type=int, default=2048, help="sequence length")
+    m.add_argument("--precision", choices=PRECISIONS, default="amp",
+                   help="amp: fp32 weights + bf16 autocast (fulltune's loop); mixed: bf16 weights + fp32 master "
+                        "(the 16N layout of ZeRO/DeepSpeed); bf16: pure bf16; fp32")
+    m.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    m.add_argument("--fp32-grads", action="store_true", help="mixed precision with fp32 gradients")
+    m.add_argument("--checkpointing", action="store_true", help="activation checkpointing per decoder layer")
+    m.add_argument("--gpus", type=int, default=1)
+    m.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0, help="ZeRO stage over --gpus")
+    m.add_argument("--method", choices=METHODS, default="full", help="full fine-tuning, or LoRA / QLoRA to compare")
+    m.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    m.add_argument("--loss-fraction", type=float, default=1.0, help="share of positions with loss (SFT: < 1)")
+    m.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    m.add_argument("--gpu", choices=tuple(GPUS), default="a100-80gb", help="GPU type for the fit / GPU count")
+
+
 def dispatch(args: argparse.Namespace) -> None:
     from fulltune.config import describe_fields, load_config
 
-    if args.command == "config":
+    if args.command == "memory":
+        from fulltune.memory.report import run_memory_command
+        run_memory_command(args)
+    elif args.command == "config":
         print(describe_fields())
     elif args.command == "assets":
         from fulltune.assets import ensure_all

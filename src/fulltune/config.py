@@ -7,6 +7,7 @@ A config holds plain values only; nothing in it can name code to import.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +71,7 @@ class ScheduleConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = opt("runs/quickstart", "run directory: config, metrics, checkpoints, final model")
-    seed: int = opt(0, "seed for data order, held-out split and initial RNG; same seed, same run", lo=0)
+    seed: int = opt(0, "seed for data order, held-out split and initial RNG; same seed, same run", lo=0, hi=2**31 - 1)
     precision: str = opt("auto", "bf16-mixed: fp32 master weights + bf16 autocast; fp32; auto: bf16-mixed where the hardware has bf16 units",
                          choices=("auto", "bf16-mixed", "fp32"))
     micro_batch_size: int = opt(8, "sequences per forward/backward pass", lo=1)
@@ -120,6 +121,9 @@ def _check_value(key: str, f: dataclasses.Field, kind: type, value: Any, errors:
     if not ok:
         errors.append(f"{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
         return value
+    if kind is float and not math.isfinite(value):
+        errors.append(f"{key}: {value!r} must be a finite number")
+        return value
     m = f.metadata
     if m.get("choices") and value not in m["choices"]:
         errors.append(f"{key}: {value!r} is not one of {', '.join(map(str, m['choices']))}")
@@ -167,7 +171,11 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise UserError(f"override {item!r}: expected key=value, e.g. optim.lr=3e-5")
         key, text = item.split("=", 1)
-        pairs.append((key.strip(), yaml.safe_load(text) if text != "" else ""))
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError:
+            raise UserError(f"override {item!r}: the value is not valid YAML (quote it, e.g. {key}='{text}')") from None
+        pairs.append((key.strip(), value))
     return pairs
 
 
@@ -205,6 +213,8 @@ def _cross_checks(cfg: RunConfig) -> list[str]:
         errors.append(f"eval.labels: expected a list of strings, got {cfg.eval.labels!r}")
     if cfg.eval.task_file and len(cfg.eval.labels) < 2:
         errors.append("eval.labels: task accuracy needs at least two labels")
+    if 0 < cfg.optim.lr < cfg.schedule.min_lr:
+        errors.append(f"schedule.min_lr: {cfg.schedule.min_lr} is above optim.lr {cfg.optim.lr}")
     return errors
 
 

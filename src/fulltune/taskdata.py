@@ -10,7 +10,8 @@ from fulltune.assets import resolve_data_path
 from fulltune.config import RunConfig
 from fulltune.data.formats import Example, encode_dataset
 from fulltune.data.sources import load_records
-from fulltune.evals.classify import label_accuracy
+from fulltune.errors import UserError
+from fulltune.evals.classify import gold_labels, label_accuracy
 
 
 @dataclass
@@ -45,11 +46,16 @@ def load_task_data(cfg: RunConfig, tokenizer, sources: dict) -> TaskData:
         # A seeded hold-out: the same seed holds out the same examples.
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.train.seed)).tolist()
         n_val = max(1, round(d.val_fraction * len(train)))
+        if n_val >= len(train):
+            raise UserError(f"{train_path}: data.val_fraction={d.val_fraction} leaves no training sequences "
+                            f"({len(train)} usable)")
         val = [train[i] for i in sorted(order[:n_val])]
         train = [train[i] for i in sorted(order[n_val:])]
         print(f"[data] held out {len(val)} of the training sequences for validation", flush=True)
     stats["n_train"], stats["n_val"] = len(train), len(val)
     task_source, task = sources.get("task", ("", None))
+    if task is not None:
+        gold_labels(task, task_source, list(cfg.eval.labels))  # a bad task file fails before training starts
     return TaskData(train, val, task, task_source, stats)
 
 

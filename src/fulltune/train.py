@@ -28,6 +28,9 @@ from fulltune.config import RunConfig, save_config
 from fulltune.data.loader import StepSampler, collate, count_targets
 from fulltune.errors import Interrupted, UserError
 from fulltune.loss import loss_sum
+from fulltune.memory.measure import PeakMeter
+from fulltune.memory.runcheck import compare as memory_compare
+from fulltune.memory.runcheck import line as memory_line
 from fulltune.model import load_theta0
 from fulltune.optim.param_groups import build_optimizer, lrs_by_name
 from fulltune.optim.schedules import schedule_fn
@@ -51,6 +54,7 @@ class Run:
     precision: str
     device: torch.device
     state: dict
+    meter: PeakMeter
 
 
 def check_run_dir(cfg: RunConfig) -> Path:
@@ -82,31 +86,44 @@ def setup(cfg: RunConfig) -> Run:
     device = pick_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     sources = read_sources(cfg)  # a missing or malformed file fails before the model loads
+    meter = PeakMeter(device.type).start()  # baseline before θ0 loads
     model, tokenizer, _ = load_theta0(cfg.model)
     model.to(device)
     data = load_task_data(cfg, tokenizer, sources)
     sampler = StepSampler(len(data.train), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, cfg.train.seed)
     total = cfg.train.max_steps or math.ceil(sampler.steps_per_epoch * cfg.train.epochs)
     optimizer = build_optimizer(model, cfg.optim)
-    state = {"step": 0, "tokens_seen": 0, "target_tokens_seen": 0, "elapsed_s": 0.0, "results": {}}
+    state = {"step": 0, "tokens_seen": 0, "target_tokens_seen": 0, "elapsed_s": 0.0, "results": {},
+             "largest_micro_batch": {"rows": 0, "length": 0, "targets": 0}}
     if resume_from is not None:
-        state = checkpoint.load_checkpoint(resume_from, model, optimizer)
-        sampler.load_state_dict(state["sampler"])
-        _trim_metrics(run_dir / "metrics.jsonl", state["step"])
-        print(f"[train] resumed from {resume_from} at step {state['step']}", flush=True)
+        state = _resume(resume_from, run_dir, cfg, model, optimizer, sampler)
     start_run_dir(run_dir, cfg, fresh=resume_from is None)
     print(f"[train] device {device}, precision {precision}, {total} steps "
           f"({sampler.steps_per_epoch} per epoch, batch {cfg.train.micro_batch_size}×{cfg.train.grad_accum_steps}), "
           f"{len(optimizer.param_groups)} parameter groups", flush=True)
     return Run(cfg, run_dir, model, tokenizer, data, optimizer, sampler, total,
-               schedule_fn(cfg.schedule, cfg.optim.lr, total), autocast_factory(precision, device), precision, device, state)
+               schedule_fn(cfg.schedule, cfg.optim.lr, total), autocast_factory(precision, device), precision, device, state,
+               meter)
+
+
+def _resume(path: Path, run_dir: Path, cfg: RunConfig, model, optimizer, sampler) -> dict:
+    """Restore a checkpoint; refuse settings that would silently change the resumed run."""
+    checkpoint.check_compatible(path, cfg)
+    state = checkpoint.load_checkpoint(path, model, optimizer)
+    sampler.load_state_dict(state["sampler"])
+    state.setdefault("largest_micro_batch", {"rows": 0, "length": 0, "targets": 0})
+    _trim_metrics(run_dir / "metrics.jsonl", state["step"])
+    checkpoint.drop_later_checkpoints(run_dir, state["step"])  # from an abandoned future of this run
+    print(f"[train] resumed from {path} at step {state['step']}", flush=True)
+    return state
 
 
 def _trim_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past the resumed step: they will be written again."""
+    """Drop metric lines past the resumed step (and its closing val line): they will be written again."""
     if path.exists():
-        keep = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        keep = [r for r in rows if r.get("step", 0) < step or (r.get("step") == step and "loss" in r)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 
 def train_step(model, optimizer, micro_batches: list[dict], autocast, grad_clip: float) -> tuple[float, float]:
@@ -151,6 +168,14 @@ def _save(run: Run) -> Path:
                                       run.state, run.cfg.train.keep_checkpoints)
 
 
+def _track_largest(state: dict, batches: list[dict]) -> None:
+    """The biggest micro-batch so far (rows × padded length): what the memory estimate is for."""
+    for b in batches:
+        rows, length = b["input_ids"].shape
+        if rows * length > state["largest_micro_batch"]["rows"] * state["largest_micro_batch"]["length"]:
+            state["largest_micro_batch"] = {"rows": rows, "length": length, "targets": count_targets(b)}
+
+
 def _one_step(run: Run) -> dict:
     step = run.state["step"]
     for group in run.optimizer.param_groups:
@@ -160,8 +185,10 @@ def _one_step(run: Run) -> dict:
     batches = [collate([run.data.train[i] for i in idx], run.tokenizer.pad_token_id, run.device) for idx in indices]
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     targets = sum(count_targets(b) for b in batches)
+    _track_largest(run.state, batches)
     t0 = time.perf_counter()
-    loss, norm = train_step(run.model, run.optimizer, batches, run.autocast, run.cfg.optim.grad_clip)
+    with run.meter.section("train"):
+        loss, norm = train_step(run.model, run.optimizer, batches, run.autocast, run.cfg.optim.grad_clip)
     dt = time.perf_counter() - t0
     if not math.isfinite(loss):
         raise UserError(f"loss became {loss} at step {step}: lower optim.lr or check the data")
@@ -203,16 +230,16 @@ def loop(run: Run) -> None:
                dynamic_ncols=True)
     with StopRequest() as stop:
         while run.state["step"] < run.total_steps:
-            _loop_step(run, bar)
-            if stop.requested:
+            saved = _loop_step(run, bar)
+            if stop.requested and run.state["step"] < run.total_steps:
                 bar.close()
-                path = _save(run)
+                path = saved or _save(run)
                 raise Interrupted(f"stopped at step {run.state['step']}; checkpoint {path}; "
                                   "continue with train.resume=auto")
     bar.close()
 
 
-def _loop_step(run: Run, bar) -> None:
+def _loop_step(run: Run, bar) -> Path | None:
     """One step plus its bookkeeping: validation, metrics line, progress bar, periodic checkpoint."""
     cfg = run.cfg.train
     rec = _one_step(run)
@@ -225,7 +252,8 @@ def _loop_step(run: Run, bar) -> None:
     bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{top_lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
     bar.update(1)
     if cfg.save_interval and step % cfg.save_interval == 0 and step < run.total_steps:
-        _save(run)
+        return _save(run)
+    return None
 
 
 def finish(run: Run) -> dict:
@@ -234,6 +262,10 @@ def finish(run: Run) -> dict:
         results["final_val_loss"] = validation_loss(run)
         _log(run, {"step": run.state["step"], "val_loss": results["final_val_loss"]})
         print(f"[train] validation loss {results['final_val_loss']:.4f}", flush=True)
+    if run.state["largest_micro_batch"]["rows"] and run.meter.sections.get("train"):
+        results["memory"] = memory_compare(run.model, run.cfg, run.precision, run.meter, run.state["largest_micro_batch"])
+        print(memory_line(results["memory"]), flush=True)
+    run.meter.stop()
     final = checkpoint.export_hf(run.model, run.tokenizer, run.run_dir / "final")
     print(f"[train] saved the fine-tuned model to {final}", flush=True)
     _save(run)
@@ -248,6 +280,9 @@ def finish(run: Run) -> dict:
 
 
 def report_task(results: dict) -> None:
+    if "task_accuracy_theta0" not in results:
+        print("[eval] no θ0 task accuracy for this run (task eval was off when it started)", flush=True)
+        return
     before, after = results["task_accuracy_theta0"], results["task_accuracy_final"]
     print(f"[eval] task accuracy: θ0 {100 * before['accuracy']:.1f}% → fine-tuned {100 * after['accuracy']:.1f}% "
           f"({100 * (after['accuracy'] - before['accuracy']):+.1f} points, n={after['n']}, "
@@ -257,7 +292,7 @@ def report_task(results: dict) -> None:
 def run_training(cfg: RunConfig) -> Run:
     """setup → task accuracy of θ0 → loop → export, task accuracy of θ*, results.json."""
     run = setup(cfg)
-    if run.data.task is not None and "task_accuracy_theta0" not in run.state["results"]:
+    if run.data.task is not None and run.state["step"] == 0:
         run.state["results"]["task_accuracy_theta0"] = task_accuracy(run, "θ0")
     started = time.perf_counter()
     loop(run)

@@ -72,9 +72,18 @@ def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def encode_messages(tokenizer, messages: list[dict], loss_on: str) -> Example:
+def encode_messages(tokenizer, messages: list[dict], loss_on: str, where: str = "messages") -> Example:
     if tokenizer.chat_template is None:
-        raise UserError("the tokenizer has no chat template; use text or prompt+completion data")
+        raise UserError(f"{where}: the tokenizer has no chat template; use text or prompt+completion data")
+    try:
+        return _encode_messages(tokenizer, messages, loss_on, where)
+    except UserError:
+        raise
+    except Exception as exc:  # the template itself may refuse a conversation (jinja2 raise_exception)
+        raise UserError(f"{where}: the chat template rejected this conversation: {exc}") from None
+
+
+def _encode_messages(tokenizer, messages: list[dict], loss_on: str, where: str) -> Example:
     ids = _tokens(tokenizer, _render(tokenizer, messages, False), False)
     mask = [int(loss_on == "all")] * len(ids)
     for i, msg in enumerate(messages):
@@ -83,8 +92,8 @@ def encode_messages(tokenizer, messages: list[dict], loss_on: str) -> Example:
         before = _tokens(tokenizer, _render(tokenizer, messages[:i], True), False)
         upto = _tokens(tokenizer, _render(tokenizer, messages[: i + 1], False), False)
         if upto[: len(before)] != before or ids[: len(upto)] != upto:
-            raise UserError("the chat template does not render conversations as a prefix of their continuation "
-                            "(cannot locate assistant tokens); use prompt+completion data")
+            raise UserError(f"{where}: the chat template does not render conversations as a prefix of their "
+                            "continuation (cannot locate assistant tokens); use prompt+completion data")
         mask[len(before): len(upto)] = [1] * (len(upto) - len(before))
     return Example(ids, mask)
 
@@ -103,7 +112,7 @@ def encode_record(tokenizer, record: dict, fmt: str, loss_on: str, where: str) -
     """One record → Example; `where` (file:line) names the record in errors."""
     if fmt == "messages":
         _check_messages(record["messages"], where)
-        return encode_messages(tokenizer, record["messages"], loss_on)
+        return encode_messages(tokenizer, record["messages"], loss_on, where)
     if fmt == "prompt_completion":
         prompt, completion = record["prompt"], record["completion"]
         if not isinstance(prompt, str) or not isinstance(completion, str):

@@ -39,8 +39,18 @@ def row_location(path: str, index: int) -> str:
                 if seen == index:
                     return f"{p}:{lineno}"
     if p.suffix == ".csv":
-        return f"{p}:{index + 2}"  # header on line 1
+        return f"{p} (CSV record {index + 1})"  # quoted fields may span lines: no line number
     return f"{p} (record {index})"
+
+
+def _csv_as_strings(path: Path) -> dict:
+    """CSV cells stay strings: a numeric answer column is text, not int64."""
+    import csv
+
+    from datasets import Features, Value
+    with open(path, newline="", encoding="utf-8") as fh:
+        header = next(csv.reader(fh), [])
+    return {"features": Features({name: Value("string") for name in header}), "keep_default_na": False}
 
 
 def load_records(path: str):
@@ -63,7 +73,8 @@ def load_records(path: str):
                 raise UserError(f"{p}: unsupported file type {p.suffix!r} (use {', '.join(SUFFIX_BUILDER)})")
             if p.stat().st_size == 0 or (p.suffix == ".jsonl" and _check_jsonl(p) == 0):
                 raise UserError(f"{p}: no records (the file is empty)")
-            ds = load_dataset(builder, data_files=str(p), split="train")
+            extra = _csv_as_strings(p) if builder == "csv" else {}
+            ds = load_dataset(builder, data_files=str(p), split="train", **extra)
     except UserError:
         raise
     except Exception as exc:  # datasets wraps parser errors in many types; keep the file name

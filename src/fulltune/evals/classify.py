@@ -32,6 +32,8 @@ def _gold(record: dict, fmt: str, where: str) -> str:
         last = record["messages"][-1]
         if last.get("role") != "assistant":
             raise UserError(f"{where}: the last message must be the assistant's answer (the gold label)")
+        if not isinstance(last.get("content"), str):
+            raise UserError(f"{where}: the assistant's answer must be a string")
         return last["content"]
     return record["completion"]
 
@@ -56,21 +58,32 @@ def score_sequences(model, examples, pad_id: int, batch_size: int, autocast, des
     return scores
 
 
-def label_accuracy(model, tokenizer, ds, source: str, labels: list[str], batch_size: int, autocast,
-                   desc: str = "") -> dict:
-    """{"accuracy", "correct", "n", "stderr"} over the records of `ds`."""
+def gold_labels(ds, source: str, labels: list[str]) -> tuple[str, list[int]]:
+    """(format, index of each record's gold label); checked before training so a bad file fails early."""
     fmt = detect_format(list(ds.column_names), "auto", source)
     if fmt == "text":
         raise UserError(f"{source}: task accuracy needs messages or prompt+completion records")
-    golds, candidates = [], []
+    golds = []
     for index, record in enumerate(ds):
-        where = row_location(source, index)
-        gold = _gold(record, fmt, where)
-        if gold not in labels:
-            raise UserError(f"{where}: answer {gold!r} is not one of eval.labels {labels}")
+        try:
+            gold = _gold(record, fmt, "")
+            if gold not in labels:
+                raise UserError(f": answer {gold!r} is not one of eval.labels {labels}")
+        except UserError as exc:
+            raise UserError(f"{row_location(source, index)}{exc}") from None
         golds.append(labels.index(gold))
+    return fmt, golds
+
+
+def label_accuracy(model, tokenizer, ds, source: str, labels: list[str], batch_size: int, autocast,
+                   desc: str = "") -> dict:
+    """{"accuracy", "correct", "n", "stderr"} over the records of `ds`."""
+    fmt, golds = gold_labels(ds, source, labels)
+    candidates = []
+    for index, record in enumerate(ds):
         for label in labels:
-            candidates.append(encode_record(tokenizer, _with_answer(record, fmt, label), fmt, "completion", where))
+            candidates.append(encode_record(tokenizer, _with_answer(record, fmt, label), fmt, "completion",
+                                            f"{source} (record {index})"))
     scores = score_sequences(model, candidates, tokenizer.pad_token_id, batch_size, autocast, desc)
     k = len(labels)
     preds = [max(range(k), key=lambda j: scores[i * k + j]) for i in range(len(golds))]

@@ -1,0 +1,218 @@
+"""Memory of a training setup, per tensor kind and dtype, with the peak per GPU.
+
+Every term says what it assumes (`note`). Activation terms are what HF's Llama-family decoder
+with SDPA attention saves for backward, counted tensor by tensor (see docs/memory.md): per layer
+and token, in bytes, with h hidden, I intermediate, k = KV heads × head dim, a heads:
+    fp32 weights + bf16 autocast ("amp", fulltune's loop):  30h + 8I + 4k + 4a + 8
+    fp32 everything:                                          32h + 16I + 8k + 4a + 8
+    bf16 weights ("mixed", "bf16"):                           20h + 8I + 4k + 4a + 8
+No s² term: SDPA/flash attention keeps only the output and a log-sum-exp per head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fulltune.memory.spec import ModelSpec
+
+GB = 1e9
+PRECISIONS = ("amp", "mixed", "bf16", "fp32")
+OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "sgd-momentum", "adafactor")
+METHODS = ("full", "lora", "qlora")
+CUDA_CONTEXT = 0.5 * GB  # 287–667 MB measured by PyTorch (PR #86509); 0.5 GB as a round middle
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    micro_batch: int = 1
+    seq_len: int = 2048
+    precision: str = "amp"          # amp: fp32 weights + bf16 autocast; mixed: bf16 weights + fp32 master
+    optimizer: str = "adamw"
+    fp32_grads: bool = False        # mixed precision with fp32 gradient accumulation
+    activation_checkpointing: bool = False
+    gpus: int = 1
+    zero_stage: int = 0
+    method: str = "full"
+    lora_rank: int = 16
+    loss_fraction: float = 1.0      # share of positions with loss; fulltune runs the LM head only there
+    device: str = "cuda"
+
+    def __post_init__(self):
+        assert self.precision in PRECISIONS and self.optimizer in OPTIMIZERS and self.method in METHODS
+        assert 0 <= self.zero_stage <= 3 and self.gpus >= 1 and 0 < self.loss_fraction <= 1
+
+
+@dataclass
+class Term:
+    name: str
+    bytes: float
+    note: str
+    group: str          # "states" (kept all run) or "transient" (alive in forward/backward)
+
+
+@dataclass
+class Estimate:
+    spec: ModelSpec
+    setup: TrainSetup
+    terms: list[Term] = field(default_factory=list)
+    peak: float = 0.0
+    peak_when: str = ""
+
+    def get(self, name: str) -> float:
+        return sum(t.bytes for t in self.terms if t.name == name)
+
+    @property
+    def states(self) -> float:
+        return sum(t.bytes for t in self.terms if t.group == "states")
+
+
+def weight_bytes(precision: str) -> int:
+    return 4 if precision in ("amp", "fp32") else 2
+
+
+def grad_bytes(precision: str, fp32_grads: bool = False) -> int:
+    return 4 if precision in ("amp", "fp32") or fp32_grads else 2
+
+
+def master_bytes(precision: str) -> int:
+    return 4 if precision == "mixed" else 0
+
+
+def _matrix_shapes(spec: ModelSpec) -> list[tuple[int, int]]:
+    """(rows, cols) of every weight matrix; vectors as (n, 1)."""
+    h, i, k = spec.hidden, spec.intermediate, spec.kv_dim
+    q = spec.heads * spec.head_dim
+    layer = [(q, h), (k, h), (k, h), (h, q), (i, h), (i, h), (h, i), (h, 1), (h, 1)]
+    shapes = layer * spec.layers + [(spec.vocab, spec.hidden), (spec.hidden, 1)]
+    if not spec.tied:
+        shapes.append((spec.vocab, spec.hidden))
+    return shapes
+
+
+def optimizer_state_bytes(spec: ModelSpec, optimizer: str, precision: str) -> float:
+    """Bytes of optimiser state for the whole model (besides a mixed-precision master copy)."""
+    n = spec.n_params
+    state = 2 if precision == "bf16" else 4  # torch keeps states in the parameter's dtype
+    if optimizer == "adamw":
+        return 2 * state * n
+    if optimizer == "adamw8bit":
+        # uint8 m and v + one fp32 absmax per 256-element block each; tensors < 4096 elements stay fp32.
+        small = sum(r * c for r, c in _matrix_shapes(spec) if r * c < 4096)
+        return (n - small) * (2 + 8 / 256) + small * 8
+    if optimizer == "sgd":
+        return 0.0
+    if optimizer == "sgd-momentum":
+        return state * n
+    # Adafactor without momentum: a row and a column second moment per matrix, full for vectors.
+    return sum(4 * (r + c) if c > 1 else 4 * r for r, c in _matrix_shapes(spec))
+
+
+def optimizer_bytes_per_param(spec: ModelSpec, optimizer: str, precision: str) -> float:
+    return (optimizer_state_bytes(spec, optimizer, precision) + master_bytes(precision) * spec.n_params) / spec.n_params
+
+
+def activation_bytes_per_token_layer(spec: ModelSpec, precision: str) -> int:
+    h, i, k, a = spec.hidden, spec.intermediate, spec.kv_dim, spec.heads
+    if precision == "amp":
+        return 30 * h + 8 * i + 4 * k + 4 * a + 8
+    if precision == "fp32":
+        return 32 * h + 16 * i + 8 * k + 4 * a + 8
+    return 20 * h + 8 * i + 4 * k + 4 * a + 8
+
+
+def activations(spec: ModelSpec, s: TrainSetup) -> tuple[float, str]:
+    """Saved activations of the decoder stack for one micro-batch, and what was assumed."""
+    tokens = s.micro_batch * s.seq_len
+    per_layer = activation_bytes_per_token_layer(spec, s.precision)
+    outside = (6 if s.precision in ("mixed", "bf16") else 8) * spec.hidden + 12  # embedding output, final norm
+    if s.activation_checkpointing:
+        kept = weight_bytes(s.precision) * spec.hidden  # each layer keeps only its input
+        total = tokens * (spec.layers * kept + per_layer + outside)
+        return total, f"checkpointing: {kept} B/token/layer kept + one layer recomputed ({per_layer} B/token)"
+    return tokens * (spec.layers * per_layer + outside), f"{per_layer:,} B/token/layer saved for backward (SDPA, no s² term)"
+
+
+def logits_bytes(spec: ModelSpec, s: TrainSetup) -> tuple[float, str]:
+    """Peak of the LM head + loss: logits, their fp32 copy / log-softmax, and the logits' gradient."""
+    positions = s.micro_batch * s.seq_len * s.loss_fraction
+    per = 12 if s.precision == "fp32" else 10
+    return positions * spec.vocab * per, f"{per}·V B per position with loss ({positions:,.0f} positions)"
+
+
+def _sharded(stage: int, needed: int, gpus: int) -> int:
+    return gpus if stage >= needed else 1
+
+
+def _lora_params(spec: ModelSpec, rank: int) -> int:
+    """Adapter parameters: A (r×in) and B (out×r) on every linear layer of every decoder block."""
+    per_layer = [(r, c) for r, c in _matrix_shapes(spec)[:9] if c > 1]
+    return rank * spec.layers * sum(r + c for r, c in per_layer)
+
+
+def state_terms(spec: ModelSpec, s: TrainSetup) -> list[Term]:
+    """Weights, gradients, master copy and optimiser state (ZeRO-sharded where set)."""
+    n, g = spec.n_params, s.gpus
+    if s.method != "full":
+        return _adapter_terms(spec, s)
+    w_div, g_div, o_div = _sharded(s.zero_stage, 3, g), _sharded(s.zero_stage, 2, g), _sharded(s.zero_stage, 1, g)
+    wb, gb, mb = weight_bytes(s.precision), grad_bytes(s.precision, s.fp32_grads), master_bytes(s.precision)
+    zero = f", ZeRO-{s.zero_stage} over {g}" if s.zero_stage else ""
+    terms = [Term("weights", wb * n / w_div, f"{wb} B/param ({'fp32' if wb == 4 else 'bf16'}){zero if w_div > 1 else ''}", "states"),
+             Term("gradients", gb * n / g_div, f"{gb} B/param{zero if g_div > 1 else ''}", "grads")]
+    if mb:
+        terms.append(Term("master weights", mb * n / o_div, f"fp32 copy in the optimiser{zero if o_div > 1 else ''}", "states"))
+    opt = optimizer_state_bytes(spec, s.optimizer, s.precision)
+    terms.append(Term("optimizer state", opt / o_div, f"{s.optimizer}: {opt / n:.2f} B/param{zero if o_div > 1 else ''}", "states"))
+    if s.zero_stage == 3 and g > 1:
+        terms.append(Term("gathered layer", 2 * wb * spec.largest_layer_params, "ZeRO-3: current + prefetched layer unsharded", "transient"))
+    if s.precision == "amp":
+        terms.append(Term("bf16 weight copies", 2 * spec.n_matmul_params / w_div,
+                          "autocast casts each matmul weight to bf16 and saves it for backward", "transient"))
+    return terms
+
+
+def _adapter_terms(spec: ModelSpec, s: TrainSetup) -> list[Term]:
+    adapters = _lora_params(spec, s.lora_rank)
+    if s.method == "lora":
+        base = Term("weights", 2 * spec.n_params, "frozen bf16 base weights", "states")
+    else:
+        quantized = spec.n_matmul_params - (spec.vocab * spec.hidden)
+        rest = spec.n_params - quantized
+        base = Term("weights", quantized * (0.5 + 0.127 / 8) + 2 * rest,
+                    "NF4 4-bit decoder matrices + double-quantised constants (0.127 bit/param); embeddings, head, norms bf16",
+                    "states")
+    return [base,
+            Term("gradients", 4 * adapters, f"fp32 grads of {adapters:,} adapter params (rank {s.lora_rank}, all linear layers)", "grads"),
+            Term("optimizer state", 12 * adapters, "fp32 adapter weights + AdamW m, v", "states")]
+
+
+def estimate(spec: ModelSpec, s: TrainSetup) -> Estimate:
+    """All terms and the peak per GPU: max(start of backward, end of backward / optimiser step)."""
+    est = Estimate(spec, s, state_terms(spec, s))
+    acts, acts_note = activations(spec, s if s.method == "full" else _bf16(s))
+    logits, logits_note = logits_bytes(spec, s)
+    est.terms.append(Term("activations", acts, acts_note, "transient"))
+    est.terms.append(Term("logits + loss", logits, logits_note, "transient"))
+    if s.device == "cuda":
+        est.terms.append(Term("CUDA context", CUDA_CONTEXT, "CUDA/cuBLAS context, allocator reserve not included", "states"))
+    states, grads = est.states, est.get("gradients")
+    transient = sum(t.bytes for t in est.terms if t.group == "transient")
+    # The head's gradient (V×h) appears first in backward, while all activations are still saved.
+    head_grad = grad_bytes(s.precision, s.fp32_grads) * spec.vocab * spec.hidden if s.method == "full" else 0
+    start = states + transient + head_grad / _sharded(s.zero_stage, 2, s.gpus)
+    end = states + grads + est.get("gathered layer")
+    est.peak, est.peak_when = (start, "start of backward") if start >= end else (end, "end of backward")
+    return est
+
+
+def _bf16(s: TrainSetup) -> TrainSetup:
+    from dataclasses import replace
+    return replace(s, precision="bf16")
+
+
+def gpus_needed(total_per_gpu_fn, capacity: float, max_gpus: int = 1024) -> int | None:
+    """Smallest G with total_per_gpu_fn(G) ≤ capacity (None if none up to max_gpus)."""
+    for g in range(1, max_gpus + 1):
+        if total_per_gpu_fn(g) <= capacity:
+            return g
+    return None

@@ -1,0 +1,92 @@
+"""Measured peak memory of a run, to hold every estimate against.
+
+CUDA: the caching allocator's peak allocated and reserved bytes.
+CPU: the process's resident set, sampled every ~2 ms in a thread, minus the baseline taken before
+the model loaded. glibc keeps freed memory (so RSS hides frees and overstates later peaks); we
+ask it, through mallopt, to serve blocks ≥ 64 KiB with mmap and to trim the heap at once, so the
+RSS follows what is really live — the same effect as MALLOC_MMAP_THRESHOLD_=65536
+MALLOC_TRIM_THRESHOLD_=0 in the environment, applied from inside the process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import threading
+import time
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def make_malloc_honest() -> bool:
+    """Tell glibc to return freed memory at once (True if it accepted)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 65536)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 0))
+    except (OSError, AttributeError):
+        return False
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * PAGE
+
+
+class PeakMeter:
+    """Peak memory per named section (e.g. "train"), above a baseline taken at start()."""
+
+    def __init__(self, device_type: str = "cpu", interval_s: float = 0.002):
+        self.device_type, self.interval_s = device_type, interval_s
+        self.baseline = 0
+        self.sections: dict[str, int] = {}
+        self._max = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.honest_malloc = False
+
+    def start(self) -> "PeakMeter":
+        if self.device_type == "cuda":
+            import torch
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.baseline = torch.cuda.memory_allocated()
+            return self
+        self.honest_malloc = make_malloc_honest()
+        self.baseline = self._max = rss_bytes()
+        self._thread = threading.Thread(target=self._sample, name="fulltune-peak-meter", daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            value = rss_bytes()
+            if value > self._max:
+                self._max = value
+            time.sleep(self.interval_s)
+
+    @contextlib.contextmanager
+    def section(self, name: str):
+        """Record the peak reached inside this block under `name` (max over all entries)."""
+        if self.device_type == "cuda":
+            import torch
+            torch.cuda.reset_peak_memory_stats()
+            yield
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            self.sections[name + "_reserved"] = max(self.sections.get(name + "_reserved", 0),
+                                                    torch.cuda.max_memory_reserved())
+        else:
+            self._max = rss_bytes()
+            yield
+            peak = max(self._max, rss_bytes())
+        self.sections[name] = max(self.sections.get(name, 0), peak)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def above_baseline(self, name: str) -> int:
+        return self.sections.get(name, 0) - self.baseline

@@ -1,0 +1,89 @@
+"""Printing estimates: the detailed per-GPU breakdown and the seed's 16N table."""
+
+from __future__ import annotations
+
+import math
+
+from fulltune.memory.estimate import GB, Estimate, estimate
+from fulltune.memory.spec import load_spec
+
+# Marketed capacities in GB (1e9 bytes): a conservative reading (an "80 GB" A100 holds 80 GiB).
+GPUS = {"rtx4090": ("RTX 4090 24GB", 24), "a6000": ("A6000 48GB", 48), "a100-40gb": ("A100-40GB", 40),
+        "a100-80gb": ("A100-80GB", 80), "h100": ("H100 80GB", 80), "h200": ("H200 141GB", 141)}
+
+SEED_MODELS = (("LLaMA-7B", "llama-7b"), ("LLaMA-13B", "llama-13b"), ("LLaMA-70B", "llama-70b"))
+SEED_K, SEED_S, SEED_B = 12, 2048, 1
+
+
+def seed_row(label: str, preset: str, gpu_gb: int = 80) -> dict:
+    """The seed's arithmetic: 16 bytes × nominal N, plus s·b·d·L·k activations; GPUs = ceil(int(total)/80)."""
+    spec = load_spec(preset)
+    states = 16 * spec.nominal / GB
+    acts = SEED_S * SEED_B * spec.hidden * spec.layers * SEED_K / GB
+    total = round(states, 1) + round(acts, 1)
+    return {"model": label, "states": states, "acts": acts, "total": total, "gpus": math.ceil(int(total) / gpu_gb)}
+
+
+def seed_table() -> str:
+    lines = [f"Seed formula: 16N (bf16 weights + bf16 grads + fp32 master, m, v) + s·b·d·L·k activations "
+             f"(s = {SEED_S}, b = {SEED_B}, k = {SEED_K}); GPUs = ceil(int(total) / 80)", "",
+             f"{'model':<10} {'16N (GB)':>9} {'act. (GB)':>10} {'total (GB)':>11}  A100-80GB"]
+    for label, preset in SEED_MODELS:
+        r = seed_row(label, preset)
+        lines.append(f"{label:<10} {r['states']:>9.1f} {r['acts']:>10.1f} {r['total']:>11.1f}  {r['gpus']}×")
+    lines.append("")
+    for label, preset in SEED_MODELS:
+        r = seed_row(label, preset)
+        lines.append(f"{label}: {r['states']:.1f} + {r['acts']:.1f} = {r['total']:.1f} GB, {r['gpus']}× A100-80GB")
+    return "\n".join(lines)
+
+
+def breakdown(est: Estimate) -> str:
+    s, spec = est.setup, est.spec
+    head = (f"{spec.name}: {spec.n_params:,} parameters ({spec.layers} layers, hidden {spec.hidden}, "
+            f"vocab {spec.vocab}{', tied' if spec.tied else ''})\n"
+            f"setup: {s.method} fine-tuning, {s.precision}, {s.optimizer}, micro-batch {s.micro_batch} × seq {s.seq_len}, "
+            f"checkpointing {'on' if s.activation_checkpointing else 'off'}, {s.gpus} GPU(s)"
+            + (f", ZeRO-{s.zero_stage}" if s.zero_stage else "") + f", device {s.device}\n")
+    rows = [f"  {t.name:<20} {t.bytes / GB:>9.2f} GB   {t.note}" for t in est.terms]
+    tail = (f"  {'peak per GPU':<20} {est.peak / GB:>9.2f} GB   at the {est.peak_when}: what is alive together, "
+            "not the sum of the rows")
+    return head + "\n".join(rows) + "\n" + tail
+
+
+def fits_line(est: Estimate, gpu: str) -> str:
+    name, capacity = GPUS[gpu]
+    verdict = "fits" if est.peak <= capacity * GB else "does not fit"
+    return f"{name}: {verdict} ({est.peak / GB:.1f} of {capacity} GB per GPU)"
+
+
+def min_gpus_zero3(spec, setup, gpu: str) -> int | None:
+    """Fewest GPUs of type `gpu` on which ZeRO-3 fits this setup."""
+    from dataclasses import replace
+
+    from fulltune.memory.estimate import gpus_needed
+    capacity = GPUS[gpu][1] * GB
+    return gpus_needed(lambda g: estimate(spec, replace(setup, gpus=g, zero_stage=3 if g > 1 else 0)).peak, capacity)
+
+
+def run_memory_command(args) -> None:
+    from fulltune.errors import UserError
+    from fulltune.memory.estimate import TrainSetup
+
+    if args.formula == "seed":
+        print(seed_table())
+        return
+    if args.batch < 1 or args.seq < 1 or args.gpus < 1 or not 0 < args.loss_fraction <= 1:
+        raise UserError("--batch, --seq and --gpus must be ≥ 1 and --loss-fraction in (0, 1]")
+    spec = load_spec(args.model)
+    setup = TrainSetup(micro_batch=args.batch, seq_len=args.seq, precision=args.precision, optimizer=args.optimizer,
+                       fp32_grads=args.fp32_grads, activation_checkpointing=args.checkpointing, gpus=args.gpus,
+                       zero_stage=args.zero, method=args.method, lora_rank=args.rank,
+                       loss_fraction=args.loss_fraction, device=args.device)
+    est = estimate(spec, setup)
+    print(breakdown(est))
+    print(fits_line(est, args.gpu))
+    if args.method == "full":
+        needed = min_gpus_zero3(spec, setup, args.gpu)
+        name = GPUS[args.gpu][0]
+        print(f"fewest {name} GPUs for this setup with ZeRO-3: {needed if needed else 'more than 1024'}")

@@ -1,0 +1,45 @@
+"""Every run measured against the estimate: the estimator's setup for a run, and the comparison."""
+
+from __future__ import annotations
+
+from fulltune.memory.estimate import GB, TrainSetup, estimate
+from fulltune.memory.spec import spec_from_config
+
+
+def run_setup(cfg, precision: str, device_type: str, rows: int, length: int, targets: int) -> TrainSetup:
+    """The TrainSetup of a fulltune run for a micro-batch of rows × length with `targets` loss positions."""
+    optimizer = cfg.optim.name
+    if optimizer == "sgd" and cfg.optim.momentum > 0:
+        optimizer = "sgd-momentum"
+    return TrainSetup(micro_batch=rows, seq_len=length, precision="amp" if precision == "bf16-mixed" else "fp32",
+                      optimizer=optimizer, activation_checkpointing=cfg.model.activation_checkpointing,
+                      loss_fraction=max(targets, 1) / (rows * length), device=device_type)
+
+
+def predicted(model, setup: TrainSetup):
+    return estimate(spec_from_config(model.config, getattr(model.config, "_name_or_path", "") or "model"), setup)
+
+
+def compare(model, cfg, precision: str, meter, largest: dict) -> dict:
+    """Predicted vs measured peak for the largest micro-batch the run trained on."""
+    setup = run_setup(cfg, precision, meter.device_type, largest["rows"], largest["length"], largest["targets"])
+    est = predicted(model, setup)
+    measured = meter.above_baseline("train")
+    result = {"predicted_peak_gb": est.peak / GB, "measured_peak_gb": measured / GB,
+              "error_pct": 100 * (est.peak - measured) / measured if measured > 0 else None,
+              "largest_micro_batch": largest, "device": meter.device_type,
+              "how_measured": ("CUDA max_memory_allocated during training steps" if meter.device_type == "cuda" else
+                               "peak RSS during training steps minus RSS before the model loaded "
+                               f"(2 ms sampling, mallopt honest={meter.honest_malloc})"),
+              "predicted_terms_gb": {t.name: t.bytes / GB for t in est.terms}}
+    if meter.device_type == "cuda":
+        result["measured_reserved_gb"] = (meter.sections.get("train_reserved", 0) - meter.baseline) / GB
+    return result
+
+
+def line(result: dict) -> str:
+    err = result["error_pct"]
+    lb = result["largest_micro_batch"]
+    return (f"[memory] peak for the largest micro-batch ({lb['rows']} × {lb['length']} tokens): predicted "
+            f"{result['predicted_peak_gb']:.2f} GB, measured {result['measured_peak_gb']:.2f} GB"
+            + (f" ({err:+.1f}%)" if err is not None else ""))

@@ -1,0 +1,114 @@
+"""Bad input and interrupted work: clear errors, nothing lost, no silent change on resume."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from conftest import QUICKSTART, sentiment_records, tiny_overrides, write_jsonl
+from fulltune import atomic
+from fulltune.assets import resolve_data_path
+from fulltune.cli import main
+from fulltune.config import load_config
+from fulltune.data.sources import load_records
+from fulltune.errors import UserError
+from fulltune.train import run_training
+
+
+def _run(tiny_dir, data, out, **extra):
+    return run_training(load_config(None, tiny_overrides(tiny_dir, data, out, **extra)))
+
+
+def test_resume_refuses_changed_settings(tiny_dir, chat_file, tmp_path):
+    _run(tiny_dir, chat_file, tmp_path / "r", **{"train.max_steps": 2, "train.save_interval": 1})
+    with pytest.raises(UserError, match=r"optim.lr: 0.001 → 1e-05; optim.weight_decay: 0.0 → 0.1"):
+        _run(tiny_dir, chat_file, tmp_path / "r", **{"train.max_steps": 4, "train.resume": "auto",
+                                                      "optim.lr": 1e-5, "optim.weight_decay": 0.1})
+    # max_steps may change: extending a finished run continues it.
+    run = _run(tiny_dir, chat_file, tmp_path / "r", **{"train.max_steps": 3, "train.resume": "auto"})
+    assert run.state["step"] == 3
+
+
+def test_resume_drops_checkpoints_from_an_abandoned_future(tiny_dir, chat_file, tmp_path):
+    extra = {"train.max_steps": 3, "train.save_interval": 1, "train.keep_checkpoints": 5}
+    _run(tiny_dir, chat_file, tmp_path / "r", **extra)
+    ckpts = tmp_path / "r" / "checkpoints"
+    _run(tiny_dir, chat_file, tmp_path / "r", **{**extra, "train.resume": str(ckpts / "step-0000001"),
+                                                 "train.max_steps": 2})
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000001", "step-0000002"]
+    steps = [json.loads(l)["step"] for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert steps == [1, 2]
+
+
+def test_bad_task_file_with_overwrite_keeps_the_old_run(capsys, tiny_dir, chat_file, tmp_path):
+    args = ["train", QUICKSTART, *tiny_overrides(tiny_dir, chat_file, tmp_path / "r", **{"train.max_steps": 1}),
+            "eval.task_file=", "data.val_fraction=0"]
+    assert main(args) == 0
+    bad = write_jsonl(tmp_path / "task.jsonl", [{"messages": [{"role": "user", "content": "x"},
+                                                              {"role": "assistant", "content": "neutral"}]}])
+    assert main(args + ["train.overwrite=true", f"eval.task_file={bad}", "eval.labels=[positive, negative]"]) == 2
+    assert f"{bad}:1: answer 'neutral' is not one of eval.labels" in capsys.readouterr().err
+    assert (tmp_path / "r" / "final" / "model.safetensors").is_file()
+    assert (tmp_path / "r" / "checkpoints" / "step-0000001").is_dir()
+
+
+def test_home_paths_are_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}])
+    path = resolve_data_path("~/d.jsonl")
+    assert path == str(tmp_path / "d.jsonl") and len(load_records(path)) == 1
+
+
+def test_csv_cells_stay_strings(tmp_path):
+    (tmp_path / "n.csv").write_text('prompt,completion\n"2+2 =",4\n"3+3 =",6\n')
+    assert load_records(str(tmp_path / "n.csv"))[0] == {"prompt": "2+2 =", "completion": "4"}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.labels=[positive, negative", "is not valid YAML"),
+    ("optim.lr=nan", "optim.lr: nan must be a finite number"),
+    ("schedule.min_lr=1e-3", "schedule.min_lr: 0.001 is above optim.lr"),
+    ("train.seed=100000000000000", "must be <= 2147483647"),
+])
+def test_config_values_that_would_crash_later(override, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        load_config(QUICKSTART, [override])
+
+
+def test_hold_out_that_leaves_nothing_to_train(tiny_dir, tmp_path):
+    data = write_jsonl(tmp_path / "one.jsonl", sentiment_records(1))
+    with pytest.raises(UserError, match="leaves no training sequences"):
+        _run(tiny_dir, data, tmp_path / "r", **{"data.val_fraction": 0.5})
+
+
+def test_chat_template_refusal_is_a_clear_error(tmp_path):
+    from conftest import make_tokenizer
+    from fulltune.config import DataConfig
+    from fulltune.data.formats import encode_dataset
+    tok = make_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == messages[loop.index0 - 1]['role'] and not loop.first %}"
+                         "{{ raise_exception('roles must alternate') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "a"},
+                                                            {"role": "user", "content": "b"}]}])
+    with pytest.raises(UserError, match=r"c\.jsonl:1: the chat template rejected this conversation: roles must alternate"):
+        encode_dataset(load_records(str(path)), tok, DataConfig(), str(path))
+
+
+def test_atomic_dir_restores_the_old_copy_if_interrupted_between_renames(tmp_path, monkeypatch):
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "weights").write_text("old")
+    real_replace, calls = os.replace, []
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+    monkeypatch.setattr(atomic.os, "replace", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.write_dir_atomically(final, lambda tmp: (tmp / "weights").write_text("new"))
+    monkeypatch.setattr(atomic.os, "replace", real_replace)
+    assert (final / "weights").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
