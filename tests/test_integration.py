@@ -70,3 +70,6 @@ def test_a_few_real_steps(tmp_path):
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
     assert [p.name for p in sorted((tmp_path / "run" / "checkpoints").iterdir())] == ["step-0000002", "step-0000003"]
     assert run.state["tokens_seen"] > run.state["target_tokens_seen"] > 0
+    memory = results["memory"]
+    assert memory["predicted_peak_gb"] > 1.5 and memory["measured_peak_gb"] > 1.5   # 16N alone is 2.2 GB
+    assert abs(memory["error_pct"]) < 25

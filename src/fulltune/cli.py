@@ -22,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*")
     s.add_argument("--out", default="schedule.png", help="PNG to write (default: schedule.png)")
     _memory_parser(sub)
+    _plan_parser(sub)
     sub.add_parser("assets", help="fetch and prepare the embedded default model and SST-2 task")
     sub.add_parser("config", help="list every config key with its default and meaning")
     return p
@@ -50,12 +51,32 @@ def _memory_parser(sub) -> None:
     m.add_argument("--loss-fraction", type=float, default=1.0, help="share of positions with loss (SFT: < 1)")
     m.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     m.add_argument("--gpu", choices=tuple(GPUS), default="a100-80gb", help="GPU type for the fit / GPU count")
+    m.add_argument("--plot", metavar="PNG", help="draw the seed's stacked bars (full FT 7B, LoRA 7B, QLoRA 7B, QLoRA 70B)")
+
+
+def _plan_parser(sub) -> None:
+    from fulltune.memory.report import GPUS
+    p = sub.add_parser("plan", help="decide: full fine-tuning on one GPU, with ZeRO-3, with savers, or LoRA/QLoRA")
+    p.add_argument("model", help="preset (llama-7b, llama-70b, smollm2-135m, ...), HF model dir or config.json")
+    p.add_argument("--gpu", choices=tuple(GPUS), default="a100-80gb")
+    p.add_argument("--gpus", type=int, default=1, help="how many GPUs you have")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--precision", choices=("amp", "mixed", "bf16", "fp32"), default="mixed")
 
 
 def dispatch(args: argparse.Namespace) -> None:
     from fulltune.config import describe_fields, load_config
 
-    if args.command == "memory":
+    if args.command == "plan":
+        from fulltune.memory.estimate import TrainSetup
+        from fulltune.memory.plan import plan, render
+        from fulltune.memory.spec import load_spec
+        if args.gpus < 1 or args.batch < 1 or args.seq < 1:
+            raise UserError("--gpus, --batch and --seq must be ≥ 1")
+        base = TrainSetup(micro_batch=args.batch, seq_len=args.seq, precision=args.precision)
+        print(render(plan(load_spec(args.model), args.gpu, args.gpus, base)))
+    elif args.command == "memory":
         from fulltune.memory.report import run_memory_command
         run_memory_command(args)
     elif args.command == "config":

@@ -135,7 +135,9 @@ def activations(spec: ModelSpec, s: TrainSetup) -> tuple[float, str]:
 def logits_bytes(spec: ModelSpec, s: TrainSetup) -> tuple[float, str]:
     """Peak of the LM head + loss: logits, their fp32 copy / log-softmax, and the logits' gradient."""
     positions = s.micro_batch * s.seq_len * s.loss_fraction
-    per = 12 if s.precision == "fp32" else 10
+    # Measured in isolation on CPU (docs/memory.md): 11.5–11.6 B per position·V for head + loss +
+    # backward, with bf16 autocast and in fp32 alike (log-softmax output, exp temporary, gradients).
+    per = 12
     return positions * spec.vocab * per, f"{per}·V B per position with loss ({positions:,.0f} positions)"
 
 

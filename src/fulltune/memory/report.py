@@ -70,6 +70,13 @@ def run_memory_command(args) -> None:
     from fulltune.errors import UserError
     from fulltune.memory.estimate import TrainSetup
 
+    if args.plot:
+        from pathlib import Path
+
+        from fulltune.memory.plot import plot_setups
+        plot_setups(Path(args.plot))
+        print(f"wrote {args.plot}")
+        return
     if args.formula == "seed":
         print(seed_table())
         return

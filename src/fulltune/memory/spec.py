@@ -19,6 +19,8 @@ PRESETS: dict[str, dict] = {
                      num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False, nominal=7e9),
     "llama-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
                       num_key_value_heads=40, vocab_size=32000, tie_word_embeddings=False, nominal=13e9),
+    "llama-65b": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=80, num_attention_heads=64,
+                      num_key_value_heads=64, vocab_size=32000, tie_word_embeddings=False, nominal=65e9),
     "llama-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                       num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False, nominal=70e9),
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
