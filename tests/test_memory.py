@@ -162,3 +162,20 @@ def test_gpu_memory_script_runs_on_cpu_with_a_tiny_shape():
     assert result["predicted_gb"] == pytest.approx(expected.peak / 1e9)
     assert result["params"] == spec_from_config(config, "tiny").n_params
     assert result["measured_gb"] > 0 and result["tokens_per_s"] > 0
+
+
+def test_run_measures_its_first_steps_then_relaxes(tiny_dir, chat_file, tmp_path):
+    import json
+
+    from conftest import tiny_overrides
+    from fulltune.config import load_config
+    from fulltune.train import run_training
+    run = run_training(load_config(None, tiny_overrides(tiny_dir, chat_file, tmp_path / "a", **{
+        "train.max_steps": 4, "train.memory_steps": 2})))
+    assert run.measured_steps == 2 and not run.meter.active
+    memory = json.loads((tmp_path / "a" / "results.json").read_text())["memory"]
+    assert memory["measured_peak_gb"] > 0 and memory["largest_micro_batch"]["rows"] == 4
+    run = run_training(load_config(None, tiny_overrides(tiny_dir, chat_file, tmp_path / "b", **{
+        "train.max_steps": 2, "train.memory_steps": 0})))
+    assert run.measured_steps == 0
+    assert "memory" not in json.loads((tmp_path / "b" / "results.json").read_text())

@@ -23,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="schedule.png", help="PNG to write (default: schedule.png)")
     _memory_parser(sub)
     _plan_parser(sub)
+    from fulltune.evals.compare import add_parser as add_eval_parser
+    add_eval_parser(sub)
     sub.add_parser("assets", help="fetch and prepare the embedded default model and SST-2 task")
     sub.add_parser("config", help="list every config key with its default and meaning")
     return p
@@ -68,7 +70,10 @@ def _plan_parser(sub) -> None:
 def dispatch(args: argparse.Namespace) -> None:
     from fulltune.config import describe_fields, load_config
 
-    if args.command == "plan":
+    if args.command == "eval":
+        from fulltune.evals.compare import run_eval_command
+        run_eval_command(args)
+    elif args.command == "plan":
         from fulltune.memory.estimate import TrainSetup
         from fulltune.memory.plan import plan, render
         from fulltune.memory.spec import load_spec

@@ -86,6 +86,8 @@ class TrainConfig:
     overwrite: bool = opt(False, "allow starting a fresh run in an output_dir that already holds one")
     device: str = opt("auto", "where to train; auto: cuda when available", choices=("auto", "cpu", "cuda"))
     progress: bool = opt(True, "show a progress bar")
+    memory_steps: int = opt(3, "CPU: measure the memory peak exactly over the first N steps (glibc made to free at once, "
+                               "slower steps), then train at full speed; CUDA measures every step", lo=0)
 
 
 @dataclass
@@ -93,6 +95,11 @@ class EvalConfig:
     task_file: str = opt("", "records scored for task accuracy (their last answer is the gold label); empty: off")
     labels: list = opt([], "the fixed label set compared by log-likelihood, e.g. [positive, negative]")
     batch_size: int = opt(16, "sequences per forward pass when scoring", lo=1)
+    probes: list = opt([], "general-skill probes run on θ0, during and after training: arc_easy, piqa, sciq, "
+                           "humaneval, mbpp, or mc:FILE.jsonl / text:FILE.jsonl")
+    probe_items: int = opt(100, "items per multiple-choice probe (a fixed seeded subset)", lo=1)
+    probe_code_items: int = opt(40, "items per code / text probe", lo=1)
+    probe_interval: int = opt(0, "also run the probes every N steps (0: only before and after)", lo=0)
 
 
 @dataclass
@@ -209,6 +216,8 @@ def _cross_checks(cfg: RunConfig) -> list[str]:
     betas = cfg.optim.betas
     if not (len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
         errors.append(f"optim.betas: expected two numbers in [0, 1), got {betas!r}")
+    if not all(isinstance(x, str) for x in cfg.eval.probes):
+        errors.append(f"eval.probes: expected a list of probe names, got {cfg.eval.probes!r}")
     if not all(isinstance(x, str) for x in cfg.eval.labels):
         errors.append(f"eval.labels: expected a list of strings, got {cfg.eval.labels!r}")
     if cfg.eval.task_file and len(cfg.eval.labels) < 2:

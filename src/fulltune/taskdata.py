@@ -12,6 +12,7 @@ from fulltune.data.formats import Example, encode_dataset
 from fulltune.data.sources import load_records
 from fulltune.errors import UserError
 from fulltune.evals.classify import gold_labels, label_accuracy
+from fulltune.evals.forgetting import ProbeSet, headline
 
 
 @dataclass
@@ -21,6 +22,7 @@ class TaskData:
     task: object | None   # datasets.Dataset of records scored for task accuracy
     task_source: str
     stats: dict
+    probes: ProbeSet | None = None
 
 
 def read_sources(cfg: RunConfig) -> dict[str, tuple[str, object]]:
@@ -56,7 +58,11 @@ def load_task_data(cfg: RunConfig, tokenizer, sources: dict) -> TaskData:
     task_source, task = sources.get("task", ("", None))
     if task is not None:
         gold_labels(task, task_source, list(cfg.eval.labels))  # a bad task file fails before training starts
-    return TaskData(train, val, task, task_source, stats)
+    probes = None
+    if cfg.eval.probes:
+        probes = ProbeSet(list(cfg.eval.probes), tokenizer, cfg.eval.probe_items, cfg.eval.probe_code_items)
+        print(f"[data] probes: {', '.join(f'{p.name} ({len(p.items)})' for p in probes.probes)}", flush=True)
+    return TaskData(train, val, task, task_source, stats, probes)
 
 
 def task_accuracy(run, tag: str) -> dict:
@@ -66,4 +72,16 @@ def task_accuracy(run, tag: str) -> dict:
                             cfg.batch_size, run.autocast, desc=f"task eval {tag}" if run.cfg.train.progress else "")
     print(f"[eval] {tag} task accuracy {100 * result['accuracy']:.1f}% "
           f"({result['correct']}/{result['n']}, ±{100 * result['stderr']:.1f} s.e.)", flush=True)
+    return result
+
+
+def run_probes(run, tag: str) -> dict:
+    """Score the general-skill probes on the model as it is now; print one line."""
+    result = run.data.probes.run(run.model, run.autocast, run.cfg.eval.batch_size, run.cfg.train.progress)
+    parts = []
+    for name, summary in result.items():
+        if not name.startswith("_"):
+            metric, value = headline(summary)
+            parts.append(f"{name} {100 * value:.1f}%" if metric == "acc" else f"{name} NLL {value:.3f}")
+    print(f"[probes] {tag}: " + ", ".join(parts) + f" ({result['_seconds']:.0f} s)", flush=True)
     return result

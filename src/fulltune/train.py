@@ -35,7 +35,8 @@ from fulltune.model import load_theta0
 from fulltune.optim.param_groups import build_optimizer, lrs_by_name
 from fulltune.optim.schedules import schedule_fn
 from fulltune.runtime import autocast_factory, pick_device, resolve_precision
-from fulltune.taskdata import TaskData, load_task_data, read_sources, task_accuracy
+from fulltune.evals.forgetting import forgetting_report, headline, render_report
+from fulltune.taskdata import TaskData, load_task_data, read_sources, run_probes, task_accuracy
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Run:
     device: torch.device
     state: dict
     meter: PeakMeter
+    measured_steps: int = 0
 
 
 def check_run_dir(cfg: RunConfig) -> Path:
@@ -97,6 +99,8 @@ def setup(cfg: RunConfig) -> Run:
              "largest_micro_batch": {"rows": 0, "length": 0, "targets": 0}}
     if resume_from is not None:
         state = _resume(resume_from, run_dir, cfg, model, optimizer, sampler)
+    if "memory" in state["results"] or (device.type == "cpu" and cfg.train.memory_steps == 0):
+        meter.stop()  # measured before the resume, or not wanted
     start_run_dir(run_dir, cfg, fresh=resume_from is None)
     print(f"[train] device {device}, precision {precision}, {total} steps "
           f"({sampler.steps_per_epoch} per epoch, batch {cfg.train.micro_batch_size}×{cfg.train.grad_accum_steps}), "
@@ -185,11 +189,15 @@ def _one_step(run: Run) -> dict:
     batches = [collate([run.data.train[i] for i in idx], run.tokenizer.pad_token_id, run.device) for idx in indices]
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     targets = sum(count_targets(b) for b in batches)
-    _track_largest(run.state, batches)
+    if run.meter.active:
+        _track_largest(run.state, batches)
     t0 = time.perf_counter()
     with run.meter.section("train"):
         loss, norm = train_step(run.model, run.optimizer, batches, run.autocast, run.cfg.optim.grad_clip)
     dt = time.perf_counter() - t0
+    run.measured_steps += int(run.meter.active)
+    if run.meter.device_type == "cpu" and run.meter.active and run.measured_steps >= run.cfg.train.memory_steps:
+        _close_memory_check(run)  # the peak repeats every step once the optimiser state exists: full speed now
     if not math.isfinite(loss):
         raise UserError(f"loss became {loss} at step {step}: lower optim.lr or check the data")
     s = run.state
@@ -246,7 +254,10 @@ def _loop_step(run: Run, bar) -> Path | None:
     step = rec["step"]
     if cfg.val_interval and step % cfg.val_interval == 0 and step < run.total_steps and run.data.val:
         rec["val_loss"] = validation_loss(run)
-    if step % cfg.log_interval == 0 or "val_loss" in rec or step == run.total_steps:
+    interval = run.cfg.eval.probe_interval
+    if interval and step % interval == 0 and step < run.total_steps and run.data.probes is not None:
+        rec["probes"] = _headlines(run_probes(run, f"step {step}"))
+    if step % cfg.log_interval == 0 or "val_loss" in rec or "probes" in rec or step == run.total_steps:
         _log(run, rec)
     top_lr = max(rec["lr"].values())
     bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{top_lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
@@ -262,21 +273,47 @@ def finish(run: Run) -> dict:
         results["final_val_loss"] = validation_loss(run)
         _log(run, {"step": run.state["step"], "val_loss": results["final_val_loss"]})
         print(f"[train] validation loss {results['final_val_loss']:.4f}", flush=True)
-    if run.state["largest_micro_batch"]["rows"] and run.meter.sections.get("train"):
-        results["memory"] = memory_compare(run.model, run.cfg, run.precision, run.meter, run.state["largest_micro_batch"])
-        print(memory_line(results["memory"]), flush=True)
-    run.meter.stop()
+    _close_memory_check(run)
     final = checkpoint.export_hf(run.model, run.tokenizer, run.run_dir / "final")
     print(f"[train] saved the fine-tuned model to {final}", flush=True)
     _save(run)
     if run.data.task is not None:
         results["task_accuracy_final"] = task_accuracy(run, "θ*")
         report_task(results)
+    if run.data.probes is not None:
+        _finish_probes(run, results)
     results.update(steps=run.state["step"], tokens_seen=run.state["tokens_seen"],
                    target_tokens_seen=run.state["target_tokens_seen"], train_time_s=run.state["elapsed_s"],
                    data=run.data.stats)
     (run.run_dir / "results.json").write_text(json.dumps(results, indent=1))
     return results
+
+
+def _close_memory_check(run: Run) -> None:
+    """Stop measuring and store predicted vs measured peak (once per run, kept across resumes)."""
+    was_active = run.meter.active
+    run.meter.stop()
+    if was_active and run.state["largest_micro_batch"]["rows"] and run.meter.sections.get("train"):
+        run.state["results"]["memory"] = memory_compare(run.model, run.cfg, run.precision, run.meter,
+                                                        run.state["largest_micro_batch"])
+        print(memory_line(run.state["results"]["memory"]), flush=True)
+
+
+def _headlines(result: dict) -> dict:
+    return {name: headline(summary)[1] for name, summary in result.items() if not name.startswith("_")}
+
+
+def _finish_probes(run: Run, results: dict) -> None:
+    results["probes_final"] = run_probes(run, "θ*")
+    _log(run, {"step": run.state["step"], "probes": _headlines(results["probes_final"])})
+    if "probes_theta0" not in results:
+        print("[forgetting] no θ0 probe scores for this run (probes were off when it started)", flush=True)
+        return
+    task = None
+    if "task_accuracy_theta0" in results and "task_accuracy_final" in results:
+        task = {"before": results["task_accuracy_theta0"]["accuracy"], "after": results["task_accuracy_final"]["accuracy"]}
+    results["forgetting"] = forgetting_report(results["probes_theta0"], results["probes_final"], task)
+    print(render_report(results["forgetting"]), flush=True)
 
 
 def report_task(results: dict) -> None:
@@ -292,8 +329,12 @@ def report_task(results: dict) -> None:
 def run_training(cfg: RunConfig) -> Run:
     """setup → task accuracy of θ0 → loop → export, task accuracy of θ*, results.json."""
     run = setup(cfg)
-    if run.data.task is not None and run.state["step"] == 0:
-        run.state["results"]["task_accuracy_theta0"] = task_accuracy(run, "θ0")
+    if run.state["step"] == 0:
+        if run.data.task is not None:
+            run.state["results"]["task_accuracy_theta0"] = task_accuracy(run, "θ0")
+        if run.data.probes is not None:
+            run.state["results"]["probes_theta0"] = run_probes(run, "θ0")
+            _log(run, {"step": 0, "probes": _headlines(run.state["results"]["probes_theta0"])})
     started = time.perf_counter()
     loop(run)
     finish(run)
