@@ -97,8 +97,8 @@ class EvalConfig:
     batch_size: int = opt(16, "sequences per forward pass when scoring", lo=1)
     probes: list = opt([], "general-skill probes run on θ0, during and after training: arc_easy, piqa, sciq, "
                            "humaneval, mbpp, or mc:FILE.jsonl / text:FILE.jsonl")
-    probe_items: int = opt(100, "items per multiple-choice probe (a fixed seeded subset)", lo=1)
-    probe_code_items: int = opt(40, "items per code / text probe", lo=1)
+    probe_items: int = opt(50, "items per multiple-choice probe (a fixed seeded subset)", lo=1)
+    probe_code_items: int = opt(30, "items per code / text probe", lo=1)
     probe_interval: int = opt(0, "also run the probes every N steps (0: only before and after)", lo=0)
 
 

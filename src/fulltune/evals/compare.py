@@ -13,8 +13,8 @@ def add_parser(sub) -> None:
     e.add_argument("models", nargs="+", metavar="MODEL", help="HF model dir, .gguf or 'default'; two to compare")
     e.add_argument("--probes", default=DEFAULT_PROBES, help=f"comma-separated (default {DEFAULT_PROBES}); "
                    "mc:FILE.jsonl / text:FILE.jsonl for your own")
-    e.add_argument("--items", type=int, default=100, help="items per multiple-choice probe")
-    e.add_argument("--code-items", type=int, default=40, help="items per code / text probe")
+    e.add_argument("--items", type=int, default=50, help="items per multiple-choice probe")
+    e.add_argument("--code-items", type=int, default=30, help="items per code / text probe")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--precision", choices=("auto", "bf16-mixed", "fp32"), default="auto")
     e.add_argument("--out", default="fulltune-eval.json", help="where to save the scores (JSON)")
