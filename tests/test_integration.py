@@ -59,7 +59,8 @@ def test_a_few_real_steps(tmp_path):
     task = write_jsonl(tmp_path / "task.jsonl", test_records)
     cfg = load_config(QUICKSTART, [
         f"train.output_dir={tmp_path / 'run'}", "train.max_steps=3", "train.micro_batch_size=4",
-        "train.progress=false", "data.val_fraction=0.02", f"eval.task_file={task}", "train.save_interval=2"])
+        "train.progress=false", "data.val_fraction=0.02", f"eval.task_file={task}", "train.save_interval=2",
+        "eval.probes=[arc_easy, humaneval]", "eval.probe_items=8", "eval.probe_code_items=4"])
     run = run_training(cfg)
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in lines if "loss" in r]
@@ -73,3 +74,6 @@ def test_a_few_real_steps(tmp_path):
     memory = results["memory"]
     assert memory["predicted_peak_gb"] > 1.5 and memory["measured_peak_gb"] > 1.5   # 16N alone is 2.2 GB
     assert abs(memory["error_pct"]) < 25
+    report = results["forgetting"]["probes"]
+    assert report["arc_easy"]["n"] == 8 and 0 <= report["arc_easy"]["after"] <= 1
+    assert 0.3 < report["humaneval"]["before"] < 3   # NLL per token of real Python under a real model

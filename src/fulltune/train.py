@@ -27,6 +27,7 @@ from fulltune import checkpoint
 from fulltune.config import RunConfig, save_config
 from fulltune.data.loader import StepSampler, collate, count_targets
 from fulltune.errors import Interrupted, UserError
+from fulltune.evals.forgetting import forgetting_report, headline, render_report
 from fulltune.loss import loss_sum
 from fulltune.memory.measure import PeakMeter
 from fulltune.memory.runcheck import compare as memory_compare
@@ -35,7 +36,6 @@ from fulltune.model import load_theta0
 from fulltune.optim.param_groups import build_optimizer, lrs_by_name
 from fulltune.optim.schedules import schedule_fn
 from fulltune.runtime import autocast_factory, pick_device, resolve_precision
-from fulltune.evals.forgetting import forgetting_report, headline, render_report
 from fulltune.taskdata import TaskData, load_task_data, read_sources, run_probes, task_accuracy
 
 
@@ -89,6 +89,14 @@ def setup(cfg: RunConfig) -> Run:
     precision = resolve_precision(cfg.train.precision, device)
     sources = read_sources(cfg)  # a missing or malformed file fails before the model loads
     meter = PeakMeter(device.type).start()  # baseline before θ0 loads
+    try:
+        return _build(cfg, run_dir, resume_from, device, precision, sources, meter)
+    except BaseException:
+        meter.stop()  # never leave glibc in its slow measuring mode behind a failed start
+        raise
+
+
+def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, sources, meter: PeakMeter) -> Run:
     model, tokenizer, _ = load_theta0(cfg.model)
     model.to(device)
     data = load_task_data(cfg, tokenizer, sources)
