@@ -65,7 +65,9 @@ def test_a_few_real_steps(tmp_path):
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in lines if "loss" in r]
     assert len(losses) == 3 and all(0 < x < 10 for x in losses)
-    assert set(lines[0]) >= {"step", "loss", "lr", "grad_norm", "tokens_seen", "tokens_per_s", "elapsed_s"}
+    first = next(r for r in lines if "loss" in r)
+    assert set(first) >= {"step", "loss", "lr", "grad_norm", "tokens_seen", "tokens_per_s", "elapsed_s"}
+    assert lines[0]["step"] == 0 and set(lines[0]["probes"]) == {"arc_easy", "humaneval"}
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["task_accuracy_theta0"]["n"] == 16 and results["steps"] == 3
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()

@@ -109,6 +109,7 @@ def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, s
         state = _resume(resume_from, run_dir, cfg, model, optimizer, sampler)
     if "memory" in state["results"] or (device.type == "cpu" and cfg.train.memory_steps == 0):
         meter.stop()  # measured before the resume, or not wanted
+    meter.pause()  # θ0 evaluation runs at full speed; the first training step resumes measuring
     start_run_dir(run_dir, cfg, fresh=resume_from is None)
     print(f"[train] device {device}, precision {precision}, {total} steps "
           f"({sampler.steps_per_epoch} per epoch, batch {cfg.train.micro_batch_size}×{cfg.train.grad_accum_steps}), "

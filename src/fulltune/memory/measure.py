@@ -38,6 +38,14 @@ def make_malloc_honest() -> bool:
     return _mallopt(65536, 0)
 
 
+def trim_malloc() -> None:
+    """Hand every free page glibc holds back to the OS, so RSS is live memory again."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def relax_malloc() -> None:
     """Fast allocation again: freed memory is kept for reuse (as glibc does by default)."""
     _mallopt(RELAXED_MMAP_THRESHOLD, RELAXED_TRIM_THRESHOLD)
@@ -60,6 +68,7 @@ class PeakMeter:
         self._thread: threading.Thread | None = None
         self.honest_malloc = False
         self.active = True
+        self.paused = False
 
     def start(self) -> "PeakMeter":
         if self.device_type == "cuda":
@@ -69,6 +78,7 @@ class PeakMeter:
             self.baseline = torch.cuda.memory_allocated()
             return self
         self.honest_malloc = make_malloc_honest()
+        trim_malloc()
         self.baseline = self._max = rss_bytes()
         self._thread = threading.Thread(target=self._sample, name="fulltune-peak-meter", daemon=True)
         self._thread.start()
@@ -87,6 +97,8 @@ class PeakMeter:
         if not self.active:
             yield
             return
+        if self.paused:
+            self.resume()
         if self.device_type == "cuda":
             import torch
             torch.cuda.reset_peak_memory_stats()
@@ -101,6 +113,19 @@ class PeakMeter:
             peak = max(self._max, rss_bytes())
         self.sections[name] = max(self.sections.get(name, 0), peak)
 
+    def pause(self) -> None:
+        """Fast allocation while nothing is measured (e.g. evaluation before training)."""
+        if self.device_type == "cpu" and self.honest_malloc and not self.paused:
+            relax_malloc()
+            self.paused = True
+
+    def resume(self) -> None:
+        """Measuring mode again: glibc frees at once, and what it cached meanwhile is trimmed."""
+        if self.paused:
+            make_malloc_honest()
+            trim_malloc()
+            self.paused = False
+
     def stop(self) -> None:
         """Stop measuring; on CPU, hand glibc its fast defaults back. Recorded peaks are kept."""
         self.active = False
@@ -109,8 +134,9 @@ class PeakMeter:
             self._thread.join()
             self._thread = None
         if self.honest_malloc:
-            relax_malloc()
-            self.honest_malloc = False
+            if not self.paused:
+                relax_malloc()
+            self.honest_malloc = self.paused = False
 
     def above_baseline(self, name: str) -> int:
         return self.sections.get(name, 0) - self.baseline
