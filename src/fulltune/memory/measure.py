@@ -69,6 +69,7 @@ class PeakMeter:
         self.honest_malloc = False
         self.active = True
         self.paused = False
+        self.pre_train: int | None = None  # RSS just before the first measured step (CPU)
 
     def start(self) -> "PeakMeter":
         if self.device_type == "cuda":
@@ -125,6 +126,8 @@ class PeakMeter:
             make_malloc_honest()
             trim_malloc()
             self.paused = False
+            if self.pre_train is None:
+                self.pre_train = rss_bytes()
 
     def stop(self) -> None:
         """Stop measuring; on CPU, hand glibc its fast defaults back. Recorded peaks are kept."""
