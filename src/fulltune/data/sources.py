@@ -11,9 +11,8 @@ SUFFIX_BUILDER = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": 
                   ".arrow": "arrow"}
 
 
-def _check_jsonl(path: Path) -> int:
-    """Count records; fail on the first malformed line, naming it (datasets' own error does not)."""
-    count = 0
+def iter_jsonl(path: Path):
+    """(line number, object) for each non-blank line; the first malformed line is named in the error."""
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -24,8 +23,12 @@ def _check_jsonl(path: Path) -> int:
                 raise UserError(f"{path}:{lineno}: malformed JSON line ({exc.msg} at column {exc.colno})") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-            count += 1
-    return count
+            yield lineno, row
+
+
+def _check_jsonl(path: Path) -> int:
+    """Count records, failing on the first malformed line (datasets' own error does not name it)."""
+    return sum(1 for _ in iter_jsonl(path))
 
 
 def row_location(path: str, index: int) -> str:

