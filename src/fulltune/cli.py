@@ -1,4 +1,4 @@
-"""The `fulltune` command: train | schedule | assets | config."""
+"""The `fulltune` command: train | eval | interpolate | memory | plan | schedule | assets | config."""
 
 from __future__ import annotations
 
@@ -25,13 +25,15 @@ def _parser() -> argparse.ArgumentParser:
     _plan_parser(sub)
     from fulltune.evals.compare import add_parser as add_eval_parser
     add_eval_parser(sub)
+    from fulltune.interpolate import add_parser as add_interpolate_parser
+    add_interpolate_parser(sub)
     sub.add_parser("assets", help="fetch and prepare the embedded default model and SST-2 task")
     sub.add_parser("config", help="list every config key with its default and meaning")
     return p
 
 
 def _memory_parser(sub) -> None:
-    from fulltune.memory.estimate import METHODS, OPTIMIZERS, PRECISIONS
+    from fulltune.memory.estimate import ANCHORS, METHODS, OPTIMIZERS, PRECISIONS
     from fulltune.memory.report import GPUS
     m = sub.add_parser("memory", help="estimate the memory of a training setup, per GPU")
     m.add_argument("model", nargs="?", default="default",
@@ -50,6 +52,8 @@ def _memory_parser(sub) -> None:
     m.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0, help="ZeRO stage over --gpus")
     m.add_argument("--method", choices=METHODS, default="full", help="full fine-tuning, or LoRA / QLoRA to compare")
     m.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    m.add_argument("--anchor", choices=ANCHORS, default="none",
+                   help="regularisation toward θ0: l2sp (or decay toward θ0) keeps a θ0 copy, ewc θ0 + its Fisher")
     m.add_argument("--loss-fraction", type=float, default=1.0, help="share of positions with loss (SFT: < 1)")
     m.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     m.add_argument("--gpu", choices=tuple(GPUS), default="a100-80gb", help="GPU type for the fit / GPU count")
@@ -70,7 +74,10 @@ def _plan_parser(sub) -> None:
 def dispatch(args: argparse.Namespace) -> None:
     from fulltune.config import describe_fields, load_config
 
-    if args.command == "eval":
+    if args.command == "interpolate":
+        from fulltune.interpolate import run_interpolate_command
+        run_interpolate_command(args)
+    elif args.command == "eval":
         from fulltune.evals.compare import run_eval_command
         run_eval_command(args)
     elif args.command == "plan":

@@ -45,6 +45,10 @@ class DataConfig:
     max_seq_len: int = opt(512, "longest sequence in tokens; longer ones are handled by `overlong`", lo=8)
     overlong: str = opt("truncate", "what to do with sequences longer than max_seq_len", choices=("truncate", "drop"))
     loss_on: str = opt("completion", "which tokens carry loss: completion/assistant tokens only, or all tokens", choices=("completion", "all"))
+    general: list = opt([], "general data for data mixing and the EWC Fisher (loss on all its tokens): files like "
+                            "data.train, or builtin:lambada (5,153 passages of book text)")
+    mix_ratio: float = opt(0.0, "share of each step's sequences drawn from data.general, added to the task's "
+                                "(e.g. 0.05-0.10); 0: task data only", lo=0.0, hi=0.9)
 
 
 @dataclass
@@ -56,6 +60,8 @@ class OptimConfig:
     eps: float = opt(1e-8, "AdamW epsilon", lo=0.0, lo_open=True)
     momentum: float = opt(0.0, "SGD momentum", lo=0.0, hi=1.0)
     grad_clip: float = opt(1.0, "clip the global gradient norm to this value (0: off)", lo=0.0)
+    decay_toward: str = opt("zero", "weight decay pulls toward zero (plain AdamW) or toward θ0: "
+                                     "θ ← θ − lr·wd·(θ − θ0), keeping a copy of θ0", choices=("zero", "theta0"))
     layer_lr_decay: float = opt(1.0, "ULMFiT ξ: decoder layer l (0 = last) gets lr·ξ^-l; embeddings the lowest rate", lo=1.0)
 
 
@@ -103,12 +109,23 @@ class EvalConfig:
 
 
 @dataclass
+class AnchorConfig:
+    method: str = opt("none", "regularise toward θ0: L2-SP adds λ/2·‖θ − θ0‖²; EWC adds λ/2·Σ F·(θ − θ0)² with a "
+                              "diagonal Fisher F from data.general", choices=("none", "l2sp", "ewc"))
+    lam: float = opt(0.0, "λ, the penalty's strength (0: no penalty, exactly the unregularised run)", lo=0.0)
+    fisher_batches: int = opt(16, "EWC: batches of data.general (micro_batch_size sequences each) for the Fisher, "
+                                  "cached beside the run", lo=1)
+    fisher_normalize: bool = opt(True, "EWC: divide F by its mean, so λ has the same scale as in L2-SP")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    anchor: AnchorConfig = field(default_factory=AnchorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
@@ -222,6 +239,16 @@ def _cross_checks(cfg: RunConfig) -> list[str]:
         errors.append(f"eval.labels: expected a list of strings, got {cfg.eval.labels!r}")
     if cfg.eval.task_file and len(cfg.eval.labels) < 2:
         errors.append("eval.labels: task accuracy needs at least two labels")
+    if not all(isinstance(x, str) and x for x in cfg.data.general):
+        errors.append(f"data.general: expected a list of data files, got {cfg.data.general!r}")
+    if cfg.data.mix_ratio > 0 and not cfg.data.general:
+        errors.append("data.mix_ratio: mixing needs general data in data.general (e.g. [builtin:lambada])")
+    if cfg.anchor.method == "ewc" and not cfg.data.general:
+        errors.append("anchor.method: ewc estimates its Fisher on data.general; set it (e.g. [builtin:lambada])")
+    if cfg.anchor.lam > 0 and cfg.anchor.method == "none":
+        errors.append(f"anchor.lam: {cfg.anchor.lam} has no effect with anchor.method none (choose l2sp or ewc)")
+    if cfg.optim.decay_toward == "theta0" and cfg.optim.weight_decay == 0:
+        errors.append("optim.decay_toward: theta0 needs optim.weight_decay > 0 to have any effect")
     if 0 < cfg.optim.lr < cfg.schedule.min_lr:
         errors.append(f"schedule.min_lr: {cfg.schedule.min_lr} is above optim.lr {cfg.optim.lr}")
     return errors

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -23,11 +23,13 @@ class TaskData:
     task_source: str
     stats: dict
     probes: ProbeSet | None = None
+    general: list[Example] = field(default_factory=list)  # data.general: mixing and the EWC Fisher
 
 
 def read_sources(cfg: RunConfig) -> dict[str, tuple[str, object]]:
     """Every data file the run needs, read and checked before the model is loaded."""
     named = {"train": cfg.data.train, "validation": cfg.data.validation, "task": cfg.eval.task_file}
+    named.update({f"general:{i}": spec for i, spec in enumerate(cfg.data.general)})
     return {role: (path, load_records(path)) for role, path in
             ((role, resolve_data_path(spec)) for role, spec in named.items() if spec)}
 
@@ -58,11 +60,25 @@ def load_task_data(cfg: RunConfig, tokenizer, sources: dict) -> TaskData:
     task_source, task = sources.get("task", ("", None))
     if task is not None:
         gold_labels(task, task_source, list(cfg.eval.labels))  # a bad task file fails before training starts
+    general = _general_examples(cfg, tokenizer, sources, stats)
     probes = None
     if cfg.eval.probes:
         probes = ProbeSet(list(cfg.eval.probes), tokenizer, cfg.eval.probe_items, cfg.eval.probe_code_items)
         print(f"[data] probes: {', '.join(f'{p.name} ({len(p.items)})' for p in probes.probes)}", flush=True)
-    return TaskData(train, val, task, task_source, stats, probes)
+    return TaskData(train, val, task, task_source, stats, probes, general)
+
+
+def _general_examples(cfg: RunConfig, tokenizer, sources: dict, stats: dict) -> list[Example]:
+    """data.general, every token carrying loss (it stands for the model's pre-training data)."""
+    general: list[Example] = []
+    as_text = replace(cfg.data, format="auto", loss_on="all")
+    for i in range(len(cfg.data.general)):
+        path, ds = sources[f"general:{i}"]
+        examples, general_stats = encode_dataset(ds, tokenizer, as_text, path)
+        print(f"[data] general {path}: {general_stats.line()}", flush=True)
+        stats.setdefault("general", []).append(asdict(general_stats))
+        general += examples
+    return general
 
 
 def task_accuracy(run, tag: str) -> dict:

@@ -24,8 +24,10 @@ import torch
 from tqdm import tqdm
 
 from fulltune import checkpoint
+from fulltune.anchors import Anchor, anchor_for_run
 from fulltune.config import RunConfig, save_config
 from fulltune.data.loader import StepSampler, collate, count_targets
+from fulltune.data.mixture import MixedSampler
 from fulltune.errors import Interrupted, UserError
 from fulltune.evals.forgetting import forgetting_report, headline, render_report
 from fulltune.loss import loss_sum
@@ -56,7 +58,13 @@ class Run:
     device: torch.device
     state: dict
     meter: PeakMeter
+    anchor: Anchor | None = None   # θ0 copy for L2-SP / EWC / decay toward θ0
     measured_steps: int = 0
+
+    def examples(self, indices: list[int]) -> list:
+        """Task examples, then general ones (index n_task + j) when data mixing is on."""
+        n = len(self.data.train)
+        return [self.data.train[i] if i < n else self.data.general[i - n] for i in indices]
 
 
 def check_run_dir(cfg: RunConfig) -> Path:
@@ -101,22 +109,25 @@ def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, s
     model.to(device)
     data = load_task_data(cfg, tokenizer, sources)
     sampler = StepSampler(len(data.train), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, cfg.train.seed)
+    if cfg.data.mix_ratio > 0:
+        sampler = MixedSampler(sampler, len(data.general), cfg.data.mix_ratio, cfg.train.seed)
     total = cfg.train.max_steps or math.ceil(sampler.steps_per_epoch * cfg.train.epochs)
     optimizer = build_optimizer(model, cfg.optim)
+    autocast = autocast_factory(precision, device)
+    meter.pause()  # θ0 evaluation (and EWC's Fisher) run at full speed; step 1 resumes measuring
+    anchor = anchor_for_run(cfg, run_dir, model, data.general, tokenizer.pad_token_id, autocast)  # before resume: θ0
     state = {"step": 0, "tokens_seen": 0, "target_tokens_seen": 0, "elapsed_s": 0.0, "results": {},
              "largest_micro_batch": {"rows": 0, "length": 0, "targets": 0}}
     if resume_from is not None:
         state = _resume(resume_from, run_dir, cfg, model, optimizer, sampler)
     if "memory" in state["results"] or (device.type == "cpu" and cfg.train.memory_steps == 0):
         meter.stop()  # measured before the resume, or not wanted
-    meter.pause()  # θ0 evaluation runs at full speed; the first training step resumes measuring
     start_run_dir(run_dir, cfg, fresh=resume_from is None)
     print(f"[train] device {device}, precision {precision}, {total} steps "
           f"({sampler.steps_per_epoch} per epoch, batch {cfg.train.micro_batch_size}×{cfg.train.grad_accum_steps}), "
           f"{len(optimizer.param_groups)} parameter groups", flush=True)
     return Run(cfg, run_dir, model, tokenizer, data, optimizer, sampler, total,
-               schedule_fn(cfg.schedule, cfg.optim.lr, total), autocast_factory(precision, device), precision, device, state,
-               meter)
+               schedule_fn(cfg.schedule, cfg.optim.lr, total), autocast, precision, device, state, meter, anchor)
 
 
 def _resume(path: Path, run_dir: Path, cfg: RunConfig, model, optimizer, sampler) -> dict:
@@ -139,8 +150,13 @@ def _trim_metrics(path: Path, step: int) -> None:
         path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 
-def train_step(model, optimizer, micro_batches: list[dict], autocast, grad_clip: float) -> tuple[float, float]:
-    """One optimiser step over micro-batches; returns (mean token loss, grad norm before clipping)."""
+def train_step(model, optimizer, micro_batches: list[dict], autocast, grad_clip: float,
+               anchor: Anchor | None = None) -> tuple[float, float]:
+    """One optimiser step over micro-batches; returns (mean token loss, grad norm before clipping).
+
+    With an anchor: its penalty's gradient joins the loss's before clipping, and decay toward θ0
+    is applied just before the optimiser's update (decoupled, as AdamW's own decay).
+    """
     n_targets = sum(count_targets(b) for b in micro_batches)
     total = 0.0
     for batch in micro_batches:
@@ -148,7 +164,11 @@ def train_step(model, optimizer, micro_batches: list[dict], autocast, grad_clip:
             s = loss_sum(model, batch)
         (s / n_targets).backward()
         total += s.item()
+    if anchor is not None:
+        anchor.last_penalty = anchor.add_penalty_grad()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    if anchor is not None:
+        anchor.decay_toward_theta0(optimizer)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total / n_targets, float(norm)
@@ -195,14 +215,14 @@ def _one_step(run: Run) -> dict:
         group["lr"] = group["initial_lr"] * run.lr_multiplier(step)
     lrs = lrs_by_name(run.optimizer)
     indices = run.sampler.next_step()
-    batches = [collate([run.data.train[i] for i in idx], run.tokenizer.pad_token_id, run.device) for idx in indices]
+    batches = [collate(run.examples(idx), run.tokenizer.pad_token_id, run.device) for idx in indices]
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     targets = sum(count_targets(b) for b in batches)
     if run.meter.active:
         _track_largest(run.state, batches)
     t0 = time.perf_counter()
     with run.meter.section("train"):
-        loss, norm = train_step(run.model, run.optimizer, batches, run.autocast, run.cfg.optim.grad_clip)
+        loss, norm = train_step(run.model, run.optimizer, batches, run.autocast, run.cfg.optim.grad_clip, run.anchor)
     dt = time.perf_counter() - t0
     run.measured_steps += int(run.meter.active)
     if run.meter.device_type == "cpu" and run.meter.active and run.measured_steps >= run.cfg.train.memory_steps:
@@ -212,9 +232,18 @@ def _one_step(run: Run) -> dict:
     s = run.state
     s["step"], s["tokens_seen"], s["target_tokens_seen"] = step + 1, s["tokens_seen"] + tokens, s["target_tokens_seen"] + targets
     s["elapsed_s"] += dt
-    return {"step": step + 1, "epoch": run.sampler.epoch, "loss": loss, "lr": lrs, "grad_norm": norm,
-            "tokens_seen": s["tokens_seen"], "target_tokens_seen": s["target_tokens_seen"],
-            "tokens_per_s": tokens / dt, "elapsed_s": s["elapsed_s"]}
+    rec = {"step": step + 1, "epoch": run.sampler.epoch, "loss": loss, "lr": lrs, "grad_norm": norm,
+           "tokens_seen": s["tokens_seen"], "target_tokens_seen": s["target_tokens_seen"],
+           "tokens_per_s": tokens / dt, "elapsed_s": s["elapsed_s"]}
+    if isinstance(run.sampler, MixedSampler):
+        general = [e for idx in indices for e in run.examples(i for i in idx if i >= len(run.data.train))]
+        s["general_sequences"] = s.get("general_sequences", 0) + len(general)
+        s["general_target_tokens"] = s.get("general_target_tokens", 0) + sum(sum(e.target_mask[1:]) for e in general)
+    if run.anchor is not None:
+        rec["theta0_distance"] = run.anchor.distance()  # after the update
+        if run.anchor.lam:
+            rec["penalty"] = run.anchor.last_penalty
+    return rec
 
 
 class StopRequest:
@@ -291,6 +320,14 @@ def finish(run: Run) -> dict:
         report_task(results)
     if run.data.probes is not None:
         _finish_probes(run, results)
+    if isinstance(run.sampler, MixedSampler):
+        st = run.state
+        results["mixing"] = {"task_sequences": run.sampler.task_seen, "general_sequences": run.sampler.general_seen,
+                             "general_share": run.sampler.general_seen / max(1, run.sampler.task_seen + run.sampler.general_seen),
+                             "general_target_token_share": st.get("general_target_tokens", 0) / max(1, st["target_tokens_seen"])}
+        print(f"[data] mixing: {run.sampler.general_seen} general sequences of "
+              f"{run.sampler.task_seen + run.sampler.general_seen} ({100 * results['mixing']['general_share']:.1f}%), "
+              f"{100 * results['mixing']['general_target_token_share']:.1f}% of the loss tokens", flush=True)
     results.update(steps=run.state["step"], tokens_seen=run.state["tokens_seen"],
                    target_tokens_seen=run.state["target_tokens_seen"], train_time_s=run.state["elapsed_s"],
                    data=run.data.stats)
@@ -304,7 +341,8 @@ def _close_memory_check(run: Run) -> None:
     run.meter.stop()
     if was_active and run.state["largest_micro_batch"]["rows"] and run.meter.sections.get("train"):
         run.state["results"]["memory"] = memory_compare(run.model, run.cfg, run.precision, run.meter,
-                                                        run.state["largest_micro_batch"])
+                                                        run.state["largest_micro_batch"],
+                                                        run.anchor.nbytes if run.anchor else 0)
         print(memory_line(run.state["results"]["memory"]), flush=True)
 
 

@@ -19,6 +19,7 @@ GB = 1e9
 PRECISIONS = ("amp", "mixed", "bf16", "fp32")
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "sgd-momentum", "adafactor")
 METHODS = ("full", "lora", "qlora")
+ANCHORS = ("none", "l2sp", "ewc")  # θ0 copy (L2-SP, decay toward θ0); θ0 + Fisher (EWC)
 CUDA_CONTEXT = 0.5 * GB  # 287–667 MB measured by PyTorch (PR #86509); 0.5 GB as a round middle
 
 
@@ -36,9 +37,11 @@ class TrainSetup:
     lora_rank: int = 16
     loss_fraction: float = 1.0      # share of positions with loss; fulltune runs the LM head only there
     device: str = "cuda"
+    anchor: str = "none"            # regularisation toward θ0 keeps θ0 (and EWC's F) beside the weights
 
     def __post_init__(self):
         assert self.precision in PRECISIONS and self.optimizer in OPTIMIZERS and self.method in METHODS
+        assert self.anchor in ANCHORS
         assert 0 <= self.zero_stage <= 3 and self.gpus >= 1 and 0 < self.loss_fraction <= 1
 
 
@@ -165,6 +168,12 @@ def state_terms(spec: ModelSpec, s: TrainSetup) -> list[Term]:
         terms.append(Term("master weights", mb * n / o_div, f"fp32 copy in the optimiser{zero if o_div > 1 else ''}", "states"))
     opt = optimizer_state_bytes(spec, s.optimizer, s.precision)
     terms.append(Term("optimizer state", opt / o_div, f"{s.optimizer}: {opt / n:.2f} B/param{zero if o_div > 1 else ''}", "states"))
+    if s.anchor != "none":
+        copies = 2 if s.anchor == "ewc" else 1
+        ab = 2 if s.precision == "bf16" else 4  # θ0 in the dtype of the weights the update applies to (fp32 master)
+        what = "θ0 copy + diagonal Fisher" if copies == 2 else "frozen θ0 copy"
+        terms.append(Term("θ0 anchor", copies * ab * n / o_div, f"{s.anchor}: {what}, {copies * ab} B/param"
+                          f"{zero if o_div > 1 else ''}", "states"))
     if s.zero_stage == 3 and g > 1:
         terms.append(Term("gathered layer", 2 * wb * spec.largest_layer_params, "ZeRO-3: current + prefetched layer unsharded", "transient"))
     if s.precision == "amp":

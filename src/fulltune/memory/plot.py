@@ -14,7 +14,7 @@ DEFAULT_SETUPS = (
     ("QLoRA 7B", "llama-7b", TrainSetup(method="qlora", activation_checkpointing=True)),
     ("QLoRA 70B", "llama-70b", TrainSetup(method="qlora", activation_checkpointing=True)),
 )
-ORDER = ("weights", "gradients", "master weights", "optimizer state", "bf16 weight copies", "gathered layer",
+ORDER = ("weights", "gradients", "master weights", "optimizer state", "θ0 anchor", "bf16 weight copies", "gathered layer",
          "activations", "logits + loss", "CUDA context")
 
 

@@ -86,7 +86,7 @@ def run_memory_command(args) -> None:
     setup = TrainSetup(micro_batch=args.batch, seq_len=args.seq, precision=args.precision, optimizer=args.optimizer,
                        fp32_grads=args.fp32_grads, activation_checkpointing=args.checkpointing, gpus=args.gpus,
                        zero_stage=args.zero, method=args.method, lora_rank=args.rank,
-                       loss_fraction=args.loss_fraction, device=args.device)
+                       loss_fraction=args.loss_fraction, device=args.device, anchor=args.anchor)
     est = estimate(spec, setup)
     print(breakdown(est))
     print(fits_line(est, args.gpu))

@@ -11,16 +11,17 @@ def run_setup(cfg, precision: str, device_type: str, rows: int, length: int, tar
     optimizer = cfg.optim.name
     if optimizer == "sgd" and cfg.optim.momentum > 0:
         optimizer = "sgd-momentum"
+    anchor = cfg.anchor.method if cfg.anchor.method != "none" else ("l2sp" if cfg.optim.decay_toward == "theta0" else "none")
     return TrainSetup(micro_batch=rows, seq_len=length, precision="amp" if precision == "bf16-mixed" else "fp32",
                       optimizer=optimizer, activation_checkpointing=cfg.model.activation_checkpointing,
-                      loss_fraction=max(targets, 1) / (rows * length), device=device_type)
+                      loss_fraction=max(targets, 1) / (rows * length), device=device_type, anchor=anchor)
 
 
 def predicted(model, setup: TrainSetup):
     return estimate(spec_from_config(model.config, getattr(model.config, "_name_or_path", "") or "model"), setup)
 
 
-def compare(model, cfg, precision: str, meter, largest: dict) -> dict:
+def compare(model, cfg, precision: str, meter, largest: dict, anchor_bytes: int = 0) -> dict:
     """Predicted vs measured peak for the largest micro-batch the run trained on."""
     setup = run_setup(cfg, precision, meter.device_type, largest["rows"], largest["length"], largest["targets"])
     est = predicted(model, setup)
@@ -30,10 +31,12 @@ def compare(model, cfg, precision: str, meter, largest: dict) -> dict:
     if meter.device_type == "cpu" and meter.pre_train is not None:
         # Above the RSS just before step 1, plus the fp32 weights already resident then (exact bytes):
         # evaluation run before training leaves caches and heap history that are not training memory.
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        # The θ0 copy (and EWC's Fisher) are resident before step 1 too: counted the same way.
+        weights = sum(p.numel() * p.element_size() for p in model.parameters()) + anchor_bytes
         measured = meter.sections["train"] - meter.pre_train + weights
         how = ("peak RSS over the measured training steps minus RSS just before step 1, "
-               f"plus the {weights / GB:.2f} GB of weights resident then (2 ms sampling, glibc freeing at once)")
+               f"plus the {weights / GB:.2f} GB of weights{' and θ0 anchor' if anchor_bytes else ''} resident then "
+               "(2 ms sampling, glibc freeing at once)")
     peak = est.peak - est.get("CUDA context")  # the allocator's figures never include the context
     result = {"predicted_peak_gb": peak / GB, "measured_peak_gb": measured / GB,
               "error_pct": 100 * (peak - measured) / measured if measured > 0 else None,
