@@ -179,3 +179,24 @@ def test_run_measures_its_first_steps_then_relaxes(tiny_dir, chat_file, tmp_path
         "train.max_steps": 2, "train.memory_steps": 0})))
     assert run.measured_steps == 0
     assert "memory" not in json.loads((tmp_path / "b" / "results.json").read_text())
+
+
+def test_accumulation_keeps_gradients_alive_in_later_micro_batches():
+    spec = load_spec("smollm2-135m")
+    one = estimate(spec, TrainSetup(micro_batch=8, seq_len=128, device="cpu"))
+    later = estimate(spec, TrainSetup(micro_batch=8, seq_len=128, device="cpu", grad_accum=2))
+    assert later.peak - one.peak == pytest.approx(later.get("gradients"))
+    assert "accumulated gradients" in later.peak_when
+
+
+def test_memory_check_picks_the_micro_batch_with_the_highest_predicted_peak(tiny_dir):
+    from fulltune.config import ModelConfig, load_config
+    from fulltune.memory.runcheck import heaviest
+    from fulltune.model import load_theta0
+    model, _, _ = load_theta0(ModelConfig(path=str(tiny_dir)), verbose=False)
+    cfg = load_config(None)
+    wide = {"rows": 8, "length": 40, "targets": 8, "grads_alive": False}
+    dense = {"rows": 8, "length": 38, "targets": 8 * 38, "grads_alive": False}   # fewer tokens, all with loss
+    later = {**wide, "grads_alive": True}
+    assert heaviest(model, cfg, "fp32", "cpu", {"rows": 0}, [wide, dense]) == dense
+    assert heaviest(model, cfg, "fp32", "cpu", {"rows": 0}, [wide, later]) == later

@@ -33,6 +33,7 @@ from fulltune.evals.forgetting import forgetting_report, headline, render_report
 from fulltune.loss import loss_sum
 from fulltune.memory.measure import PeakMeter
 from fulltune.memory.runcheck import compare as memory_compare
+from fulltune.memory.runcheck import heaviest
 from fulltune.memory.runcheck import line as memory_line
 from fulltune.model import load_theta0
 from fulltune.optim.param_groups import build_optimizer, lrs_by_name
@@ -201,12 +202,12 @@ def _save(run: Run) -> Path:
                                       run.state, run.cfg.train.keep_checkpoints)
 
 
-def _track_largest(state: dict, batches: list[dict]) -> None:
-    """The biggest micro-batch so far (rows × padded length): what the memory estimate is for."""
-    for b in batches:
-        rows, length = b["input_ids"].shape
-        if rows * length > state["largest_micro_batch"]["rows"] * state["largest_micro_batch"]["length"]:
-            state["largest_micro_batch"] = {"rows": rows, "length": length, "targets": count_targets(b)}
+def _track_largest(run: Run, batches: list[dict]) -> None:
+    """The micro-batch with the highest predicted peak so far: what the memory check compares against."""
+    candidates = [{"rows": b["input_ids"].shape[0], "length": b["input_ids"].shape[1], "targets": count_targets(b),
+                   "grads_alive": i > 0} for i, b in enumerate(batches)]
+    run.state["largest_micro_batch"] = heaviest(run.model, run.cfg, run.precision, run.meter.device_type,
+                                                run.state["largest_micro_batch"], candidates)
 
 
 def _one_step(run: Run) -> dict:
@@ -219,7 +220,7 @@ def _one_step(run: Run) -> dict:
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     targets = sum(count_targets(b) for b in batches)
     if run.meter.active:
-        _track_largest(run.state, batches)
+        _track_largest(run, batches)
     t0 = time.perf_counter()
     with run.meter.section("train"):
         loss, norm = train_step(run.model, run.optimizer, batches, run.autocast, run.cfg.optim.grad_clip, run.anchor)

@@ -38,10 +38,11 @@ class TrainSetup:
     loss_fraction: float = 1.0      # share of positions with loss; fulltune runs the LM head only there
     device: str = "cuda"
     anchor: str = "none"            # regularisation toward θ0 keeps θ0 (and EWC's F) beside the weights
+    grad_accum: int = 1             # micro-batches per step: after the first, every gradient is alive
 
     def __post_init__(self):
         assert self.precision in PRECISIONS and self.optimizer in OPTIMIZERS and self.method in METHODS
-        assert self.anchor in ANCHORS
+        assert self.anchor in ANCHORS and self.grad_accum >= 1
         assert 0 <= self.zero_stage <= 3 and self.gpus >= 1 and 0 < self.loss_fraction <= 1
 
 
@@ -210,9 +211,13 @@ def estimate(spec: ModelSpec, s: TrainSetup) -> Estimate:
     transient = sum(t.bytes for t in est.terms if t.group == "transient")
     # The head's gradient (V×h) appears first in backward, while all activations are still saved.
     head_grad = grad_bytes(s.precision, s.fp32_grads) * spec.vocab * spec.hidden if s.method == "full" else 0
-    start = states + transient + head_grad / _sharded(s.zero_stage, 2, s.gpus)
+    # With accumulation, the second and later micro-batches run forward/backward with the
+    # accumulated gradients alive (they are freed only after the optimiser step).
+    alive = grads if s.grad_accum > 1 else 0.0
+    start = states + transient + head_grad / _sharded(s.zero_stage, 2, s.gpus) + alive
     end = states + grads + est.get("gathered layer")
-    est.peak, est.peak_when = (start, "start of backward") if start >= end else (end, "end of backward")
+    when = "start of backward" + (", with the accumulated gradients" if alive else "")
+    est.peak, est.peak_when = (start, when) if start >= end else (end, "end of backward")
     return est
 
 

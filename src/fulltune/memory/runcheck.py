@@ -2,28 +2,53 @@
 
 from __future__ import annotations
 
+import functools
+import json
+
 from fulltune.memory.estimate import GB, TrainSetup, estimate
 from fulltune.memory.spec import spec_from_config
 
 
-def run_setup(cfg, precision: str, device_type: str, rows: int, length: int, targets: int) -> TrainSetup:
-    """The TrainSetup of a fulltune run for a micro-batch of rows × length with `targets` loss positions."""
+def run_setup(cfg, precision: str, device_type: str, rows: int, length: int, targets: int,
+              grads_alive: bool = False) -> TrainSetup:
+    """The TrainSetup of a fulltune run for a micro-batch of rows × length with `targets` loss positions
+    (`grads_alive`: not the step's first micro-batch, so the accumulated gradients exist)."""
     optimizer = cfg.optim.name
     if optimizer == "sgd" and cfg.optim.momentum > 0:
         optimizer = "sgd-momentum"
     anchor = cfg.anchor.method if cfg.anchor.method != "none" else ("l2sp" if cfg.optim.decay_toward == "theta0" else "none")
     return TrainSetup(micro_batch=rows, seq_len=length, precision="amp" if precision == "bf16-mixed" else "fp32",
                       optimizer=optimizer, activation_checkpointing=cfg.model.activation_checkpointing,
-                      loss_fraction=max(targets, 1) / (rows * length), device=device_type, anchor=anchor)
+                      loss_fraction=max(targets, 1) / (rows * length), device=device_type, anchor=anchor,
+                      grad_accum=2 if grads_alive else 1)
 
 
 def predicted(model, setup: TrainSetup):
-    return estimate(spec_from_config(model.config, getattr(model.config, "_name_or_path", "") or "model"), setup)
+    return estimate(_spec(model.config.to_json_string(), getattr(model.config, "_name_or_path", "") or "model"), setup)
+
+
+@functools.lru_cache(maxsize=4)
+def _spec(config_json: str, name: str):
+    from transformers import AutoConfig
+    config = AutoConfig.for_model(**json.loads(config_json))
+    return spec_from_config(config, name)
+
+
+def heaviest(model, cfg, precision: str, device_type: str, current: dict, candidates: list[dict]) -> dict:
+    """The micro-batch with the highest predicted peak so far: rows × length alone is not enough, since
+    the logits scale with the loss positions and later micro-batches of a step carry the gradients."""
+    def peak(c):
+        if not c.get("rows"):
+            return -1.0
+        return predicted(model, run_setup(cfg, precision, device_type, c["rows"], c["length"], c["targets"],
+                                          c.get("grads_alive", False))).peak
+    return max([current, *candidates], key=peak)
 
 
 def compare(model, cfg, precision: str, meter, largest: dict, anchor_bytes: int = 0) -> dict:
-    """Predicted vs measured peak for the largest micro-batch the run trained on."""
-    setup = run_setup(cfg, precision, meter.device_type, largest["rows"], largest["length"], largest["targets"])
+    """Predicted vs measured peak for the largest micro-batch the run trained on (highest predicted peak)."""
+    setup = run_setup(cfg, precision, meter.device_type, largest["rows"], largest["length"], largest["targets"],
+                      largest.get("grads_alive", False))
     est = predicted(model, setup)
     measured = meter.above_baseline("train")
     how = ("CUDA max_memory_allocated during training steps" if meter.device_type == "cuda" else
@@ -51,6 +76,7 @@ def compare(model, cfg, precision: str, meter, largest: dict, anchor_bytes: int 
 def line(result: dict) -> str:
     err = result["error_pct"]
     lb = result["largest_micro_batch"]
-    return (f"[memory] peak for the largest micro-batch ({lb['rows']} × {lb['length']} tokens): predicted "
+    alive = ", after an earlier micro-batch of its step: gradients alive" if lb.get("grads_alive") else ""
+    return (f"[memory] peak for the largest micro-batch ({lb['rows']} × {lb['length']} tokens{alive}): predicted "
             f"{result['predicted_peak_gb']:.2f} GB, measured {result['measured_peak_gb']:.2f} GB"
             + (f" ({err:+.1f}%)" if err is not None else ""))
