@@ -44,6 +44,18 @@ def command(name: str) -> list[str]:
     return ["fulltune", "train", "configs/quickstart.yaml", *BASE, *ROWS[name], f"train.output_dir=runs/study/{name}"]
 
 
+def distance_from_theta0(final: Path) -> float:
+    """‖θ − θ0‖₂ over every parameter, from the saved weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from fulltune.assets import ensure_model
+    theta0 = load_file(str(ensure_model() / "model.safetensors"))
+    tuned = load_file(str(final / "model.safetensors"))
+    assert theta0.keys() == tuned.keys()
+    return sum(float(torch.sum((tuned[k].double() - theta0[k].double()) ** 2)) for k in tuned) ** 0.5
+
+
 def run_row(name: str) -> dict:
     results = OUT / name / "results.json"
     if not results.is_file():
@@ -56,6 +68,7 @@ def run_row(name: str) -> dict:
     wall = (OUT / name / "wall_s.txt").read_text().strip() if (OUT / name / "wall_s.txt").is_file() else "?"
     return {"name": name, "task": r["task_accuracy_final"]["accuracy"], "task0": r["task_accuracy_theta0"]["accuracy"],
             "probes": r["probes_final"], "probes0": r["probes_theta0"], "train_s": r["train_time_s"], "wall_s": wall,
+            "distance": distance_from_theta0(OUT / name / "final"),
             "cmd": shlex.join(command(name))}
 
 
@@ -71,17 +84,19 @@ def run_wise(base: str = "baseline") -> list[dict]:
     shutil.copy(out / "interpolate.png", ROOT / "docs" / "forgetting_wise.png")
     rows = json.loads((out / "interpolate.json").read_text())["rows"]
     wall = (out / "wall_s.txt").read_text().strip()
+    full = distance_from_theta0(OUT / base / "final")
     return [{"name": f"WiSE-FT α={r['alpha']:g} ({base})", "task": r["task"]["accuracy"], "probes": r["probes"],
+             "distance": r["alpha"] * full,
              "train_s": None, "wall_s": f"{wall} for {len(rows)} α" if i == 0 else "″", "cmd": shlex.join(cmd) if i == 0 else ""}
             for i, r in enumerate(rows)]
 
 
 def table(rows: list[dict], theta0: dict) -> str:
-    head = "| run | task acc | ARC-Easy | PIQA | SciQ | mean MC Δ | HumanEval NLL | MBPP NLL | train s | wall s |"
-    lines = [head, "| --- |" + " ---: |" * 9]
+    head = "| run | task acc | ARC-Easy | PIQA | SciQ | mean MC Δ | HumanEval NLL | MBPP NLL | ‖θ−θ0‖ | train s | wall s |"
+    lines = [head, "| --- |" + " ---: |" * 10]
     t0 = theta0
     lines.append(f"| θ0 | {100 * t0['task']:.1f}% | " + " | ".join(f"{100 * t0['probes'][p]['acc']:.0f}%" for p in MC)
-                 + " | – | " + " | ".join(f"{t0['probes'][p]['nll_per_token']:.3f}" for p in CODE) + " | – | – |")
+                 + " | – | " + " | ".join(f"{t0['probes'][p]['nll_per_token']:.3f}" for p in CODE) + " | 0 | – | – |")
     for r in rows:
         mc_delta = sum(r["probes"][p]["acc"] - t0["probes"][p]["acc"] for p in MC) / len(MC)
         train = f"{r['train_s']:.0f}" if r["train_s"] is not None else "–"
@@ -89,7 +104,7 @@ def table(rows: list[dict], theta0: dict) -> str:
                      + " | ".join(f"{100 * r['probes'][p]['acc']:.0f}%" for p in MC)
                      + f" | {100 * mc_delta:+.1f} | "
                      + " | ".join(f"{r['probes'][p]['nll_per_token']:.3f}" for p in CODE)
-                     + f" | {train} | {r['wall_s']} |")
+                     + f" | {r['distance']:.1f} | {train} | {r['wall_s']} |")
     return "\n".join(lines)
 
 

@@ -93,7 +93,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_dir, tmp_path):
         time.sleep(0.2)
     assert metrics.exists(), "training never started"
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=600)
     assert proc.returncode == 130, err
     assert "continue with train.resume=auto" in err and "Traceback" not in err
     saved = sorted((tmp_path / "run" / "checkpoints").iterdir())
