@@ -179,11 +179,11 @@ def test_ewc_pulls_harder_where_fisher_is_large():
     def ones(model):
         return [torch.ones_like(p) for p in model.parameters()]
 
-    def heavy_embed(model):
+    def heavy_some(model):  # F = 100 on the embedding and the 64-row MLP matrices, 1 elsewhere
         return [torch.full_like(p, 100.0 if p.ndim == 2 and p.shape[0] == 64 else 1.0) for p in model.parameters()]
 
     assert _train_toward(5.0, ones) == pytest.approx(_train_toward(5.0), rel=1e-6)
-    assert _train_toward(5.0, heavy_embed) < _train_toward(5.0, ones)
+    assert _train_toward(5.0, heavy_some) < _train_toward(5.0, ones)
 
 
 def test_ewc_run_caches_the_fisher_and_reuses_it(tiny_dir, tmp_path, capsys):
@@ -218,6 +218,19 @@ def test_decay_toward_theta0_is_the_decoupled_pull():
     for p, b, p0 in zip(model.parameters(), before, anchor.theta0):
         expected = b - 0.1 * 0.5 * (b - p0) if p.ndim >= 2 else b  # no decay on norms and biases
         torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-6)
+
+
+def test_missing_general_file_is_one_clear_error_before_the_model_loads(tiny_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(8))
+    missing = tmp_path / "nope.jsonl"
+    args = ["train", str(tmp_path / "none.yaml")]
+    (tmp_path / "none.yaml").write_text("{}\n")
+    code = main(args + tiny_overrides(tiny_dir, data, tmp_path / "r", **{
+        "data.general": f"[{missing}]", "data.mix_ratio": 0.1}))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"data file not found: {missing}" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()  # nothing written for a run that never started
 
 
 def test_mitigation_config_errors_name_the_key():

@@ -93,6 +93,8 @@ def run_interpolate_command(args) -> None:
     from fulltune.runtime import autocast_factory, pick_device, resolve_precision
 
     alphas = parse_alphas(args.alphas)
+    if (args.items is not None and args.items < 1) or (args.code_items is not None and args.code_items < 1):
+        raise UserError("--items and --code-items must be ≥ 1")
     task_file, labels, probe_names, items, code_items, batch = _settings(args)
     task_path = resolve_data_path(task_file) if task_file else ""
     records = load_records(task_path) if task_file else None

@@ -31,7 +31,7 @@ from fulltune.data.mixture import MixedSampler
 from fulltune.errors import Interrupted, UserError
 from fulltune.evals.forgetting import forgetting_report, headline, render_report
 from fulltune.loss import loss_sum
-from fulltune.memory.measure import PeakMeter
+from fulltune.memory.measure import PeakMeter, make_resident
 from fulltune.memory.runcheck import compare as memory_compare
 from fulltune.memory.runcheck import heaviest
 from fulltune.memory.runcheck import line as memory_line
@@ -108,7 +108,7 @@ def setup(cfg: RunConfig) -> Run:
 def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, sources, meter: PeakMeter) -> Run:
     model, tokenizer, _ = load_theta0(cfg.model)
     model.to(device)
-    _fault_in(model)
+    make_resident(model)  # the CPU memory check counts the weights as resident before step 1
     data = load_task_data(cfg, tokenizer, sources)
     sampler = StepSampler(len(data.train), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, cfg.train.seed)
     if cfg.data.mix_ratio > 0:
@@ -130,15 +130,6 @@ def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, s
           f"{len(optimizer.param_groups)} parameter groups", flush=True)
     return Run(cfg, run_dir, model, tokenizer, data, optimizer, sampler, total,
                schedule_fn(cfg.schedule, cfg.optim.lr, total), autocast, precision, device, state, meter, anchor)
-
-
-@torch.no_grad()
-def _fault_in(model: torch.nn.Module) -> None:
-    """Read every weight once. safetensors weights can be file mappings that become resident only when
-    first touched; the CPU memory check counts the weights as resident before step 1 (measured:
-    without this, an fp32 run with no evaluation before training over-measured by the 0.54 GB of weights)."""
-    for p in model.parameters():
-        p.sum()
 
 
 def _resume(path: Path, run_dir: Path, cfg: RunConfig, model, optimizer, sampler) -> dict:
@@ -247,8 +238,7 @@ def _one_step(run: Run) -> dict:
            "tokens_seen": s["tokens_seen"], "target_tokens_seen": s["target_tokens_seen"],
            "tokens_per_s": tokens / dt, "elapsed_s": s["elapsed_s"]}
     if isinstance(run.sampler, MixedSampler):
-        general = [e for idx in indices for e in run.examples(i for i in idx if i >= len(run.data.train))]
-        s["general_sequences"] = s.get("general_sequences", 0) + len(general)
+        general = run.examples([i for idx in indices for i in idx if i >= len(run.data.train)])
         s["general_target_tokens"] = s.get("general_target_tokens", 0) + sum(sum(e.target_mask[1:]) for e in general)
     if run.anchor is not None:
         rec["theta0_distance"] = run.anchor.distance()  # after the update

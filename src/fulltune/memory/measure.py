@@ -51,6 +51,17 @@ def relax_malloc() -> None:
     _mallopt(RELAXED_MMAP_THRESHOLD, RELAXED_TRIM_THRESHOLD)
 
 
+def make_resident(model) -> None:
+    """Read every weight once. safetensors weights can be file mappings that become resident only when
+    first touched; the CPU memory check (runcheck) counts the weights as resident before step 1.
+    Measured without it: an fp32 run with no evaluation before training over-measured by the 0.54 GB
+    of SmolLM2-135M's weights (3.53 GB vs 3.01 with it)."""
+    import torch
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sum()
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * PAGE
