@@ -11,6 +11,10 @@ in the parameters' dtype (4 B/param in fp32); EWC keeps F beside it (another 4 B
 
 F is the diagonal empirical Fisher at θ0: the mean over general sequences of the squared gradient
 of each sequence's mean token NLL, computed one sequence at a time.
+
+Under FSDP2 every tensor here is this rank's shard of it (θ0, F, the penalty's terms), sums are
+taken over ranks, and for the Fisher every rank runs the same sequence so that the averaged,
+reduce-scattered gradient is that sequence's own.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from fulltune import distributed as D
 from fulltune.data.loader import collate, count_targets
 from fulltune.loss import loss_sum
 
@@ -32,9 +37,9 @@ class Anchor:
 
     def __init__(self, model: torch.nn.Module, lam: float = 0.0, fisher: list[torch.Tensor] | None = None):
         self.params = list(model.parameters())  # a tied tensor is listed once
-        self.theta0 = [p.detach().clone() for p in self.params]
+        self.theta0 = [D.local(p.detach()).clone() for p in self.params]  # this rank's shard under FSDP2
         self.lam, self.fisher = lam, fisher
-        assert fisher is None or [f.shape for f in fisher] == [p.shape for p in self.params]
+        assert fisher is None or [f.shape for f in fisher] == [t.shape for t in self.theta0]
         self._theta0_of = {id(p): t for p, t in zip(self.params, self.theta0)}
         self.last_penalty = 0.0
 
@@ -51,11 +56,12 @@ class Anchor:
         penalty = 0.0
         for i, (p, p0) in enumerate(zip(self.params, self.theta0)):
             assert p.grad is not None, "every parameter has a gradient after backward in full fine-tuning"
-            d = p.detach() - p0
+            d = D.local(p.detach()) - p0
             weighted = d * self.fisher[i] if self.fisher is not None else d
             penalty += float(torch.dot(d.flatten(), weighted.flatten()))
-            p.grad.add_(weighted.to(p.grad.dtype), alpha=self.lam)
-        return 0.5 * self.lam * penalty
+            grad = D.local(p.grad)
+            grad.add_(weighted.to(grad.dtype), alpha=self.lam)
+        return 0.5 * self.lam * D.all_sum([penalty])[0]
 
     @torch.no_grad()
     def decay_toward_theta0(self, optimizer: torch.optim.Optimizer) -> None:
@@ -64,30 +70,33 @@ class Anchor:
             rate = group["lr"] * group.get("decay_to_theta0", 0.0)
             if rate:
                 for p in group["params"]:
-                    p.lerp_(self._theta0_of[id(p)], rate)
+                    D.local(p).lerp_(self._theta0_of[id(p)], rate)
 
     @torch.no_grad()
     def distance(self) -> float:
         """‖θ − θ0‖₂ over every parameter."""
-        return sum(float(torch.sum((p.detach() - p0) ** 2)) for p, p0 in zip(self.params, self.theta0)) ** 0.5
+        mine = sum(float(torch.sum((D.local(p.detach()) - p0) ** 2)) for p, p0 in zip(self.params, self.theta0))
+        return D.all_sum([mine])[0] ** 0.5
 
 
 def estimate_fisher(model: torch.nn.Module, examples: list, pad_id: int, autocast, progress: bool = False
                     ) -> list[torch.Tensor]:
     """Diagonal empirical Fisher: mean over `examples` of (∂ mean-token-NLL / ∂θ)², one sequence at a time."""
     params = list(model.parameters())
-    fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    fisher = [torch.zeros_like(D.local(p.detach()), dtype=torch.float32) for p in params]
     was_training = model.training
     model.eval()  # no dropout: the Fisher of θ0 itself
-    device = params[0].device
+    model.zero_grad(set_to_none=True)
+    device = D.local(params[0]).device
     for ex in tqdm(examples, desc="EWC Fisher", disable=not progress, dynamic_ncols=True):
         batch = collate([ex], pad_id, device)
         with autocast():
             loss = loss_sum(model, batch) / count_targets(batch)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        for f, g in zip(fisher, grads):
-            if g is not None:
-                f.add_(g.float() ** 2)
+        loss.backward()  # through FSDP2's hooks: the same sequence on every rank, gradients averaged
+        for f, p in zip(fisher, params):
+            if p.grad is not None:
+                f.add_(D.local(p.grad).float() ** 2)
+        model.zero_grad(set_to_none=True)
     model.train(was_training)
     return [f / len(examples) for f in fisher]
 
@@ -120,8 +129,7 @@ def cached_fisher(path: Path, key: dict, compute) -> tuple[list[torch.Tensor], b
 
 def normalise(fisher: list[torch.Tensor]) -> list[torch.Tensor]:
     """F / mean(F) over every element, so λ means the same as in L2-SP for an average parameter."""
-    total = sum(float(f.double().sum()) for f in fisher)
-    count = sum(f.numel() for f in fisher)
+    total, count = D.all_sum([sum(float(f.double().sum()) for f in fisher), sum(f.numel() for f in fisher)])
     mean = total / count
     assert mean > 0, "the Fisher is all zeros: no gradient reached the parameters"
     return [f / mean for f in fisher]
@@ -139,11 +147,12 @@ def anchor_for_run(cfg, run_dir: Path, model: torch.nn.Module, general: list, pa
                "max_seq_len": cfg.data.max_seq_len, "seed": cfg.train.seed, "dtype": str(next(model.parameters()).dtype)}
         run_dir.mkdir(parents=True, exist_ok=True)
         seqs = fisher_sequences(general, n, cfg.train.seed)
-        fisher, reused = cached_fisher(run_dir / "fisher.safetensors", key,
+        name = "fisher.safetensors" if D.world_size() == 1 else f"fisher-rank{D.rank()}-of-{D.world_size()}.safetensors"
+        fisher, reused = cached_fisher(run_dir / name, key,
                                        lambda: estimate_fisher(model, seqs, pad_id, autocast, cfg.train.progress))
         print(f"[anchor] EWC Fisher from {len(seqs)} general sequences "
-              f"({'reused ' if reused else 'computed, cached in '}{run_dir / 'fisher.safetensors'})", flush=True)
-        device = next(model.parameters()).device
+              f"({'reused ' if reused else 'computed, cached in '}{run_dir / name})", flush=True)
+        device = D.local(next(model.parameters())).device
         fisher = [f.to(device) for f in (normalise(fisher) if a.fisher_normalize else fisher)]
     anchor = Anchor(model, a.lam if a.method != "none" else 0.0, fisher)
     print(f"[anchor] {a.method if a.method != 'none' else 'decay toward θ0'} λ={a.lam:g}: θ0 copy"

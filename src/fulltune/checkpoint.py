@@ -4,6 +4,10 @@ A checkpoint is written into a temporary directory and renamed into place, so a 
 either the old set of checkpoints or the new one, never half a checkpoint. It holds the fp32
 weights (safetensors), the optimiser state (torch.save, loaded with weights_only=True), the
 trainer state (step, sampler position, counters) and the RNG states.
+
+A sharded run (FSDP2, several ranks) writes weights and optimiser state with
+torch.distributed.checkpoint instead (`dcp/`: each rank its own shard, keyed by parameter name, so
+no rank gathers the model); either kind resumes on any number of ranks.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 import yaml
 from safetensors.torch import load_model, save_model
 
+from fulltune import distributed as D
 from fulltune.atomic import write_dir_atomically
 from fulltune.errors import UserError
 
@@ -47,10 +52,32 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         shutil.copy(run_dir / "config.yaml", tmp / "config.yaml")
-    write_dir_atomically(final, write)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old)
+    if D.world_size() > 1:
+        if D.is_main():
+            write_dir_atomically(final, lambda tmp: _write_sharded(tmp, run_dir, model, optimizer, trainer_state))
+        else:
+            _write_sharded(None, run_dir, model, optimizer, trainer_state)
+    else:
+        write_dir_atomically(final, write)
+    if D.is_main():
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old)
+    D.barrier()  # no rank goes on before the checkpoint is in place
     return final
+
+
+def _write_sharded(tmp: Path | None, run_dir: Path, model, optimizer, trainer_state: dict) -> None:
+    """Every rank writes its shards into rank 0's temporary directory; rank 0 adds the small files."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    tmp = Path(D.broadcast(str(tmp) if tmp else None))
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp / "dcp"))
+    if D.is_main():
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        shutil.copy(run_dir / "config.yaml", tmp / "config.yaml")
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -97,15 +124,63 @@ def check_compatible(path: Path, cfg) -> None:
 def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Restore weights, optimiser and RNG in place; return the trainer state."""
     try:
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-        if missing or unexpected:
-            raise UserError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        if (path / "dcp").is_dir():
+            _load_sharded(path, model, optimizer)
+        elif D.world_size() > 1:
+            _load_full_into_shards(path, model, optimizer)
+        else:
+            missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+            if missing or unexpected:
+                raise UserError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
         set_rng_state(torch.load(path / "rng.pt", weights_only=True))
         return json.loads((path / "trainer_state.json").read_text())
     except (RuntimeError, ValueError, KeyError, OSError) as exc:
         raise UserError(f"{path}: cannot restore this checkpoint into the configured model/optimiser "
                         f"({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def _load_sharded(path: Path, model, optimizer) -> None:
+    """A torch.distributed.checkpoint checkpoint into this run's model (sharded or not): resharded by name."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(path / "dcp"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def _load_full_into_shards(path: Path, model, optimizer) -> None:
+    """A single-process checkpoint into a sharded model: full tensors, each rank keeping its shard;
+    the optimiser state's parameter indices become parameter names."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    full = load_file(str(path / "model.safetensors"))
+    names_of: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    for names in names_of.values():  # a tied tensor is stored under one of its names
+        stored = [n for n in names if n in full]
+        for n in names if stored else []:
+            full.setdefault(n, full[stored[0]])
+    missing = set(model.state_dict()) - set(full)
+    if missing or set(full) - set(model.state_dict()):
+        raise UserError(f"{path}: checkpoint does not match the model (missing {sorted(missing)[:3]})")
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, full, options=options)
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    saved = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    by_name = {"state": {order[i]: v for i, v in saved["state"].items()},
+               "param_groups": [dict(g, params=[order[i] for i in g["params"]]) for g in saved["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=options)
+
+
+def _tied_aliases(model) -> set[str]:
+    """Names under which a tied parameter appears a second time (e.g. lm_head.weight)."""
+    return {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
 
 
 def drop_later_checkpoints(run_dir: Path, step: int) -> None:
@@ -123,6 +198,36 @@ def export_hf(model, tokenizer, dest: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     try:
-        return write_dir_atomically(dest, write)
+        if D.world_size() == 1:
+            return write_dir_atomically(dest, write)
+        if D.is_main():
+            write_dir_atomically(dest, lambda tmp: _export_sharded(tmp, model, tokenizer))
+        else:
+            _export_sharded(None, model, tokenizer)
+        D.barrier()
+        return dest
     finally:
         model.config.use_cache = use_cache
+
+
+def _export_sharded(tmp: Path | None, model, tokenizer) -> None:
+    """Each rank writes its shards as safetensors; rank 0 then streams them into one model.safetensors
+    (torch's HF consolidation: tensor slices copied file to file, no full copy of the model in memory)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    tmp = Path(D.broadcast(str(tmp) if tmp else None))
+    aliases = _tied_aliases(model)  # a tied tensor once, under its first name, as save_pretrained does
+    state = {name: t for name, t in get_model_state_dict(model).items() if name not in aliases}
+    dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True, enable_consolidation=True))
+    if D.is_main():
+        shutil.rmtree(tmp / "sharded")
+        (files,) = [list(tmp.glob("model-*.safetensors"))]
+        assert len(files) == 1, f"expected one consolidated file, found {files}"
+        files[0].rename(tmp / "model.safetensors")
+        (tmp / "model.safetensors.index.json").unlink(missing_ok=True)
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)

@@ -17,6 +17,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML config (see configs/quickstart.yaml)")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=3e-5")
     t.add_argument("--resume", metavar="auto|PATH", help="same as train.resume=...: continue from a checkpoint")
+    t.add_argument("--nproc", type=int, default=1, metavar="G",
+                   help="train on G processes on this host (GPUs, or CPU ranks) with FSDP2, launched by torchrun; "
+                        "for several nodes run torchrun yourself (see README)")
     s = sub.add_parser("schedule", help="print and plot the learning-rate schedule of a config")
     s.add_argument("config")
     s.add_argument("overrides", nargs="*")
@@ -71,7 +74,7 @@ def _plan_parser(sub) -> None:
     p.add_argument("--precision", choices=("amp", "mixed", "bf16", "fp32"), default="mixed")
 
 
-def dispatch(args: argparse.Namespace) -> None:
+def dispatch(args: argparse.Namespace) -> int:
     from fulltune.config import describe_fields, load_config
 
     if args.command == "interpolate":
@@ -102,8 +105,14 @@ def dispatch(args: argparse.Namespace) -> None:
     elif args.command == "train":
         overrides = args.overrides + ([f"train.resume={args.resume}"] if args.resume else [])
         cfg = load_config(args.config, overrides)  # every config error before any model loads
+        if args.nproc < 1:
+            raise UserError("--nproc must be ≥ 1")
+        if args.nproc > 1:
+            from fulltune.distributed import launch
+            return launch(args.nproc, ["train", args.config, *overrides])
         from fulltune.train import run_training
         run_training(cfg)
+    return 0
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -115,13 +124,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights and data are local; never stall on a hub
     args = _parser().parse_args(argv)
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 reports what every rank hit
     try:
-        dispatch(args)
+        return dispatch(args)
     except UserError as exc:
-        print(f"fulltune: error: {exc}", file=sys.stderr)
+        if main_rank:
+            print(f"fulltune: error: {exc}", file=sys.stderr)
         return 2
     except Interrupted as exc:
-        print(f"fulltune: {exc}", file=sys.stderr)
+        if main_rank:
+            print(f"fulltune: {exc}", file=sys.stderr)
         return 130
     except Exception as exc:
         if not _out_of_memory(exc):
@@ -130,10 +142,14 @@ def main(argv: list[str] | None = None) -> int:
               "model.activation_checkpointing=true (checkpoints already written are intact)", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
+        if not main_rank:
+            return 130
         print("fulltune: interrupted; the last checkpoint (if any) is intact — resume with train.resume=auto",
               file=sys.stderr)
         return 130
-    return 0
+    finally:
+        if "fulltune.distributed" in sys.modules:  # a torchrun worker leaves its process group cleanly
+            sys.modules["fulltune.distributed"].shutdown()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 In SFT with prompt masking most positions carry no loss, and the vocabulary projection plus its
 fp32 log-softmax (b·s·V) is often the largest activation. For architectures whose logits are a
-plain linear map of the final hidden state we project only the target positions; for anything
+plain linear map of the final hidden state we project only the target positions (a pre-hook on
+the LM head, inside the model's own forward, so the same call works on an FSDP2-sharded model); for anything
 else (soft-capping, logit scaling) we take the model's own logits, so we are never silently wrong.
 """
 
@@ -26,9 +27,15 @@ def target_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     select = labels != IGNORE
     targets = labels[select]
     if _plain_head(model):
-        hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                     use_cache=False).last_hidden_state
-        logits = model.get_output_embeddings()(hidden[:, :-1][select])
+        # Through the model's own forward (so FSDP2's root hooks gather and reduce its weights), with
+        # the LM head's input cut down to the target positions by a pre-hook: logits for N rows, not b·s.
+        def only_targets(module, args):
+            return (args[0][:, :-1][select],)
+        handle = model.get_output_embeddings().register_forward_pre_hook(only_targets)
+        try:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        finally:
+            handle.remove()
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        use_cache=False).logits[:, :-1][select]

@@ -6,6 +6,9 @@
         backward(Σ token CE / N) per micro-batch                       (== one big batch)
         clip the global grad norm; optimizer.step(); zero grads
         log; validate; checkpoint
+
+Under torchrun the same loop runs on every rank with the model sharded by FSDP2 (distributed.py):
+each rank takes its share of the step's micro-batches; losses and counts are summed over ranks.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ import torch
 from tqdm import tqdm
 
 from fulltune import checkpoint
+from fulltune import distributed as D
 from fulltune.anchors import Anchor, anchor_for_run
 from fulltune.config import RunConfig, save_config
-from fulltune.data.loader import StepSampler, collate, count_targets
+from fulltune.data.loader import IGNORE, StepSampler, collate, count_targets
 from fulltune.data.mixture import MixedSampler
 from fulltune.errors import Interrupted, UserError
 from fulltune.evals.forgetting import forgetting_report, headline, render_report
@@ -35,6 +39,7 @@ from fulltune.memory.measure import PeakMeter, make_resident
 from fulltune.memory.runcheck import compare as memory_compare
 from fulltune.memory.runcheck import heaviest
 from fulltune.memory.runcheck import line as memory_line
+from fulltune.memory.runcheck import state_memory, state_memory_line
 from fulltune.model import load_theta0
 from fulltune.optim.param_groups import build_optimizer, lrs_by_name
 from fulltune.optim.schedules import schedule_fn
@@ -94,7 +99,9 @@ def setup(cfg: RunConfig) -> Run:
         print(f"[train] no checkpoint in {run_dir / 'checkpoints'}; starting from θ0", flush=True)
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    device = pick_device(cfg.train.device)
+    device = D.init(cfg.train.device) or pick_device(cfg.train.device)  # torchrun: this rank's device
+    if not D.is_main():
+        cfg.train.progress = False  # one progress bar: rank 0's
     precision = resolve_precision(cfg.train.precision, device)
     sources = read_sources(cfg)  # a missing or malformed file fails before the model loads
     meter = PeakMeter(device.type).start()  # baseline before θ0 loads
@@ -108,7 +115,10 @@ def setup(cfg: RunConfig) -> Run:
 def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, sources, meter: PeakMeter) -> Run:
     model, tokenizer, _ = load_theta0(cfg.model)
     model.to(device)
-    make_resident(model)  # the CPU memory check counts the weights as resident before step 1
+    if D.world_size() > 1:
+        D.shard(model, precision, device)  # FSDP2: each rank keeps 1/G of every weight from here on
+    else:
+        make_resident(model)  # the CPU memory check counts the weights as resident before step 1
     data = load_task_data(cfg, tokenizer, sources)
     sampler = StepSampler(len(data.train), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, cfg.train.seed)
     if cfg.data.mix_ratio > 0:
@@ -124,8 +134,11 @@ def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, s
         state = _resume(resume_from, run_dir, cfg, model, optimizer, sampler)
     if "memory" in state["results"] or (device.type == "cpu" and cfg.train.memory_steps == 0):
         meter.stop()  # measured before the resume, or not wanted
-    start_run_dir(run_dir, cfg, fresh=resume_from is None)
-    print(f"[train] device {device}, precision {precision}, {total} steps "
+    if D.is_main():
+        start_run_dir(run_dir, cfg, fresh=resume_from is None)
+    D.barrier()
+    ranks = f", FSDP2 over {D.world_size()} ranks" if D.world_size() > 1 else ""
+    print(f"[train] device {device}{ranks}, precision {precision}, {total} steps "
           f"({sampler.steps_per_epoch} per epoch, batch {cfg.train.micro_batch_size}×{cfg.train.grad_accum_steps}), "
           f"{len(optimizer.param_groups)} parameter groups", flush=True)
     return Run(cfg, run_dir, model, tokenizer, data, optimizer, sampler, total,
@@ -138,8 +151,9 @@ def _resume(path: Path, run_dir: Path, cfg: RunConfig, model, optimizer, sampler
     state = checkpoint.load_checkpoint(path, model, optimizer)
     sampler.load_state_dict(state["sampler"])
     state.setdefault("largest_micro_batch", {"rows": 0, "length": 0, "targets": 0})
-    _trim_metrics(run_dir / "metrics.jsonl", state["step"])
-    checkpoint.drop_later_checkpoints(run_dir, state["step"])  # from an abandoned future of this run
+    if D.is_main():
+        _trim_metrics(run_dir / "metrics.jsonl", state["step"])
+        checkpoint.drop_later_checkpoints(run_dir, state["step"])  # from an abandoned future of this run
     print(f"[train] resumed from {path} at step {state['step']}", flush=True)
     return state
 
@@ -153,18 +167,23 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 
 def train_step(model, optimizer, micro_batches: list[dict], autocast, grad_clip: float,
-               anchor: Anchor | None = None) -> tuple[float, float]:
+               anchor: Anchor | None = None, n_targets: int | None = None, measure: dict | None = None
+               ) -> tuple[float, float]:
     """One optimiser step over micro-batches; returns (mean token loss, grad norm before clipping).
 
+    `n_targets`: the step's target tokens over every rank (default: these micro-batches'). FSDP
+    averages gradients over the G ranks, so each rank's loss is scaled by G: Σ CE / N in the end.
     With an anchor: its penalty's gradient joins the loss's before clipping, and decay toward θ0
     is applied just before the optimiser's update (decoupled, as AdamW's own decay).
+    `measure`: filled with this rank's bytes of parameters, gradients and optimiser state.
     """
-    n_targets = sum(count_targets(b) for b in micro_batches)
+    n_targets = n_targets or sum(count_targets(b) for b in micro_batches)
+    scale = D.world_size()
     total = 0.0
     for batch in micro_batches:
         with autocast():
             s = loss_sum(model, batch)
-        (s / n_targets).backward()
+        (s * scale / n_targets).backward() if scale > 1 else (s / n_targets).backward()
         total += s.item()
     if anchor is not None:
         anchor.last_penalty = anchor.add_penalty_grad()
@@ -172,8 +191,11 @@ def train_step(model, optimizer, micro_batches: list[dict], autocast, grad_clip:
     if anchor is not None:
         anchor.decay_toward_theta0(optimizer)
     optimizer.step()
+    if measure is not None:
+        measure.update(D.state_bytes(model, optimizer))
     optimizer.zero_grad(set_to_none=True)
-    return total / n_targets, float(norm)
+    (total,) = D.all_sum([total])
+    return total / n_targets, float(D.full_value(norm))
 
 
 @torch.no_grad()
@@ -183,16 +205,35 @@ def validation_loss(run: Run) -> float:
     run.model.eval()
     total, n = 0.0, 0
     bs = run.cfg.train.micro_batch_size
-    for start in range(0, len(examples), bs):
-        batch = collate(examples[start: start + bs], run.tokenizer.pad_token_id, run.device)
+    chunks = [list(range(start, min(start + bs, len(examples)))) for start in range(0, len(examples), bs)]
+    for idx in D.my_share(chunks, bs):  # every chunk when there is one rank
+        batch = _collate_or_null(run, [examples[i] for i in idx], examples[0])
         with run.autocast():
             total += float(loss_sum(run.model, batch))
         n += count_targets(batch)
     run.model.train(was_training)
+    total, n = D.all_sum([total, n])
     return total / n
 
 
+def _collate_or_null(run: Run, examples: list, fallback) -> dict:
+    """collate(examples); with none, a null micro-batch (`fallback` with no target tokens): under FSDP2
+    every rank joins every forward's gathers, and this one adds nothing to the loss or the gradients."""
+    batch = collate(examples or [fallback], run.tokenizer.pad_token_id, run.device)
+    if not examples:
+        batch["labels"].fill_(IGNORE)
+    return batch
+
+
+def _my_batches(run: Run, indices: list[list[int]]) -> list[dict]:
+    """This rank's micro-batches of the step (all of them on one device)."""
+    first = run.examples(indices[0][:1])[0]
+    return [_collate_or_null(run, run.examples(idx), first) for idx in D.my_share(indices, run.cfg.train.micro_batch_size)]
+
+
 def _log(run: Run, record: dict) -> None:
+    if not D.is_main():
+        return
     with open(run.run_dir / "metrics.jsonl", "a") as fh:
         fh.write(json.dumps(record) + "\n")
 
@@ -217,14 +258,21 @@ def _one_step(run: Run) -> dict:
         group["lr"] = group["initial_lr"] * run.lr_multiplier(step)
     lrs = lrs_by_name(run.optimizer)
     indices = run.sampler.next_step()
-    batches = [collate(run.examples(idx), run.tokenizer.pad_token_id, run.device) for idx in indices]
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    targets = sum(count_targets(b) for b in batches)
+    batches = _my_batches(run, indices)
+    every = run.examples([i for idx in indices for i in idx])  # the whole step, over every rank
+    tokens = sum(len(e.input_ids) for e in every)
+    targets = sum(sum(e.target_mask[1:]) for e in every)
     if run.meter.active:
         _track_largest(run, batches)
     t0 = time.perf_counter()
+    measure = {} if "state_memory" not in run.state["results"] else None
     with run.meter.section("train"):
-        loss, norm = train_step(run.model, run.optimizer, batches, run.autocast, run.cfg.optim.grad_clip, run.anchor)
+        loss, norm = train_step(run.model, run.optimizer, batches, run.autocast, run.cfg.optim.grad_clip, run.anchor,
+                                targets, measure)
+    if measure:
+        run.state["results"]["state_memory"] = state_memory(run.model, run.cfg, run.precision, run.meter.device_type,
+                                                            D.gather(measure), run.anchor.nbytes if run.anchor else 0)
+        print(state_memory_line(run.state["results"]["state_memory"]), flush=True)
     dt = time.perf_counter() - t0
     run.measured_steps += int(run.meter.active)
     if run.meter.device_type == "cpu" and run.meter.active and run.measured_steps >= run.cfg.train.memory_steps:
@@ -278,7 +326,7 @@ def loop(run: Run) -> None:
     with StopRequest() as stop:
         while run.state["step"] < run.total_steps:
             saved = _loop_step(run, bar)
-            if stop.requested and run.state["step"] < run.total_steps:
+            if D.any_rank(stop.requested) and run.state["step"] < run.total_steps:  # every rank stops together
                 bar.close()
                 path = saved or _save(run)
                 raise Interrupted(f"stopped at step {run.state['step']}; checkpoint {path}; "
@@ -332,7 +380,8 @@ def finish(run: Run) -> dict:
     results.update(steps=run.state["step"], tokens_seen=run.state["tokens_seen"],
                    target_tokens_seen=run.state["target_tokens_seen"], train_time_s=run.state["elapsed_s"],
                    data=run.data.stats)
-    (run.run_dir / "results.json").write_text(json.dumps(results, indent=1))
+    if D.is_main():
+        (run.run_dir / "results.json").write_text(json.dumps(results, indent=1))
     return results
 
 

@@ -12,6 +12,7 @@ import math
 import torch
 from tqdm import tqdm
 
+from fulltune import distributed as D
 from fulltune.data.formats import detect_format, encode_record
 from fulltune.data.loader import collate
 from fulltune.data.sources import row_location
@@ -41,21 +42,27 @@ def _gold(record: dict, fmt: str, where: str) -> str:
 @torch.no_grad()
 def score_sequences(model, examples, pad_id: int, batch_size: int, autocast, desc: str = "") -> list[float]:
     """Summed target log-likelihood of each example, batched by length."""
-    device = next(model.parameters()).device
+    device = D.local(next(model.parameters())).device
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    scores = [0.0] * len(examples)
+    batches = [order[start: start + batch_size] for start in range(0, len(order), batch_size)]
+    # Under FSDP2 rank r scores batches r, r+G, ...; a rank with one batch fewer runs a forward it
+    # discards (every rank joins every gather). The batches themselves are those of one process.
+    g, r = D.world_size(), D.rank()
+    mine = batches[r::g] + [[]] * (-(-len(batches) // g) - len(batches[r::g]))
+    scores: dict[int, float] = {}
     was_training = model.training
     model.eval()
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=not desc):
-        idx = order[start: start + batch_size]
-        batch = collate([examples[i] for i in idx], pad_id, device)
+    for idx in tqdm(mine, desc=desc, leave=False, disable=not desc):
+        batch = collate([examples[i] for i in idx or order[:1]], pad_id, device)
         with autocast():
             logp, rows = target_logprobs(model, batch)
-        sums = torch.zeros(len(idx), dtype=torch.float64, device=logp.device).index_add_(0, rows, logp.double())
+        sums = torch.zeros(len(idx or [0]), dtype=torch.float64, device=logp.device).index_add_(0, rows, logp.double())
         for j, i in enumerate(idx):
             scores[i] = float(sums[j])
     model.train(was_training)
-    return scores
+    for part in D.gather(scores) if g > 1 else []:
+        scores.update(part)
+    return [scores[i] for i in range(len(examples))]
 
 
 def gold_labels(ds, source: str, labels: list[str]) -> tuple[str, list[int]]:

@@ -17,7 +17,9 @@ def run_setup(cfg, precision: str, device_type: str, rows: int, length: int, tar
     if optimizer == "sgd" and cfg.optim.momentum > 0:
         optimizer = "sgd-momentum"
     anchor = cfg.anchor.method if cfg.anchor.method != "none" else ("l2sp" if cfg.optim.decay_toward == "theta0" else "none")
-    return TrainSetup(micro_batch=rows, seq_len=length, precision="amp" if precision == "bf16-mixed" else "fp32",
+    from fulltune.distributed import world_size
+    ranks = world_size()  # FSDP2 over the ranks: ZeRO-3
+    return TrainSetup(gpus=ranks, zero_stage=3 if ranks > 1 else 0,micro_batch=rows, seq_len=length, precision="amp" if precision == "bf16-mixed" else "fp32",
                       optimizer=optimizer, activation_checkpointing=cfg.model.activation_checkpointing,
                       loss_fraction=max(targets, 1) / (rows * length), device=device_type, anchor=anchor,
                       grad_accum=2 if grads_alive else 1)
@@ -57,7 +59,8 @@ def compare(model, cfg, precision: str, meter, largest: dict, anchor_bytes: int 
         # Above the RSS just before step 1, plus the fp32 weights already resident then (exact bytes):
         # evaluation run before training leaves caches and heap history that are not training memory.
         # The θ0 copy (and EWC's Fisher) are resident before step 1 too: counted the same way.
-        weights = sum(p.numel() * p.element_size() for p in model.parameters()) + anchor_bytes
+        from fulltune.distributed import local
+        weights = sum(local(p).numel() * p.element_size() for p in model.parameters()) + anchor_bytes
         measured = meter.sections["train"] - meter.pre_train + weights
         how = ("peak RSS over the measured training steps minus RSS just before step 1, "
                f"plus the {weights / GB:.2f} GB of weights{' and θ0 anchor' if anchor_bytes else ''} resident then "
@@ -80,3 +83,27 @@ def line(result: dict) -> str:
     return (f"[memory] peak for the largest micro-batch ({lb['rows']} × {lb['length']} tokens{alive}): predicted "
             f"{result['predicted_peak_gb']:.2f} GB, measured {result['measured_peak_gb']:.2f} GB"
             + (f" ({err:+.1f}%)" if err is not None else ""))
+
+
+def state_memory(model, cfg, precision: str, device_type: str, per_rank: list[dict], anchor_bytes: int = 0) -> dict:
+    """Each rank's measured bytes of parameters, gradients and optimiser state (its shards) against the
+    estimator's per-GPU figures (ZeRO-3 over the ranks when there are several)."""
+    est = predicted(model, run_setup(cfg, precision, device_type, 1, 1, 1))
+    pred = {"params": est.get("weights"), "grads": est.get("gradients"),
+            "optimizer": est.get("optimizer state") + est.get("master weights")}
+    errors = [100 * (r[k] - pred[k]) / pred[k] for r in per_rank for k in pred if pred[k]]
+    return {"ranks": len(per_rank), "zero_stage": 3 if len(per_rank) > 1 else 0,
+            "measured_per_rank_gb": [{k: r[k] / GB for k in ("params", "grads", "optimizer")} for r in per_rank],
+            "predicted_per_rank_gb": {k: v / GB for k, v in pred.items()},
+            "anchor_gb_per_rank": anchor_bytes / GB,
+            "max_error_pct": max(errors, key=abs) if errors else None,
+            "how_measured": "bytes of each rank's local shards after the first optimiser step (before zero_grad)"}
+
+
+def state_memory_line(result: dict) -> str:
+    m = result["measured_per_rank_gb"][0]
+    p = result["predicted_per_rank_gb"]
+    where = f"per rank (FSDP2 over {result['ranks']})" if result["ranks"] > 1 else "(one process)"
+    return (f"[memory] model state {where}: parameters {m['params']:.3f} GB, gradients {m['grads']:.3f} GB, "
+            f"optimizer {m['optimizer']:.3f} GB; predicted {p['params']:.3f} / {p['grads']:.3f} / {p['optimizer']:.3f} GB"
+            + (f" (largest gap {result['max_error_pct']:+.1f}%)" if result["max_error_pct"] is not None else ""))

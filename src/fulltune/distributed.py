@@ -1,0 +1,192 @@
+"""Many devices: the same loop with the model sharded by PyTorch FSDP2 (ZeRO-3) under torchrun.
+
+    torchrun --nproc_per_node=G -m fulltune train CONFIG      (or: fulltune train CONFIG --nproc G)
+
+Each decoder layer is one `fully_shard` unit and the root (embeddings, final norm, LM head) one
+more, so weights, gradients and optimiser state are split over the G ranks (~16N/G bytes each);
+a layer's weights are gathered just before its forward and backward and freed after.
+
+The global batch does not depend on G: an optimiser step is still micro_batch_size × grad_accum_steps
+sequences, drawn by the same sampler as on one device; each rank takes 1/G of them in micro-batches
+of at most micro_batch_size. Every rank knows the whole step, so the loss is normalised by the
+step's target tokens over all ranks without communication. FSDP averages gradients over ranks;
+each rank's loss is multiplied by G so the result is Σ CE / N, exactly as on one device. A rank
+with fewer sequences runs "null" micro-batches (no target tokens: zero loss, zero gradient), since
+every rank must take part in every gather.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from fulltune.errors import UserError
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init(device_name: str) -> torch.device | None:
+    """Under torchrun with WORLD_SIZE > 1: join the process group (NCCL on GPUs, gloo on CPU) and
+    return this rank's device. Otherwise None: a single process, nothing to set up."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return None
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if cuda and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA device is visible")
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+    if rank() != 0:
+        sys.stdout = open(os.devnull, "w")  # one rank reports; errors still reach stderr
+    return torch.device("cuda", local) if cuda else torch.device("cpu")
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(model: torch.nn.Module, precision: str, device: torch.device) -> None:
+    """FSDP2: fully_shard every decoder layer, then the root. On GPUs with bf16-mixed, the gathered
+    weights are bf16 and gradients are reduced in fp32 (the fp32 shards stay the master weights)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from fulltune.model import decoder_layers
+    mp = MixedPrecisionPolicy()
+    if device.type == "cuda" and precision == "bf16-mixed":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    assert all(_is_dtensor(p) for p in model.parameters()), "a parameter escaped sharding"
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded tensor (the tensor itself when not sharded)."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def full_value(t: torch.Tensor) -> torch.Tensor:
+    """A scalar or tensor reduced over the shards (e.g. clip_grad_norm_'s total norm)."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Sums over ranks, in float64 (the values themselves when there is one rank)."""
+    if world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is true on any (e.g. a stop request that reached one rank first)."""
+    return bool(all_sum([float(flag)])[0]) if world_size() > 1 else flag
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def broadcast(obj):
+    """Rank 0's `obj` on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def my_share(step: list[list[int]], micro_batch: int) -> list[list[int]]:
+    """This rank's micro-batches of a step (the sampler's micro-batches when there is one rank).
+
+    The step's sequences are split into G contiguous, near-equal parts; each part into as few
+    micro-batches of at most `micro_batch` as it allows, split evenly. Every rank gets the same
+    number of micro-batches: a shorter share is padded with empty ones (null micro-batches).
+    """
+    g = world_size()
+    if g == 1:
+        return step
+    flat = [i for b in step for i in b]
+    bounds = [len(flat) * r // g for r in range(g + 1)]
+    parts = [flat[bounds[r]: bounds[r + 1]] for r in range(g)]
+    count = max(1, max(-(-len(p) // micro_batch) for p in parts))
+    mine = parts[rank()]
+    n = max(1, -(-len(mine) // micro_batch)) if mine else 0
+    size, extra = divmod(len(mine), n) if n else (0, 0)
+    out, start = [], 0
+    for m in range(n):
+        end = start + size + (m < extra)
+        out.append(mine[start:end])
+        start = end
+    return out + [[] for _ in range(count - n)]
+
+
+def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """This rank's bytes of parameters, gradients and optimiser state (local shards only)."""
+    def nbytes(t):
+        t = local(t)
+        return t.numel() * t.element_size()
+    params = sum(nbytes(p) for p in model.parameters())
+    grads = sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None)
+    opt = sum(nbytes(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim > 0)
+    return {"rank": rank(), "params": params, "grads": grads, "optimizer": opt}
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """`fulltune train CONFIG --nproc G`: torchrun's launcher on this host with G processes running
+    `python -m fulltune ARGV`; returns their exit status (the first failure's).
+
+    Ctrl-C goes to the workers (they finish the step and checkpoint), not to the launcher."""
+    import logging
+    import signal
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the workers report
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          monitor_interval=0.5, signals_to_handle="SIGTERM,SIGHUP,SIGQUIT")
+    old = signal.signal(signal.SIGINT, lambda *_: None)
+    try:
+        elastic_launch(config, sys.executable)("-m", "fulltune", *argv)
+    except ChildFailedError as exc:
+        code = exc.get_first_failure()[1].exitcode
+        return code if code > 0 else 1
+    finally:
+        signal.signal(signal.SIGINT, old)
+    return 0

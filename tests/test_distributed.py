@@ -1,0 +1,160 @@
+"""FSDP2 on 2 gloo ranks ≡ 1 process: losses, final weights, resume across rank counts, export, state bytes.
+
+The 2-rank runs go through `fulltune train CONFIG --nproc 2` (torchrun's launcher, two CPU processes).
+One run covers gradient accumulation, null micro-batches (an epoch's last step is one sequence),
+data mixing, discriminative rates, clipping, weight decay, L2-SP and validation.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import WORDS, sentiment_records, tiny_overrides, write_jsonl
+from fulltune.config import load_config
+from fulltune.distributed import my_share
+from fulltune.train import run_training
+
+STEPS = 4
+
+
+def _general(path):
+    g = torch.Generator().manual_seed(5)
+    rows = [{"text": " ".join(WORDS[int(j)] for j in torch.randint(0, len(WORDS), (10,), generator=g))} for _ in range(20)]
+    return write_jsonl(path, rows)
+
+
+def _settings(tmp: Path) -> dict:
+    return {"train.max_steps": STEPS, "train.micro_batch_size": 2, "train.grad_accum_steps": 3,
+            "train.save_interval": 2, "train.keep_checkpoints": 5, "train.val_interval": 2,
+            "data.val_fraction": 0.2, "data.general": f"[{_general(tmp / 'general.jsonl')}]", "data.mix_ratio": 0.2,
+            "optim.layer_lr_decay": 1.3, "optim.grad_clip": 0.5, "optim.weight_decay": 0.1,
+            "anchor.method": "l2sp", "anchor.lam": 0.1}
+
+
+def _torchrun(tmp: Path, overrides: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    config = tmp / "empty.yaml"
+    config.write_text("{}\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    return subprocess.run([sys.executable, "-m", "fulltune", "train", str(config), *overrides, "--nproc", str(nproc)],
+                          capture_output=True, text=True, timeout=600, env=env)
+
+
+def _losses(run_dir: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    data = write_jsonl(tmp / "chat.jsonl", sentiment_records(24))
+    settings = _settings(tmp)
+
+    def overrides(name, **extra):
+        return tiny_overrides(tiny_dir, data, tmp / name, **settings, **extra)
+    run_training(load_config(None, overrides("one")))
+    out = {"one": tmp / "one"}
+    for name, extra in (("two", {}),
+                        ("two_then_two", {"train.resume": tmp / "two" / "checkpoints" / "step-0000002"}),
+                        ("one_then_two", {"train.resume": tmp / "one" / "checkpoints" / "step-0000002"})):
+        proc = _torchrun(tmp, overrides(name, **extra))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[name] = tmp / name
+    run_training(load_config(None, overrides("two_then_one", **{"train.resume": tmp / "two" / "checkpoints" / "step-0000002"})))
+    out["two_then_one"] = tmp / "two_then_one"
+    return out
+
+
+def _close(a: float, b: float, rel: float = 1e-5) -> bool:
+    return abs(a - b) <= rel * max(abs(a), abs(b))
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(str(a / "final" / "model.safetensors")), load_file(str(b / "final" / "model.safetensors"))
+    assert set(wa) == set(wb)
+    for name in wa:
+        diff = float((wa[name] - wb[name]).abs().max())
+        assert diff <= 1e-5 * float(wa[name].abs().max()) + 1e-7, f"{name}: max |Δ| {diff}"
+
+
+def test_two_ranks_follow_the_one_process_trajectory(runs):
+    one, two = _losses(runs["one"]), _losses(runs["two"])
+    assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
+    for step in one:
+        for key in ("loss", "grad_norm", "penalty", "theta0_distance"):
+            assert _close(one[step][key], two[step][key]), (step, key, one[step][key], two[step][key])
+        assert one[step]["lr"] == two[step]["lr"] and one[step]["target_tokens_seen"] == two[step]["target_tokens_seen"]
+    assert any(r["grad_norm"] > 0.5 for r in one.values()), "clipping never engaged: the test would miss it"
+    assert one[1]["loss"] != one[2]["loss"]
+    r1, r2 = (json.loads((runs[n] / "results.json").read_text()) for n in ("one", "two"))
+    assert _close(r1["final_val_loss"], r2["final_val_loss"])
+    assert r1["mixing"] == r2["mixing"] and r1["mixing"]["general_sequences"] > 0
+    _assert_same_weights(runs["one"], runs["two"])
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_and_on_two_ranks(runs):
+    straight = _losses(runs["two"])
+    assert (runs["two"] / "checkpoints" / "step-0000002" / "dcp").is_dir()
+    assert not (runs["two"] / "checkpoints" / "step-0000002" / "model.safetensors").exists()  # no rank gathered
+    for name in ("two_then_one", "two_then_two"):
+        resumed = _losses(runs[name])
+        assert sorted(resumed) == [3, 4], name
+        for step in (3, 4):
+            assert _close(resumed[step]["loss"], straight[step]["loss"]), (name, step)
+        _assert_same_weights(runs["two"], runs[name])
+
+
+def test_a_one_process_checkpoint_resumes_on_two_ranks(runs):
+    straight, resumed = _losses(runs["one"]), _losses(runs["one_then_two"])
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        assert _close(resumed[step]["loss"], straight[step]["loss"]), step
+    _assert_same_weights(runs["one"], runs["one_then_two"])
+
+
+def test_the_two_rank_export_loads_with_from_pretrained(runs):
+    from transformers import AutoModelForCausalLM
+    model, info = AutoModelForCausalLM.from_pretrained(runs["two"] / "final", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    reference = AutoModelForCausalLM.from_pretrained(runs["one"] / "final")
+    ids = torch.tensor([[5, 9, 12, 40, 7, 3]])
+    with torch.no_grad():
+        a, b = model(ids).logits, reference(ids).logits
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert sorted(p.name for p in (runs["two"] / "final").glob("*.safetensors")) == ["model.safetensors"]
+
+
+def test_each_rank_holds_half_of_the_model_state(runs):
+    one = json.loads((runs["one"] / "results.json").read_text())["state_memory"]
+    two = json.loads((runs["two"] / "results.json").read_text())["state_memory"]
+    assert one["ranks"] == 1 and two["ranks"] == 2 and two["zero_stage"] == 3
+    full = one["measured_per_rank_gb"][0]
+    for key in ("params", "grads", "optimizer"):
+        shares = [r[key] / full[key] for r in two["measured_per_rank_gb"]]
+        assert all(0.45 < s < 0.55 for s in shares), (key, shares)
+        assert abs(sum(shares) - 1) < 1e-9, (key, shares)  # the shards add up to the whole, nothing twice
+        assert abs(two["predicted_per_rank_gb"][key] - one["predicted_per_rank_gb"][key] / 2) < 1e-12
+
+
+def test_share_of_a_step_splits_sequences_without_overlap(monkeypatch):
+    import fulltune.distributed as D
+    step = [[0, 1], [2, 3], [4]]
+    got = {}
+    for r in range(2):
+        monkeypatch.setattr(D, "world_size", lambda: 2)
+        monkeypatch.setattr(D, "rank", lambda r=r: r)
+        got[r] = my_share(step, 2)
+    assert got[0] == [[0, 1], []] and got[1] == [[2, 3], [4]]  # rank 0 pads with a null micro-batch
+    assert sorted(i for r in got.values() for b in r for i in b) == [0, 1, 2, 3, 4]
+    monkeypatch.setattr(D, "world_size", lambda: 3)
+    shares = []
+    for r in range(3):
+        monkeypatch.setattr(D, "rank", lambda r=r: r)
+        shares.append(my_share([[0]], 4))
+    assert shares == [[[]], [[]], [[0]]]
