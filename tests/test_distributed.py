@@ -2,7 +2,7 @@
 
 The 2-rank runs go through `fulltune train CONFIG --nproc 2` (torchrun's launcher, two CPU processes).
 One run covers gradient accumulation, null micro-batches (an epoch's last step is one sequence),
-data mixing, discriminative rates, clipping, weight decay, L2-SP and validation.
+data mixing, discriminative rates, clipping, decay toward θ0, EWC (its Fisher too) and validation.
 """
 
 import json
@@ -34,7 +34,7 @@ def _settings(tmp: Path) -> dict:
             "train.save_interval": 2, "train.keep_checkpoints": 5, "train.val_interval": 2,
             "data.val_fraction": 0.2, "data.general": f"[{_general(tmp / 'general.jsonl')}]", "data.mix_ratio": 0.2,
             "optim.layer_lr_decay": 1.3, "optim.grad_clip": 0.5, "optim.weight_decay": 0.1,
-            "anchor.method": "l2sp", "anchor.lam": 0.1}
+            "optim.decay_toward": "theta0", "anchor.method": "ewc", "anchor.lam": 0.1, "anchor.fisher_batches": 2}
 
 
 def _torchrun(tmp: Path, overrides: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
@@ -96,6 +96,17 @@ def test_two_ranks_follow_the_one_process_trajectory(runs):
     assert _close(r1["final_val_loss"], r2["final_val_loss"])
     assert r1["mixing"] == r2["mixing"] and r1["mixing"]["general_sequences"] > 0
     _assert_same_weights(runs["one"], runs["two"])
+
+
+def test_the_fisher_shards_are_the_one_process_fisher(runs):
+    full = load_file(str(runs["one"] / "fisher.safetensors"))
+    shards = [load_file(str(runs["two"] / f"fisher-rank{r}-of-2.safetensors")) for r in range(2)]
+    for key, tensor in full.items():
+        joined = torch.cat([s[key] for s in shards])  # FSDP2 shards dim 0: rank 0 first
+        assert joined.shape == tensor.shape
+        diff = float((joined - tensor).abs().max())
+        assert diff <= 1e-5 * float(tensor.abs().max()), (key, diff, float(tensor.abs().max()))
+    assert float(full["0"].abs().sum()) > 0
 
 
 def test_a_two_rank_checkpoint_resumes_on_one_and_on_two_ranks(runs):

@@ -48,11 +48,18 @@ def init(device_name: str) -> torch.device | None:
     cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
     if cuda and not torch.cuda.is_available():
         raise UserError("train.device=cuda but no CUDA device is visible")
+    if cuda and local >= torch.cuda.device_count():
+        raise UserError(f"local rank {local} has no GPU: {torch.cuda.device_count()} visible on this node; "
+                        "launch at most that many processes per node (--nproc / --nproc-per-node)")
     if cuda:
         torch.cuda.set_device(local)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
-    if rank() != 0:
-        sys.stdout = open(os.devnull, "w")  # one rank reports; errors still reach stderr
+    if rank() != 0:  # one rank reports; errors still reach stderr
+        sys.stdout = open(os.devnull, "w")
+        import datasets
+        import transformers
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     return torch.device("cuda", local) if cuda else torch.device("cpu")
 
 

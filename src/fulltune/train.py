@@ -171,13 +171,13 @@ def train_step(model, optimizer, micro_batches: list[dict], autocast, grad_clip:
                ) -> tuple[float, float]:
     """One optimiser step over micro-batches; returns (mean token loss, grad norm before clipping).
 
-    `n_targets`: the step's target tokens over every rank (default: these micro-batches'). FSDP
+    `n_targets`: the step's target tokens over every rank (default: counted here and summed). FSDP
     averages gradients over the G ranks, so each rank's loss is scaled by G: Σ CE / N in the end.
     With an anchor: its penalty's gradient joins the loss's before clipping, and decay toward θ0
     is applied just before the optimiser's update (decoupled, as AdamW's own decay).
     `measure`: filled with this rank's bytes of parameters, gradients and optimiser state.
     """
-    n_targets = n_targets or sum(count_targets(b) for b in micro_batches)
+    n_targets = n_targets or int(D.all_sum([sum(count_targets(b) for b in micro_batches)])[0])
     scale = D.world_size()
     total = 0.0
     for batch in micro_batches:

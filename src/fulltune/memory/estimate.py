@@ -175,12 +175,28 @@ def state_terms(spec: ModelSpec, s: TrainSetup) -> list[Term]:
         what = "θ0 copy + diagonal Fisher" if copies == 2 else "frozen θ0 copy"
         terms.append(Term("θ0 anchor", copies * ab * n / o_div, f"{s.anchor}: {what}, {copies * ab} B/param"
                           f"{zero if o_div > 1 else ''}", "states"))
-    if s.zero_stage == 3 and g > 1:
-        terms.append(Term("gathered layer", 2 * wb * spec.largest_layer_params, "ZeRO-3: current + prefetched layer unsharded", "transient"))
-    if s.precision == "amp":
-        terms.append(Term("bf16 weight copies", 2 * spec.n_matmul_params / w_div,
+    fsdp = s.zero_stage == 3 and g > 1
+    if fsdp:
+        terms += _fsdp2_terms(spec, s, wb, gb)
+    if s.precision == "amp" and not (fsdp and s.device == "cuda"):
+        # Autocast's bf16 copies of the (gathered) weights are saved for backward: never sharded.
+        terms.append(Term("bf16 weight copies", 2 * spec.n_matmul_params,
                           "autocast casts each matmul weight to bf16 and saves it for backward", "transient"))
     return terms
+
+
+def _fsdp2_terms(spec: ModelSpec, s: TrainSetup, wb: int, gb: int) -> list[Term]:
+    """ZeRO-3 as FSDP2 does it (fully_shard per decoder layer, then the root). On GPUs the weights are
+    gathered in bf16 (MixedPrecisionPolicy); on CPU in their own dtype. The root unit (embeddings,
+    head, final norm) is used first (embeddings) and last (head, then embeddings in backward): it
+    stays gathered through the step, and its gradient is unsharded until the end of backward."""
+    gathered = 2 if s.device == "cuda" else wb
+    root = spec.n_embed_params * (1 if spec.tied else 2) + spec.hidden
+    return [Term("gathered layer", 2 * gathered * spec.largest_layer_params,
+                 "ZeRO-3: current + prefetched layer unsharded", "transient"),
+            Term("gathered root unit", gathered * root, "FSDP2 root unit (embeddings, head, final norm) gathered "
+                 "for the whole step", "transient"),
+            Term("root unit gradient", gb * root, "the root unit's gradient, unsharded until backward ends", "transient")]
 
 
 def _adapter_terms(spec: ModelSpec, s: TrainSetup) -> list[Term]:
@@ -211,11 +227,14 @@ def estimate(spec: ModelSpec, s: TrainSetup) -> Estimate:
     transient = sum(t.bytes for t in est.terms if t.group == "transient")
     # The head's gradient (V×h) appears first in backward, while all activations are still saved.
     head_grad = grad_bytes(s.precision, s.fp32_grads) * spec.vocab * spec.hidden if s.method == "full" else 0
+    fsdp_root = est.get("gathered root unit") + est.get("root unit gradient")
+    if fsdp_root:
+        head_grad = 0  # part of the root unit's gradient, already a term
     # With accumulation, the second and later micro-batches run forward/backward with the
     # accumulated gradients alive (they are freed only after the optimiser step).
     alive = grads if s.grad_accum > 1 else 0.0
     start = states + transient + head_grad / _sharded(s.zero_stage, 2, s.gpus) + alive
-    end = states + grads + est.get("gathered layer")
+    end = states + grads + est.get("gathered layer") + fsdp_root
     when = "start of backward" + (", with the accumulated gradients" if alive else "")
     est.peak, est.peak_when = (start, when) if start >= end else (end, "end of backward")
     return est

@@ -66,12 +66,13 @@ def plan(spec: ModelSpec, gpu: str, n_gpus: int, base: TrainSetup) -> Plan:
         ok, peak = _fits(spec, sharded, capacity)
         evidence.append(_line(f"full fine-tuning, FSDP2/ZeRO-3 over {n_gpus} GPUs", peak, capacity))
         if ok:
-            notes.append("multi-GPU FSDP2 training is planned (torchrun --nproc_per_node=G -m fulltune train); "
-                         "this version trains on one device")
+            notes.append(_zero3_command(n_gpus))
             return Plan("full-zero3", f"full fine-tuning with FSDP2 (ZeRO-3) over {n_gpus}× {name}", evidence, notes)
     evidence.append("memory savers, added one at a time:")
     saved = _savers(spec, sharded if n_gpus > 1 else one, capacity, evidence)
     if saved is not None:
+        if n_gpus > 1:
+            notes.append(_zero3_command(n_gpus))
         if saved[0].optimizer == "adamw8bit":
             notes.append("8-bit AdamW is in the estimator only; this version trains with adamw or sgd")
         return Plan("full-savers", f"full fine-tuning fits on {n_gpus}× {name} with: " + "; ".join(saved[1]),
@@ -83,6 +84,12 @@ def plan(spec: ModelSpec, gpu: str, n_gpus: int, base: TrainSetup) -> Plan:
         if ok:
             return Plan(method, f"full fine-tuning does not fit on {n_gpus}× {name}; {method.upper()} does", evidence, notes)
     return Plan("none", f"nothing fits on {n_gpus}× {name}, not even QLoRA; more or bigger GPUs", evidence, notes)
+
+
+def _zero3_command(n_gpus: int) -> str:
+    return (f"run it: fulltune train CONFIG --nproc {n_gpus} (one node), or on each node: torchrun --nnodes=NODES "
+            "--nproc-per-node=GPUS --rdzv-backend=c10d --rdzv-endpoint=HOST:29400 --rdzv-id=RUN -m fulltune train "
+            "CONFIG; the global batch stays micro_batch_size × grad_accum_steps (README: Many GPUs and nodes)")
 
 
 def _notes(spec: ModelSpec) -> list[str]:
