@@ -169,3 +169,48 @@ def test_share_of_a_step_splits_sequences_without_overlap(monkeypatch):
         monkeypatch.setattr(D, "rank", lambda r=r: r)
         shares.append(my_share([[0]], 4))
     assert shares == [[[]], [[]], [[0]]]
+
+
+def test_ctrl_c_on_two_ranks_checkpoints_once_and_resumes(tiny_dir, tmp_path):
+    """SIGINT to the launcher (what a terminal sends): both ranks stop after the same step, one
+    sharded checkpoint is written, exit 130 without a traceback, and the run resumes on 2 ranks."""
+    import signal
+    import time
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(400))
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    overrides = tiny_overrides(tiny_dir, data, tmp_path / "run", **{"train.max_steps": 100000, "train.micro_batch_size": 1})
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    proc = subprocess.Popen([sys.executable, "-m", "fulltune", "train", str(config), *overrides, "--nproc", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3) and time.time() < deadline:
+        time.sleep(0.2)
+    assert metrics.exists(), "training never started"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130, err[-2000:]
+    assert "continue with train.resume=auto" in err and "Traceback" not in err
+    assert err.count("stopped at step") == 1  # rank 0 reports
+    (saved,) = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    step = json.loads((saved / "trainer_state.json").read_text())["step"]
+    assert (saved / "dcp").is_dir() and step >= 3 and len(metrics.read_text().splitlines()) == step
+    overrides = tiny_overrides(tiny_dir, data, tmp_path / "run", **{"train.max_steps": step + 2, "train.micro_batch_size": 1})
+    proc = subprocess.run([sys.executable, "-m", "fulltune", "train", str(config), *overrides, "--resume", "auto",
+                           "--nproc", "2"], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(_losses(tmp_path / "run")) == list(range(1, step + 3))
+
+
+def test_a_user_error_on_two_ranks_is_one_line(tiny_dir, tmp_path):
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    overrides = tiny_overrides(tiny_dir, tmp_path / "missing.jsonl", tmp_path / "run")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    proc = subprocess.run([sys.executable, "-m", "fulltune", "train", str(config), *overrides, "--nproc", "2"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [f"fulltune: error: data file not found: {tmp_path / 'missing.jsonl'}"], proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()

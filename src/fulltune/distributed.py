@@ -175,25 +175,26 @@ def launch(nproc: int, argv: list[str]) -> int:
     """`fulltune train CONFIG --nproc G`: torchrun's launcher on this host with G processes running
     `python -m fulltune ARGV`; returns their exit status (the first failure's).
 
-    Ctrl-C goes to the workers (they finish the step and checkpoint), not to the launcher."""
+    Ctrl-C / SIGTERM reach the launcher, which passes the signal on to the workers (they run in
+    sessions of their own) and waits for them: they finish the step, checkpoint and exit."""
     import logging
-    import signal
     import uuid
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the workers report
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # the workers report, not the launcher
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-                          monitor_interval=0.5, signals_to_handle="SIGTERM,SIGHUP,SIGQUIT")
-    old = signal.signal(signal.SIGINT, lambda *_: None)
+                          monitor_interval=0.5, shutdown_timeout=900)
     try:
         elastic_launch(config, sys.executable)("-m", "fulltune", *argv)
     except ChildFailedError as exc:
         code = exc.get_first_failure()[1].exitcode
         return code if code > 0 else 1
-    finally:
-        signal.signal(signal.SIGINT, old)
+    except SignalException:
+        return 130
     return 0
