@@ -17,8 +17,6 @@ import json
 import math
 import random
 import shutil
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +31,6 @@ from fulltune.config import RunConfig, save_config
 from fulltune.data.loader import IGNORE, StepSampler, collate, count_targets
 from fulltune.data.mixture import MixedSampler
 from fulltune.errors import Interrupted, UserError
-from fulltune.evals.forgetting import forgetting_report, headline, render_report
 from fulltune.loss import loss_sum
 from fulltune.memory.measure import PeakMeter, make_resident
 from fulltune.memory.runcheck import compare as memory_compare
@@ -44,7 +41,9 @@ from fulltune.model import load_theta0
 from fulltune.optim.param_groups import build_optimizer, lrs_by_name
 from fulltune.optim.schedules import schedule_fn
 from fulltune.runtime import autocast_factory, pick_device, resolve_precision
-from fulltune.taskdata import TaskData, load_task_data, read_sources, run_probes, task_accuracy
+from fulltune.stop import StopRequest
+from fulltune.taskdata import (TaskData, finish_probes, headlines, load_task_data, read_sources, report_task,
+                               run_probes, task_accuracy)
 
 
 @dataclass
@@ -295,30 +294,6 @@ def _one_step(run: Run) -> dict:
     return rec
 
 
-class StopRequest:
-    """Ctrl-C / SIGTERM between steps: finish the current step, checkpoint, exit (a second Ctrl-C aborts)."""
-
-    def __init__(self):
-        self.requested, self._old = False, {}
-
-    def _handler(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\n[train] stop requested: finishing this step and saving a checkpoint (Ctrl-C again to abort)",
-              flush=True)
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 def loop(run: Run) -> None:
     cfg = run.cfg.train
     bar = tqdm(total=run.total_steps, initial=run.state["step"], desc="train", disable=not cfg.progress,
@@ -343,7 +318,7 @@ def _loop_step(run: Run, bar) -> Path | None:
         rec["val_loss"] = validation_loss(run)
     interval = run.cfg.eval.probe_interval
     if interval and step % interval == 0 and step < run.total_steps and run.data.probes is not None:
-        rec["probes"] = _headlines(run_probes(run, f"step {step}"))
+        rec["probes"] = headlines(run_probes(run, f"step {step}"))
     if step % cfg.log_interval == 0 or "val_loss" in rec or "probes" in rec or step == run.total_steps:
         _log(run, rec)
     top_lr = max(rec["lr"].values())
@@ -368,7 +343,7 @@ def finish(run: Run) -> dict:
         results["task_accuracy_final"] = task_accuracy(run, "θ*")
         report_task(results)
     if run.data.probes is not None:
-        _finish_probes(run, results)
+        finish_probes(run, results, _log)
     if isinstance(run.sampler, MixedSampler):
         st = run.state
         results["mixing"] = {"task_sequences": run.sampler.task_seen, "general_sequences": run.sampler.general_seen,
@@ -396,33 +371,6 @@ def _close_memory_check(run: Run) -> None:
         print(memory_line(run.state["results"]["memory"]), flush=True)
 
 
-def _headlines(result: dict) -> dict:
-    return {name: headline(summary)[1] for name, summary in result.items() if not name.startswith("_")}
-
-
-def _finish_probes(run: Run, results: dict) -> None:
-    results["probes_final"] = run_probes(run, "θ*")
-    _log(run, {"step": run.state["step"], "probes": _headlines(results["probes_final"])})
-    if "probes_theta0" not in results:
-        print("[forgetting] no θ0 probe scores for this run (probes were off when it started)", flush=True)
-        return
-    task = None
-    if "task_accuracy_theta0" in results and "task_accuracy_final" in results:
-        task = {"before": results["task_accuracy_theta0"]["accuracy"], "after": results["task_accuracy_final"]["accuracy"]}
-    results["forgetting"] = forgetting_report(results["probes_theta0"], results["probes_final"], task)
-    print(render_report(results["forgetting"]), flush=True)
-
-
-def report_task(results: dict) -> None:
-    if "task_accuracy_theta0" not in results:
-        print("[eval] no θ0 task accuracy for this run (task eval was off when it started)", flush=True)
-        return
-    before, after = results["task_accuracy_theta0"], results["task_accuracy_final"]
-    print(f"[eval] task accuracy: θ0 {100 * before['accuracy']:.1f}% → fine-tuned {100 * after['accuracy']:.1f}% "
-          f"({100 * (after['accuracy'] - before['accuracy']):+.1f} points, n={after['n']}, "
-          f"±{100 * after['stderr']:.1f} s.e.)", flush=True)
-
-
 def run_training(cfg: RunConfig) -> Run:
     """setup → task accuracy of θ0 → loop → export, task accuracy of θ*, results.json."""
     run = setup(cfg)
@@ -431,7 +379,7 @@ def run_training(cfg: RunConfig) -> Run:
             run.state["results"]["task_accuracy_theta0"] = task_accuracy(run, "θ0")
         if run.data.probes is not None:
             run.state["results"]["probes_theta0"] = run_probes(run, "θ0")
-            _log(run, {"step": 0, "probes": _headlines(run.state["results"]["probes_theta0"])})
+            _log(run, {"step": 0, "probes": headlines(run.state["results"]["probes_theta0"])})
     started = time.perf_counter()
     loop(run)
     finish(run)
