@@ -215,7 +215,7 @@ def export_hf(model, tokenizer, dest: Path) -> Path:
 
 def _export_sharded(tmp: Path | None, model, tokenizer) -> None:
     """Each rank writes its shards as safetensors; rank 0 then streams them into one model.safetensors
-    (torch's HF consolidation: tensor slices copied file to file, no full copy of the model in memory)."""
+    (torch's HF consolidation: one tensor at a time assembled from the shard files, never the whole model)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
     from torch.distributed.checkpoint.state_dict import get_model_state_dict

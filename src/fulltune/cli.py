@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return dispatch(args)
     except UserError as exc:
-        if main_rank:
+        if main_rank or getattr(exc, "every_rank", False):
             print(f"fulltune: error: {exc}", file=sys.stderr)
         return 2
     except Interrupted as exc:

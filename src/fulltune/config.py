@@ -80,8 +80,9 @@ class TrainConfig:
     seed: int = opt(0, "seed for data order, held-out split and initial RNG; same seed, same run", lo=0, hi=2**31 - 1)
     precision: str = opt("auto", "bf16-mixed: fp32 master weights + bf16 autocast; fp32; auto: bf16-mixed where the hardware has bf16 units",
                          choices=("auto", "bf16-mixed", "fp32"))
-    micro_batch_size: int = opt(8, "sequences per forward/backward pass", lo=1)
-    grad_accum_steps: int = opt(1, "micro-batches per optimiser step (loss normalised by all their target tokens)", lo=1)
+    micro_batch_size: int = opt(8, "sequences per forward/backward pass (under FSDP2: at most this many per rank)", lo=1)
+    grad_accum_steps: int = opt(1, "micro-batches per optimiser step (loss normalised by all their target tokens); "
+                                   "the step's micro_batch_size × grad_accum_steps sequences are split over the ranks", lo=1)
     epochs: float = opt(1.0, "passes over the training data (ignored when max_steps > 0)", lo=0.0, lo_open=True)
     max_steps: int = opt(0, "optimiser steps to run; 0: derive from epochs", lo=0)
     log_interval: int = opt(1, "write a metrics.jsonl line every N steps", lo=1)

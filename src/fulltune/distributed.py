@@ -49,8 +49,10 @@ def init(device_name: str) -> torch.device | None:
     if cuda and not torch.cuda.is_available():
         raise UserError("train.device=cuda but no CUDA device is visible")
     if cuda and local >= torch.cuda.device_count():
-        raise UserError(f"local rank {local} has no GPU: {torch.cuda.device_count()} visible on this node; "
+        exc = UserError(f"local rank {local} has no GPU: {torch.cuda.device_count()} visible on this node; "
                         "launch at most that many processes per node (--nproc / --nproc-per-node)")
+        exc.every_rank = True  # rank 0 may not hit it: this rank reports it itself
+        raise exc
     if cuda:
         torch.cuda.set_device(local)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))

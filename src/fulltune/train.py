@@ -182,7 +182,8 @@ def train_step(model, optimizer, micro_batches: list[dict], autocast, grad_clip:
     for batch in micro_batches:
         with autocast():
             s = loss_sum(model, batch)
-        (s * scale / n_targets).backward() if scale > 1 else (s / n_targets).backward()
+        loss = s * scale / n_targets if scale > 1 else s / n_targets
+        loss.backward()
         total += s.item()
     if anchor is not None:
         anchor.last_penalty = anchor.add_penalty_grad()
@@ -264,7 +265,7 @@ def _one_step(run: Run) -> dict:
     if run.meter.active:
         _track_largest(run, batches)
     t0 = time.perf_counter()
-    measure = {} if "state_memory" not in run.state["results"] else None
+    measure = {} if run.state["results"].get("state_memory", {}).get("ranks") != D.world_size() else None
     with run.meter.section("train"):
         loss, norm = train_step(run.model, run.optimizer, batches, run.autocast, run.cfg.optim.grad_clip, run.anchor,
                                 targets, measure)
