@@ -110,6 +110,7 @@ def fisher_sequences(general: list, n: int, seed: int) -> list:
 def cached_fisher(path: Path, key: dict, compute) -> tuple[list[torch.Tensor], bool]:
     """F from `path` if it was computed with the same `key`, else `compute()` and save it atomically."""
     names_key = json.dumps(key, sort_keys=True)
+    cached = None
     if path.is_file():
         try:
             from safetensors import safe_open
@@ -117,9 +118,11 @@ def cached_fisher(path: Path, key: dict, compute) -> tuple[list[torch.Tensor], b
                 stored = (fh.metadata() or {}).get("key")
             if stored == names_key:
                 tensors = load_file(str(path))
-                return [tensors[str(i)] for i in range(len(tensors))], True
+                cached = [tensors[str(i)] for i in range(len(tensors))]
         except Exception:  # noqa: BLE001 — a damaged cache is recomputed, never trusted
             pass
+    if not D.any_rank(cached is None):  # under FSDP2 every rank reuses its shard, or every rank computes
+        return cached, True
     fisher = compute()
     tmp = path.with_name(path.name + ".tmp")
     save_file({str(i): f.contiguous() for i, f in enumerate(fisher)}, str(tmp), metadata={"key": names_key})

@@ -22,6 +22,8 @@ import torch
 import yaml
 from safetensors.torch import load_model, save_model
 
+from torch.distributed.checkpoint import CheckpointException
+
 from fulltune import distributed as D
 from fulltune.atomic import write_dir_atomically
 from fulltune.errors import UserError
@@ -136,7 +138,7 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
         set_rng_state(torch.load(path / "rng.pt", weights_only=True))
         return json.loads((path / "trainer_state.json").read_text())
-    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+    except (RuntimeError, ValueError, KeyError, OSError, CheckpointException) as exc:
         raise UserError(f"{path}: cannot restore this checkpoint into the configured model/optimiser "
                         f"({type(exc).__name__}: {str(exc)[:200]})") from None
 

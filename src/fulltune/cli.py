@@ -120,6 +120,11 @@ def _out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, (MemoryError, torch.OutOfMemoryError))
 
 
+def _lost_peers(exc: BaseException) -> bool:
+    import torch.distributed as dist
+    return "RANK" in os.environ and isinstance(exc, dist.DistError)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights and data are local; never stall on a hub
@@ -136,9 +141,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fulltune: {exc}", file=sys.stderr)
         return 130
     except Exception as exc:
+        if _lost_peers(exc):  # another rank failed first and reported why
+            print(f"fulltune: rank {os.environ.get('RANK')} stopped: another rank failed", file=sys.stderr)
+            return 1
         if not _out_of_memory(exc):
             raise
-        print("fulltune: error: out of memory; lower train.micro_batch_size or data.max_seq_len, or set "
+        where = "" if main_rank else f" on rank {os.environ.get('RANK')}"
+        print(f"fulltune: error{where}: out of memory; lower train.micro_batch_size or data.max_seq_len, or set "
               "model.activation_checkpointing=true (checkpoints already written are intact)", file=sys.stderr)
         return 3
     except KeyboardInterrupt:

@@ -73,15 +73,17 @@ def shutdown() -> None:
 def shard(model: torch.nn.Module, precision: str, device: torch.device) -> None:
     """FSDP2: fully_shard every decoder layer, then the root. On GPUs with bf16-mixed, the gathered
     weights are bf16 and gradients are reduced in fp32 (the fp32 shards stay the master weights)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from fulltune.model import decoder_layers
+    mesh = init_device_mesh(device.type, (world_size(),))  # CPU ranks stay on CPU on a GPU machine too
     mp = MixedPrecisionPolicy()
     if device.type == "cuda" and precision == "bf16-mixed":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for layer in decoder_layers(model):
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+    for layer in decoder_layers(model):  # each unit moves to the device as it is sharded: 1/G of it stays
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     assert all(_is_dtensor(p) for p in model.parameters()), "a parameter escaped sharding"
 
 

@@ -92,15 +92,15 @@ def start_run_dir(run_dir: Path, cfg: RunConfig, fresh: bool) -> None:
 
 
 def setup(cfg: RunConfig) -> Run:
+    device = D.init(cfg.train.device) or pick_device(cfg.train.device)  # torchrun: this rank's device
+    if not D.is_main():
+        cfg.train.progress = False  # one progress bar: rank 0's
     run_dir = check_run_dir(cfg)
     resume_from = checkpoint.resolve_resume(cfg.train.resume, run_dir)
     if cfg.train.resume and resume_from is None:
         print(f"[train] no checkpoint in {run_dir / 'checkpoints'}; starting from θ0", flush=True)
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    device = D.init(cfg.train.device) or pick_device(cfg.train.device)  # torchrun: this rank's device
-    if not D.is_main():
-        cfg.train.progress = False  # one progress bar: rank 0's
     precision = resolve_precision(cfg.train.precision, device)
     sources = read_sources(cfg)  # a missing or malformed file fails before the model loads
     meter = PeakMeter(device.type).start()  # baseline before θ0 loads
@@ -113,10 +113,10 @@ def setup(cfg: RunConfig) -> Run:
 
 def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, sources, meter: PeakMeter) -> Run:
     model, tokenizer, _ = load_theta0(cfg.model)
-    model.to(device)
     if D.world_size() > 1:
-        D.shard(model, precision, device)  # FSDP2: each rank keeps 1/G of every weight from here on
+        D.shard(model, precision, device)  # FSDP2: each rank keeps 1/G of every weight, on its device
     else:
+        model.to(device)
         make_resident(model)  # the CPU memory check counts the weights as resident before step 1
     data = load_task_data(cfg, tokenizer, sources)
     sampler = StepSampler(len(data.train), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, cfg.train.seed)
