@@ -157,11 +157,27 @@ def _load_sharded(path: Path, model, optimizer) -> None:
 
 
 def _load_full_into_shards(path: Path, model, optimizer) -> None:
-    """A single-process checkpoint into a sharded model: full tensors, each rank keeping its shard;
-    the optimiser state's parameter indices become parameter names."""
-    from safetensors.torch import load_file
+    """A single-process checkpoint into a sharded model: rank 0 reads the full tensors and sends each
+    rank its shard; the optimiser state's parameter indices become parameter names."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
+    full, by_name, problem = {}, {}, None
+    if D.is_main():
+        try:
+            full, by_name = _read_full_checkpoint(path, model, optimizer)
+        except (OSError, RuntimeError, ValueError, KeyError, UserError) as exc:
+            problem = str(exc) if isinstance(exc, UserError) else f"{path}: cannot read this checkpoint ({exc})"
+    problem = D.broadcast(problem)  # every rank fails together, or none
+    if problem:
+        raise UserError(problem)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    set_model_state_dict(model, full, options=options)
+    set_optimizer_state_dict(model, optimizer, by_name, options=options)
+
+
+def _read_full_checkpoint(path: Path, model, optimizer) -> tuple[dict, dict]:
+    """model.safetensors (tied aliases filled in) and optimizer.pt keyed by parameter name."""
+    from safetensors.torch import load_file
     full = load_file(str(path / "model.safetensors"))
     names_of: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -173,14 +189,12 @@ def _load_full_into_shards(path: Path, model, optimizer) -> None:
     missing = set(model.state_dict()) - set(full)
     if missing or set(full) - set(model.state_dict()):
         raise UserError(f"{path}: checkpoint does not match the model (missing {sorted(missing)[:3]})")
-    options = StateDictOptions(full_state_dict=True, strict=False)
-    set_model_state_dict(model, full, options=options)
     names = {id(p): n for n, p in model.named_parameters()}
     order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
     saved = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
     by_name = {"state": {order[i]: v for i, v in saved["state"].items()},
                "param_groups": [dict(g, params=[order[i] for i in g["params"]]) for g in saved["param_groups"]]}
-    set_optimizer_state_dict(model, optimizer, by_name, options=options)
+    return full, by_name
 
 
 def _tied_aliases(model) -> set[str]:

@@ -87,6 +87,30 @@ def shard(model: torch.nn.Module, precision: str, device: torch.device) -> None:
     assert all(_is_dtensor(p) for p in model.parameters()), "a parameter escaped sharding"
 
 
+def load_sharded(model_cfg, precision: str, device: torch.device):
+    """(model, tokenizer): θ0 sharded over the ranks, read from disk by rank 0 only.
+
+    The other ranks build the architecture on the meta device, shard it, allocate their shards and
+    receive them from rank 0 (set_model_state_dict, broadcast_from_rank0). Host memory: one full
+    copy, on rank 0's host, while loading. A .gguf file is read by every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from fulltune.model import load_theta0
+    model, tokenizer, _ = load_theta0(model_cfg, weights=is_main())
+    on_meta = any(p.is_meta for p in model.parameters())
+    full = {} if on_meta and not is_main() else model.state_dict()
+    if not any_rank(on_meta):
+        shard(model, precision, device)  # every rank read the weights (.gguf): nothing to send
+        return model, tokenizer
+    shard(model, precision, device)
+    if on_meta:
+        model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():  # non-persistent ones too (e.g. rotary frequencies): rank 0's values
+        dist.broadcast(buffer, src=0)
+    return model, tokenizer
+
+
 def _is_dtensor(t) -> bool:
     from torch.distributed.tensor import DTensor
     return isinstance(t, DTensor)

@@ -41,12 +41,27 @@ def _load_hf_dir(path: Path, cfg: ModelConfig):
     return model, tokenizer
 
 
-def load_theta0(cfg: ModelConfig, verbose: bool = True):
-    """(model, tokenizer, path): θ0 in fp32 with every parameter trainable, checked."""
+def _meta_hf_model(path: Path, cfg: ModelConfig):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
+                                                 attn_implementation=cfg.attn_implementation)
+    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+
+
+def load_theta0(cfg: ModelConfig, verbose: bool = True, weights: bool = True):
+    """(model, tokenizer, path): θ0 in fp32 with every parameter trainable, checked.
+
+    weights=False: the same architecture on the meta device, no weights read (an FSDP2 rank that
+    receives its shards from rank 0); a .gguf file is always read in full."""
     path = resolve_model_path(cfg.path)
     if path.is_file() and path.suffix == ".gguf":
         model, tokenizer = assets.gguf_to_model(path, cfg.trust_remote_code)
         model.config._attn_implementation = cfg.attn_implementation
+    elif not weights:
+        model, tokenizer = _meta_hf_model(path, cfg)
     else:
         model, tokenizer = _load_hf_dir(path, cfg)
     model.requires_grad_(True)

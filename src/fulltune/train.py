@@ -112,10 +112,10 @@ def setup(cfg: RunConfig) -> Run:
 
 
 def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, sources, meter: PeakMeter) -> Run:
-    model, tokenizer, _ = load_theta0(cfg.model)
     if D.world_size() > 1:
-        D.shard(model, precision, device)  # FSDP2: each rank keeps 1/G of every weight, on its device
+        model, tokenizer = D.load_sharded(cfg.model, precision, device)  # FSDP2: each rank keeps 1/G of every weight
     else:
+        model, tokenizer, _ = load_theta0(cfg.model)
         model.to(device)
         make_resident(model)  # the CPU memory check counts the weights as resident before step 1
     data = load_task_data(cfg, tokenizer, sources)
