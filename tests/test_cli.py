@@ -104,3 +104,11 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_dir, tmp_path):
         "train.max_steps": step + 2}), "eval.task_file=", "data.val_fraction=0", "--resume", "auto"]) == 0
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
     assert steps == list(range(1, step + 3))
+
+
+def test_overrides_may_follow_an_option(capsys, tmp_path):
+    out = tmp_path / "lr.png"
+    assert main(["schedule", QUICKSTART, "--out", str(out), "train.max_steps=77", "schedule.name=constant"]) == 0
+    assert "constant schedule over 77 steps" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["schedule", QUICKSTART, "--bogus"])

@@ -128,7 +128,12 @@ def _lost_peers(exc: BaseException) -> bool:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights and data are local; never stall on a hub
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
+        args.overrides += extra  # key=value overrides after an option (e.g. after --nproc 2)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 reports what every rank hit
     try:
         return dispatch(args)
