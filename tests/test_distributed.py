@@ -214,3 +214,22 @@ def test_a_user_error_on_two_ranks_is_one_line(tiny_dir, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == [f"fulltune: error: data file not found: {tmp_path / 'missing.jsonl'}"], proc.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_fisher_shard_makes_every_rank_recompute(runs, tiny_dir, tmp_path):
+    """One rank's cached Fisher shard gone: both ranks recompute (no rank waits in a collective alone)."""
+    import shutil
+    run = tmp_path / "again"
+    shutil.copytree(runs["two"], run)
+    (run / "fisher-rank1-of-2.safetensors").unlink()
+    before = load_file(str(run / "fisher-rank0-of-2.safetensors"))
+    data = runs["one"].parent / "chat.jsonl"
+    settings = {**_settings(runs["one"].parent), "train.overwrite": "true", "train.max_steps": 1}
+    overrides = tiny_overrides(tiny_dir, data, run, **settings)
+    proc = _torchrun(tmp_path, overrides)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "computed, cached in" in proc.stdout and "reused" not in proc.stdout
+    after = load_file(str(run / "fisher-rank0-of-2.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert (run / "fisher-rank1-of-2.safetensors").is_file()
+    assert _close(_losses(run)[1]["loss"], _losses(runs["two"])[1]["loss"])
