@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors.torch import load_model, save_model
-
 from torch.distributed.checkpoint import CheckpointException
 
 from fulltune import distributed as D

@@ -98,16 +98,14 @@ def load_sharded(model_cfg, precision: str, device: torch.device):
     from fulltune.model import load_theta0
     model, tokenizer, _ = load_theta0(model_cfg, weights=is_main())
     on_meta = any(p.is_meta for p in model.parameters())
-    full = {} if on_meta and not is_main() else model.state_dict()
-    if not any_rank(on_meta):
-        shard(model, precision, device)  # every rank read the weights (.gguf): nothing to send
-        return model, tokenizer
+    full = model.state_dict() if is_main() else {}  # references to rank 0's full tensors, taken before sharding
     shard(model, precision, device)
-    if on_meta:
-        model.to_empty(device=device)
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    for buffer in model.buffers():  # non-persistent ones too (e.g. rotary frequencies): rank 0's values
-        dist.broadcast(buffer, src=0)
+    if any_rank(on_meta):  # otherwise every rank read the weights (.gguf): nothing to send
+        if on_meta:
+            model.to_empty(device=device)
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for buffer in model.buffers():  # non-persistent ones too (e.g. rotary frequencies): rank 0's values
+            dist.broadcast(buffer, src=0)
     return model, tokenizer
 
 

@@ -88,7 +88,8 @@ def plan(spec: ModelSpec, gpu: str, n_gpus: int, base: TrainSetup) -> Plan:
 
 def _zero3_command(n_gpus: int) -> str:
     return (f"run it: fulltune train CONFIG --nproc {n_gpus} (one node), or on each node: torchrun --nnodes=NODES "
-            "--nproc-per-node=GPUS --rdzv-backend=c10d --rdzv-endpoint=HOST:29400 --rdzv-id=RUN -m fulltune train "
+            "--nproc-per-node=GPUS --rdzv-backend=c10d --rdzv-endpoint=HOST:29400 --rdzv-id=RUN --shutdown-timeout=900 "
+            "-m fulltune train "
             "CONFIG; the global batch stays micro_batch_size × grad_accum_steps (README: Many GPUs and nodes)")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 
+from fulltune.distributed import local, world_size
 from fulltune.memory.estimate import GB, TrainSetup, estimate
 from fulltune.memory.spec import spec_from_config
 
@@ -17,10 +18,10 @@ def run_setup(cfg, precision: str, device_type: str, rows: int, length: int, tar
     if optimizer == "sgd" and cfg.optim.momentum > 0:
         optimizer = "sgd-momentum"
     anchor = cfg.anchor.method if cfg.anchor.method != "none" else ("l2sp" if cfg.optim.decay_toward == "theta0" else "none")
-    from fulltune.distributed import world_size
     ranks = world_size()  # FSDP2 over the ranks: ZeRO-3
-    return TrainSetup(gpus=ranks, zero_stage=3 if ranks > 1 else 0,micro_batch=rows, seq_len=length, precision="amp" if precision == "bf16-mixed" else "fp32",
-                      optimizer=optimizer, activation_checkpointing=cfg.model.activation_checkpointing,
+    return TrainSetup(micro_batch=rows, seq_len=length, precision="amp" if precision == "bf16-mixed" else "fp32",
+                      gpus=ranks, zero_stage=3 if ranks > 1 else 0, optimizer=optimizer,
+                      activation_checkpointing=cfg.model.activation_checkpointing,
                       loss_fraction=max(targets, 1) / (rows * length), device=device_type, anchor=anchor,
                       grad_accum=2 if grads_alive else 1)
 
@@ -59,7 +60,6 @@ def compare(model, cfg, precision: str, meter, largest: dict, anchor_bytes: int 
         # Above the RSS just before step 1, plus the fp32 weights already resident then (exact bytes):
         # evaluation run before training leaves caches and heap history that are not training memory.
         # The θ0 copy (and EWC's Fisher) are resident before step 1 too: counted the same way.
-        from fulltune.distributed import local
         weights = sum(local(p).numel() * p.element_size() for p in model.parameters()) + anchor_bytes
         measured = meter.sections["train"] - meter.pre_train + weights
         how = ("peak RSS over the measured training steps minus RSS just before step 1, "
