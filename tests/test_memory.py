@@ -200,3 +200,23 @@ def test_memory_check_picks_the_micro_batch_with_the_highest_predicted_peak(tiny
     later = {**wide, "grads_alive": True}
     assert heaviest(model, cfg, "fp32", "cpu", {"rows": 0}, [wide, dense]) == dense
     assert heaviest(model, cfg, "fp32", "cpu", {"rows": 0}, [wide, later]) == later
+
+
+def test_zero3_terms_follow_fsdp2():
+    spec = load_spec("smollm2-135m")
+    root = spec.n_embed_params + spec.hidden  # tied: one embedding/head tensor, plus the final norm
+    cpu = estimate(spec, TrainSetup(precision="amp", device="cpu", gpus=2, zero_stage=3))
+    assert cpu.get("gathered root unit") == 4 * root and cpu.get("root unit gradient") == 4 * root
+    assert cpu.get("bf16 weight copies") == 2 * spec.n_matmul_params  # autocast copies are not sharded
+    assert cpu.get("weights") == 4 * spec.n_params / 2
+    gpu = estimate(spec, TrainSetup(precision="amp", device="cuda", gpus=2, zero_stage=3))
+    assert gpu.get("gathered root unit") == 2 * root and gpu.get("bf16 weight copies") == 0  # bf16 gather
+    one = estimate(spec, TrainSetup(precision="amp", device="cpu"))
+    assert one.get("gathered root unit") == one.get("root unit gradient") == 0
+    assert one.get("bf16 weight copies") == 2 * spec.n_matmul_params
+
+
+def test_zero3_plan_names_the_commands():
+    p = plan(load_spec("llama-7b"), "a100-80gb", 8, TrainSetup(precision="mixed"))
+    assert p.branch == "full-zero3"
+    assert any("fulltune train CONFIG --nproc 8" in n and "torchrun" in n for n in p.notes)
