@@ -60,7 +60,7 @@ def run_hf(steps: int, out: Path) -> dict:
     from fulltune.data.loader import collate
     from fulltune.model import load_theta0
     from fulltune.runtime import pick_device, resolve_precision
-    from fulltune.taskdata import load_task_data, read_sources
+    from fulltune.data.rundata import load_task_data, read_sources
 
     cfg = load_config(ROOT / "configs/quickstart.yaml", COMMON)
     model, tokenizer, _ = load_theta0(cfg.model)

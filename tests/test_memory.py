@@ -172,12 +172,12 @@ def test_run_measures_its_first_steps_then_relaxes(tiny_dir, chat_file, tmp_path
     from fulltune.train import run_training
     run = run_training(load_config(None, tiny_overrides(tiny_dir, chat_file, tmp_path / "a", **{
         "train.max_steps": 4, "train.memory_steps": 2})))
-    assert run.measured_steps == 2 and not run.meter.active
+    assert run.memory.measured_steps == 2 and not run.memory.meter.active
     memory = json.loads((tmp_path / "a" / "results.json").read_text())["memory"]
     assert memory["largest_micro_batch"]["rows"] == 4 and isinstance(memory["measured_peak_gb"], float)
     run = run_training(load_config(None, tiny_overrides(tiny_dir, chat_file, tmp_path / "b", **{
         "train.max_steps": 2, "train.memory_steps": 0})))
-    assert run.measured_steps == 0
+    assert run.memory.measured_steps == 0
     assert "memory" not in json.loads((tmp_path / "b" / "results.json").read_text())
 
 

@@ -32,18 +32,15 @@ from fulltune.data.loader import IGNORE, StepSampler, collate, count_targets
 from fulltune.data.mixture import MixedSampler
 from fulltune.errors import Interrupted, UserError
 from fulltune.loss import loss_sum
+from fulltune.data.rundata import TaskData, load_task_data, read_sources
+from fulltune.evals.during_run import finish_probes, headlines, report_task, run_probes, task_accuracy
 from fulltune.memory.measure import PeakMeter, make_resident
-from fulltune.memory.runcheck import compare as memory_compare
-from fulltune.memory.runcheck import heaviest
-from fulltune.memory.runcheck import line as memory_line
-from fulltune.memory.runcheck import state_memory, state_memory_line
+from fulltune.memory.runmemory import RunMemory
 from fulltune.model import load_theta0
 from fulltune.optim.param_groups import build_optimizer, lrs_by_name
 from fulltune.optim.schedules import schedule_fn
 from fulltune.runtime import autocast_factory, pick_device, resolve_precision
 from fulltune.stop import StopRequest
-from fulltune.taskdata import (TaskData, finish_probes, headlines, load_task_data, read_sources, report_task,
-                               run_probes, task_accuracy)
 
 
 @dataclass
@@ -62,9 +59,8 @@ class Run:
     precision: str
     device: torch.device
     state: dict
-    meter: PeakMeter
+    memory: RunMemory              # the memory check: peak vs estimate, model-state bytes
     anchor: Anchor | None = None   # θ0 copy for L2-SP / EWC / decay toward θ0
-    measured_steps: int = 0
 
     def examples(self, indices: list[int]) -> list:
         """Task examples, then general ones (index n_task + j) when data mixing is on."""
@@ -127,8 +123,7 @@ def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, s
     autocast = autocast_factory(precision, device)
     meter.pause()  # θ0 evaluation (and EWC's Fisher) run at full speed; step 1 resumes measuring
     anchor = anchor_for_run(cfg, run_dir, model, data.general, tokenizer.pad_token_id, autocast)  # before resume: θ0
-    state = {"step": 0, "tokens_seen": 0, "target_tokens_seen": 0, "elapsed_s": 0.0, "results": {},
-             "largest_micro_batch": {"rows": 0, "length": 0, "targets": 0}}
+    state = {"step": 0, "tokens_seen": 0, "target_tokens_seen": 0, "elapsed_s": 0.0, "results": {}}
     if resume_from is not None:
         state = _resume(resume_from, run_dir, cfg, model, optimizer, sampler)
     if "memory" in state["results"] or (device.type == "cpu" and cfg.train.memory_steps == 0):
@@ -140,8 +135,9 @@ def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, s
     print(f"[train] device {device}{ranks}, precision {precision}, {total} steps "
           f"({sampler.steps_per_epoch} per epoch, batch {cfg.train.micro_batch_size}×{cfg.train.grad_accum_steps}), "
           f"{len(optimizer.param_groups)} parameter groups", flush=True)
+    memory = RunMemory(meter, model, cfg, precision, state, anchor.nbytes if anchor else 0)
     return Run(cfg, run_dir, model, tokenizer, data, optimizer, sampler, total,
-               schedule_fn(cfg.schedule, cfg.optim.lr, total), autocast, precision, device, state, meter, anchor)
+               schedule_fn(cfg.schedule, cfg.optim.lr, total), autocast, precision, device, state, memory, anchor)
 
 
 def _resume(path: Path, run_dir: Path, cfg: RunConfig, model, optimizer, sampler) -> dict:
@@ -149,7 +145,6 @@ def _resume(path: Path, run_dir: Path, cfg: RunConfig, model, optimizer, sampler
     checkpoint.check_compatible(path, cfg)
     state = checkpoint.load_checkpoint(path, model, optimizer)
     sampler.load_state_dict(state["sampler"])
-    state.setdefault("largest_micro_batch", {"rows": 0, "length": 0, "targets": 0})
     if D.is_main():
         _trim_metrics(run_dir / "metrics.jsonl", state["step"])
         checkpoint.drop_later_checkpoints(run_dir, state["step"])  # from an abandoned future of this run
@@ -166,7 +161,7 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 
 def train_step(model, optimizer, micro_batches: list[dict], autocast, grad_clip: float,
-               anchor: Anchor | None = None, n_targets: int | None = None, measure: dict | None = None
+               anchor: Anchor | None = None, n_targets: int | None = None, memory: RunMemory | None = None
                ) -> tuple[float, float]:
     """One optimiser step over micro-batches; returns (mean token loss, grad norm before clipping).
 
@@ -174,7 +169,7 @@ def train_step(model, optimizer, micro_batches: list[dict], autocast, grad_clip:
     averages gradients over the G ranks, so each rank's loss is scaled by G: Σ CE / N in the end.
     With an anchor: its penalty's gradient joins the loss's before clipping, and decay toward θ0
     is applied just before the optimiser's update (decoupled, as AdamW's own decay).
-    `measure`: filled with this rank's bytes of parameters, gradients and optimiser state.
+    `memory`: the run's memory check, told when the update is applied (gradients still alive).
     """
     n_targets = n_targets or int(D.all_sum([sum(count_targets(b) for b in micro_batches)])[0])
     scale = D.world_size()
@@ -190,8 +185,8 @@ def train_step(model, optimizer, micro_batches: list[dict], autocast, grad_clip:
     if anchor is not None:
         anchor.decay_toward_theta0(optimizer)
     optimizer.step()
-    if measure is not None:
-        measure.update(D.state_bytes(model, optimizer))
+    if memory is not None:
+        memory.update_applied(model, optimizer)
     optimizer.zero_grad(set_to_none=True)
     (total,) = D.all_sum([total])
     return total / n_targets, float(D.full_value(norm))
@@ -243,64 +238,24 @@ def _save(run: Run) -> Path:
                                       run.state, run.cfg.train.keep_checkpoints)
 
 
-def _track_largest(run: Run, batches: list[dict]) -> None:
-    """The micro-batch with the highest predicted peak so far: what the memory check compares against."""
-    candidates = [{"rows": b["input_ids"].shape[0], "length": b["input_ids"].shape[1], "targets": count_targets(b),
-                   "grads_alive": i > 0} for i, b in enumerate(batches)]
-    run.state["largest_micro_batch"] = heaviest(run.model, run.cfg, run.precision, run.meter.device_type,
-                                                run.state["largest_micro_batch"], candidates)
-
-
-def _one_step(run: Run) -> dict:
-    step = run.state["step"]
-    for group in run.optimizer.param_groups:
-        group["lr"] = group["initial_lr"] * run.lr_multiplier(step)
-    lrs = lrs_by_name(run.optimizer)
-    indices = run.sampler.next_step()
-    batches = _my_batches(run, indices)
-    every = run.examples([i for idx in indices for i in idx])  # the whole step, over every rank
-    tokens = sum(len(e.input_ids) for e in every)
-    targets = sum(sum(e.target_mask[1:]) for e in every)
-    if run.meter.active:
-        _track_largest(run, batches)
-    t0 = time.perf_counter()
-    measure = {} if run.state["results"].get("state_memory", {}).get("ranks") != D.world_size() else None
-    with run.meter.section("train"):
-        loss, norm = train_step(run.model, run.optimizer, batches, run.autocast, run.cfg.optim.grad_clip, run.anchor,
-                                targets, measure)
-    if measure:
-        run.state["results"]["state_memory"] = state_memory(run.model, run.cfg, run.precision, run.meter.device_type,
-                                                            D.gather(measure), run.anchor.nbytes if run.anchor else 0)
-        print(state_memory_line(run.state["results"]["state_memory"]), flush=True)
-    dt = time.perf_counter() - t0
-    run.measured_steps += int(run.meter.active)
-    if run.meter.device_type == "cpu" and run.meter.active and run.measured_steps >= run.cfg.train.memory_steps:
-        _close_memory_check(run)  # the peak repeats every step once the optimiser state exists: full speed now
-    if not math.isfinite(loss):
-        raise UserError(f"loss became {loss} at step {step}: lower optim.lr or check the data")
-    s = run.state
-    s["step"], s["tokens_seen"], s["target_tokens_seen"] = step + 1, s["tokens_seen"] + tokens, s["target_tokens_seen"] + targets
-    s["elapsed_s"] += dt
-    rec = {"step": step + 1, "epoch": run.sampler.epoch, "loss": loss, "lr": lrs, "grad_norm": norm,
-           "tokens_seen": s["tokens_seen"], "target_tokens_seen": s["target_tokens_seen"],
-           "tokens_per_s": tokens / dt, "elapsed_s": s["elapsed_s"]}
-    if isinstance(run.sampler, MixedSampler):
-        general = run.examples([i for idx in indices for i in idx if i >= len(run.data.train)])
-        s["general_target_tokens"] = s.get("general_target_tokens", 0) + sum(sum(e.target_mask[1:]) for e in general)
-    if run.anchor is not None:
-        rec["theta0_distance"] = run.anchor.distance()  # after the update
-        if run.anchor.lam:
-            rec["penalty"] = run.anchor.last_penalty
-    return rec
-
-
 def loop(run: Run) -> None:
+    """Every optimiser step, top to bottom: rates, micro-batches, update, then the step's bookkeeping."""
     cfg = run.cfg.train
     bar = tqdm(total=run.total_steps, initial=run.state["step"], desc="train", disable=not cfg.progress,
                dynamic_ncols=True)
     with StopRequest() as stop:
         while run.state["step"] < run.total_steps:
-            saved = _loop_step(run, bar)
+            for group in run.optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * run.lr_multiplier(run.state["step"])
+            indices = run.sampler.next_step()  # the whole step's sequences, over every rank
+            batches = _my_batches(run, indices)
+            flat = [i for idx in indices for i in idx]
+            t0 = time.perf_counter()
+            with run.memory.step(batches):
+                loss, norm = train_step(run.model, run.optimizer, batches, run.autocast, run.cfg.optim.grad_clip,
+                                        run.anchor, _targets(run.examples(flat)), run.memory)
+            rec = _record(run, flat, loss, norm, time.perf_counter() - t0)
+            saved = _after_step(run, rec, bar)
             if D.any_rank(stop.requested) and run.state["step"] < run.total_steps:  # every rank stops together
                 bar.close()
                 path = saved or _save(run)
@@ -309,10 +264,34 @@ def loop(run: Run) -> None:
     bar.close()
 
 
-def _loop_step(run: Run, bar) -> Path | None:
-    """One step plus its bookkeeping: validation, metrics line, progress bar, periodic checkpoint."""
+def _targets(examples: list) -> int:
+    return sum(sum(e.target_mask[1:]) for e in examples)
+
+
+def _record(run: Run, flat: list[int], loss: float, norm: float, dt: float) -> dict:
+    """Advance the counters by the step just taken (`flat`: its sequences); its metrics.jsonl record."""
+    if not math.isfinite(loss):
+        raise UserError(f"loss became {loss} at step {run.state['step']}: lower optim.lr or check the data")
+    s, every = run.state, run.examples(flat)
+    tokens, targets = sum(len(e.input_ids) for e in every), _targets(every)
+    s["step"], s["tokens_seen"], s["target_tokens_seen"] = s["step"] + 1, s["tokens_seen"] + tokens, s["target_tokens_seen"] + targets
+    s["elapsed_s"] += dt
+    rec = {"step": s["step"], "epoch": run.sampler.epoch, "loss": loss, "lr": lrs_by_name(run.optimizer),
+           "grad_norm": norm, "tokens_seen": s["tokens_seen"], "target_tokens_seen": s["target_tokens_seen"],
+           "tokens_per_s": tokens / dt, "elapsed_s": s["elapsed_s"]}
+    if isinstance(run.sampler, MixedSampler):
+        general = run.examples([i for i in flat if i >= len(run.data.train)])
+        s["general_target_tokens"] = s.get("general_target_tokens", 0) + _targets(general)
+    if run.anchor is not None:
+        rec["theta0_distance"] = run.anchor.distance()  # after the update
+        if run.anchor.lam:
+            rec["penalty"] = run.anchor.last_penalty
+    return rec
+
+
+def _after_step(run: Run, rec: dict, bar) -> Path | None:
+    """The step's bookkeeping: validation, probes, metrics line, progress bar, periodic checkpoint."""
     cfg = run.cfg.train
-    rec = _one_step(run)
     step = rec["step"]
     if cfg.val_interval and step % cfg.val_interval == 0 and step < run.total_steps and run.data.val:
         rec["val_loss"] = validation_loss(run)
@@ -335,7 +314,7 @@ def finish(run: Run) -> dict:
         results["final_val_loss"] = validation_loss(run)
         _log(run, {"step": run.state["step"], "val_loss": results["final_val_loss"]})
         print(f"[train] validation loss {results['final_val_loss']:.4f}", flush=True)
-    _close_memory_check(run)
+    run.memory.close()
     final = checkpoint.export_hf(run.model, run.tokenizer, run.run_dir / "final")
     print(f"[train] saved the fine-tuned model to {final}", flush=True)
     _save(run)
@@ -358,17 +337,6 @@ def finish(run: Run) -> dict:
     if D.is_main():
         (run.run_dir / "results.json").write_text(json.dumps(results, indent=1))
     return results
-
-
-def _close_memory_check(run: Run) -> None:
-    """Stop measuring and store predicted vs measured peak (once per run, kept across resumes)."""
-    was_active = run.meter.active
-    run.meter.stop()
-    if was_active and run.state["largest_micro_batch"]["rows"] and run.meter.sections.get("train"):
-        run.state["results"]["memory"] = memory_compare(run.model, run.cfg, run.precision, run.meter,
-                                                        run.state["largest_micro_batch"],
-                                                        run.anchor.nbytes if run.anchor else 0)
-        print(memory_line(run.state["results"]["memory"]), flush=True)
 
 
 def run_training(cfg: RunConfig) -> Run:

@@ -1,4 +1,6 @@
-"""The run's data: tokenised train / validation examples and the task-accuracy records."""
+"""The run's data: tokenised train / validation / general examples, the task records and the probe set.
+
+Everything here builds examples; `evals/` scores models on them."""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ from fulltune.config import RunConfig
 from fulltune.data.formats import Example, encode_dataset
 from fulltune.data.sources import load_records
 from fulltune.errors import UserError
-from fulltune.evals.classify import gold_labels, label_accuracy
-from fulltune.evals.forgetting import ProbeSet, forgetting_report, headline, render_report
+from fulltune.evals.classify import gold_labels
+from fulltune.evals.forgetting import ProbeSet
 
 
 @dataclass
@@ -79,53 +81,3 @@ def _general_examples(cfg: RunConfig, tokenizer, sources: dict, stats: dict) -> 
         stats.setdefault("general", []).append(asdict(general_stats))
         general += examples
     return general
-
-
-def task_accuracy(run, tag: str) -> dict:
-    """Accuracy of the model as it is now on the task records (printed and returned)."""
-    cfg = run.cfg.eval
-    result = label_accuracy(run.model, run.tokenizer, run.data.task, run.data.task_source, list(cfg.labels),
-                            cfg.batch_size, run.autocast, desc=f"task eval {tag}" if run.cfg.train.progress else "")
-    print(f"[eval] {tag} task accuracy {100 * result['accuracy']:.1f}% "
-          f"({result['correct']}/{result['n']}, ±{100 * result['stderr']:.1f} s.e.)", flush=True)
-    return result
-
-
-def run_probes(run, tag: str) -> dict:
-    """Score the general-skill probes on the model as it is now; print one line."""
-    result = run.data.probes.run(run.model, run.autocast, run.cfg.eval.batch_size, run.cfg.train.progress)
-    parts = []
-    for name, summary in result.items():
-        if not name.startswith("_"):
-            metric, value = headline(summary)
-            parts.append(f"{name} {100 * value:.1f}%" if metric == "acc" else f"{name} NLL {value:.3f}")
-    print(f"[probes] {tag}: " + ", ".join(parts) + f" ({result['_seconds']:.0f} s)", flush=True)
-    return result
-
-
-def headlines(result: dict) -> dict:
-    return {name: headline(summary)[1] for name, summary in result.items() if not name.startswith("_")}
-
-
-def finish_probes(run, results: dict, log) -> None:
-    """θ* probe scores (logged with `log`) and, with θ0's, the forgetting report."""
-    results["probes_final"] = run_probes(run, "θ*")
-    log(run, {"step": run.state["step"], "probes": headlines(results["probes_final"])})
-    if "probes_theta0" not in results:
-        print("[forgetting] no θ0 probe scores for this run (probes were off when it started)", flush=True)
-        return
-    task = None
-    if "task_accuracy_theta0" in results and "task_accuracy_final" in results:
-        task = {"before": results["task_accuracy_theta0"]["accuracy"], "after": results["task_accuracy_final"]["accuracy"]}
-    results["forgetting"] = forgetting_report(results["probes_theta0"], results["probes_final"], task)
-    print(render_report(results["forgetting"]), flush=True)
-
-
-def report_task(results: dict) -> None:
-    if "task_accuracy_theta0" not in results:
-        print("[eval] no θ0 task accuracy for this run (task eval was off when it started)", flush=True)
-        return
-    before, after = results["task_accuracy_theta0"], results["task_accuracy_final"]
-    print(f"[eval] task accuracy: θ0 {100 * before['accuracy']:.1f}% → fine-tuned {100 * after['accuracy']:.1f}% "
-          f"({100 * (after['accuracy'] - before['accuracy']):+.1f} points, n={after['n']}, "
-          f"±{100 * after['stderr']:.1f} s.e.)", flush=True)

@@ -1,0 +1,73 @@
+"""The run's memory check, behind one object the loop calls at two named points.
+
+    with run.memory.step(batches):             # 1: the step as a whole, its peak measured
+        ... forward / backward ...
+        optimizer.step()
+        run.memory.update_applied(model, opt)  # 2: model-state bytes, once, before zero_grad
+        optimizer.zero_grad()
+
+Point 1 keeps the micro-batch with the highest predicted peak (what the peak is compared with) and
+on CPU closes the measurement after `train.memory_steps` steps, since glibc's measuring mode is
+slow. Point 2 measures each rank's bytes of parameters, gradients and optimiser state against the
+estimator. Both results live in the trainer state (`results.memory`, `results.state_memory`), so a
+resumed run keeps them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from fulltune import distributed as D
+from fulltune.data.loader import count_targets
+from fulltune.memory.measure import PeakMeter
+from fulltune.memory.runcheck import compare, heaviest, line, state_memory, state_memory_line
+
+
+class RunMemory:
+    def __init__(self, meter: PeakMeter, model, cfg, precision: str, state: dict, anchor_bytes: int = 0):
+        self.meter, self.model, self.cfg, self.precision = meter, model, cfg, precision
+        self.state, self.anchor_bytes = state, anchor_bytes  # the trainer state: checkpointed with the run
+        self.state.setdefault("largest_micro_batch", {"rows": 0, "length": 0, "targets": 0})
+        self.measured_steps = 0
+        self._measure_state = False
+
+    @property
+    def results(self) -> dict:
+        return self.state["results"]
+
+    @contextlib.contextmanager
+    def step(self, batches: list[dict]):
+        """Named point 1: around one optimiser step."""
+        self._measure_state = self.results.get("state_memory", {}).get("ranks") != D.world_size()
+        if self.meter.active:
+            self._track_largest(batches)
+        with self.meter.section("train"):
+            yield
+        self.measured_steps += int(self.meter.active)
+        if self.meter.device_type == "cpu" and self.meter.active and self.measured_steps >= self.cfg.train.memory_steps:
+            self.close()  # the peak repeats every step once the optimiser state exists: full speed now
+
+    def update_applied(self, model, optimizer) -> None:
+        """Named point 2: after the update, before the gradients are freed (measured once per rank count)."""
+        if not self._measure_state:
+            return
+        self._measure_state = False
+        per_rank = D.gather(D.state_bytes(model, optimizer))
+        self.results["state_memory"] = state_memory(self.model, self.cfg, self.precision, self.meter.device_type,
+                                                    per_rank, self.anchor_bytes)
+        print(state_memory_line(self.results["state_memory"]), flush=True)
+
+    def _track_largest(self, batches: list[dict]) -> None:
+        candidates = [{"rows": b["input_ids"].shape[0], "length": b["input_ids"].shape[1], "targets": count_targets(b),
+                       "grads_alive": i > 0} for i, b in enumerate(batches)]
+        self.state["largest_micro_batch"] = heaviest(self.model, self.cfg, self.precision, self.meter.device_type,
+                                                     self.state["largest_micro_batch"], candidates)
+
+    def close(self) -> None:
+        """Stop measuring; store predicted vs measured peak (once per run, kept across resumes)."""
+        was_active = self.meter.active
+        self.meter.stop()
+        if was_active and self.state["largest_micro_batch"]["rows"] and self.meter.sections.get("train"):
+            self.results["memory"] = compare(self.model, self.cfg, self.precision, self.meter,
+                                             self.state["largest_micro_batch"], self.anchor_bytes)
+            print(line(self.results["memory"]), flush=True)
