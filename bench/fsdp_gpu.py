@@ -72,7 +72,7 @@ def main() -> None:
         D.is_main() and print(f"step {step + 1}: loss {loss:.4f}, {times[-1]:.2f} s", flush=True)
     steady = times[1:]
     tokens_per_s = args.batch * seq * D.world_size() / (sum(steady) / len(steady))
-    setup = TrainSetup(micro_batch=args.batch, seq_len=seq, precision="amp", gpus=D.world_size(),
+    setup = TrainSetup(micro_batch=args.batch, seq_len=seq, precision="bf16-mixed", gpus=D.world_size(),
                        zero_stage=3 if D.world_size() > 1 else 0, device="cuda" if cuda else "cpu")
     predicted = estimate(spec_from_config(config, name), setup).peak / GB
     peak = torch.cuda.max_memory_allocated() / GB if cuda else float("nan")

@@ -63,7 +63,7 @@ def measure(name: str, batch: int, seq: int, device: str, steps: int) -> dict:
             train_step(model, optimizer, [batch_t], autocast, grad_clip=1.0)
     elapsed = time.perf_counter() - t0
     meter.stop()
-    setup = TrainSetup(micro_batch=batch, seq_len=seq, precision="amp" if device == "cuda" else "fp32",
+    setup = TrainSetup(micro_batch=batch, seq_len=seq, precision="bf16-mixed" if device == "cuda" else "fp32",
                        loss_fraction=(seq - 1) / seq, device=device)
     est = estimate(spec_from_config(config, name), setup)
     predicted = est.peak - est.get("CUDA context")  # not in the allocator's figures

@@ -67,7 +67,7 @@ class Anchor:
     def decay_toward_theta0(self, optimizer: torch.optim.Optimizer) -> None:
         """θ ← θ − lr·wd·(θ − θ0) for the groups whose decay pulls toward θ0 (param_groups sets them)."""
         for group in optimizer.param_groups:
-            rate = group["lr"] * group.get("decay_to_theta0", 0.0)
+            rate = float(group["lr"]) * group.get("decay_to_theta0", 0.0)
             if rate:
                 for p in group["params"]:
                     D.local(p).lerp_(self._theta0_of[id(p)], rate)

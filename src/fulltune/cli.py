@@ -45,12 +45,16 @@ def _memory_parser(sub) -> None:
                    help="seed: the seed's 16N + s·b·d·L·k table for LLaMA-7B/13B/70B")
     m.add_argument("--batch", type=int, default=1, help="micro-batch size")
     m.add_argument("--seq", type=int, default=2048, help="sequence length")
-    m.add_argument("--precision", choices=PRECISIONS, default="amp",
-                   help="amp: fp32 weights + bf16 autocast (fulltune's loop); mixed: bf16 weights + fp32 master "
-                        "(the 16N layout of ZeRO/DeepSpeed); bf16: pure bf16; fp32")
+    m.add_argument("--precision", choices=PRECISIONS, default="bf16-mixed",
+                   help="the config's names: bf16-mixed (fp32 weights + bf16 autocast), bf16 (pure bf16, stochastic "
+                        "rounding), fp32; bf16-master (bf16 weights + fp32 master: ZeRO/DeepSpeed's 16N layout) "
+                        "for comparison only")
     m.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     m.add_argument("--fp32-grads", action="store_true", help="mixed precision with fp32 gradients")
     m.add_argument("--checkpointing", action="store_true", help="activation checkpointing per decoder layer")
+    m.add_argument("--in-backward", action="store_true", help="optimizer step in backward: one gradient alive at a time")
+    m.add_argument("--activation-offload", action="store_true", help="CUDA: saved activations in pinned CPU memory")
+    m.add_argument("--cpu-offload", action="store_true", help="CUDA: optimiser state and gradients in CPU memory")
     m.add_argument("--gpus", type=int, default=1)
     m.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0, help="ZeRO stage over --gpus")
     m.add_argument("--method", choices=METHODS, default="full", help="full fine-tuning, or LoRA / QLoRA to compare")
@@ -71,7 +75,8 @@ def _plan_parser(sub) -> None:
     p.add_argument("--gpus", type=int, default=1, help="how many GPUs you have")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--precision", choices=("amp", "mixed", "bf16", "fp32"), default="mixed")
+    p.add_argument("--precision", choices=("auto", "bf16-mixed", "bf16", "fp32"), default="auto",
+                   help="auto: what train.precision auto runs on these GPUs (bf16-mixed: every listed GPU has bf16)")
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -89,7 +94,8 @@ def dispatch(args: argparse.Namespace) -> int:
         from fulltune.memory.spec import load_spec
         if args.gpus < 1 or args.batch < 1 or args.seq < 1:
             raise UserError("--gpus, --batch and --seq must be ≥ 1")
-        base = TrainSetup(micro_batch=args.batch, seq_len=args.seq, precision=args.precision)
+        precision = "bf16-mixed" if args.precision == "auto" else args.precision
+        base = TrainSetup(micro_batch=args.batch, seq_len=args.seq, precision=precision)
         print(render(plan(load_spec(args.model), args.gpu, args.gpus, base)))
     elif args.command == "memory":
         from fulltune.memory.report import run_memory_command

@@ -6,6 +6,7 @@ A config holds plain values only; nothing in it can name code to import.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import typing
@@ -32,6 +33,8 @@ class ModelConfig:
     path: str = opt("default", "θ0: an HF model directory (safetensors), a .gguf file, or 'default' (SmolLM2-135M-Instruct)")
     trust_remote_code: bool = opt(False, "allow the model directory's own Python code to run (off: only transformers' built-in architectures)")
     activation_checkpointing: bool = opt(False, "recompute each decoder layer's activations in the backward pass (less memory, one more forward per layer)")
+    activation_offload: bool = opt(False, "CUDA: keep the activations saved for backward in pinned CPU memory "
+                                          "(torch.autograd.graph.save_on_cpu) instead of on the GPU")
     attn_implementation: str = opt("sdpa", "attention kernel passed to transformers", choices=("sdpa", "eager"))
 
 
@@ -53,13 +56,17 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = opt("adamw", "optimiser", choices=("adamw", "sgd"))
+    name: str = opt("adamw", "optimiser: adamw (8 B/param of state in fp32), adamw8bit (≈2), adamw4bit (≈1; both torchao), "
+                             "adafactor (factored second moment; lr is a relative step), sgd (0, or 4 with momentum)",
+                    choices=("adamw", "sgd", "adafactor", "adamw8bit", "adamw4bit"))
     lr: float = opt(5e-5, "peak learning rate (the top layer's rate with layer_lr_decay)", lo=0.0, lo_open=True)
     weight_decay: float = opt(0.0, "decoupled weight decay, never applied to biases and norm weights", lo=0.0)
     betas: list = opt([0.9, 0.999], "AdamW (beta1, beta2)")
     eps: float = opt(1e-8, "AdamW epsilon", lo=0.0, lo_open=True)
     momentum: float = opt(0.0, "SGD momentum", lo=0.0, hi=1.0)
     grad_clip: float = opt(1.0, "clip the global gradient norm to this value (0: off)", lo=0.0)
+    cpu_offload: bool = opt(False, "CUDA: keep the optimiser state in CPU memory and step it there "
+                                   "(torchao CPUOffloadOptimizer, gradients offloaded too)")
     decay_toward: str = opt("zero", "weight decay pulls toward zero (plain AdamW) or toward θ0: "
                                      "θ ← θ − lr·wd·(θ − θ0), keeping a copy of θ0", choices=("zero", "theta0"))
     layer_lr_decay: float = opt(1.0, "ULMFiT ξ: decoder layer l (0 = last) gets lr·ξ^-l; embeddings the lowest rate", lo=1.0)
@@ -78,8 +85,17 @@ class ScheduleConfig:
 class TrainConfig:
     output_dir: str = opt("runs/quickstart", "run directory: config, metrics, checkpoints, final model")
     seed: int = opt(0, "seed for data order, held-out split and initial RNG; same seed, same run", lo=0, hi=2**31 - 1)
-    precision: str = opt("auto", "bf16-mixed: fp32 master weights + bf16 autocast; fp32; auto: bf16-mixed where the hardware has bf16 units",
-                         choices=("auto", "bf16-mixed", "fp32"))
+    precision: str = opt("auto", "fp32; bf16-mixed: fp32 weights + bf16 autocast; bf16: pure bf16 weights and gradients, "
+                                 "no fp32 copy, stochastically rounded updates; auto: bf16-mixed where the hardware has "
+                                 "bf16 units, else fp32 (auto never picks pure bf16)",
+                         choices=("auto", "fp32", "bf16-mixed", "bf16"))
+    force_precision: bool = opt(False, "train in the precision asked for even where it is slow (pure bf16 on a CPU "
+                                       "without bf16 units); a warning instead of an error")
+    optimizer_in_backward: bool = opt(False, "update each parameter as soon as its gradient is complete and free that "
+                                             "gradient (no whole-model gradients); needs grad_accum_steps 1 and "
+                                             "optim.grad_clip 0")
+    memory: str = opt("default", "lean: the measured lowest-memory setup for this device (printed at the start); "
+                                 "keys you set yourself win over it", choices=("default", "lean"))
     micro_batch_size: int = opt(8, "sequences per forward/backward pass (under FSDP2: at most this many per rank)", lo=1)
     grad_accum_steps: int = opt(1, "micro-batches per optimiser step (loss normalised by all their target tokens); "
                                    "the step's micro_batch_size × grad_accum_steps sequences are split over the ranks", lo=1)
@@ -204,6 +220,19 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return pairs
 
 
+def _apply_preset(raw: dict, pairs: list[tuple[str, Any]]) -> None:
+    """train.memory=lean: its settings replace the config file's; key=value overrides still win."""
+    final = copy.deepcopy(raw)  # the config as it will be, to read train.memory and grad_accum_steps from
+    for key, value in pairs:
+        _set_dotted(final, key, value)
+    train = final.get("train")
+    if not (isinstance(train, dict) and train.get("memory") == "lean"):
+        return
+    from fulltune.runtime import lean_settings
+    for key, value in lean_settings(final).items():
+        _set_dotted(raw, key, value)
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML config, apply overrides, validate everything, and return a RunConfig."""
     raw: dict = {}
@@ -217,7 +246,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise UserError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(raw, dict):
             raise UserError(f"{path}: the top level must be a mapping of sections")
-    for key, value in parse_overrides(list(overrides)):
+    pairs = parse_overrides(list(overrides))
+    _apply_preset(raw, pairs)
+    for key, value in pairs:
         _set_dotted(raw, key, value)
     errors: list[str] = []
     cfg = _build(RunConfig, raw, "", errors)
@@ -252,6 +283,29 @@ def _cross_checks(cfg: RunConfig) -> list[str]:
         errors.append("optim.decay_toward: theta0 needs optim.weight_decay > 0 to have any effect")
     if 0 < cfg.optim.lr < cfg.schedule.min_lr:
         errors.append(f"schedule.min_lr: {cfg.schedule.min_lr} is above optim.lr {cfg.optim.lr}")
+    return errors + _memory_checks(cfg)
+
+
+def _memory_checks(cfg: RunConfig) -> list[str]:
+    """Combinations of the memory savers that cannot work, refused before any model loads."""
+    errors, t = [], cfg.train
+    if t.optimizer_in_backward:
+        why = "train.optimizer_in_backward updates each parameter inside backward"
+        if t.grad_accum_steps > 1:
+            errors.append(f"train.grad_accum_steps: {t.grad_accum_steps} with {why}, i.e. once per micro-batch; "
+                          "use grad_accum_steps 1 (and a larger micro_batch_size) or turn it off")
+        if cfg.optim.grad_clip > 0:
+            errors.append(f"optim.grad_clip: {cfg.optim.grad_clip} needs the global gradient norm before any update, "
+                          f"but {why}; set optim.grad_clip=0 or turn it off")
+        if cfg.optim.cpu_offload:
+            errors.append("optim.cpu_offload: torchao's CPU offload already steps each parameter from a backward hook; "
+                          "use one of the two with train.optimizer_in_backward")
+        if cfg.anchor.lam > 0 or cfg.optim.decay_toward == "theta0":
+            errors.append("anchor / optim.decay_toward: the pulls toward θ0 are applied after backward; this version "
+                          "does not combine them with train.optimizer_in_backward")
+    if t.precision == "bf16" and cfg.optim.name not in ("adamw", "adamw8bit", "adamw4bit"):
+        errors.append(f"optim.name: {cfg.optim.name} has no stochastic rounding, so in train.precision bf16 its small "
+                      "updates would round away; use adamw, adamw8bit or adamw4bit, or train.precision bf16-mixed")
     return errors
 
 

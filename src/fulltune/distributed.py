@@ -97,6 +97,8 @@ def load_sharded(model_cfg, precision: str, device: torch.device):
 
     from fulltune.model import load_theta0
     model, tokenizer, _ = load_theta0(model_cfg, weights=is_main())
+    if precision == "bf16":
+        model.to(torch.bfloat16)  # pure bf16: the shards are bf16 (on every rank, meta ones too)
     on_meta = any(p.is_meta for p in model.parameters())
     full = model.state_dict() if is_main() else {}  # references to rank 0's full tensors, taken before sharding
     shard(model, precision, device)
@@ -193,7 +195,9 @@ def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dic
         return t.numel() * t.element_size()
     params = sum(nbytes(p) for p in model.parameters())
     grads = sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None)
-    opt = sum(nbytes(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim > 0)
+    from fulltune.optim.optimizers import state_tensor_bytes  # torchao's quantised states: their codes and scales
+    opt = sum(state_tensor_bytes(local(v)) for s in optimizer.state.values() for v in s.values()
+              if torch.is_tensor(v) and v.ndim > 0)
     return {"rank": rank(), "params": params, "grads": grads, "optimizer": opt}
 
 

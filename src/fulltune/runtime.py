@@ -1,4 +1,12 @@
-"""Device and precision: where the run happens and whether bf16 autocast pays off there."""
+"""Device and precision: where the run happens, whether bf16 pays off there, and the lean preset.
+
+One vocabulary for precision, in the config, the estimator, the planner and the logs:
+    fp32        fp32 weights, gradients and optimiser state
+    bf16-mixed  fp32 weights (the master copy), bf16 autocast of the forward's matmuls
+    bf16        pure bf16 weights and gradients, no fp32 copy; updates stochastically rounded
+The estimator also knows bf16-master (bf16 weights + an fp32 master copy in the optimiser: the 16N
+layout of ZeRO/DeepSpeed), for comparison only: fulltune does not train it.
+"""
 
 from __future__ import annotations
 
@@ -28,19 +36,68 @@ def cpu_has_bf16_units() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision != "auto":
-        return precision
+def has_bf16_units(device_type: str) -> bool:
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_bf16_units()
+
+
+SLOW_BF16 = ("this CPU has no bf16 units (no AMX-bf16 or AVX512-bf16 in /proc/cpuinfo): bf16 matmuls run in "
+             "software there, ~100× slower than fp32 (measured on an AVX2-only EPYC: 0.9 vs ~100 GFLOP/s)")
+
+
+def resolve_precision(precision: str, device: torch.device, force: bool = False) -> str:
+    """`auto` → bf16-mixed where the hardware has bf16 units, else fp32 (never pure bf16). Pure bf16
+    on a CPU without bf16 units is refused unless forced; bf16-mixed there gets a warning."""
+    units = has_bf16_units(device.type)
+    if precision == "auto":
+        return "bf16-mixed" if units else "fp32"
+    if precision.startswith("bf16") and not units and device.type == "cpu":
+        if precision == "bf16" and not force:
+            raise UserError(f"train.precision: bf16 refused: {SLOW_BF16}; use fp32, or set train.force_precision=true")
+        print(f"[train] warning: train.precision {precision}: {SLOW_BF16}", flush=True)
+    return precision
+
+
+def check_device_settings(cfg, device: torch.device) -> None:
+    """The CUDA-only memory savers, refused on a CPU run before any model loads."""
     if device.type == "cuda":
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16-mixed" if cpu_has_bf16_units() else "fp32"
+        return
+    for key, on in (("model.activation_offload", cfg.model.activation_offload), ("optim.cpu_offload", cfg.optim.cpu_offload)):
+        if on:
+            raise UserError(f"{key}: offloads GPU memory to the CPU; this run is on the CPU already (set it to false)")
 
 
-def autocast_factory(precision: str, device: torch.device):
-    """A zero-argument callable returning the forward pass's autocast context.
+def lean_settings(raw: dict) -> dict[str, object]:
+    """What train.memory=lean sets on this machine (`raw`: the config's sections as read): the lowest
+    model state fulltune trains, measured in docs/memory.md — bf16 weights where the device has bf16
+    units (else fp32), 4-bit AdamW, the step in backward with its gradients freed at once (when there is
+    no accumulation; clipping off, which it cannot do), and activation checkpointing."""
+    train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+    device = pick_device(train.get("device", "auto")) if train.get("device", "auto") in ("auto", "cpu", "cuda") else torch.device("cpu")
+    settings: dict[str, object] = {"train.precision": "bf16" if has_bf16_units(device.type) else "fp32",
+                                   "optim.name": "adamw4bit", "model.activation_checkpointing": True}
+    if train.get("grad_accum_steps", 1) == 1:
+        settings.update({"train.optimizer_in_backward": True, "optim.grad_clip": 0.0})
+    return settings
 
-    Master weights, gradients and optimiser state stay fp32; only matmuls run in bf16.
+
+def autocast_factory(precision: str, device: torch.device, offload_activations: bool = False):
+    """A zero-argument callable returning the forward pass's context.
+
+    bf16-mixed: weights, gradients and optimiser state stay fp32; only matmuls run in bf16. fp32 and
+    pure bf16 need no autocast: the weights are already in the dtype the matmuls run in.
+    `offload_activations` (CUDA): every tensor saved for backward goes to pinned CPU memory as it is
+    saved and comes back when backward needs it (torch.autograd.graph.save_on_cpu).
     """
+    cast = contextlib.nullcontext
     if precision == "bf16-mixed":
-        return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
+        cast = functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
+    if not offload_activations:
+        return cast
+
+    @contextlib.contextmanager
+    def cast_and_offload():
+        with cast(), torch.autograd.graph.save_on_cpu(pin_memory=True):
+            yield
+    return cast_and_offload

@@ -5,7 +5,11 @@
         take grad_accum micro-batches; N = their target tokens in total
         backward(Σ token CE / N) per micro-batch                       (== one big batch)
         clip the global grad norm; optimizer.step(); zero grads
+          (train.optimizer_in_backward: each parameter was updated inside backward instead)
         log; validate; checkpoint
+
+The memory check (memory/runmemory.py) is told of the step at two named points: `memory.step`
+around it and `memory.update_applied` between the update and freeing the gradients.
 
 Under torchrun the same loop runs on every rank with the model sharded by FSDP2 (distributed.py):
 each rank takes its share of the step's micro-batches; losses and counts are summed over ranks.
@@ -39,7 +43,9 @@ from fulltune.memory.runmemory import RunMemory
 from fulltune.model import load_theta0
 from fulltune.optim.param_groups import build_optimizer, lrs_by_name
 from fulltune.optim.schedules import schedule_fn
-from fulltune.runtime import autocast_factory, pick_device, resolve_precision
+from fulltune.optim.in_backward import InBackward
+from fulltune.optim.optimizers import set_lr
+from fulltune.runtime import autocast_factory, check_device_settings, lean_settings, pick_device, resolve_precision
 from fulltune.stop import StopRequest
 
 
@@ -97,7 +103,14 @@ def setup(cfg: RunConfig) -> Run:
         print(f"[train] no checkpoint in {run_dir / 'checkpoints'}; starting from θ0", flush=True)
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    precision = resolve_precision(cfg.train.precision, device)
+    precision = resolve_precision(cfg.train.precision, device, cfg.train.force_precision)
+    check_device_settings(cfg, device)
+    if cfg.train.optimizer_in_backward and D.world_size() > 1:
+        raise UserError("train.optimizer_in_backward: not combined with FSDP2 (several ranks) in this version; "
+                        "turn it off or train on one process")
+    if cfg.train.memory == "lean":
+        chosen = {k: _get(cfg, k) for k in lean_settings(cfg.to_dict())}
+        print("[train] memory lean: " + ", ".join(f"{k}={v}" for k, v in chosen.items()), flush=True)
     sources = read_sources(cfg)  # a missing or malformed file fails before the model loads
     meter = PeakMeter(device.type).start()  # baseline before θ0 loads
     try:
@@ -112,15 +125,15 @@ def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, s
         model, tokenizer = D.load_sharded(cfg.model, precision, device)  # FSDP2: each rank keeps 1/G of every weight
     else:
         model, tokenizer, _ = load_theta0(cfg.model)
-        model.to(device)
+        model.to(device, dtype=torch.bfloat16 if precision == "bf16" else None)
         make_resident(model)  # the CPU memory check counts the weights as resident before step 1
     data = load_task_data(cfg, tokenizer, sources)
     sampler = StepSampler(len(data.train), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, cfg.train.seed)
     if cfg.data.mix_ratio > 0:
         sampler = MixedSampler(sampler, len(data.general), cfg.data.mix_ratio, cfg.train.seed)
     total = cfg.train.max_steps or math.ceil(sampler.steps_per_epoch * cfg.train.epochs)
-    optimizer = build_optimizer(model, cfg.optim)
-    autocast = autocast_factory(precision, device)
+    optimizer = build_optimizer(model, cfg.optim, precision, cfg.train.optimizer_in_backward)
+    autocast = autocast_factory(precision, device, cfg.model.activation_offload)
     meter.pause()  # θ0 evaluation (and EWC's Fisher) run at full speed; step 1 resumes measuring
     anchor = anchor_for_run(cfg, run_dir, model, data.general, tokenizer.pad_token_id, autocast)  # before resume: θ0
     state = {"step": 0, "tokens_seen": 0, "target_tokens_seen": 0, "elapsed_s": 0.0, "results": {}}
@@ -138,6 +151,11 @@ def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, s
     memory = RunMemory(meter, model, cfg, precision, state, anchor.nbytes if anchor else 0)
     return Run(cfg, run_dir, model, tokenizer, data, optimizer, sampler, total,
                schedule_fn(cfg.schedule, cfg.optim.lr, total), autocast, precision, device, state, memory, anchor)
+
+
+def _get(cfg: RunConfig, dotted: str):
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
 
 
 def _resume(path: Path, run_dir: Path, cfg: RunConfig, model, optimizer, sampler) -> dict:
@@ -179,12 +197,15 @@ def train_step(model, optimizer, micro_batches: list[dict], autocast, grad_clip:
             s = loss_sum(model, batch)
         (s * scale / n_targets).backward()  # × 1 is exact: one process computes s / N as before
         total += s.item()
-    if anchor is not None:
-        anchor.last_penalty = anchor.add_penalty_grad()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    if anchor is not None:
-        anchor.decay_toward_theta0(optimizer)
-    optimizer.step()
+    if isinstance(optimizer, InBackward):  # every parameter was updated, and its gradient freed, in backward
+        norm = torch.tensor(optimizer.take_grad_norm())
+    else:
+        if anchor is not None:
+            anchor.last_penalty = anchor.add_penalty_grad()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        if anchor is not None:
+            anchor.decay_toward_theta0(optimizer)
+        optimizer.step()
     if memory is not None:
         memory.update_applied(model, optimizer)
     optimizer.zero_grad(set_to_none=True)
@@ -246,7 +267,7 @@ def loop(run: Run) -> None:
     with StopRequest() as stop:
         while run.state["step"] < run.total_steps:
             for group in run.optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * run.lr_multiplier(run.state["step"])
+                set_lr(group, group["initial_lr"] * run.lr_multiplier(run.state["step"]))
             indices = run.sampler.next_step()  # the whole step's sequences, over every rank
             batches = _my_batches(run, indices)
             flat = [i for idx in indices for i in idx]

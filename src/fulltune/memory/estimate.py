@@ -3,10 +3,13 @@
 Every term says what it assumes (`note`). Activation terms are what HF's Llama-family decoder
 with SDPA attention saves for backward, counted tensor by tensor (see docs/memory.md): per layer
 and token, in bytes, with h hidden, I intermediate, k = KV heads × head dim, a heads:
-    fp32 weights + bf16 autocast ("amp", fulltune's loop):  30h + 8I + 4k + 4a + 8
+    bf16-mixed (fp32 weights + bf16 autocast):               30h + 8I + 4k + 4a + 8
     fp32 everything:                                          32h + 16I + 8k + 4a + 8
-    bf16 weights ("mixed", "bf16"):                           20h + 8I + 4k + 4a + 8
+    bf16 weights (bf16, bf16-master):                         20h + 8I + 4k + 4a + 8
 No s² term: SDPA/flash attention keeps only the output and a log-sum-exp per head.
+
+Precisions use the config's names (runtime.py): fp32, bf16-mixed, bf16; bf16-master (bf16 weights +
+an fp32 master copy: the 16N layout of ZeRO/DeepSpeed) is here for comparison and is not trained.
 """
 
 from __future__ import annotations
@@ -16,8 +19,12 @@ from dataclasses import dataclass, field
 from fulltune.memory.spec import ModelSpec
 
 GB = 1e9
-PRECISIONS = ("amp", "mixed", "bf16", "fp32")
-OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "sgd-momentum", "adafactor")
+PRECISIONS = ("bf16-mixed", "bf16", "fp32", "bf16-master")
+TRAINED_PRECISIONS = ("bf16-mixed", "bf16", "fp32")
+OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit", "sgd", "sgd-momentum", "adafactor")
+# torchao's low-bit AdamW states: (bits per value, values per fp32 scale); tensors under 4096 values,
+# or not a multiple of the block, keep m and v unquantised in the weights' dtype.
+LOW_BIT = {"adamw8bit": (8, 256), "adamw4bit": (4, 128)}
 METHODS = ("full", "lora", "qlora")
 ANCHORS = ("none", "l2sp", "ewc")  # θ0 copy (L2-SP, decay toward θ0); θ0 + Fisher (EWC)
 CUDA_CONTEXT = 0.5 * GB  # 287–667 MB measured by PyTorch (PR #86509); 0.5 GB as a round middle
@@ -27,7 +34,7 @@ CUDA_CONTEXT = 0.5 * GB  # 287–667 MB measured by PyTorch (PR #86509); 0.5 GB 
 class TrainSetup:
     micro_batch: int = 1
     seq_len: int = 2048
-    precision: str = "amp"          # amp: fp32 weights + bf16 autocast; mixed: bf16 weights + fp32 master
+    precision: str = "bf16-mixed"   # fp32 weights + bf16 autocast (see the module doc for the others)
     optimizer: str = "adamw"
     fp32_grads: bool = False        # mixed precision with fp32 gradient accumulation
     activation_checkpointing: bool = False
@@ -39,6 +46,9 @@ class TrainSetup:
     device: str = "cuda"
     anchor: str = "none"            # regularisation toward θ0 keeps θ0 (and EWC's F) beside the weights
     grad_accum: int = 1             # micro-batches per step: after the first, every gradient is alive
+    optimizer_in_backward: bool = False  # each parameter updated in backward, its gradient freed at once
+    activation_offload: bool = False     # CUDA: saved activations in pinned CPU memory
+    cpu_offload: bool = False            # CUDA: optimiser state (and gradients) in CPU memory, stepped there
 
     def __post_init__(self):
         assert self.precision in PRECISIONS and self.optimizer in OPTIMIZERS and self.method in METHODS
@@ -71,15 +81,15 @@ class Estimate:
 
 
 def weight_bytes(precision: str) -> int:
-    return 4 if precision in ("amp", "fp32") else 2
+    return 4 if precision in ("bf16-mixed", "fp32") else 2
 
 
 def grad_bytes(precision: str, fp32_grads: bool = False) -> int:
-    return 4 if precision in ("amp", "fp32") or fp32_grads else 2
+    return 4 if precision in ("bf16-mixed", "fp32") or fp32_grads else 2
 
 
 def master_bytes(precision: str) -> int:
-    return 4 if precision == "mixed" else 0
+    return 4 if precision == "bf16-master" else 0
 
 
 def _matrix_shapes(spec: ModelSpec) -> list[tuple[int, int]]:
@@ -93,22 +103,30 @@ def _matrix_shapes(spec: ModelSpec) -> list[tuple[int, int]]:
     return shapes
 
 
+def _low_bit_state(numel: int, optimizer: str, state: int) -> float:
+    """One torchao state tensor (m or v): codes, an fp32 scale per block and its 2^bits-entry fp32 code map."""
+    bits, block = LOW_BIT[optimizer]
+    if numel >= 4096 and numel % block == 0:
+        return numel * bits / 8 + 4 * numel / block + 4 * 2 ** bits
+    return numel * state
+
+
 def optimizer_state_bytes(spec: ModelSpec, optimizer: str, precision: str) -> float:
-    """Bytes of optimiser state for the whole model (besides a mixed-precision master copy)."""
+    """Bytes of optimiser state for the whole model (besides a bf16-master copy), tensor by tensor."""
     n = spec.n_params
-    state = 2 if precision == "bf16" else 4  # torch keeps states in the parameter's dtype
+    state = 2 if precision == "bf16" else 4  # states in the parameter's dtype (fp32 for a master copy)
+    shapes = _matrix_shapes(spec)
+    others = n - sum(r * c for r, c in shapes)  # e.g. attention biases (Qwen2): small vectors
     if optimizer == "adamw":
         return 2 * state * n
-    if optimizer == "adamw8bit":
-        # uint8 m and v + one fp32 absmax per 256-element block each; tensors < 4096 elements stay fp32.
-        small = sum(r * c for r, c in _matrix_shapes(spec) if r * c < 4096)
-        return (n - small) * (2 + 8 / 256) + small * 8
+    if optimizer in LOW_BIT:
+        return 2 * (sum(_low_bit_state(r * c, optimizer, state) for r, c in shapes) + others * state)
     if optimizer == "sgd":
         return 0.0
     if optimizer == "sgd-momentum":
         return state * n
     # Adafactor without momentum: a row and a column second moment per matrix, full for vectors.
-    return sum(4 * (r + c) if c > 1 else 4 * r for r, c in _matrix_shapes(spec))
+    return state * (sum(r + c if c > 1 else r for r, c in shapes) + others)
 
 
 def optimizer_bytes_per_param(spec: ModelSpec, optimizer: str, precision: str) -> float:
@@ -117,7 +135,7 @@ def optimizer_bytes_per_param(spec: ModelSpec, optimizer: str, precision: str) -
 
 def activation_bytes_per_token_layer(spec: ModelSpec, precision: str) -> int:
     h, i, k, a = spec.hidden, spec.intermediate, spec.kv_dim, spec.heads
-    if precision == "amp":
+    if precision == "bf16-mixed":
         return 30 * h + 8 * i + 4 * k + 4 * a + 8
     if precision == "fp32":
         return 32 * h + 16 * i + 8 * k + 4 * a + 8
@@ -128,7 +146,11 @@ def activations(spec: ModelSpec, s: TrainSetup) -> tuple[float, str]:
     """Saved activations of the decoder stack for one micro-batch, and what was assumed."""
     tokens = s.micro_batch * s.seq_len
     per_layer = activation_bytes_per_token_layer(spec, s.precision)
-    outside = (6 if s.precision in ("mixed", "bf16") else 8) * spec.hidden + 12  # embedding output, final norm
+    outside = (6 if s.precision in ("bf16-master", "bf16") else 8) * spec.hidden + 12  # embedding output, final norm
+    if s.activation_offload:
+        # save_on_cpu moves every saved tensor to pinned host memory as it is saved: the GPU holds the
+        # layer being computed (and, in backward, the one being brought back).
+        return 2 * tokens * per_layer, f"offloaded to CPU: about two layers' ({per_layer} B/token each) on the GPU"
     if s.activation_checkpointing:
         kept = weight_bytes(s.precision) * spec.hidden  # each layer keeps only its input
         total = tokens * (spec.layers * kept + per_layer + outside)
@@ -163,12 +185,22 @@ def state_terms(spec: ModelSpec, s: TrainSetup) -> list[Term]:
     w_div, g_div, o_div = _sharded(s.zero_stage, 3, g), _sharded(s.zero_stage, 2, g), _sharded(s.zero_stage, 1, g)
     wb, gb, mb = weight_bytes(s.precision), grad_bytes(s.precision, s.fp32_grads), master_bytes(s.precision)
     zero = f", ZeRO-{s.zero_stage} over {g}" if s.zero_stage else ""
-    terms = [Term("weights", wb * n / w_div, f"{wb} B/param ({'fp32' if wb == 4 else 'bf16'}){zero if w_div > 1 else ''}", "states"),
-             Term("gradients", gb * n / g_div, f"{gb} B/param{zero if g_div > 1 else ''}", "grads")]
+    terms = [Term("weights", wb * n / w_div, f"{wb} B/param ({'fp32' if wb == 4 else 'bf16'}){zero if w_div > 1 else ''}", "states")]
+    if s.optimizer_in_backward or s.cpu_offload:
+        largest = max(r * c for r, c in _matrix_shapes(spec))
+        how = "updated in backward" if s.optimizer_in_backward else "offloaded to the CPU"
+        terms.append(Term("gradients", gb * largest, f"{how}: one parameter's gradient at a time (largest "
+                          f"{largest:,} values, {gb} B each)", "grads"))
+    else:
+        terms.append(Term("gradients", gb * n / g_div, f"{gb} B/param{zero if g_div > 1 else ''}", "grads"))
     if mb:
         terms.append(Term("master weights", mb * n / o_div, f"fp32 copy in the optimiser{zero if o_div > 1 else ''}", "states"))
     opt = optimizer_state_bytes(spec, s.optimizer, s.precision)
-    terms.append(Term("optimizer state", opt / o_div, f"{s.optimizer}: {opt / n:.2f} B/param{zero if o_div > 1 else ''}", "states"))
+    if s.cpu_offload:
+        terms.append(Term("optimizer state", 0.0, f"{s.optimizer}: {opt / n:.2f} B/param in CPU memory "
+                          f"({opt / GB:.1f} GB of host RAM), none on the GPU", "states"))
+    else:
+        terms.append(Term("optimizer state", opt / o_div, f"{s.optimizer}: {opt / n:.2f} B/param{zero if o_div > 1 else ''}", "states"))
     if s.anchor != "none":
         copies = 2 if s.anchor == "ewc" else 1
         ab = 2 if s.precision == "bf16" else 4  # θ0 in the dtype of the weights the update applies to (fp32 master)
@@ -178,10 +210,15 @@ def state_terms(spec: ModelSpec, s: TrainSetup) -> list[Term]:
     fsdp = s.zero_stage == 3 and g > 1
     if fsdp:
         terms += _fsdp2_terms(spec, s, wb, gb)
-    if s.precision == "amp" and not (fsdp and s.device == "cuda"):
+    if s.precision == "bf16-mixed" and not (fsdp and s.device == "cuda"):
         # Autocast's bf16 copies of the (gathered) weights are saved for backward: never sharded.
-        terms.append(Term("bf16 weight copies", 2 * spec.n_matmul_params,
-                          "autocast casts each matmul weight to bf16 and saves it for backward", "transient"))
+        if s.activation_offload:
+            terms.append(Term("bf16 weight copies", 2 * 2 * spec.largest_layer_params,
+                              "autocast's bf16 weight copies are saved tensors too: offloaded, two layers' on the GPU",
+                              "transient"))
+        else:
+            terms.append(Term("bf16 weight copies", 2 * spec.n_matmul_params,
+                              "autocast casts each matmul weight to bf16 and saves it for backward", "transient"))
     return terms
 
 

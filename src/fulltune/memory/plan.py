@@ -1,8 +1,9 @@
-"""`fulltune plan`: does full fine-tuning fit, and if not, what does — with the numbers that decided.
+"""`fulltune plan`: does full fine-tuning fit, and how — only with modes this version trains, printed
+as the exact `fulltune train` overrides, with the numbers that decided.
 
-Branches, in order: full FT on one GPU; full FT with FSDP2/ZeRO-3 over the GPUs given; full FT
-with memory savers (activation checkpointing, 8-bit AdamW states, micro-batch 1 with more
-accumulation), each with its throughput cost; LoRA; QLoRA.
+Branches, in order: full FT on one GPU as `train.precision: auto` runs it; FSDP2/ZeRO-3 over the GPUs
+given; memory savers added one at a time, cheapest first (each a config key); and if nothing fits,
+what LoRA / QLoRA would need, for comparison (fulltune does not train adapters).
 """
 
 from __future__ import annotations
@@ -13,21 +14,45 @@ from fulltune.memory.estimate import GB, TrainSetup, estimate
 from fulltune.memory.report import GPUS
 from fulltune.memory.spec import ModelSpec
 
-# Throughput costs, as rules of thumb (not measured here): checkpointing recomputes the forward
-# (≈ 1/3 of forward+backward); 8-bit optimiser states cost a few % in the optimiser step.
+
+@dataclass(frozen=True)
+class Saver:
+    label: str
+    change: dict          # TrainSetup fields
+    overrides: dict       # the fulltune train keys that run it
+    cost: str
+    one_process_only: bool = False  # not combined with FSDP2 in this version
+    drops: tuple = ()               # override keys of an earlier saver this one replaces
+
+
+# Cheapest first. Costs are rules of thumb or measured on CPU (docs/memory.md); GPU costs unmeasured.
 SAVERS = (
-    ("activation checkpointing", {"activation_checkpointing": True}, "≈ +33% compute (one more forward per step)"),
-    ("8-bit AdamW states", {"optimizer": "adamw8bit"}, "a few % slower optimiser step; 2.03 instead of 8 B/param"),
-    ("micro-batch 1 + gradient accumulation", {"micro_batch": 1}, "same update, lower GPU utilisation per step"),
+    Saver("activation checkpointing", {"activation_checkpointing": True}, {"model.activation_checkpointing": "true"},
+          "≈ +33% compute (one more forward per layer)"),
+    Saver("pure bf16 weights and gradients", {"precision": "bf16"}, {"train.precision": "bf16"},
+          "no fp32 copy; updates stochastically rounded (quality: docs/memory.md)"),
+    Saver("optimizer step in backward", {"optimizer_in_backward": True},
+          {"train.optimizer_in_backward": "true", "optim.grad_clip": "0", "train.grad_accum_steps": "1"},
+          "no gradient clipping and no accumulation", one_process_only=True),
+    Saver("8-bit AdamW", {"optimizer": "adamw8bit"}, {"optim.name": "adamw8bit"}, "≈2 instead of 8 B/param of state"),
+    Saver("4-bit AdamW", {"optimizer": "adamw4bit"}, {"optim.name": "adamw4bit"}, "≈1 B/param of state"),
+    Saver("activation offload to CPU", {"activation_offload": True}, {"model.activation_offload": "true"},
+          "saved activations cross PCIe twice per step"),
+    Saver("optimizer state offloaded to CPU (instead of the step in backward)", {"cpu_offload": True, "optimizer_in_backward": False},
+          {"optim.cpu_offload": "true"}, "the optimizer steps on the CPU; needs host RAM for the state",
+          one_process_only=True, drops=("train.optimizer_in_backward", "optim.grad_clip", "train.grad_accum_steps")),
+    Saver("micro-batch 1", {"micro_batch": 1}, {"train.micro_batch_size": "1"},
+          "fewer sequences per step (raise grad_accum_steps where the step is not in backward)"),
 )
 
 
 @dataclass
 class Plan:
-    branch: str                  # full | full-zero3 | full-savers | lora | qlora | none
+    branch: str                  # full | full-zero3 | full-savers | none (lora / qlora: for comparison only)
     summary: str
     evidence: list[str]
     notes: list[str]
+    overrides: dict | None = None
 
 
 def _fits(spec: ModelSpec, setup: TrainSetup, capacity: float) -> tuple[bool, float]:
@@ -39,15 +64,25 @@ def _line(label: str, peak: float, capacity: float) -> str:
     return f"{label}: {peak / GB:.1f} GB per GPU {'≤' if peak <= capacity else '>'} {capacity / GB:.0f} GB"
 
 
-def _savers(spec, base: TrainSetup, capacity: float, evidence: list[str]) -> tuple[TrainSetup, list[str]] | None:
-    setup, used = base, []
-    for label, change, cost in SAVERS:
-        setup = replace(setup, **change)
-        used.append(f"{label} ({cost})")
+def command(overrides: dict, n_gpus: int = 1) -> str:
+    nproc = f" --nproc {n_gpus}" if n_gpus > 1 else ""
+    return "fulltune train CONFIG" + nproc + "".join(f" {k}={v}" for k, v in overrides.items())
+
+
+def _savers(spec, base: TrainSetup, capacity: float, evidence: list[str], n_gpus: int):
+    setup, overrides, used = base, {}, []
+    for saver in SAVERS:
+        if saver.one_process_only and n_gpus > 1:
+            continue
+        setup = replace(setup, **saver.change)
+        overrides.update(saver.overrides)
+        for key in saver.drops:
+            overrides.pop(key, None)
+        used.append(f"{saver.label} ({saver.cost})")
         ok, peak = _fits(spec, setup, capacity)
-        evidence.append(_line(f"  + {label}", peak, capacity))
+        evidence.append(_line(f"  + {saver.label}", peak, capacity))
         if ok:
-            return setup, used
+            return overrides, used
     return None
 
 
@@ -58,31 +93,34 @@ def plan(spec: ModelSpec, gpu: str, n_gpus: int, base: TrainSetup) -> Plan:
     notes = _notes(spec)
     one = replace(base, gpus=1, zero_stage=0, method="full")
     ok, peak = _fits(spec, one, capacity)
-    evidence.append(_line("full fine-tuning on 1 GPU", peak, capacity))
+    evidence.append(_line(f"full fine-tuning ({base.precision}, {base.optimizer}) on 1 GPU", peak, capacity))
     if ok:
-        return Plan("full", f"full fine-tuning fits on one {name}: fulltune train CONFIG", evidence, notes)
+        return Plan("full", f"full fine-tuning fits on one {name}: {command({})}", evidence, notes, {})
     sharded = replace(one, gpus=n_gpus, zero_stage=3)
     if n_gpus > 1:
         ok, peak = _fits(spec, sharded, capacity)
         evidence.append(_line(f"full fine-tuning, FSDP2/ZeRO-3 over {n_gpus} GPUs", peak, capacity))
         if ok:
             notes.append(_zero3_command(n_gpus))
-            return Plan("full-zero3", f"full fine-tuning with FSDP2 (ZeRO-3) over {n_gpus}× {name}", evidence, notes)
+            return Plan("full-zero3", f"full fine-tuning with FSDP2 (ZeRO-3) over {n_gpus}× {name}: "
+                        f"{command({}, n_gpus)}", evidence, notes, {})
     evidence.append("memory savers, added one at a time:")
-    saved = _savers(spec, sharded if n_gpus > 1 else one, capacity, evidence)
+    saved = _savers(spec, sharded if n_gpus > 1 else one, capacity, evidence, n_gpus)
     if saved is not None:
+        overrides, used = saved
         if n_gpus > 1:
             notes.append(_zero3_command(n_gpus))
-        if saved[0].optimizer == "adamw8bit":
-            notes.append("8-bit AdamW is in the estimator only; this version trains with adamw or sgd")
-        return Plan("full-savers", f"full fine-tuning fits on {n_gpus}× {name} with: " + "; ".join(saved[1]),
-                    evidence, notes)
+        notes.append("with: " + "; ".join(used))
+        return Plan("full-savers", f"full fine-tuning fits on {n_gpus}× {name}: {command(overrides, n_gpus)}",
+                    evidence, notes, overrides)
     for method in ("lora", "qlora"):
         adapter = replace(one, method=method, activation_checkpointing=method == "qlora")
         ok, peak = _fits(spec, adapter, capacity)
-        evidence.append(_line(f"{method.upper()} (rank {base.lora_rank}) on 1 GPU", peak, capacity))
+        evidence.append(_line(f"for comparison: {method.upper()} (rank {base.lora_rank}) on 1 GPU", peak, capacity))
         if ok:
-            return Plan(method, f"full fine-tuning does not fit on {n_gpus}× {name}; {method.upper()} does", evidence, notes)
+            return Plan("none", f"full fine-tuning does not fit on {n_gpus}× {name}, not even with every saver fulltune "
+                        f"trains; more GPUs, or {method.upper()} with another tool (fulltune trains every weight)",
+                        evidence, notes)
     return Plan("none", f"nothing fits on {n_gpus}× {name}, not even QLoRA; more or bigger GPUs", evidence, notes)
 
 

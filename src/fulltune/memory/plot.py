@@ -9,7 +9,7 @@ from fulltune.memory.report import GPUS
 from fulltune.memory.spec import load_spec
 
 DEFAULT_SETUPS = (
-    ("Full FT 7B", "llama-7b", TrainSetup(precision="mixed")),
+    ("Full FT 7B", "llama-7b", TrainSetup(precision="bf16-master")),
     ("LoRA 7B", "llama-7b", TrainSetup(method="lora")),
     ("QLoRA 7B", "llama-7b", TrainSetup(method="qlora", activation_checkpointing=True)),
     ("QLoRA 70B", "llama-70b", TrainSetup(method="qlora", activation_checkpointing=True)),

@@ -19,11 +19,12 @@ def run_setup(cfg, precision: str, device_type: str, rows: int, length: int, tar
         optimizer = "sgd-momentum"
     anchor = cfg.anchor.method if cfg.anchor.method != "none" else ("l2sp" if cfg.optim.decay_toward == "theta0" else "none")
     ranks = world_size()  # FSDP2 over the ranks: ZeRO-3
-    return TrainSetup(micro_batch=rows, seq_len=length, precision="amp" if precision == "bf16-mixed" else "fp32",
+    return TrainSetup(micro_batch=rows, seq_len=length, precision=precision,
                       gpus=ranks, zero_stage=3 if ranks > 1 else 0, optimizer=optimizer,
                       activation_checkpointing=cfg.model.activation_checkpointing,
                       loss_fraction=max(targets, 1) / (rows * length), device=device_type, anchor=anchor,
-                      grad_accum=2 if grads_alive else 1)
+                      grad_accum=2 if grads_alive else 1, optimizer_in_backward=cfg.train.optimizer_in_backward,
+                      activation_offload=cfg.model.activation_offload, cpu_offload=cfg.optim.cpu_offload)
 
 
 def predicted(model, setup: TrainSetup):
@@ -88,10 +89,13 @@ def line(result: dict) -> str:
 def state_memory(model, cfg, precision: str, device_type: str, per_rank: list[dict], anchor_bytes: int = 0) -> dict:
     """Each rank's measured bytes of parameters, gradients and optimiser state (its shards) against the
     estimator's per-GPU figures (ZeRO-3 over the ranks when there are several)."""
-    est = predicted(model, run_setup(cfg, precision, device_type, 1, 1, 1))
-    pred = {"params": est.get("weights"), "grads": est.get("gradients"),
+    setup = run_setup(cfg, precision, device_type, 1, 1, 1)
+    est = predicted(model, setup)
+    freed = setup.optimizer_in_backward or setup.cpu_offload  # no gradient is left once the update is applied
+    pred = {"params": est.get("weights"), "grads": 0.0 if freed else est.get("gradients"),
             "optimizer": est.get("optimizer state") + est.get("master weights")}
-    errors = [100 * (r[k] - pred[k]) / pred[k] for r in per_rank for k in pred if pred[k]]
+    # A term predicted to be 0 (gradients freed in backward) is off by its share of the whole predicted state.
+    errors = [100 * (r[k] - pred[k]) / (pred[k] or sum(pred.values())) for r in per_rank for k in pred]
     return {"ranks": len(per_rank), "zero_stage": 3 if len(per_rank) > 1 else 0,
             "measured_per_rank_gb": [{k: r[k] / GB for k in ("params", "grads", "optimizer")} for r in per_rank],
             "predicted_per_rank_gb": {k: v / GB for k, v in pred.items()},

@@ -33,6 +33,25 @@ PRESETS: dict[str, dict] = {
                          num_key_value_heads=5, vocab_size=49152, tie_word_embeddings=True, nominal=360e6),
     "smollm2-1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
                          num_key_value_heads=32, vocab_size=49152, tie_word_embeddings=True, nominal=1.7e9),
+    "llama3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, nominal=8e9),
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, nominal=1.2e9),
+    "llama3.2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, nominal=3.2e9),
+    # Other architectures by their own transformers class (exact counts: Qwen2's q/k/v biases, Gemma-2's four norms per layer).
+    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+                         nominal=0.5e9),
+    "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+                         nominal=1.5e9),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
+                       nominal=7.6e9),
+    "gemma2-2b": dict(model_type="gemma2", hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                      num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=256000,
+                      tie_word_embeddings=True, nominal=2.6e9),
 }
 
 
@@ -95,8 +114,9 @@ def load_spec(model: str) -> ModelSpec:
     key = model.lower()
     if key in PRESETS:
         fields = dict(PRESETS[key])
-        nominal = fields.pop("nominal")
-        return spec_from_config(LlamaConfig(**fields), key, nominal)
+        nominal, model_type = fields.pop("nominal"), fields.pop("model_type", "llama")
+        config = LlamaConfig(**fields) if model_type == "llama" else AutoConfig.for_model(model_type, **fields)
+        return spec_from_config(config, key, nominal)
     if key == "default":
         from fulltune.assets import ensure_model
         model = str(ensure_model())

@@ -1,0 +1,217 @@
+"""Below the memory wall: every optimiser trains and resumes exactly, its state bytes are the
+estimator's, the step in backward equals the ordinary step, pure bf16 with stochastic rounding moves
+weights that plain bf16 cannot, and every combination that cannot work is refused in one line."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import QUICKSTART, make_model, tiny_overrides
+from fulltune import distributed as D
+from fulltune.cli import main
+from fulltune.config import OptimConfig, load_config
+from fulltune.data.loader import collate
+from fulltune.memory.estimate import TrainSetup, estimate, optimizer_state_bytes
+from fulltune.memory.spec import spec_from_config
+from fulltune.optim.param_groups import build_optimizer
+from fulltune.train import run_training, train_step
+from test_train import NOCAST, _examples
+
+OPTIMIZERS = ["adamw", "sgd", "adafactor", "adamw8bit", "adamw4bit"]
+LR = {"adamw": 1e-2, "sgd": 0.5, "adafactor": 1e-2, "adamw8bit": 1e-2, "adamw4bit": 1e-2}
+
+
+def _model(vocab=256, hidden=32, seed=0):
+    """vocab 256 × hidden 32: the embedding (8,192 values) is large enough for torchao to quantise."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True, eos_token_id=2, pad_token_id=2, bos_token_id=1)
+    return LlamaForCausalLM(cfg).float()
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_each_optimizer_lowers_the_loss_and_moves_every_parameter(name):
+    model = _model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = build_optimizer(model, OptimConfig(name=name, lr=LR[name]))
+    batch = [collate(_examples(4, vocab=256), pad_id=2)]
+    losses = [train_step(model, opt, batch, NOCAST, grad_clip=0.0)[0] for _ in range(5)]
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert [n for n, p in model.named_parameters() if torch.equal(p, before[n])] == []
+
+
+@pytest.mark.parametrize("name,precision", [(n, "fp32") for n in OPTIMIZERS]
+                         + [("adamw", "bf16"), ("adamw8bit", "bf16"), ("adamw4bit", "bf16")])
+def test_measured_state_bytes_equal_the_estimate(name, precision):
+    model = _model(hidden=128)  # 128×128 and 64×128 matrices are quantised too; norms (128) are not
+    if precision == "bf16":
+        model.to(torch.bfloat16)
+    opt = build_optimizer(model, OptimConfig(name=name, lr=1e-3, momentum=0.9 if name == "sgd" else 0.0), precision)
+    train_step(model, opt, [collate(_examples(2, vocab=256), pad_id=2)], NOCAST, grad_clip=0.0)
+    measured = D.state_bytes(model, opt)["optimizer"]
+    spec = spec_from_config(model.config, "test")
+    assert measured == optimizer_state_bytes(spec, "sgd-momentum" if name == "sgd" else name, precision)
+    if name != "sgd":
+        assert measured > 0
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS + ["adamw4bit-in-backward", "adamw-bf16"])
+def test_resume_equals_straight_run_bit_for_bit(tiny_dir, chat_file, tmp_path, name):
+    base, _, variant = name.partition("-")
+    extra = {"optim.name": base, "optim.lr": LR[base], "optim.grad_clip": 0.0, "train.save_interval": 2}
+    if variant == "in-backward":
+        extra["train.optimizer_in_backward"] = True
+    if variant == "bf16":
+        extra["train.precision"] = "bf16"
+    run_training(load_config(None, tiny_overrides(tiny_dir, chat_file, tmp_path / "a", **extra, **{"train.max_steps": 4})))
+    run_training(load_config(None, tiny_overrides(tiny_dir, chat_file, tmp_path / "b", **extra, **{"train.max_steps": 2})))
+    run_training(load_config(None, tiny_overrides(tiny_dir, chat_file, tmp_path / "b", **extra,
+                                                  **{"train.max_steps": 4, "train.resume": "auto"})))
+    a, b = (load_file(str(tmp_path / r / "final" / "model.safetensors")) for r in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    first = load_file(str(tmp_path / "b" / "checkpoints" / "step-0000002" / "model.safetensors"))
+    common = a.keys() & first.keys()
+    assert common and not all(torch.equal(a[k], first[k]) for k in common)  # steps 3-4 changed the weights
+    losses = [[json.loads(l)["loss"] for l in (tmp_path / r / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+              for r in "ab"]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_step_in_backward_equals_the_ordinary_step(name):
+    a, b = _model(), _model()
+    b.load_state_dict(a.state_dict())
+    cfg = OptimConfig(name=name, lr=LR[name], momentum=0.9 if name == "sgd" else 0.0, weight_decay=0.1)
+    ordinary, fused = build_optimizer(a, cfg), build_optimizer(b, cfg, in_backward=True)
+    for step in range(3):
+        batch = [collate(_examples(4, vocab=256, seed=step), pad_id=2)]
+        loss_a, norm_a = train_step(a, ordinary, batch, NOCAST, grad_clip=0.0)
+        loss_b, norm_b = train_step(b, fused, batch, NOCAST, grad_clip=0.0)
+        assert loss_a == pytest.approx(loss_b, rel=1e-6) and norm_a == pytest.approx(norm_b, rel=1e-6)
+        assert all(p.grad is None for p in b.parameters())  # freed inside backward
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(a.model.layers[0].mlp.up_proj.weight, _model().model.layers[0].mlp.up_proj.weight)
+
+
+def test_stochastic_rounding_moves_bf16_weights_that_plain_bf16_cannot():
+    """W = 1 in bf16 (resolution 2^-7 there), constant gradient: each AdamW step moves W by lr = 1e-5."""
+    def train(optimizer_of):
+        w = torch.nn.Parameter(torch.ones(64, 128, dtype=torch.bfloat16))
+        opt = optimizer_of([w])
+        for _ in range(100):
+            w.grad = torch.ones_like(w)
+            opt.step()
+        return w.detach().float()
+    plain = train(lambda ps: torch.optim.AdamW(ps, lr=1e-5, weight_decay=0.0))
+    rounded = train(_sr_adamw)
+    assert torch.equal(plain, torch.ones_like(plain))  # every update rounded away
+    assert rounded.mean().item() == pytest.approx(1 - 100 * 1e-5, abs=1e-4)  # the expected drift, on average
+
+
+def _sr_adamw(params):
+    from fulltune.optim.optimizers import make_optimizer
+    return make_optimizer([{"params": params, "weight_decay": 0.0}], OptimConfig(name="adamw", lr=1e-5), "bf16")
+
+
+def test_in_backward_estimate_keeps_one_gradient():
+    spec = spec_from_config(_model(hidden=128).config, "test")
+    normal = estimate(spec, TrainSetup(micro_batch=2, seq_len=32, device="cpu", precision="fp32"))
+    fused = estimate(spec, TrainSetup(micro_batch=2, seq_len=32, device="cpu", precision="fp32", optimizer_in_backward=True))
+    assert fused.get("gradients") == 4 * 256 * 128  # the embedding's gradient alone
+    assert normal.get("gradients") == 4 * spec.n_params
+
+
+# --- refusals: one line, exit 2, before any model loads --------------------------------------------------------------
+
+def _refused(capsys, tmp_path, tiny_dir, chat_file, *extra) -> str:
+    out = tmp_path / "o"
+    code = main(["train", QUICKSTART, *tiny_overrides(tiny_dir, chat_file, out), "eval.task_file=", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and err.count("fulltune: error: ") == 1, err
+    assert not out.exists()  # refused before the run directory (and the model) were touched
+    return err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["train.optimizer_in_backward=true", "train.grad_accum_steps=2", "optim.grad_clip=0"],
+     "train.grad_accum_steps: 2 with train.optimizer_in_backward"),
+    (["train.optimizer_in_backward=true"], "optim.grad_clip: 1.0 needs the global gradient norm"),
+    (["optim.cpu_offload=true"], "optim.cpu_offload: offloads GPU memory to the CPU; this run is on the CPU"),
+    (["model.activation_offload=true"], "model.activation_offload: offloads GPU memory to the CPU"),
+    (["optim.name=adam"], "optim.name: 'adam' is not one of adamw, sgd, adafactor, adamw8bit, adamw4bit"),
+    (["train.precision=fp16"], "train.precision: 'fp16' is not one of auto, fp32, bf16-mixed, bf16"),
+    (["train.precision=bf16", "optim.name=sgd"], "optim.name: sgd has no stochastic rounding"),
+])
+def test_impossible_combinations_are_refused(capsys, tmp_path, tiny_dir, chat_file, extra, message):
+    assert message in _refused(capsys, tmp_path, tiny_dir, chat_file, *extra)
+
+
+def test_pure_bf16_on_a_cpu_without_bf16_units(capsys, monkeypatch, tmp_path, tiny_dir, chat_file):
+    monkeypatch.setattr("fulltune.runtime.cpu_has_bf16_units", lambda: False)
+    err = _refused(capsys, tmp_path, tiny_dir, chat_file, "train.precision=bf16")
+    assert "train.precision: bf16 refused: this CPU has no bf16 units" in err
+    run = run_training(load_config(None, tiny_overrides(tiny_dir, chat_file, tmp_path / "f", **{
+        "train.precision": "bf16", "train.force_precision": True, "train.max_steps": 1})))
+    assert "[train] warning: train.precision bf16: this CPU has no bf16 units" in capsys.readouterr().out
+    assert run.precision == "bf16" and {p.dtype for p in run.model.parameters()} == {torch.bfloat16}
+    auto = load_config(None, tiny_overrides(tiny_dir, chat_file, tmp_path / "g", **{"train.precision": "auto"}))
+    from fulltune.runtime import resolve_precision
+    assert resolve_precision(auto.train.precision, torch.device("cpu")) == "fp32"
+
+
+def test_missing_torchao_is_one_line(capsys, monkeypatch, tmp_path, tiny_dir, chat_file):
+    import sys
+    monkeypatch.setitem(sys.modules, "torchao.optim", None)  # import fails as if not installed
+    code = main(["train", QUICKSTART, *tiny_overrides(tiny_dir, chat_file, tmp_path / "o"), "eval.task_file=",
+                 "optim.name=adamw8bit"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("fulltune: error: ") == 1 and "Traceback" not in err
+    assert "pip install torchao==0.18.0" in err
+    assert not (tmp_path / "o" / "config.yaml").exists()
+
+
+def test_lean_preset_sets_its_keys_and_overrides_win(capsys, monkeypatch, tmp_path, tiny_dir, chat_file):
+    monkeypatch.setattr("fulltune.runtime.cpu_has_bf16_units", lambda: False)
+    cfg = load_config(QUICKSTART, ["train.memory=lean", "train.device=cpu"])
+    assert (cfg.train.precision, cfg.optim.name, cfg.train.optimizer_in_backward, cfg.optim.grad_clip,
+            cfg.model.activation_checkpointing) == ("fp32", "adamw4bit", True, 0.0, True)
+    mine = load_config(QUICKSTART, ["train.memory=lean", "train.device=cpu", "optim.name=adamw8bit"])
+    assert mine.optim.name == "adamw8bit" and mine.train.optimizer_in_backward
+    accum = load_config(QUICKSTART, ["train.memory=lean", "train.device=cpu", "train.grad_accum_steps=2"])
+    assert not accum.train.optimizer_in_backward and accum.optim.grad_clip == 1.0
+    monkeypatch.setattr("fulltune.runtime.cpu_has_bf16_units", lambda: True)
+    assert load_config(QUICKSTART, ["train.memory=lean", "train.device=cpu"]).train.precision == "bf16"
+    run = run_training(load_config(None, tiny_overrides(tiny_dir, chat_file, tmp_path / "l", **{
+        "train.memory": "lean", "train.max_steps": 2}) + ["train.precision=fp32"]))
+    out = capsys.readouterr().out
+    assert ("[train] memory lean: train.precision=fp32, optim.name=adamw4bit, model.activation_checkpointing=True, "
+            "train.optimizer_in_backward=True, optim.grad_clip=0.0") in out
+    state = json.loads((tmp_path / "l" / "results.json").read_text())["state_memory"]
+    assert state["measured_per_rank_gb"][0]["grads"] == 0.0  # no gradient outlives its update
+
+
+# --- the planner recommends only what trains, as overrides the config accepts ----------------------------------------
+
+@pytest.mark.parametrize("model,gpu", [("llama3.1-8b", "rtx4090"), ("llama-7b", "a100-80gb"), ("qwen2.5-7b", "l4"),
+                                       ("gemma2-2b", "a10g"), ("llama3.2-3b", "a100-40gb")])
+def test_plan_overrides_are_a_config_fulltune_trains(model, gpu, tiny_dir, chat_file, tmp_path):
+    from fulltune.memory.plan import plan
+    from fulltune.memory.spec import load_spec
+    p = plan(load_spec(model), gpu, 1, TrainSetup(micro_batch=1, seq_len=1024))
+    assert p.branch in ("full", "full-savers") and p.summary.count("fulltune train CONFIG") == 1
+    overrides = [f"{k}={v}" for k, v in p.overrides.items()]
+    cfg = load_config(QUICKSTART, overrides)  # every recommendation passes the config's own checks
+    assert all(str(getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1])).lower() == str(v).lower()
+               or float(getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1])) == float(v) for k, v in p.overrides.items())
+
+
+def test_plan_defaults_to_what_auto_trains(capsys):
+    assert main(["plan", "smollm2-1.7b", "--gpu", "a100-40gb", "--seq", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "full fine-tuning (bf16-mixed, adamw) on 1 GPU: 40.6 GB per GPU > 40 GB" in out  # not bf16-master's 38.4
+    assert "fulltune train CONFIG model.activation_checkpointing=true" in out
