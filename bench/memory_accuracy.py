@@ -25,13 +25,13 @@ FULLTUNE = [sys.executable, "-m", "fulltune"]
 # (label, model, overrides): model "135m" is SmolLM2-135M, "tiny" a random-init 8-layer Llama
 # with SmolLM2's vocabulary; "text:S" is fixed-length text of S tokens, "sft" the quickstart data.
 CONFIGS = [
-    ("135M amp AdamW b4×256", "135m", "text:256", ["train.micro_batch_size=4"]),
+    ("135M bf16-mixed AdamW b4×256", "135m", "text:256", ["train.micro_batch_size=4"]),
     ("135M fp32 AdamW b4×256", "135m", "text:256", ["train.micro_batch_size=4", "train.precision=fp32"]),
-    ("135M amp AdamW b8×512 ckpt", "135m", "text:512", ["train.micro_batch_size=8", "model.activation_checkpointing=true"]),
-    ("135M amp SGD b4×256", "135m", "text:256", ["train.micro_batch_size=4", "optim.name=sgd"]),
-    ("135M amp SGD-mom b2×1024", "135m", "text:1024", ["train.micro_batch_size=2", "optim.name=sgd", "optim.momentum=0.9"]),
-    ("135M amp AdamW b8 SST-2 SFT", "135m", "sft", ["train.micro_batch_size=8"]),
-    ("tiny amp AdamW b8×512", "tiny", "text:512", ["train.micro_batch_size=8"]),
+    ("135M bf16-mixed AdamW b8×512 ckpt", "135m", "text:512", ["train.micro_batch_size=8", "model.activation_checkpointing=true"]),
+    ("135M bf16-mixed SGD b4×256", "135m", "text:256", ["train.micro_batch_size=4", "optim.name=sgd"]),
+    ("135M bf16-mixed SGD-mom b2×1024", "135m", "text:1024", ["train.micro_batch_size=2", "optim.name=sgd", "optim.momentum=0.9"]),
+    ("135M bf16-mixed AdamW b8 SST-2 SFT", "135m", "sft", ["train.micro_batch_size=8"]),
+    ("tiny bf16-mixed AdamW b8×512", "tiny", "text:512", ["train.micro_batch_size=8"]),
     ("tiny fp32 AdamW b16×256 ckpt", "tiny", "text:256",
      ["train.micro_batch_size=16", "train.precision=fp32", "model.activation_checkpointing=true"]),
 ]

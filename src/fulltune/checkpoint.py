@@ -104,7 +104,8 @@ def resolve_resume(spec: str, run_dir: Path) -> Path | None:
 
 # Settings that change what the resumed steps compute; max_steps / epochs may change (to extend a run).
 RESUME_FIXED = {"model": None, "data": None, "optim": None,
-                "schedule": None, "anchor": None, "train": ("seed", "precision", "micro_batch_size", "grad_accum_steps"),
+                "schedule": None, "anchor": None, "train": ("seed", "precision", "micro_batch_size", "grad_accum_steps",
+                                                     "optimizer_in_backward"),
                 "eval": ("task_file", "labels", "probes", "probe_items", "probe_code_items")}  # θ0 scores: same items
 
 

@@ -44,7 +44,7 @@ from fulltune.model import load_theta0
 from fulltune.optim.param_groups import build_optimizer, lrs_by_name
 from fulltune.optim.schedules import schedule_fn
 from fulltune.optim.in_backward import InBackward
-from fulltune.optim.optimizers import set_lr
+from fulltune.optim.optimizers import compiles_its_step, set_lr
 from fulltune.runtime import autocast_factory, check_device_settings, lean_settings, pick_device, resolve_precision
 from fulltune.stop import StopRequest
 
@@ -147,8 +147,11 @@ def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, s
     ranks = f", FSDP2 over {D.world_size()} ranks" if D.world_size() > 1 else ""
     print(f"[train] device {device}{ranks}, precision {precision}, {total} steps "
           f"({sampler.steps_per_epoch} per epoch, batch {cfg.train.micro_batch_size}×{cfg.train.grad_accum_steps}), "
-          f"{len(optimizer.param_groups)} parameter groups", flush=True)
-    memory = RunMemory(meter, model, cfg, precision, state, anchor.nbytes if anchor else 0)
+          f"{cfg.optim.name}, " + (f"step in backward ({len(optimizer.param_groups)} per-parameter optimisers)"
+                                   if cfg.train.optimizer_in_backward else f"{len(optimizer.param_groups)} parameter groups"),
+          flush=True)
+    memory = RunMemory(meter, model, cfg, precision, state, anchor.nbytes if anchor else 0,
+                       compiled_step=compiles_its_step(cfg.optim, precision))
     return Run(cfg, run_dir, model, tokenizer, data, optimizer, sampler, total,
                schedule_fn(cfg.schedule, cfg.optim.lr, total), autocast, precision, device, state, memory, anchor)
 

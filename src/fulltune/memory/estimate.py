@@ -25,6 +25,10 @@ OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit", "sgd", "sgd-momentum", "adafact
 # torchao's low-bit AdamW states: (bits per value, values per fp32 scale); tensors under 4096 values,
 # or not a multiple of the block, keep m and v unquantised in the weights' dtype.
 LOW_BIT = {"adamw8bit": (8, 256), "adamw4bit": (4, 128)}
+# Their step dequantises one tensor at a time into fp32 temporaries (and, at 4 bits, index tensors
+# to unpack the codes): bytes per value of the tensor being stepped, measured on CPU around
+# optimizer.step() on SmolLM2-135M's shapes (the 28.3M-value embedding: 227 and 752 MB).
+LOW_BIT_STEP_BYTES = {"adamw8bit": 8, "adamw4bit": 26}
 METHODS = ("full", "lora", "qlora")
 ANCHORS = ("none", "l2sp", "ewc")  # θ0 copy (L2-SP, decay toward θ0); θ0 + Fisher (EWC)
 CUDA_CONTEXT = 0.5 * GB  # 287–667 MB measured by PyTorch (PR #86509); 0.5 GB as a round middle
@@ -201,6 +205,11 @@ def state_terms(spec: ModelSpec, s: TrainSetup) -> list[Term]:
                           f"({opt / GB:.1f} GB of host RAM), none on the GPU", "states"))
     else:
         terms.append(Term("optimizer state", opt / o_div, f"{s.optimizer}: {opt / n:.2f} B/param{zero if o_div > 1 else ''}", "states"))
+    if s.optimizer in LOW_BIT and not s.cpu_offload:
+        largest = max(r * c for r, c in _matrix_shapes(spec))
+        per = LOW_BIT_STEP_BYTES[s.optimizer]
+        terms.append(Term("optimizer step temporaries", per * largest, f"{s.optimizer} dequantises one tensor at a time: "
+                          f"{per} B per value of the largest ({largest:,}); measured on CPU", "step"))
     if s.anchor != "none":
         copies = 2 if s.anchor == "ewc" else 1
         ab = 2 if s.precision == "bf16" else 4  # θ0 in the dtype of the weights the update applies to (fp32 master)
@@ -271,7 +280,7 @@ def estimate(spec: ModelSpec, s: TrainSetup) -> Estimate:
     # accumulated gradients alive (they are freed only after the optimiser step).
     alive = grads if s.grad_accum > 1 else 0.0
     start = states + transient + head_grad / _sharded(s.zero_stage, 2, s.gpus) + alive
-    end = states + grads + est.get("gathered layer") + fsdp_root
+    end = states + grads + est.get("gathered layer") + fsdp_root + est.get("optimizer step temporaries")
     when = "start of backward" + (", with the accumulated gradients" if alive else "")
     est.peak, est.peak_when = (start, when) if start >= end else (end, "end of backward")
     return est
