@@ -46,7 +46,7 @@ def one(preset: str, mode: str, args, device: torch.device) -> str:
     with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16 if m["precision"] == "bf16" else torch.float32)
     if m["ckpt"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optimizer = build_optimizer(model, OptimConfig(name=m["optimizer"], lr=1e-5), m["precision"], m["in_backward"])
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if m["precision"] == "bf16-mixed" \

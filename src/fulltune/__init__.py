@@ -1,6 +1,7 @@
 """fulltune: full fine-tuning of pre-trained causal language models."""
 
 import logging
+import warnings
 
 
 def _quiet_known_noise() -> None:
@@ -13,6 +14,8 @@ def _quiet_known_noise() -> None:
         return not any(text in record.getMessage() for text in noise)
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).addFilter(keep)
+    # torch.compile's cache notes that torchao's state tensors have no stable hash (it just does not cache them).
+    warnings.filterwarnings("ignore", message=r".*does not implement _stable_hash_for_caching")
 
 
 _quiet_known_noise()

@@ -70,7 +70,10 @@ def load_theta0(cfg: ModelConfig, verbose: bool = True, weights: bool = True):
         # Only used to fill padded positions; they are masked by length, never by id.
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.2x; the old name warns there
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     summary = verify_trainable(model)
     if verbose:

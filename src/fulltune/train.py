@@ -44,7 +44,7 @@ from fulltune.model import load_theta0
 from fulltune.optim.param_groups import build_optimizer, lrs_by_name
 from fulltune.optim.schedules import schedule_fn
 from fulltune.optim.in_backward import InBackward
-from fulltune.optim.optimizers import compiles_its_step, set_lr
+from fulltune.optim.optimizers import set_lr
 from fulltune.runtime import autocast_factory, check_device_settings, lean_settings, pick_device, resolve_precision
 from fulltune.stop import StopRequest
 
@@ -126,6 +126,8 @@ def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, s
     else:
         model, tokenizer, _ = load_theta0(cfg.model)
         model.to(device, dtype=torch.bfloat16 if precision == "bf16" else None)
+        if precision == "bf16":
+            print("[model] pure bf16: every weight cast to bfloat16, no fp32 copy kept", flush=True)
         make_resident(model)  # the CPU memory check counts the weights as resident before step 1
     data = load_task_data(cfg, tokenizer, sources)
     sampler = StepSampler(len(data.train), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, cfg.train.seed)
@@ -150,8 +152,7 @@ def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, s
           f"{cfg.optim.name}, " + (f"step in backward ({len(optimizer.param_groups)} per-parameter optimisers)"
                                    if cfg.train.optimizer_in_backward else f"{len(optimizer.param_groups)} parameter groups"),
           flush=True)
-    memory = RunMemory(meter, model, cfg, precision, state, anchor.nbytes if anchor else 0,
-                       compiled_step=compiles_its_step(cfg.optim, precision))
+    memory = RunMemory(meter, model, cfg, precision, state, anchor.nbytes if anchor else 0)
     return Run(cfg, run_dir, model, tokenizer, data, optimizer, sampler, total,
                schedule_fn(cfg.schedule, cfg.optim.lr, total), autocast, precision, device, state, memory, anchor)
 

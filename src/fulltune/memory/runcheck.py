@@ -49,7 +49,7 @@ def heaviest(model, cfg, precision: str, device_type: str, current: dict, candid
     return max([current, *candidates], key=peak)
 
 
-def compare(model, cfg, precision: str, meter, largest: dict, anchor_bytes: int = 0, optimizer_bytes: int = 0) -> dict:
+def compare(model, cfg, precision: str, meter, largest: dict, anchor_bytes: int = 0) -> dict:
     """Predicted vs measured peak for the largest micro-batch the run trained on (highest predicted peak)."""
     setup = run_setup(cfg, precision, meter.device_type, largest["rows"], largest["length"], largest["targets"],
                       largest.get("grads_alive", False))
@@ -61,14 +61,11 @@ def compare(model, cfg, precision: str, meter, largest: dict, anchor_bytes: int 
         # Above the RSS just before step 1, plus the fp32 weights already resident then (exact bytes):
         # evaluation run before training leaves caches and heap history that are not training memory.
         # The θ0 copy (and EWC's Fisher) are resident before step 1 too: counted the same way.
-        # With `optimizer_bytes`, step 1 (torch.compile building the optimiser's kernels) was not measured and
-        # the optimiser state it created is resident before the first measured step: counted the same way.
-        weights = sum(local(p).numel() * p.element_size() for p in model.parameters()) + anchor_bytes + optimizer_bytes
+        weights = sum(local(p).numel() * p.element_size() for p in model.parameters()) + anchor_bytes
         measured = meter.sections["train"] - meter.pre_train + weights
-        first = "step 2 (step 1 compiles the optimiser's kernels)" if optimizer_bytes else "step 1"
-        what = "weights" + (" and θ0 anchor" if anchor_bytes else "") + (" and optimizer state" if optimizer_bytes else "")
-        how = (f"peak RSS over the measured training steps minus RSS just before {first}, "
-               f"plus the {weights / GB:.2f} GB of {what} resident then (2 ms sampling, glibc freeing at once)")
+        how = ("peak RSS over the measured training steps minus RSS just before step 1, "
+               f"plus the {weights / GB:.2f} GB of weights{' and θ0 anchor' if anchor_bytes else ''} resident then "
+               "(2 ms sampling, glibc freeing at once)")
     peak = est.peak - est.get("CUDA context")  # the allocator's figures never include the context
     result = {"predicted_peak_gb": peak / GB, "measured_peak_gb": measured / GB,
               "error_pct": 100 * (peak - measured) / measured if measured > 0 else None,

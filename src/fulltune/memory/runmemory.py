@@ -9,9 +9,7 @@
 Point 1 keeps the micro-batch with the highest predicted peak (what the peak is compared with) and
 on CPU closes the measurement after `train.memory_steps` steps, since glibc's measuring mode is
 slow. Point 2 measures each rank's bytes of parameters, gradients and optimiser state against the
-estimator. With an optimiser whose step torch.compile builds on first use (torchao's), a CPU run
-leaves step 1 unmeasured: the compiler's own memory is not training memory; the optimiser state
-created there is then counted by its exact bytes, as the weights are. Both results live in the trainer state (`results.memory`, `results.state_memory`), so a
+estimator. Both results live in the trainer state (`results.memory`, `results.state_memory`), so a
 resumed run keeps them.
 """
 
@@ -26,16 +24,12 @@ from fulltune.memory.runcheck import compare, heaviest, line, state_memory, stat
 
 
 class RunMemory:
-    def __init__(self, meter: PeakMeter, model, cfg, precision: str, state: dict, anchor_bytes: int = 0,
-                 compiled_step: bool = False):
+    def __init__(self, meter: PeakMeter, model, cfg, precision: str, state: dict, anchor_bytes: int = 0):
         self.meter, self.model, self.cfg, self.precision = meter, model, cfg, precision
         self.state, self.anchor_bytes = state, anchor_bytes  # the trainer state: checkpointed with the run
         self.state.setdefault("largest_micro_batch", {"rows": 0, "length": 0, "targets": 0})
         self.measured_steps = 0
         self._measure_state = False
-        self._skip_first = compiled_step and meter.device_type == "cpu"
-        self.skipped_first = False
-        self._state_bytes: dict | None = None
 
     @property
     def results(self) -> dict:
@@ -45,10 +39,6 @@ class RunMemory:
     def step(self, batches: list[dict]):
         """Named point 1: around one optimiser step."""
         self._measure_state = self.results.get("state_memory", {}).get("ranks") != D.world_size()
-        if self._skip_first and self.meter.active:
-            self._skip_first, self.skipped_first = False, True
-            yield  # torch.compile builds the optimiser's kernels here: not measured
-            return
         if self.meter.active:
             self._track_largest(batches)
         with self.meter.section("train"):
@@ -59,12 +49,10 @@ class RunMemory:
 
     def update_applied(self, model, optimizer) -> None:
         """Named point 2: after the update, before the gradients are freed (measured once per rank count)."""
-        if self._state_bytes is None:
-            self._state_bytes = D.state_bytes(model, optimizer)
         if not self._measure_state:
             return
         self._measure_state = False
-        per_rank = D.gather(self._state_bytes)
+        per_rank = D.gather(D.state_bytes(model, optimizer))
         self.results["state_memory"] = state_memory(self.model, self.cfg, self.precision, self.meter.device_type,
                                                     per_rank, self.anchor_bytes)
         print(state_memory_line(self.results["state_memory"]), flush=True)
@@ -80,7 +68,6 @@ class RunMemory:
         was_active = self.meter.active
         self.meter.stop()
         if was_active and self.state["largest_micro_batch"]["rows"] and self.meter.sections.get("train"):
-            optimizer_bytes = self._state_bytes["optimizer"] if self.skipped_first and self._state_bytes else 0
             self.results["memory"] = compare(self.model, self.cfg, self.precision, self.meter,
-                                             self.state["largest_micro_batch"], self.anchor_bytes, optimizer_bytes)
+                                             self.state["largest_micro_batch"], self.anchor_bytes)
             print(line(self.results["memory"]), flush=True)

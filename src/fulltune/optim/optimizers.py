@@ -59,11 +59,6 @@ def make_optimizer(groups: list[dict], cfg: OptimConfig, precision: str) -> torc
     return cls(groups, **kwargs)
 
 
-def compiles_its_step(cfg: OptimConfig, precision: str) -> bool:
-    """torchao's optimisers torch.compile their per-tensor step on first use (tens of seconds on CPU)."""
-    return cfg.name in ("adamw8bit", "adamw4bit") or (cfg.name == "adamw" and precision == "bf16")
-
-
 def set_lr(group: dict, value: float) -> None:
     """torchao keeps lr as a tensor (a new float each step would recompile its step): fill it in place."""
     if torch.is_tensor(group["lr"]):
