@@ -3,6 +3,7 @@ estimator's, the step in backward equals the ordinary step, pure bf16 with stoch
 weights that plain bf16 cannot, and every combination that cannot work is refused in one line."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -222,3 +223,18 @@ def test_low_bit_step_temporaries():
     four = estimate(spec, TrainSetup(micro_batch=2, seq_len=32, device="cpu", precision="fp32", optimizer="adamw4bit"))
     assert four.get("optimizer step temporaries") == 26 * 256 * 128
     assert estimate(spec, TrainSetup(device="cpu", optimizer="adamw")).get("optimizer step temporaries") == 0
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"train.optimizer_in_backward": True, "optim.grad_clip": 0.0}, "train.optimizer_in_backward: not combined with FSDP2"),
+    ({"optim.name": "adamw4bit"}, "optim.name: adamw4bit fails on sharded (DTensor) states"),
+])
+def test_what_fsdp2_does_not_combine_is_refused_before_loading(monkeypatch, tiny_dir, chat_file, tmp_path, extra, message):
+    from fulltune.errors import UserError
+    monkeypatch.setattr(D, "world_size", lambda: 2)
+    monkeypatch.setattr(D, "init", lambda device: torch.device("cpu"))
+    loaded = []
+    monkeypatch.setattr("fulltune.train.read_sources", lambda cfg: loaded.append(1))
+    with pytest.raises(UserError, match=re.escape(message)):
+        run_training(load_config(None, tiny_overrides(tiny_dir, chat_file, tmp_path / "o", **extra)))
+    assert loaded == []  # refused before any data (or model) was read
