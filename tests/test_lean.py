@@ -238,3 +238,10 @@ def test_what_fsdp2_does_not_combine_is_refused_before_loading(monkeypatch, tiny
     with pytest.raises(UserError, match=re.escape(message)):
         run_training(load_config(None, tiny_overrides(tiny_dir, chat_file, tmp_path / "o", **extra)))
     assert loaded == []  # refused before any data (or model) was read
+
+
+def test_plan_over_several_gpus_uses_only_what_fsdp2_trains():
+    from fulltune.memory.plan import plan
+    from fulltune.memory.spec import load_spec
+    p = plan(load_spec("llama-70b"), "rtx4090", 4, TrainSetup(micro_batch=1, seq_len=2048))
+    assert not {"train.optimizer_in_backward", "optim.name", "optim.cpu_offload"} & set(p.overrides or {})
