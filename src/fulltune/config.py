@@ -95,7 +95,8 @@ class TrainConfig:
                                              "gradient (no whole-model gradients); needs grad_accum_steps 1 and "
                                              "optim.grad_clip 0")
     memory: str = opt("default", "lean: the measured lowest-memory setup for this device (printed at the start); "
-                                 "keys you set yourself win over it", choices=("default", "lean"))
+                                 "it replaces the config file's values, key=value overrides on the command line win "
+                                 "over it", choices=("default", "lean"))
     micro_batch_size: int = opt(8, "sequences per forward/backward pass (under FSDP2: at most this many per rank)", lo=1)
     grad_accum_steps: int = opt(1, "micro-batches per optimiser step (loss normalised by all their target tokens); "
                                    "the step's micro_batch_size × grad_accum_steps sequences are split over the ranks", lo=1)

@@ -74,8 +74,9 @@ def lean_settings(raw: dict) -> dict[str, object]:
     units (else fp32), 4-bit AdamW, the step in backward with its gradients freed at once (when there is
     no accumulation; clipping off, which it cannot do), and activation checkpointing."""
     train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
-    device = pick_device(train.get("device", "auto")) if train.get("device", "auto") in ("auto", "cpu", "cuda") else torch.device("cpu")
-    settings: dict[str, object] = {"train.precision": "bf16" if has_bf16_units(device.type) else "fp32",
+    name = train.get("device", "auto")  # an invalid name is reported by the config check afterwards
+    device_type = "cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu"
+    settings: dict[str, object] = {"train.precision": "bf16" if has_bf16_units(device_type) else "fp32",
                                    "optim.name": "adamw4bit", "model.activation_checkpointing": True}
     if train.get("grad_accum_steps", 1) == 1:
         settings.update({"train.optimizer_in_backward": True, "optim.grad_clip": 0.0})
