@@ -54,7 +54,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         shutil.copy(run_dir / "config.yaml", tmp / "config.yaml")
-    if D.world_size() > 1:
+    if D.sharded():
         if D.is_main():
             write_dir_atomically(final, lambda tmp: _write_sharded(tmp, run_dir, model, optimizer, trainer_state))
         else:
@@ -129,7 +129,7 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     try:
         if (path / "dcp").is_dir():
             _load_sharded(path, model, optimizer)
-        elif D.world_size() > 1:
+        elif D.sharded():
             _load_full_into_shards(path, model, optimizer)
         else:
             missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
@@ -152,7 +152,7 @@ def _load_sharded(path: Path, model, optimizer) -> None:
     state = {"model": model_state, "optimizer": optim_state}
     with warnings.catch_warnings():  # one process reading a sharded checkpoint is what we mean
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=D.world_size() == 1)
+        dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=not D.sharded())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
@@ -217,7 +217,7 @@ def export_hf(model, tokenizer, dest: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     try:
-        if D.world_size() == 1:
+        if not D.sharded():
             return write_dir_atomically(dest, write)
         if D.is_main():
             write_dir_atomically(dest, lambda tmp: _export_sharded(tmp, model, tokenizer))

@@ -27,22 +27,38 @@ import torch.distributed as dist
 from fulltune.errors import UserError
 
 
+def sharded() -> bool:
+    """Under torchrun (any number of ranks, one included): the model is sharded by FSDP2 and every
+    reduction is a collective, so one GPU runs the same path as G."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size() if sharded() else 1
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if sharded() else 0
 
 
 def is_main() -> bool:
     return rank() == 0
 
 
+def backend(cuda: bool) -> str:
+    """The process group's backends. NCCL serves only CUDA tensors; the loop's scalar sums, object
+    broadcasts and barriers are CPU tensors, which gloo serves in the same group."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
 def init(device_name: str) -> torch.device | None:
-    """Under torchrun with WORLD_SIZE > 1: join the process group (NCCL on GPUs, gloo on CPU) and
-    return this rank's device. Otherwise None: a single process, nothing to set up."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    """Under torchrun (one rank included): join the process group (CPU tensors over gloo, CUDA ones
+    over NCCL) and return this rank's device. Otherwise None: a single process, nothing to set up."""
+    if not under_torchrun() or dist.is_initialized():
         return None
     local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
@@ -55,7 +71,7 @@ def init(device_name: str) -> torch.device | None:
         raise exc
     if cuda:
         torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+    dist.init_process_group(backend(cuda), timeout=timedelta(minutes=30))
     if rank() != 0:  # one rank reports; errors still reach stderr
         sys.stdout = open(os.devnull, "w")
         import datasets
@@ -70,17 +86,23 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def shard(model: torch.nn.Module, precision: str, device: torch.device) -> None:
-    """FSDP2: fully_shard every decoder layer, then the root. On GPUs with bf16-mixed, the gathered
-    weights are bf16 and gradients are reduced in fp32 (the fp32 shards stay the master weights)."""
+def mixed_precision_policy():
+    """One numerics policy for 1 and G devices, on CPU and CUDA alike: FSDP2 gathers the shards in
+    their own dtype (fp32 master weights for fp32 and bf16-mixed, bf16 for pure bf16) and reduces
+    gradients in it; bf16-mixed computes through the same autocast as one process
+    (runtime.autocast_factory), so norms and the residual stream stay fp32 on any number of ranks."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    return MixedPrecisionPolicy(param_dtype=None, reduce_dtype=None)
+
+
+def shard(model: torch.nn.Module, device: torch.device) -> None:
+    """FSDP2: fully_shard every decoder layer, then the root, under `mixed_precision_policy()`."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     from fulltune.model import decoder_layers
     mesh = init_device_mesh(device.type, (world_size(),))  # CPU ranks stay on CPU on a GPU machine too
-    mp = MixedPrecisionPolicy()
-    if device.type == "cuda" and precision == "bf16-mixed":
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    mp = mixed_precision_policy()
     for layer in decoder_layers(model):  # each unit moves to the device as it is sharded: 1/G of it stays
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
@@ -101,7 +123,7 @@ def load_sharded(model_cfg, precision: str, device: torch.device):
         model.to(torch.bfloat16)  # pure bf16: the shards are bf16 (on every rank, meta ones too)
     on_meta = any(p.is_meta for p in model.parameters())
     full = model.state_dict() if is_main() else {}  # references to rank 0's full tensors, taken before sharding
-    shard(model, precision, device)
+    shard(model, device)
     if any_rank(on_meta):  # otherwise every rank read the weights (.gguf): nothing to send
         if on_meta:
             model.to_empty(device=device)
@@ -127,8 +149,9 @@ def full_value(t: torch.Tensor) -> torch.Tensor:
 
 
 def all_sum(values: list[float]) -> list[float]:
-    """Sums over ranks, in float64 (the values themselves when there is one rank)."""
-    if world_size() == 1:
+    """Sums over ranks, in float64, as a CPU tensor (gloo's half of the group), on one rank too
+    under torchrun; the values themselves in a single process."""
+    if not sharded():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t)
@@ -137,17 +160,17 @@ def all_sum(values: list[float]) -> list[float]:
 
 def any_rank(flag: bool) -> bool:
     """True on every rank if it is true on any (e.g. a stop request that reached one rank first)."""
-    return bool(all_sum([float(flag)])[0]) if world_size() > 1 else flag
+    return bool(all_sum([float(flag)])[0]) if sharded() else flag
 
 
 def barrier() -> None:
-    if world_size() > 1:
+    if sharded():
         dist.barrier()
 
 
 def broadcast(obj):
     """Rank 0's `obj` on every rank."""
-    if world_size() == 1:
+    if not sharded():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -156,7 +179,7 @@ def broadcast(obj):
 
 def gather(obj) -> list:
     """Every rank's `obj`, in rank order, on every rank."""
-    if world_size() == 1:
+    if not sharded():
         return [obj]
     out = [None] * world_size()
     dist.all_gather_object(out, obj)

@@ -105,7 +105,7 @@ def setup(cfg: RunConfig) -> Run:
     random.seed(cfg.train.seed)
     precision = resolve_precision(cfg.train.precision, device, cfg.train.force_precision)
     check_device_settings(cfg, device)
-    if D.world_size() > 1:  # what this version does not combine with FSDP2, refused before the model loads
+    if D.sharded():  # what this version does not combine with FSDP2, refused before the model loads
         if cfg.train.optimizer_in_backward:
             raise UserError("train.optimizer_in_backward: not combined with FSDP2 (several ranks) in this version; "
                             "turn it off or train on one process")
@@ -125,7 +125,7 @@ def setup(cfg: RunConfig) -> Run:
 
 
 def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, sources, meter: PeakMeter) -> Run:
-    if D.world_size() > 1:
+    if D.sharded():
         model, tokenizer = D.load_sharded(cfg.model, precision, device)  # FSDP2: each rank keeps 1/G of every weight
     else:
         model, tokenizer, _ = load_theta0(cfg.model)
@@ -150,7 +150,7 @@ def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, s
     if D.is_main():
         start_run_dir(run_dir, cfg, fresh=resume_from is None)
     D.barrier()
-    ranks = f", FSDP2 over {D.world_size()} ranks" if D.world_size() > 1 else ""
+    ranks = f", FSDP2 over {D.world_size()} rank{'s' if D.world_size() > 1 else ''}" if D.sharded() else ""
     print(f"[train] device {device}{ranks}, precision {precision}, {total} steps "
           f"({sampler.steps_per_epoch} per epoch, batch {cfg.train.micro_batch_size}×{cfg.train.grad_accum_steps}), "
           f"{cfg.optim.name}, " + (f"step in backward ({len(optimizer.param_groups)} per-parameter optimisers)"

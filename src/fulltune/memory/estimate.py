@@ -216,11 +216,11 @@ def state_terms(spec: ModelSpec, s: TrainSetup) -> list[Term]:
         what = "θ0 copy + diagonal Fisher" if copies == 2 else "frozen θ0 copy"
         terms.append(Term("θ0 anchor", copies * ab * n / o_div, f"{s.anchor}: {what}, {copies * ab} B/param"
                           f"{zero if o_div > 1 else ''}", "states"))
-    fsdp = s.zero_stage == 3 and g > 1
-    if fsdp:
+    if s.zero_stage == 3:  # FSDP2, one rank under torchrun included
         terms += _fsdp2_terms(spec, s, wb, gb)
-    if s.precision == "bf16-mixed" and not (fsdp and s.device == "cuda"):
-        # Autocast's bf16 copies of the (gathered) weights are saved for backward: never sharded.
+    if s.precision == "bf16-mixed":
+        # Autocast's bf16 copies of the (gathered) weights are saved for backward: never sharded
+        # (the same numerics on 1 and G devices: distributed.mixed_precision_policy).
         if s.activation_offload:
             terms.append(Term("bf16 weight copies", 2 * 2 * spec.largest_layer_params,
                               "autocast's bf16 weight copies are saved tensors too: offloaded, two layers' on the GPU",
@@ -232,11 +232,11 @@ def state_terms(spec: ModelSpec, s: TrainSetup) -> list[Term]:
 
 
 def _fsdp2_terms(spec: ModelSpec, s: TrainSetup, wb: int, gb: int) -> list[Term]:
-    """ZeRO-3 as FSDP2 does it (fully_shard per decoder layer, then the root). On GPUs the weights are
-    gathered in bf16 (MixedPrecisionPolicy); on CPU in their own dtype. The root unit (embeddings,
+    """ZeRO-3 as FSDP2 does it (fully_shard per decoder layer, then the root). The weights are gathered
+    in their own dtype on every device (distributed.mixed_precision_policy). The root unit (embeddings,
     head, final norm) is used first (embeddings) and last (head, then embeddings in backward): it
     stays gathered through the step, and its gradient is unsharded until the end of backward."""
-    gathered = 2 if s.device == "cuda" else wb
+    gathered = wb
     root = spec.n_embed_params * (1 if spec.tied else 2) + spec.hidden
     return [Term("gathered layer", 2 * gathered * spec.largest_layer_params,
                  "ZeRO-3: current + prefetched layer unsharded", "transient"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 
-from fulltune.distributed import local, world_size
+from fulltune.distributed import local, sharded, world_size
 from fulltune.memory.estimate import GB, TrainSetup, estimate
 from fulltune.memory.spec import spec_from_config
 
@@ -20,7 +20,7 @@ def run_setup(cfg, precision: str, device_type: str, rows: int, length: int, tar
     anchor = cfg.anchor.method if cfg.anchor.method != "none" else ("l2sp" if cfg.optim.decay_toward == "theta0" else "none")
     ranks = world_size()  # FSDP2 over the ranks: ZeRO-3
     return TrainSetup(micro_batch=rows, seq_len=length, precision=precision,
-                      gpus=ranks, zero_stage=3 if ranks > 1 else 0, optimizer=optimizer,
+                      gpus=ranks, zero_stage=3 if sharded() else 0, optimizer=optimizer,
                       activation_checkpointing=cfg.model.activation_checkpointing,
                       loss_fraction=max(targets, 1) / (rows * length), device=device_type, anchor=anchor,
                       grad_accum=2 if grads_alive else 1, optimizer_in_backward=cfg.train.optimizer_in_backward,
@@ -96,7 +96,7 @@ def state_memory(model, cfg, precision: str, device_type: str, per_rank: list[di
             "optimizer": est.get("optimizer state") + est.get("master weights")}
     # A term predicted to be 0 (gradients freed in backward) is off by its share of the whole predicted state.
     errors = [100 * (r[k] - pred[k]) / (pred[k] or sum(pred.values())) for r in per_rank for k in pred]
-    return {"ranks": len(per_rank), "zero_stage": 3 if len(per_rank) > 1 else 0,
+    return {"ranks": len(per_rank), "zero_stage": 3 if sharded() else 0,
             "measured_per_rank_gb": [{k: r[k] / GB for k in ("params", "grads", "optimizer")} for r in per_rank],
             "predicted_per_rank_gb": {k: v / GB for k, v in pred.items()},
             "anchor_gb_per_rank": anchor_bytes / GB,
@@ -107,7 +107,7 @@ def state_memory(model, cfg, precision: str, device_type: str, per_rank: list[di
 def state_memory_line(result: dict) -> str:
     m = result["measured_per_rank_gb"][0]
     p = result["predicted_per_rank_gb"]
-    where = f"per rank (FSDP2 over {result['ranks']})" if result["ranks"] > 1 else "(one process)"
+    where = f"per rank (FSDP2 over {result['ranks']})" if result["zero_stage"] == 3 else "(one process)"
     return (f"[memory] model state {where}: parameters {m['params']:.3f} GB, gradients {m['grads']:.3f} GB, "
             f"optimizer {m['optimizer']:.3f} GB; predicted {p['params']:.3f} / {p['grads']:.3f} / {p['optimizer']:.3f} GB"
             + (f" (largest gap {result['max_error_pct']:+.1f}%)" if result["max_error_pct"] is not None else ""))
