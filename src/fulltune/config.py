@@ -52,6 +52,10 @@ class DataConfig:
                             "data.train, or builtin:lambada (5,153 passages of book text)")
     mix_ratio: float = opt(0.0, "share of each step's sequences drawn from data.general, added to the task's "
                                 "(e.g. 0.05-0.10); 0: task data only", lo=0.0, hi=0.9)
+    packing: bool = opt(False, "pack several training sequences into each row of max_seq_len tokens, each attending "
+                               "only to itself (position ids restart per sequence); micro_batch_size then counts rows")
+    group_by_length: bool = opt(False, "without packing: put sequences of similar length in the same micro-batch "
+                                       "(less padding), in a seeded order")
 
 
 @dataclass
@@ -108,6 +112,8 @@ class TrainConfig:
     keep_checkpoints: int = opt(2, "how many periodic checkpoints to keep (oldest removed first)", lo=1)
     resume: str = opt("", "resume from a checkpoint: auto (latest in output_dir/checkpoints) or a checkpoint path")
     overwrite: bool = opt(False, "allow starting a fresh run in an output_dir that already holds one")
+    peak_probe_s: float = opt(1.0, "seconds spent at the start measuring the device's matmul peak in the run's dtype "
+                                   "(the denominator of MFU in metrics.jsonl); 0: no MFU", lo=0.0)
     device: str = opt("auto", "where to train; auto: cuda when available", choices=("auto", "cpu", "cuda"))
     progress: bool = opt(True, "show a progress bar")
     memory_steps: int = opt(3, "CPU: measure the memory peak exactly over the first N steps (glibc made to free at once, "
@@ -284,6 +290,9 @@ def _cross_checks(cfg: RunConfig) -> list[str]:
         errors.append("optim.decay_toward: theta0 needs optim.weight_decay > 0 to have any effect")
     if 0 < cfg.optim.lr < cfg.schedule.min_lr:
         errors.append(f"schedule.min_lr: {cfg.schedule.min_lr} is above optim.lr {cfg.optim.lr}")
+    if cfg.data.packing and cfg.data.group_by_length:
+        errors.append("data.group_by_length: packed rows are already near max_seq_len; use one of data.packing "
+                      "and data.group_by_length")
     return errors + _memory_checks(cfg)
 
 

@@ -33,15 +33,19 @@ def target_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
             return (args[0][:, :-1][select],)
         handle = model.get_output_embeddings().register_forward_pre_hook(only_targets)
         try:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            logits = model(**_inputs(batch), use_cache=False).logits
         finally:
             handle.remove()
     else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       use_cache=False).logits[:, :-1][select]
+        logits = model(**_inputs(batch), use_cache=False).logits[:, :-1][select]
     logp = -F.cross_entropy(logits.float(), targets, reduction="none")
     rows = select.nonzero()[:, 0]
     return logp, rows
+
+
+def _inputs(batch: dict) -> dict:
+    """The model's inputs: ids with an attention mask, or (packed rows) with position ids and no mask."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
 
 
 def loss_sum(model, batch: dict) -> torch.Tensor:

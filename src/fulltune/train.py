@@ -34,6 +34,7 @@ from fulltune.anchors import Anchor, anchor_for_run
 from fulltune.config import RunConfig, save_config
 from fulltune.data.loader import IGNORE, StepSampler, collate, count_targets
 from fulltune.data.mixture import MixedSampler
+from fulltune.data.packing import check_isolation
 from fulltune.errors import Interrupted, UserError
 from fulltune.loss import loss_sum
 from fulltune.data.rundata import TaskData, load_task_data, read_sources
@@ -47,6 +48,7 @@ from fulltune.optim.in_backward import InBackward
 from fulltune.optim.optimizers import set_lr
 from fulltune.runtime import autocast_factory, check_device_settings, lean_settings, pick_device, resolve_precision
 from fulltune.stop import StopRequest
+from fulltune.throughput import FlopModel, compute_dtype, flop_model, matmul_peak, peak_memory_gb, sequence_lengths
 
 
 @dataclass
@@ -66,6 +68,8 @@ class Run:
     device: torch.device
     state: dict
     memory: RunMemory              # the memory check: peak vs estimate, model-state bytes
+    flops: FlopModel               # model FLOPs of a step (throughput.py)
+    peak_flops: float              # the ranks' measured matmul peak, FLOP/s (0: not measured)
     anchor: Anchor | None = None   # θ0 copy for L2-SP / EWC / decay toward θ0
 
     def examples(self, indices: list[int]) -> list:
@@ -134,9 +138,13 @@ def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, s
             print("[model] pure bf16: every weight cast to bfloat16, no fp32 copy kept", flush=True)
         make_resident(model)  # the CPU memory check counts the weights as resident before step 1
     data = load_task_data(cfg, tokenizer, sources)
-    sampler = StepSampler(len(data.train), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, cfg.train.seed)
+    if cfg.data.packing:
+        check_isolation(model, device, model.config.vocab_size)  # an attention that mixes packed sequences is refused here
+    lengths = [len(e.input_ids) for e in data.train] if cfg.data.group_by_length else None
+    sampler = StepSampler(len(data.train), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, cfg.train.seed, lengths)
     if cfg.data.mix_ratio > 0:
-        sampler = MixedSampler(sampler, len(data.general), cfg.data.mix_ratio, cfg.train.seed)
+        sizes = [len(e.lengths) or 1 for e in data.train]  # packed rows count as their sequences
+        sampler = MixedSampler(sampler, len(data.general), cfg.data.mix_ratio, cfg.train.seed, sizes)
     total = cfg.train.max_steps or math.ceil(sampler.steps_per_epoch * cfg.train.epochs)
     optimizer = build_optimizer(model, cfg.optim, precision, cfg.train.optimizer_in_backward)
     autocast = autocast_factory(precision, device, cfg.model.activation_offload)
@@ -158,7 +166,21 @@ def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, s
           flush=True)
     memory = RunMemory(meter, model, cfg, precision, state, anchor.nbytes if anchor else 0)
     return Run(cfg, run_dir, model, tokenizer, data, optimizer, sampler, total,
-               schedule_fn(cfg.schedule, cfg.optim.lr, total), autocast, precision, device, state, memory, anchor)
+               schedule_fn(cfg.schedule, cfg.optim.lr, total), autocast, precision, device, state, memory,
+               flop_model(model), _peak(cfg, model, precision, device), anchor)
+
+
+def _peak(cfg: RunConfig, model, precision: str, device: torch.device) -> float:
+    """The matmul peak of every rank together, measured on the model's MLP shape in the compute dtype."""
+    if cfg.train.peak_probe_s <= 0:
+        return 0.0
+    dtype = compute_dtype(precision)
+    rows = min(cfg.train.micro_batch_size * cfg.data.max_seq_len, 4096)
+    hidden, inner = model.config.hidden_size, getattr(model.config, "intermediate_size", 4 * model.config.hidden_size)
+    peak = D.all_sum([matmul_peak(device, dtype, rows, hidden, inner, cfg.train.peak_probe_s)])[0]
+    print(f"[train] matmul peak {peak / 1e12:.3f} TFLOP/s ({str(dtype).removeprefix('torch.')}, {rows}×{hidden} @ "
+          f"{hidden}×{inner}{f', {D.world_size()} ranks' if D.sharded() else ''}): the denominator of MFU", flush=True)
+    return peak
 
 
 def _get(cfg: RunConfig, dotted: str):
@@ -283,7 +305,9 @@ def loop(run: Run) -> None:
             with run.memory.step(batches):
                 loss, norm = train_step(run.model, run.optimizer, batches, run.autocast, run.cfg.optim.grad_clip,
                                         run.anchor, _targets(run.examples(flat)), run.memory)
-            rec = _record(run, flat, loss, norm, time.perf_counter() - t0)
+            dt = time.perf_counter() - t0
+            (padded,) = D.all_sum([sum(b["input_ids"].numel() for b in batches)])  # null micro-batches count too
+            rec = _record(run, flat, loss, norm, dt, padded)
             saved = _after_step(run, rec, bar)
             if D.any_rank(stop.requested) and run.state["step"] < run.total_steps:  # every rank stops together
                 bar.close()
@@ -297,8 +321,9 @@ def _targets(examples: list) -> int:
     return sum(sum(e.target_mask[1:]) for e in examples)
 
 
-def _record(run: Run, flat: list[int], loss: float, norm: float, dt: float) -> dict:
-    """Advance the counters by the step just taken (`flat`: its sequences); its metrics.jsonl record."""
+def _record(run: Run, flat: list[int], loss: float, norm: float, dt: float, padded: float) -> dict:
+    """Advance the counters by the step just taken (`flat`: its sequences, `padded`: the token positions
+    its micro-batches computed over every rank); its metrics.jsonl record, throughput included."""
     if not math.isfinite(loss):
         raise UserError(f"loss became {loss} at step {run.state['step']}: lower optim.lr or check the data")
     s, every = run.state, run.examples(flat)
@@ -308,6 +333,10 @@ def _record(run: Run, flat: list[int], loss: float, norm: float, dt: float) -> d
     rec = {"step": s["step"], "epoch": run.sampler.epoch, "loss": loss, "lr": lrs_by_name(run.optimizer),
            "grad_norm": norm, "tokens_seen": s["tokens_seen"], "target_tokens_seen": s["target_tokens_seen"],
            "tokens_per_s": tokens / dt, "elapsed_s": s["elapsed_s"]}
+    flops = run.flops.step_flops(sequence_lengths(every), targets)
+    rec.update(padding_fraction=1 - tokens / padded, flops_per_s=flops / dt, peak_memory_gb=peak_memory_gb(run.device))
+    if run.peak_flops:
+        rec["mfu"] = flops / dt / run.peak_flops
     if isinstance(run.sampler, MixedSampler):
         general = run.examples([i for i in flat if i >= len(run.data.train)])
         s["general_target_tokens"] = s.get("general_target_tokens", 0) + _targets(general)
@@ -330,7 +359,11 @@ def _after_step(run: Run, rec: dict, bar) -> Path | None:
     if step % cfg.log_interval == 0 or "val_loss" in rec or "probes" in rec or step == run.total_steps:
         _log(run, rec)
     top_lr = max(rec["lr"].values())
-    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{top_lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
+    shown = dict(loss=f"{rec['loss']:.4f}", lr=f"{top_lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                 pad=f"{100 * rec['padding_fraction']:.0f}%", mem=f"{rec['peak_memory_gb']:.1f}G")
+    if "mfu" in rec:
+        shown["mfu"] = f"{100 * rec['mfu']:.0f}%"
+    bar.set_postfix(shown, refresh=False)
     bar.update(1)
     if cfg.save_interval and step % cfg.save_interval == 0 and step < run.total_steps:
         return _save(run)

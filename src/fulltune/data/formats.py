@@ -21,6 +21,7 @@ FORMAT_COLUMNS = {"messages": ("messages",), "prompt_completion": ("prompt", "co
 class Example:
     input_ids: list[int]
     target_mask: list[int]
+    lengths: tuple[int, ...] = ()  # a packed row (data/packing.py): its sequences' lengths, in order
 
 
 @dataclass

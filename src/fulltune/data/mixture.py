@@ -19,9 +19,12 @@ class MixedSampler:
     General example j has index `n_task + j`, so one list `task + general` serves both.
     """
 
-    def __init__(self, task: StepSampler, n_general: int, ratio: float, seed: int):
+    def __init__(self, task: StepSampler, n_general: int, ratio: float, seed: int, sizes: list[int] | None = None):
+        """`sizes`: sequences in each task example (packed rows hold several; default one each), so the
+        ratio is always one of sequences."""
         assert 0 < ratio < 1 and n_general > 0
         self.task, self.ratio, self.n_task = task, ratio, task.n
+        self.sizes = sizes
         self.general = StepSampler(n_general, 1, 1, seed + 7919)  # its own order, independent of the task's
         self.task_seen, self.general_seen = 0, 0
 
@@ -35,7 +38,7 @@ class MixedSampler:
 
     def next_step(self) -> list[list[int]]:
         task_batches = self.task.next_step()
-        self.task_seen += sum(len(b) for b in task_batches)
+        self.task_seen += sum(self.sizes[i] if self.sizes else 1 for b in task_batches for i in b)
         due = round(self.task_seen * self.ratio / (1 - self.ratio)) - self.general_seen
         general = [self.n_task + self.general.next_step()[0][0] for _ in range(due)]
         self.general_seen += due

@@ -59,6 +59,13 @@ def load_task_data(cfg: RunConfig, tokenizer, sources: dict) -> TaskData:
         train = [train[i] for i in sorted(order[n_val:])]
         print(f"[data] held out {len(val)} of the training sequences for validation", flush=True)
     stats["n_train"], stats["n_val"] = len(train), len(val)
+    if d.packing:
+        from fulltune.data.packing import fill, pack
+        sequences = len(train)
+        train = pack(train, d.max_seq_len, cfg.train.seed)
+        stats["packing"] = {"sequences": sequences, "rows": len(train), "fill": fill(train, d.max_seq_len)}
+        print(f"[data] packed {sequences} training sequences into {len(train)} rows of ≤ {d.max_seq_len} tokens "
+              f"({100 * stats['packing']['fill']:.1f}% filled)", flush=True)
     task_source, task = sources.get("task", ("", None))
     if task is not None:
         gold_labels(task, task_source, list(cfg.eval.labels))  # a bad task file fails before training starts

@@ -1,0 +1,97 @@
+"""What a step achieved against what the machine can do: useful tokens, padding, FLOP/s and MFU.
+
+Model FLOPs of a training step (forward + backward = 3 × forward, PaLM appendix B convention: no
+recomputation counted, attention over the full s × s square of each sequence):
+
+    6 · N_body · T  +  6 · d · V · H  +  12 · L · d_attn · Σ_i s_i²
+
+- T: the step's real (non-padding) tokens; N_body: the parameters outside the embedding and LM head
+  (each is multiplied once per token in the forward: 2 FLOPs; the backward computes input and
+  weight gradients: 4 more);
+- H: the positions where the LM head runs: the target tokens (loss.py projects only those when the
+  head is a plain linear map), every token otherwise; d: hidden size, V: vocabulary;
+- s_i: the length of each sequence (a packed row's sequences count separately: the mask stops
+  them attending to each other); d_attn = heads × head_dim; L: decoder layers. Per layer and
+  sequence, QKᵀ and the weighted sum of V are 2·s²·d_attn FLOPs each in the forward.
+
+MFU = model FLOPs / step time / the device's matmul peak, which `matmul_peak` measures at the start
+of the run (~1 s) in the run's compute dtype on the shape of the model's MLP projection.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+GB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class FlopModel:
+    body_params: int      # N_body: every parameter except the embedding and the LM head
+    hidden: int           # d
+    vocab: int            # V
+    layers: int           # L
+    attn_width: int       # heads × head_dim
+    head_on_targets: bool  # the LM head runs on target positions only
+
+    def step_flops(self, lengths: list[int], targets: int) -> float:
+        tokens = sum(lengths)
+        head_rows = targets if self.head_on_targets else tokens
+        return (6.0 * self.body_params * tokens + 6.0 * self.hidden * self.vocab * head_rows
+                + 12.0 * self.layers * self.attn_width * sum(s * s for s in lengths))
+
+
+def flop_model(model) -> FlopModel:
+    from fulltune.loss import _plain_head
+    cfg = model.config
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    skip = {id(embed), id(head)}
+    body = sum(p.numel() for p in model.parameters() if id(p) not in skip)
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return FlopModel(body, cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers, heads * head_dim, _plain_head(model))
+
+
+def sequence_lengths(examples) -> list[int]:
+    """Each sequence's length, packed rows split into their sequences."""
+    return [n for e in examples for n in (e.lengths or (len(e.input_ids),))]
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    return torch.float32 if precision == "fp32" else torch.bfloat16
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, rows: int, hidden: int, inner: int,
+                seconds: float = 1.0) -> float:
+    """FLOP/s of the best timed (rows × hidden) @ (hidden × inner) matmul, repeated for ~`seconds`."""
+    a = torch.randn(rows, hidden, device=device, dtype=dtype)
+    b = torch.randn(hidden, inner, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b  # warm-up: kernel choice, page faults
+    sync()
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        sync()
+        best = min(best, (time.perf_counter() - t0) / 4)
+    return 2.0 * rows * hidden * inner / best
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """The process's peak so far: CUDA max_memory_allocated, or the resident set's high-water mark."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / GB
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / GB
+    except OSError:
+        pass
+    return 0.0
