@@ -5,7 +5,7 @@ recomputation counted, attention over the full s × s square of each sequence):
 
     6 · N_body · T  +  6 · d · V · H  +  12 · L · d_attn · Σ_i s_i²
 
-- T: the step's real (non-padding) tokens; N_body: the parameters outside the embedding and LM head
+- T: the step's real (non-padding) tokens; N_body: the matrices outside the embedding and LM head
   (each is multiplied once per token in the forward: 2 FLOPs; the backward computes input and
   weight gradients: 4 more);
 - H: the positions where the LM head runs: the target tokens (loss.py projects only those when the
@@ -31,7 +31,7 @@ GB = 1024 ** 3
 
 @dataclass(frozen=True)
 class FlopModel:
-    body_params: int      # N_body: every parameter except the embedding and the LM head
+    body_params: int      # N_body: every weight matrix except the embedding and the LM head
     hidden: int           # d
     vocab: int            # V
     layers: int           # L
@@ -51,7 +51,7 @@ def flop_model(model) -> FlopModel:
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
     skip = {id(embed), id(head)}
-    body = sum(p.numel() for p in model.parameters() if id(p) not in skip)
+    body = sum(p.numel() for p in model.parameters() if id(p) not in skip and p.ndim >= 2)  # matmul weights (norms: no matmul)
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     return FlopModel(body, cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers, heads * head_dim, _plain_head(model))
