@@ -232,6 +232,8 @@ def test_low_bit_step_temporaries():
 def test_what_fsdp2_does_not_combine_is_refused_before_loading(monkeypatch, tiny_dir, chat_file, tmp_path, extra, message):
     from fulltune.errors import UserError
     monkeypatch.setattr(D, "world_size", lambda: 2)
+    monkeypatch.setattr(D, "sharded", lambda: True)
+    monkeypatch.setattr(D, "rank", lambda: 0)
     monkeypatch.setattr(D, "init", lambda device: torch.device("cpu"))
     loaded = []
     monkeypatch.setattr("fulltune.train.read_sources", lambda cfg: loaded.append(1))

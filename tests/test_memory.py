@@ -209,7 +209,10 @@ def test_zero3_terms_follow_fsdp2():
     assert cpu.get("bf16 weight copies") == 2 * spec.n_matmul_params  # autocast copies are not sharded
     assert cpu.get("weights") == 4 * spec.n_params / 2
     gpu = estimate(spec, TrainSetup(precision="bf16-mixed", device="cuda", gpus=2, zero_stage=3))
-    assert gpu.get("gathered root unit") == 2 * root and gpu.get("bf16 weight copies") == 0  # bf16 gather
+    # one numerics policy on every device (distributed.mixed_precision_policy): fp32 gathers, autocast copies
+    assert gpu.get("gathered root unit") == 4 * root and gpu.get("bf16 weight copies") == 2 * spec.n_matmul_params
+    one_rank = estimate(spec, TrainSetup(precision="bf16-mixed", device="cuda", gpus=1, zero_stage=3))
+    assert one_rank.get("gathered root unit") == 4 * root  # one GPU under torchrun: the sharded path too
     one = estimate(spec, TrainSetup(precision="bf16-mixed", device="cpu"))
     assert one.get("gathered root unit") == one.get("root unit gradient") == 0
     assert one.get("bf16 weight copies") == 2 * spec.n_matmul_params

@@ -152,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fulltune: {exc}", file=sys.stderr)
         return 130
     except Exception as exc:
+        from fulltune.model import compile_failure
+        if compile_failure(exc):
+            if main_rank:
+                print(f"fulltune: error: train.compile: torch.compile failed ({compile_failure(exc)}); set "
+                      "train.compile=false, or train.compile_fallback=true to run uncompiled", file=sys.stderr)
+            return 2
         if _lost_peers(exc):  # another rank failed first and reported why
             print(f"fulltune: rank {os.environ.get('RANK')} stopped: another rank failed", file=sys.stderr)
             return 1

@@ -112,6 +112,10 @@ class TrainConfig:
     keep_checkpoints: int = opt(2, "how many periodic checkpoints to keep (oldest removed first)", lo=1)
     resume: str = opt("", "resume from a checkpoint: auto (latest in output_dir/checkpoints) or a checkpoint path")
     overwrite: bool = opt(False, "allow starting a fresh run in an output_dir that already holds one")
+    compile: bool = opt(False, "torch.compile each decoder layer (the first steps include the compile time, "
+                               "printed on its own)")
+    compile_fallback: bool = opt(False, "with train.compile: if compiling fails, run that code uncompiled (torch "
+                                        "prints a warning) instead of stopping with an error")
     peak_probe_s: float = opt(1.0, "seconds spent at the start measuring the device's matmul peak in the run's dtype "
                                    "(the denominator of MFU in metrics.jsonl); 0: no MFU", lo=0.0)
     device: str = opt("auto", "where to train; auto: cuda when available", choices=("auto", "cpu", "cuda"))

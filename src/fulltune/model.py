@@ -96,6 +96,30 @@ def verify_trainable(model: nn.Module) -> str:
             f"trainable {n_train:,} (100.00%), dtype {'/'.join(dtypes)}, tied embeddings: {'yes' if tied else 'no'}")
 
 
+def compile_layers(model: nn.Module, fallback: bool) -> int:
+    """train.compile: torch.compile each decoder layer's forward (one graph, reused by every layer of
+    the same shape). The module's hooks (FSDP2's gathers, activation checkpointing) stay outside the
+    compiled code, in eager mode. `fallback`: a frame that fails to compile runs eagerly, with
+    torch's warning, instead of stopping the run (torch._dynamo.config.suppress_errors)."""
+    import torch._dynamo
+    torch._dynamo.config.suppress_errors = fallback
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward)
+    return len(layers)
+
+
+def compile_failure(exc: BaseException) -> str | None:
+    """The one-line cause when `exc` is torch.compile failing (dynamo, inductor, the C++ compiler)."""
+    import torch._dynamo.exc
+    import torch._inductor.exc
+    if not isinstance(exc, (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError)):
+        return None
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    cause = next((line for line in lines if "Error" in line or "error" in line), lines[0] if lines else type(exc).__name__)
+    return f"{type(exc).__name__}: {cause[:240]}"
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The ordered decoder blocks (bottom first): the key for per-layer rates, sharding, memory."""
     base = getattr(model, model.base_model_prefix, model)

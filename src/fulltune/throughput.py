@@ -69,8 +69,9 @@ def compute_dtype(precision: str) -> torch.dtype:
 def matmul_peak(device: torch.device, dtype: torch.dtype, rows: int, hidden: int, inner: int,
                 seconds: float = 1.0) -> float:
     """FLOP/s of the best timed (rows × hidden) @ (hidden × inner) matmul, repeated for ~`seconds`."""
-    a = torch.randn(rows, hidden, device=device, dtype=dtype)
-    b = torch.randn(hidden, inner, device=device, dtype=dtype)
+    g = torch.Generator(device).manual_seed(0)  # its own generator: the run's RNG stream is not touched
+    a = torch.randn(rows, hidden, device=device, dtype=dtype, generator=g)
+    b = torch.randn(hidden, inner, device=device, dtype=dtype, generator=g)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a @ b  # warm-up: kernel choice, page faults
     sync()

@@ -41,7 +41,7 @@ from fulltune.data.rundata import TaskData, load_task_data, read_sources
 from fulltune.evals.during_run import finish_probes, headlines, report_task, run_probes, task_accuracy
 from fulltune.memory.measure import PeakMeter, make_resident
 from fulltune.memory.runmemory import RunMemory
-from fulltune.model import load_theta0
+from fulltune.model import compile_layers, load_theta0
 from fulltune.optim.param_groups import build_optimizer, lrs_by_name
 from fulltune.optim.schedules import schedule_fn
 from fulltune.optim.in_backward import InBackward
@@ -137,6 +137,9 @@ def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, s
         if precision == "bf16":
             print("[model] pure bf16: every weight cast to bfloat16, no fp32 copy kept", flush=True)
         make_resident(model)  # the CPU memory check counts the weights as resident before step 1
+    if cfg.train.compile:
+        n = compile_layers(model, cfg.train.compile_fallback)
+        print(f"[model] torch.compile: {n} decoder layers (compiled at the first steps; step 1's time is printed)", flush=True)
     data = load_task_data(cfg, tokenizer, sources)
     if cfg.data.packing:
         check_isolation(model, device, model.config.vocab_size)  # an attention that mixes packed sequences is refused here
@@ -356,6 +359,8 @@ def _after_step(run: Run, rec: dict, bar) -> Path | None:
     interval = run.cfg.eval.probe_interval
     if interval and step % interval == 0 and step < run.total_steps and run.data.probes is not None:
         rec["probes"] = headlines(run_probes(run, f"step {step}"))
+    if step == 1 and cfg.compile:
+        print(f"[train] step 1 took {rec['elapsed_s']:.1f} s, torch.compile's warm-up included", flush=True)
     if step % cfg.log_interval == 0 or "val_loss" in rec or "probes" in rec or step == run.total_steps:
         _log(run, rec)
     top_lr = max(rec["lr"].values())
