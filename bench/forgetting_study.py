@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "runs" / "study"
 BASE = ["optim.lr=3e-4", "train.epochs=3", "eval.probe_items=100", "eval.probe_code_items=40",
+        "data.packing=false", "train.micro_batch_size=8", "train.val_interval=40", "train.save_interval=80",  # the study's quickstart
         "train.progress=false", "train.overwrite=true"]
 GENERAL = "data.general=[builtin:lambada]"
 ROWS = {

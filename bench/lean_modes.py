@@ -50,6 +50,7 @@ def run_mode(label: str, overrides: list[str], steps: int, folder: Path) -> dict
     cmd = [sys.executable, "-m", "fulltune", "train", str(ROOT / "configs" / "quickstart.yaml"),
            f"train.output_dir={out}", f"train.max_steps={steps}", "train.progress=false", "train.save_interval=0",
            "train.val_interval=0", "data.val_fraction=0", "eval.task_file=", "eval.probes=[]", "train.memory_steps=3",
+           "data.packing=false", "train.micro_batch_size=8",  # the padded quickstart these rows were measured on
            *overrides]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -66,7 +66,7 @@ def make_text(path: Path, tokens: int, tokenizer, reviews: list[str], n: int = 6
 def run_one(label: str, model: str, data: str, extra: list[str], out: Path, steps: int) -> dict:
     cmd = FULLTUNE + ["train", str(ROOT / "configs/quickstart.yaml"), f"model.path={model}", f"data.train={data}",
                       f"train.output_dir={out}", f"train.max_steps={steps}", "eval.task_file=", "data.val_fraction=0",
-                      "train.progress=false", "train.overwrite=true", "data.overlong=truncate", *extra]
+                      "train.progress=false", "train.overwrite=true", "data.overlong=truncate", "data.packing=false", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         sys.exit(f"[bench] {label} failed:\n{proc.stderr[-3000:]}")

@@ -38,6 +38,7 @@ def run_mode(label: str, overrides: list[str], steps: int, skip: int, folder: Pa
     cmd = [sys.executable, "-m", "fulltune", "train", str(ROOT / "configs" / "quickstart.yaml"),
            f"train.output_dir={out}", f"train.max_steps={steps}", "train.progress=false", "train.save_interval=0",
            "train.val_interval=0", "data.val_fraction=0", "eval.task_file=", "eval.probes=[]", "train.memory_steps=0",
+           "data.packing=false", "train.micro_batch_size=8",  # measured before the quickstart packed; each mode sets its own
            *overrides]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ("hf", "fulltune", "fulltune-full-logits")
-COMMON = ["train.micro_batch_size=8", "train.grad_accum_steps=1", "optim.lr=5e-5", "schedule.name=cosine",
+COMMON = ["data.packing=false", "train.micro_batch_size=8", "train.grad_accum_steps=1", "optim.lr=5e-5", "schedule.name=cosine",
           "schedule.warmup_steps=2", "data.val_fraction=0", "eval.task_file=", "train.progress=false", "train.seed=0"]
 
 

@@ -66,10 +66,13 @@ def test_a_few_real_steps(tmp_path):
     losses = [r["loss"] for r in lines if "loss" in r]
     assert len(losses) == 3 and all(0 < x < 10 for x in losses)
     first = next(r for r in lines if "loss" in r)
-    assert set(first) >= {"step", "loss", "lr", "grad_norm", "tokens_seen", "tokens_per_s", "elapsed_s"}
+    assert set(first) >= {"step", "loss", "lr", "grad_norm", "tokens_seen", "tokens_per_s", "elapsed_s",
+                          "padding_fraction", "flops_per_s", "mfu", "peak_memory_gb"}
     assert lines[0]["step"] == 0 and set(lines[0]["probes"]) == {"arc_easy", "humaneval"}
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["task_accuracy_theta0"]["n"] == 16 and results["steps"] == 3
+    packed = results["data"]["packing"]  # the quickstart packs: the real model passed the isolation check
+    assert packed["sequences"] > 2 * packed["rows"] and packed["fill"] > 0.8
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
     assert [p.name for p in sorted((tmp_path / "run" / "checkpoints").iterdir())] == ["step-0000002", "step-0000003"]
     assert run.state["tokens_seen"] > run.state["target_tokens_seen"] > 0
