@@ -250,3 +250,11 @@ def _export_sharded(tmp: Path | None, model, tokenizer) -> None:
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past the resumed step (and its closing val line): they will be written again."""
+    if path.exists():
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        keep = [r for r in rows if r.get("step", 0) < step or (r.get("step") == step and "loss" in r)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in keep))

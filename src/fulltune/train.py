@@ -48,7 +48,7 @@ from fulltune.optim.in_backward import InBackward
 from fulltune.optim.optimizers import set_lr
 from fulltune.runtime import autocast_factory, check_device_settings, lean_settings, pick_device, resolve_precision
 from fulltune.stop import StopRequest
-from fulltune.throughput import FlopModel, compute_dtype, flop_model, matmul_peak, peak_memory_gb, sequence_lengths
+from fulltune.throughput import FlopModel, flop_model, peak_memory_gb, run_peak, sequence_lengths
 
 
 @dataclass
@@ -170,20 +170,7 @@ def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, s
     memory = RunMemory(meter, model, cfg, precision, state, anchor.nbytes if anchor else 0)
     return Run(cfg, run_dir, model, tokenizer, data, optimizer, sampler, total,
                schedule_fn(cfg.schedule, cfg.optim.lr, total), autocast, precision, device, state, memory,
-               flop_model(model), _peak(cfg, model, precision, device), anchor)
-
-
-def _peak(cfg: RunConfig, model, precision: str, device: torch.device) -> float:
-    """The matmul peak of every rank together, measured on the model's MLP shape in the compute dtype."""
-    if cfg.train.peak_probe_s <= 0:
-        return 0.0
-    dtype = compute_dtype(precision)
-    rows = min(cfg.train.micro_batch_size * cfg.data.max_seq_len, 4096)
-    hidden, inner = model.config.hidden_size, getattr(model.config, "intermediate_size", 4 * model.config.hidden_size)
-    peak = D.all_sum([matmul_peak(device, dtype, rows, hidden, inner, cfg.train.peak_probe_s)])[0]
-    print(f"[train] matmul peak {peak / 1e12:.3f} TFLOP/s ({str(dtype).removeprefix('torch.')}, {rows}×{hidden} @ "
-          f"{hidden}×{inner}{f', {D.world_size()} ranks' if D.sharded() else ''}): the denominator of MFU", flush=True)
-    return peak
+               flop_model(model), run_peak(cfg, model, precision, device), anchor)
 
 
 def _get(cfg: RunConfig, dotted: str):
@@ -197,18 +184,10 @@ def _resume(path: Path, run_dir: Path, cfg: RunConfig, model, optimizer, sampler
     state = checkpoint.load_checkpoint(path, model, optimizer)
     sampler.load_state_dict(state["sampler"])
     if D.is_main():
-        _trim_metrics(run_dir / "metrics.jsonl", state["step"])
+        checkpoint.trim_metrics(run_dir / "metrics.jsonl", state["step"])
         checkpoint.drop_later_checkpoints(run_dir, state["step"])  # from an abandoned future of this run
     print(f"[train] resumed from {path} at step {state['step']}", flush=True)
     return state
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past the resumed step (and its closing val line): they will be written again."""
-    if path.exists():
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        keep = [r for r in rows if r.get("step", 0) < step or (r.get("step") == step and "loss" in r)]
-        path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 
 def train_step(model, optimizer, micro_batches: list[dict], autocast, grad_clip: float,
