@@ -156,3 +156,11 @@ def test_packed_and_grouped_runs_resume_exactly(tiny_dir, tmp_path, key):
 def test_packing_and_group_by_length_together_is_a_config_error(tmp_path):
     with pytest.raises(UserError, match="data.group_by_length"):
         load_config(None, ["data.packing=true", "data.group_by_length=true"])
+
+
+def test_flash_attention_on_a_cpu_run_is_refused_before_loading(tiny_dir, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(8))
+    cfg = load_config(None, tiny_overrides(tiny_dir, data, tmp_path / "run", **{"model.attn_implementation": "flash_attention_2"}))
+    with pytest.raises(UserError, match="flash_attention_2 runs on CUDA only"):
+        run_training(cfg)
+    assert not (tmp_path / "run").exists()

@@ -35,7 +35,9 @@ class ModelConfig:
     activation_checkpointing: bool = opt(False, "recompute each decoder layer's activations in the backward pass (less memory, one more forward per layer)")
     activation_offload: bool = opt(False, "CUDA: keep the activations saved for backward in pinned CPU memory "
                                           "(torch.autograd.graph.save_on_cpu) instead of on the GPU")
-    attn_implementation: str = opt("sdpa", "attention kernel passed to transformers", choices=("sdpa", "eager"))
+    attn_implementation: str = opt("sdpa", "attention kernel passed to transformers; flash_attention_2: CUDA with the "
+                                           "flash-attn package (packed rows then take its varlen path)",
+                                   choices=("sdpa", "eager", "flash_attention_2"))
 
 
 @dataclass

@@ -60,7 +60,14 @@ def resolve_precision(precision: str, device: torch.device, force: bool = False)
 
 
 def check_device_settings(cfg, device: torch.device) -> None:
-    """The CUDA-only memory savers, refused on a CPU run before any model loads."""
+    """The CUDA-only settings, refused on a CPU run before any model loads."""
+    if cfg.model.attn_implementation == "flash_attention_2":
+        import importlib.util
+        if device.type != "cuda":
+            raise UserError("model.attn_implementation: flash_attention_2 runs on CUDA only; use sdpa on the CPU")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise UserError("model.attn_implementation: flash_attention_2 needs the flash-attn package "
+                            "(pip install flash-attn), or use sdpa")
     if device.type == "cuda":
         return
     for key, on in (("model.activation_offload", cfg.model.activation_offload), ("optim.cpu_offload", cfg.optim.cpu_offload)):
