@@ -42,3 +42,10 @@ def test_every_field_documented():
     assert "| `optim.layer_lr_decay` | `1.0` |" in table
     for line in table.splitlines()[2:]:
         assert len(line.split("|")[3].strip()) > 10, line
+
+
+def test_the_readme_config_table_is_the_generated_one():
+    """`fulltune config` and the README list the same keys, defaults and meanings."""
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert describe_fields().rstrip("\n") in readme
