@@ -18,13 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, quickstart_steps, run_modes
 
 MODES = [  # (label, overrides)
     ("adamw bf16-mixed", []),
@@ -47,29 +44,19 @@ MODES = [  # (label, overrides)
 
 def run_mode(label: str, overrides: list[str], steps: int, folder: Path) -> dict:
     out = folder / label.split(" (")[0].replace(" ", "_").replace(",", "")
-    cmd = [sys.executable, "-m", "fulltune", "train", str(ROOT / "configs" / "quickstart.yaml"),
-           f"train.output_dir={out}", f"train.max_steps={steps}", "train.progress=false", "train.save_interval=0",
-           "train.val_interval=0", "data.val_fraction=0", "eval.task_file=", "eval.probes=[]", "train.memory_steps=3",
-           "data.packing=false", "train.micro_batch_size=8",  # the padded quickstart these rows were measured on
-           *overrides]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{label}: exit {proc.returncode}\n{proc.stderr[-2000:]}")
+    rows, per_step, stdout = quickstart_steps(label, out, steps, 3, overrides)
     results = json.loads((out / "results.json").read_text())
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    times = [r["elapsed_s"] for r in rows if "loss" in r]
-    per_step = [b - a for a, b in zip([0.0] + times, times)]
     state, mem = results["state_memory"], results["memory"]
     m = state["measured_per_rank_gb"][0]
     n_params = 134_515_008
-    return {"label": label, "overrides": overrides, "losses": [r["loss"] for r in rows if "loss" in r],
+    return {"label": label, "overrides": overrides, "losses": [r["loss"] for r in rows],
             "state_bytes_per_param": 1e9 * (m["params"] + m["grads"] + m["optimizer"]) / n_params,
             "state_gb": m, "state_predicted_gb": state["predicted_per_rank_gb"],
             "peak_predicted_gb": mem["predicted_peak_gb"], "peak_measured_gb": mem["measured_peak_gb"],
             "peak_error_pct": mem["error_pct"], "warmup_s": per_step[0],
             "steady_s_per_step": statistics.median(per_step[4:]) if len(per_step) > 4 else None,
-            "wall_s": time.perf_counter() - t0, "log_tail": proc.stdout[-1500:]}
+            "wall_s": time.perf_counter() - t0, "log_tail": stdout[-1500:]}
 
 
 def table(rows: list[dict]) -> str:
@@ -88,18 +75,10 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="labels to run (default: all)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "lean_modes.json"))
     args = ap.parse_args()
-    flags = sorted({f for f in Path("/proc/cpuinfo").read_text().split() if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")})
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for label, overrides in MODES:
-            if args.only and label not in args.only:
-                continue
-            rows.append(run_mode(label, overrides, args.steps, Path(tmp)))
-            print(f"{label}: {rows[-1]['state_bytes_per_param']:.2f} B/param, peak {rows[-1]['peak_error_pct']:+.1f}%, "
-                  f"warm-up {rows[-1]['warmup_s']:.1f} s, steady {rows[-1]['steady_s_per_step']:.2f} s/step", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"cpu_flags": flags, "steps": args.steps, "rows": rows}, indent=1))
-    print(f"CPU flags: {' '.join(flags)}\n\n{table(rows)}")
+    rows = run_modes(MODES, args.only, lambda label, overrides, folder: run_mode(label, overrides, args.steps, folder),
+                     lambda r: f"{r['state_bytes_per_param']:.2f} B/param, peak {r['peak_error_pct']:+.1f}%, "
+                               f"warm-up {r['warmup_s']:.1f} s, steady {r['steady_s_per_step']:.2f} s/step", args.out, args.steps)
+    print(table(rows))
 
 
 if __name__ == "__main__":

@@ -12,16 +12,11 @@ measured at its start (throughput.py). Steady state = the median over the steps 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, quickstart_steps, run_modes
 
 MODES = [  # (label, overrides)
     ("padded", []),
@@ -33,30 +28,17 @@ MODES = [  # (label, overrides)
 ]
 
 
-def run_mode(label: str, overrides: list[str], steps: int, skip: int, folder: Path, env: dict) -> dict:
-    out = folder / label.replace(" ", "_").replace("+", "")
-    cmd = [sys.executable, "-m", "fulltune", "train", str(ROOT / "configs" / "quickstart.yaml"),
-           f"train.output_dir={out}", f"train.max_steps={steps}", "train.progress=false", "train.save_interval=0",
-           "train.val_interval=0", "data.val_fraction=0", "eval.task_file=", "eval.probes=[]", "train.memory_steps=0",
-           "data.packing=false", "train.micro_batch_size=8",  # measured before the quickstart packed; each mode sets its own
-           *overrides]
+def run_mode(label: str, overrides: list[str], steps: int, skip: int, folder: Path) -> dict:
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"{label}: exit {proc.returncode}\n{proc.stderr[-2000:]}")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "loss" in r]
-    times = [r["elapsed_s"] for r in rows]
-    per_step = [b - a for a, b in zip([0.0] + times, times)]
+    rows, per_step, stdout = quickstart_steps(label, folder / label.replace(" ", "_").replace("+", ""), steps, 0, overrides)
     steady = rows[skip:]
-    peak = next((line for line in proc.stdout.splitlines() if "matmul peak" in line), "")
+    peak = next((line for line in stdout.splitlines() if "matmul peak" in line), "")
     return {"label": label, "overrides": overrides, "step1_s": per_step[0],
             "s_per_step": statistics.median(per_step[skip:]),
             "useful_tok_s": statistics.median(r["tokens_per_s"] for r in steady),
             "padding_fraction": statistics.mean(r["padding_fraction"] for r in steady),
             "tflops": statistics.median(r["flops_per_s"] for r in steady) / 1e12,
             "mfu": statistics.median(r["mfu"] for r in steady),
-            "sequences_per_step": rows[-1]["target_tokens_seen"] / len(rows),  # targets per step, for scale
             "peak_line": peak, "wall_s": time.perf_counter() - t0}
 
 
@@ -76,19 +58,10 @@ def main() -> None:
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "throughput_modes.json"))
     args = ap.parse_args()
-    flags = sorted({f for f in Path("/proc/cpuinfo").read_text().split() if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")})
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for label, overrides in MODES:
-            if args.only and label not in args.only:
-                continue
-            rows.append(run_mode(label, overrides, args.steps, args.skip, Path(tmp), env))
-            print(f"{label}: {rows[-1]['useful_tok_s']:.0f} tok/s, MFU {100 * rows[-1]['mfu']:.1f}%, "
-                  f"pad {100 * rows[-1]['padding_fraction']:.1f}% | {rows[-1]['peak_line']}", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"cpu_flags": flags, "steps": args.steps, "rows": rows}, indent=1))
-    print(f"CPU flags: {' '.join(flags)}\n\n{table(rows)}")
+    rows = run_modes(MODES, args.only, lambda label, overrides, folder: run_mode(label, overrides, args.steps, args.skip, folder),
+                     lambda r: f"{r['useful_tok_s']:.0f} tok/s, MFU {100 * r['mfu']:.1f}%, "
+                               f"pad {100 * r['padding_fraction']:.1f}% | {r['peak_line']}", args.out, args.steps)
+    print(table(rows))
 
 
 if __name__ == "__main__":

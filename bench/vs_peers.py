@@ -34,7 +34,8 @@ import time
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, cpu_flags, cpu_name
+
 sys.path.insert(0, str(ROOT / "src"))
 ENGINES = ("fulltune packed", "fulltune padded", "HF Trainer", "TRL SFTTrainer")
 SHAPES = {"sst2": (256, 3, 256), "math": (1024, 2, 128)}  # (packed row length, rows per step, train sequences)
@@ -195,9 +196,7 @@ def main() -> None:
         result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         print("RESULT " + json.dumps(result), flush=True)
         return
-    flags = sorted({f for f in Path("/proc/cpuinfo").read_text().split() if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")})
-    model_name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("model name"))
+    flags, model_name = cpu_flags(), cpu_name()
     saved = ROOT / "bench" / "results" / "vs_peers.json"
     report = json.loads(saved.read_text()) if saved.exists() else {"datasets": {}}  # --only one: the others kept
     report.update(cpu=model_name, cpu_flags=flags)

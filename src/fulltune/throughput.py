@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from fulltune import distributed as D
+
 GB = 1024 ** 3
 
 
@@ -100,13 +102,12 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def run_peak(cfg, model, precision: str, device: torch.device) -> float:
     """The matmul peak of every rank together, measured on the model's MLP shape in the compute dtype."""
-    from fulltune.distributed import all_sum, sharded, world_size
     if cfg.train.peak_probe_s <= 0:
         return 0.0
     dtype = compute_dtype(precision)
     rows = min(cfg.train.micro_batch_size * cfg.data.max_seq_len, 4096)
     hidden, inner = model.config.hidden_size, getattr(model.config, "intermediate_size", 4 * model.config.hidden_size)
-    peak = all_sum([matmul_peak(device, dtype, rows, hidden, inner, cfg.train.peak_probe_s)])[0]
+    peak = D.all_sum([matmul_peak(device, dtype, rows, hidden, inner, cfg.train.peak_probe_s)])[0]
     print(f"[train] matmul peak {peak / 1e12:.3f} TFLOP/s ({str(dtype).removeprefix('torch.')}, {rows}×{hidden} @ "
-          f"{hidden}×{inner}{f', {world_size()} ranks' if sharded() else ''}): the denominator of MFU", flush=True)
+          f"{hidden}×{inner}{f', {D.world_size()} ranks' if D.sharded() else ''}): the denominator of MFU", flush=True)
     return peak

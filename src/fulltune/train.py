@@ -111,8 +111,8 @@ def setup(cfg: RunConfig) -> Run:
     check_device_settings(cfg, device)
     if D.sharded():  # what this version does not combine with FSDP2, refused before the model loads
         if cfg.train.optimizer_in_backward:
-            raise UserError("train.optimizer_in_backward: not combined with FSDP2 (several ranks) in this version; "
-                            "turn it off or train on one process")
+            raise UserError("train.optimizer_in_backward: not combined with FSDP2 (torchrun) in this version; "
+                            "turn it off or train as one process without torchrun")
         if cfg.optim.name in ("adamw8bit", "adamw4bit"):
             raise UserError(f"optim.name: {cfg.optim.name} fails on sharded (DTensor) states in torchao 0.18 on CPU "
                             "and is unmeasured on GPUs; under FSDP2 use adamw, adafactor or sgd")
@@ -137,12 +137,13 @@ def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, s
         if precision == "bf16":
             print("[model] pure bf16: every weight cast to bfloat16, no fp32 copy kept", flush=True)
         make_resident(model)  # the CPU memory check counts the weights as resident before step 1
+    data = load_task_data(cfg, tokenizer, sources)
+    if cfg.data.packing:  # eager, before compiling: an attention that mixes packed sequences is refused here
+        check_isolation(model, device, model.config.vocab_size)
     if cfg.train.compile:
         n = compile_layers(model, cfg.train.compile_fallback)
-        print(f"[model] torch.compile: {n} decoder layers (compiled at the first steps; step 1's time is printed)", flush=True)
-    data = load_task_data(cfg, tokenizer, sources)
-    if cfg.data.packing:
-        check_isolation(model, device, model.config.vocab_size)  # an attention that mixes packed sequences is refused here
+        print(f"[model] torch.compile: {n} decoder layers (compiled at the first forward passes; step 1's time is printed)",
+              flush=True)
     lengths = [len(e.input_ids) for e in data.train] if cfg.data.group_by_length else None
     sampler = StepSampler(len(data.train), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, cfg.train.seed, lengths)
     if cfg.data.mix_ratio > 0:
