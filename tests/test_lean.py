@@ -165,6 +165,17 @@ def test_pure_bf16_on_a_cpu_without_bf16_units(capsys, monkeypatch, tmp_path, ti
     assert resolve_precision(auto.train.precision, torch.device("cpu")) == "fp32"
 
 
+def test_auto_picks_fp32_where_onednn_is_capped_below_bf16(monkeypatch):
+    from fulltune.runtime import cpu_has_bf16_units, resolve_precision
+    monkeypatch.setattr("pathlib.Path.read_text", lambda self, *a, **k: "flags : fpu avx2 avx512f avx512_bf16 amx_bf16")
+    assert resolve_precision("auto", torch.device("cpu")) == "bf16-mixed"  # the CPU's units
+    for cap in ("AVX2", "avx512_core"):  # the emulated AVX2 machine of the benchmarks; AVX512 without bf16
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert not cpu_has_bf16_units() and resolve_precision("auto", torch.device("cpu")) == "fp32"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert resolve_precision("auto", torch.device("cpu")) == "bf16-mixed"
+
+
 def test_missing_torchao_is_one_line(capsys, monkeypatch, tmp_path, tiny_dir, chat_file):
     import sys
     monkeypatch.setitem(sys.modules, "torchao.optim", None)  # import fails as if not installed
