@@ -52,3 +52,24 @@ def test_a_compile_failure_is_one_line_or_runs_uncompiled_when_allowed(tiny_dir,
     proc = _train(tiny_dir, data, tmp_path / "fallback", env, **{"train.compile_fallback": "true"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "fallback" / "final" / "model.safetensors").is_file()
+
+
+def test_inductor_avx2_code_runs_without_pattern_rewrites(tiny_dir, tmp_path, monkeypatch, capsys):
+    import platform
+    import torch._inductor.config as inductor_config
+    from fulltune import model as M
+    from fulltune.config import ModelConfig
+    if platform.machine() in ("x86_64", "AMD64"):  # inductor honours ATEN_CPU_CAPABILITY on x86 (an AVX2 machine's code)
+        env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+        isa = subprocess.run([sys.executable, "-c", "from fulltune.model import inductor_cpu_isa; print(inductor_cpu_isa())"],
+                             capture_output=True, text=True, env=env, timeout=120).stdout.strip()
+        assert isa == "avx2"
+    model, _, _ = M.load_theta0(ModelConfig(path=str(tiny_dir)), verbose=False)
+    monkeypatch.setattr(inductor_config, "pattern_matcher", True)
+    monkeypatch.setattr(M, "inductor_cpu_isa", lambda: "avx512 avx512_vnni amx_tile")
+    M.compile_layers(model, False)
+    assert inductor_config.pattern_matcher is True and "AVX2" not in capsys.readouterr().out
+    monkeypatch.setattr(M, "inductor_cpu_isa", lambda: "avx2")
+    assert M.compile_layers(model, False) == 3
+    assert inductor_config.pattern_matcher is False  # restored by monkeypatch afterwards
+    assert "inductor vectorises for AVX2 here: its pattern rewrites are off" in capsys.readouterr().out

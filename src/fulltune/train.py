@@ -141,9 +141,7 @@ def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, s
     if cfg.data.packing:  # eager, before compiling: an attention that mixes packed sequences is refused here
         check_isolation(model, device, model.config.vocab_size)
     if cfg.train.compile:
-        n = compile_layers(model, cfg.train.compile_fallback)
-        print(f"[model] torch.compile: {n} decoder layers (compiled at the first forward passes; step 1's time is printed)",
-              flush=True)
+        compile_layers(model, cfg.train.compile_fallback, device.type)
     lengths = [len(e.input_ids) for e in data.train] if cfg.data.group_by_length else None
     sampler = StepSampler(len(data.train), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, cfg.train.seed, lengths)
     if cfg.data.mix_ratio > 0:
