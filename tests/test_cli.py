@@ -74,7 +74,7 @@ def test_schedule_command_prints_and_plots(capsys, tmp_path):
     text = capsys.readouterr().out
     assert "cosine schedule over 100 steps" in text
     rows = {int(line.split()[0]): float(line.split()[1]) for line in text.splitlines() if line.strip()[:1].isdigit()}
-    assert rows[0] == pytest.approx(1e-5) and rows[4] == pytest.approx(5e-5) and rows[99] < 1e-7
+    assert rows[0] == pytest.approx(2e-5) and rows[4] == pytest.approx(1e-4) and rows[99] < 1e-7
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -85,7 +85,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(400))
     args = [sys.executable, "-m", "fulltune", "train", QUICKSTART,
             *tiny_overrides(tiny_dir, data, tmp_path / "run", **{"train.max_steps": 100000}),
-            "eval.task_file=", "data.val_fraction=0"]
+            "eval.task_file=", "data.val_fraction=0", "train.save_interval=0"]  # only the Ctrl-C checkpoint
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 600  # generous: a loaded machine can take minutes to import torch

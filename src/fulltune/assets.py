@@ -35,6 +35,11 @@ SST2_SPLIT_SEED = 1234
 SST2_LABELS = ("negative", "positive")
 SST2_PROMPT = ("Classify the sentiment of this movie review as positive or negative.\n\n"
                "Review: {sentence}\n\nAnswer with one word: positive or negative.")
+# sst2-short (the quickstart's): the same reviews and split, the instruction as a short system prompt
+# in place of SmolLM2's default one and the review alone as the user turn: ~54 tokens a review
+# instead of ~84, of which 62 were the template and instruction.
+SST2_SYSTEM = "Classify the sentiment of the movie review as positive or negative."
+SST2_FILES = ("train.jsonl", "test.jsonl", "train-short.jsonl", "test-short.jsonl")
 
 
 def home() -> Path:
@@ -121,15 +126,19 @@ def ensure_model() -> Path:
     return final
 
 
-def sst2_record(sentence: str, label: str) -> dict:
+def sst2_record(sentence: str, label: str, short: bool = False) -> dict:
+    if short:
+        return {"messages": [{"role": "system", "content": SST2_SYSTEM}, {"role": "user", "content": sentence.strip()},
+                             {"role": "assistant", "content": label}]}
     user = SST2_PROMPT.format(sentence=sentence.strip())
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": label}]}
 
 
 def ensure_sst2() -> Path:
-    """Directory holding train.jsonl and test.jsonl: a seeded split of SST-2's 872 sentences."""
+    """Directory holding a seeded train/test split of SST-2's 872 sentences, in two prompt formats:
+    train.jsonl / test.jsonl (instruction in the user turn) and train-short.jsonl / test-short.jsonl."""
     final = home() / "data" / "sst2"
-    if (final / "train.jsonl").is_file() and (final / "test.jsonl").is_file():
+    if all((final / name).is_file() for name in SST2_FILES):
         return final
     import numpy as np
     from datasets import load_from_disk
@@ -146,9 +155,10 @@ def ensure_sst2() -> Path:
         assert tuple(names) == SST2_LABELS, names
         order = np.random.default_rng(SST2_SPLIT_SEED).permutation(len(ds)).tolist()
         for split, rows in (("test", order[:SST2_TEST_SIZE]), ("train", order[SST2_TEST_SIZE:])):
-            with open(tmp / f"{split}.jsonl", "w") as fh:
-                for i in rows:
-                    fh.write(json.dumps(sst2_record(ds[i]["sentence"], names[ds[i]["label"]])) + "\n")
+            for suffix, short in (("", False), ("-short", True)):
+                with open(tmp / f"{split}{suffix}.jsonl", "w") as fh:
+                    for i in rows:
+                        fh.write(json.dumps(sst2_record(ds[i]["sentence"], names[ds[i]["label"]], short)) + "\n")
         del ds
         shutil.rmtree(tmp / "raw")
     write_dir_atomically(final, write)
@@ -180,6 +190,8 @@ def ensure_general() -> Path:
 
 BUILTIN_DATA = {"builtin:sst2/train": ("train.jsonl", ensure_sst2),
                 "builtin:sst2/test": ("test.jsonl", ensure_sst2),
+                "builtin:sst2-short/train": ("train-short.jsonl", ensure_sst2),
+                "builtin:sst2-short/test": ("test-short.jsonl", ensure_sst2),
                 "builtin:lambada": ("lambada.jsonl", ensure_general)}
 
 
