@@ -29,8 +29,15 @@ def _general(path):
     return write_jsonl(path, rows)
 
 
+MC = [{"context": "the movie was", "choices": [" great fun", " dull", " slow and boring"], "gold": 0},
+      {"context": "the plot was", "choices": [" dull", " good"], "gold": 1},
+      {"context": "what is the capital of france", "choices": [" paris", " the film"], "gold": 0}]
+
+
 def _settings(tmp: Path) -> dict:
-    return {"train.max_steps": STEPS, "train.micro_batch_size": 2, "train.grad_accum_steps": 3,
+    return {"eval.task_file": write_jsonl(tmp / "task.jsonl", sentiment_records(7, seed=3)),
+            "eval.labels": "[positive, negative]", "eval.probes": f"[mc:{write_jsonl(tmp / 'mc.jsonl', MC)}]",
+            "train.max_steps": STEPS, "train.micro_batch_size": 2, "train.grad_accum_steps": 3,
             "train.save_interval": 2, "train.keep_checkpoints": 5, "train.val_interval": 2,
             "data.val_fraction": 0.2, "data.general": f"[{_general(tmp / 'general.jsonl')}]", "data.mix_ratio": 0.2,
             "optim.layer_lr_decay": 1.3, "optim.grad_clip": 0.5, "optim.weight_decay": 0.1,
@@ -95,6 +102,10 @@ def test_two_ranks_follow_the_one_process_trajectory(runs):
     r1, r2 = (json.loads((runs[n] / "results.json").read_text()) for n in ("one", "two"))
     assert _close(r1["final_val_loss"], r2["final_val_loss"])
     assert r1["mixing"] == r2["mixing"] and r1["mixing"]["general_sequences"] > 0
+    for key in ("task_accuracy_theta0", "task_accuracy_final", "probes_theta0", "probes_final"):  # prefix-tree scoring
+        assert r1[key].keys() == r2[key].keys() and r1[key] != {}
+    assert r1["task_accuracy_final"]["correct"] == r2["task_accuracy_final"]["correct"]
+    assert r1["probes_final"]["mc"]["acc"] == r2["probes_final"]["mc"]["acc"]
     _assert_same_weights(runs["one"], runs["two"])
 
 

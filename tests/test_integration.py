@@ -52,10 +52,28 @@ def test_sst2_split_is_fixed():
     assert first[1]["content"] in ("positive", "negative")
     labels = [json.loads(line)["messages"][1]["content"] for line in test]
     assert 80 <= labels.count("positive") <= 120
+    for split, rows in (("train", train), ("test", test)):  # sst2-short: the same reviews and labels, a short prompt
+        short = [json.loads(line)["messages"] for line in (folder / f"{split}-short.jsonl").read_text().splitlines()]
+        assert [m[0]["role"] for m in short] == ["system"] * len(rows)
+        for long_msgs, short_msgs in zip(map(lambda line: json.loads(line)["messages"], rows), short):
+            assert f"Review: {short_msgs[1]['content']}\n\n" in long_msgs[0]["content"]
+            assert short_msgs[2] == long_msgs[1]
+
+
+def test_prefix_tree_scores_equal_each_alone_on_the_real_model(model_dir):
+    import contextlib
+    from fulltune.evals import classify
+    from fulltune.evals.probes import load_probe, probe_examples
+    model, tok, _ = load_theta0(ModelConfig(path=str(model_dir)), verbose=False)
+    examples = probe_examples(load_probe("sciq", 6), tok)  # 4 choices after a long support paragraph
+    tree = classify.score_sequences(model, examples, tok.pad_token_id, 4, contextlib.nullcontext)
+    assert classify._TREE_CHECKED[model] is True
+    alone = [classify.score_sequences(model, [e], tok.pad_token_id, 1, contextlib.nullcontext)[0] for e in examples]
+    assert tree == pytest.approx(alone, rel=1e-5, abs=1e-4)
 
 
 def test_a_few_real_steps(tmp_path):
-    test_records = [json.loads(line) for line in (assets.ensure_sst2() / "test.jsonl").read_text().splitlines()[:16]]
+    test_records = [json.loads(line) for line in (assets.ensure_sst2() / "test-short.jsonl").read_text().splitlines()[:16]]
     task = write_jsonl(tmp_path / "task.jsonl", test_records)
     cfg = load_config(QUICKSTART, [
         f"train.output_dir={tmp_path / 'run'}", "train.max_steps=3", "train.micro_batch_size=4",

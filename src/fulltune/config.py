@@ -42,7 +42,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = opt("builtin:sst2/train", "training data: a .jsonl/.json/.csv/.parquet file, a datasets save_to_disk directory, or builtin:sst2/train")
+    train: str = opt("builtin:sst2/train", "training data: a .jsonl/.json/.csv/.parquet file, a datasets save_to_disk directory, "
+                                          "or builtin:sst2/train (SST-2 reviews, the instruction in the user turn) / "
+                                          "builtin:sst2-short/train (the same, the instruction as a short system prompt)")
     validation: str = opt("", "validation data (same kinds as train); empty: hold out val_fraction of train")
     val_fraction: float = opt(0.0, "fraction of train held out for validation loss when no validation file is given", lo=0.0, hi=0.5)
     format: str = opt("auto", "record format; auto picks messages, prompt+completion or text from the columns",
@@ -130,7 +132,7 @@ class TrainConfig:
 class EvalConfig:
     task_file: str = opt("", "records scored for task accuracy (their last answer is the gold label); empty: off")
     labels: list = opt([], "the fixed label set compared by log-likelihood, e.g. [positive, negative]")
-    batch_size: int = opt(16, "sequences per forward pass when scoring", lo=1)
+    batch_size: int = opt(16, "rows per forward pass when scoring; a row holds one context with all its candidates (labels, choices)", lo=1)
     probes: list = opt([], "general-skill probes run on θ0, during and after training: arc_easy, piqa, sciq, "
                            "humaneval, mbpp, or mc:FILE.jsonl / text:FILE.jsonl")
     probe_items: int = opt(50, "items per multiple-choice probe (a fixed seeded subset)", lo=1)

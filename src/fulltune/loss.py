@@ -22,24 +22,30 @@ def _plain_head(model) -> bool:
 
 
 def target_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p of each target token in fp32 [N], its batch row [N]), next-token shifted."""
-    labels = batch["labels"][:, 1:]
-    select = labels != IGNORE
-    targets = labels[select]
+    """(log p of each target token in fp32 [N], its batch row [N]), next-token shifted.
+
+    `batch["score_at"]` = (rows, positions, tokens), where given: the targets at explicit positions
+    (evals/prefix_tree.py: one position may predict several candidates' first tokens)."""
+    if "score_at" in batch:
+        rows, positions, targets = batch["score_at"]
+    else:
+        labels = batch["labels"][:, 1:]
+        select = labels != IGNORE
+        rows, positions = select.nonzero(as_tuple=True)  # row-major: the order of labels[select]
+        targets = labels[select]
     if _plain_head(model):
         # Through the model's own forward (so FSDP2's root hooks gather and reduce its weights), with
         # the LM head's input cut down to the target positions by a pre-hook: logits for N rows, not b·s.
         def only_targets(module, args):
-            return (args[0][:, :-1][select],)
+            return (args[0][rows, positions],)
         handle = model.get_output_embeddings().register_forward_pre_hook(only_targets)
         try:
             logits = model(**_inputs(batch), use_cache=False).logits
         finally:
             handle.remove()
     else:
-        logits = model(**_inputs(batch), use_cache=False).logits[:, :-1][select]
+        logits = model(**_inputs(batch), use_cache=False).logits[rows, positions]
     logp = -F.cross_entropy(logits.float(), targets, reduction="none")
-    rows = select.nonzero()[:, 0]
     return logp, rows
 
 
