@@ -23,8 +23,9 @@ GLIBC_MMAP_MAX = 65536  # glibc's default cap on simultaneous mmap'ed blocks
 # Fast mode: no mmap at all and a 1 GiB trim threshold, so every block — the 113 MB gradient of
 # SmolLM2's tied embedding included, above glibc's 32 MiB ceiling for its dynamic mmap threshold —
 # is reused from the heap instead of being mapped and page-faulted in anew each step. Measured
-# against glibc's dynamic defaults on the quickstart's packed steps: 2.82 vs 3.01 s/step in
-# bf16-mixed, 5.61 vs 5.91 in fp32, and a lower peak RSS (docs/benchmarks.md).
+# against the previous relaxed mode (mmap above 32 MiB) on packed quickstart steps, two rounds side
+# by side: 3.08-3.27 vs 3.41-3.56 s/step in bf16-mixed, 6.22-6.23 vs 6.63-6.73 in fp32
+# (docs/benchmarks.md, "Throughput of the batching modes").
 FAST_TRIM_THRESHOLD = 1 << 30
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
