@@ -11,6 +11,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+# A CPU without AVX512/AMX, emulated on one that has them: oneDNN, ATen and MKL kernels capped at AVX2
+# (fp32 matmul ~0.23 instead of ~0.32 TFLOP/s on the 2-core Xeon here; bf16 only in software, ~2 GFLOP/s).
+AVX2_CAP = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+# The quickstart these tables were measured on: SST-2 with the instruction in the user turn, padded
+# batches of 8 sequences, lr 5e-5 (a mode's overrides change what it measures).
+OLD_QUICKSTART = ROOT / "configs" / "quickstart-2026-11.yaml"
+
+
+def bench_env(avx2: bool = False) -> dict:
+    """The environment a benchmarked run gets: this checkout's fulltune, optionally capped at AVX2."""
+    return dict(os.environ, PYTHONPATH=str(ROOT / "src"), **(AVX2_CAP if avx2 else {}))
 
 
 def cpu_flags() -> list[str]:
@@ -22,15 +35,16 @@ def cpu_name() -> str:
                  if line.startswith("model name")), "unknown CPU")
 
 
-def quickstart_steps(label: str, out: Path, steps: int, memory_steps: int, overrides: list[str]) -> tuple[list[dict], list[float], str]:
-    """`fulltune train configs/quickstart.yaml` for `steps` steps in its own process, without evaluation,
-    on the padded 8-sequence batches these benches were measured on (a mode's overrides come last):
-    (its step records, each step's seconds, its stdout)."""
-    cmd = [sys.executable, "-m", "fulltune", "train", str(ROOT / "configs" / "quickstart.yaml"),
+def quickstart_steps(label: str, out: Path, steps: int, memory_steps: int, overrides: list[str],
+                     avx2: bool = False) -> tuple[list[dict], list[float], str]:
+    """`fulltune train configs/quickstart-2026-11.yaml` for `steps` steps in its own process, without
+    evaluation: the data and padded 8-sequence batches these benches were measured on (a mode's
+    overrides come last): (its step records, each step's seconds, its stdout)."""
+    cmd = [sys.executable, "-m", "fulltune", "train", str(OLD_QUICKSTART),
            f"train.output_dir={out}", f"train.max_steps={steps}", "train.progress=false", "train.save_interval=0",
            "train.val_interval=0", "data.val_fraction=0", "eval.task_file=", "eval.probes=[]",
-           f"train.memory_steps={memory_steps}", "data.packing=false", "train.micro_batch_size=8", *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+           f"train.memory_steps={memory_steps}", *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=bench_env(avx2))
     if proc.returncode != 0:
         raise SystemExit(f"{label}: exit {proc.returncode}\n{proc.stderr[-2000:]}")
     rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
@@ -38,7 +52,7 @@ def quickstart_steps(label: str, out: Path, steps: int, memory_steps: int, overr
     return rows, [b - a for a, b in zip([0.0] + times, times)], proc.stdout
 
 
-def run_modes(modes, only, run_one, describe, out_file: str, steps: int) -> list[dict]:
+def run_modes(modes, only, run_one, describe, out_file: str, steps: int, avx2: bool = False) -> list[dict]:
     """Each (label, overrides) of `modes` (those in `only`, if given) through `run_one(label, overrides,
     folder)`, a line each (`describe(row)`), then every row into `out_file` with the CPU's flags."""
     import tempfile
@@ -50,6 +64,7 @@ def run_modes(modes, only, run_one, describe, out_file: str, steps: int) -> list
             rows.append(run_one(label, overrides, Path(tmp)))
             print(f"{label}: {describe(rows[-1])}", flush=True)
     Path(out_file).parent.mkdir(parents=True, exist_ok=True)
-    Path(out_file).write_text(json.dumps({"cpu": cpu_name(), "cpu_flags": cpu_flags(), "steps": steps, "rows": rows}, indent=1))
-    print(f"CPU: {cpu_name()}, flags {' '.join(cpu_flags())}\n")
+    Path(out_file).write_text(json.dumps({"cpu": cpu_name(), "cpu_flags": cpu_flags(), "avx2_cap": avx2, "steps": steps,
+                                          "rows": rows}, indent=1))
+    print(f"CPU: {cpu_name()}, flags {' '.join(cpu_flags())}{' (capped at AVX2)' if avx2 else ''}\n")
     return rows

@@ -1,6 +1,6 @@
 """The forgetting study: SmolLM2-135M on the quickstart task, a baseline that forgets, and each mitigation.
 
-Every row is one `fulltune train configs/quickstart.yaml BASE + ROW` run in its own process (its
+Every row is one `fulltune train configs/quickstart-2026-11.yaml BASE + ROW` run in its own process (its
 command is printed and written into the table), scored on the same probe items (100 per
 multiple-choice probe, 40 code solutions). WiSE-FT blends θ0 with the baseline's final weights
 at α = 0.25, 0.5, 0.75 (its PNG is copied to docs/forgetting_wise.png).
@@ -25,7 +25,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "runs" / "study"
 BASE = ["optim.lr=3e-4", "train.epochs=3", "eval.probe_items=100", "eval.probe_code_items=40",
-        "data.packing=false", "train.micro_batch_size=8", "train.val_interval=40", "train.save_interval=80",  # the study's quickstart
         "train.progress=false", "train.overwrite=true"]
 GENERAL = "data.general=[builtin:lambada]"
 ROWS = {
@@ -42,7 +41,7 @@ MC, CODE = ("arc_easy", "piqa", "sciq"), ("humaneval", "mbpp")
 
 
 def command(name: str) -> list[str]:
-    return ["fulltune", "train", "configs/quickstart.yaml", *BASE, *ROWS[name], f"train.output_dir=runs/study/{name}"]
+    return ["fulltune", "train", "configs/quickstart-2026-11.yaml", *BASE, *ROWS[name], f"train.output_dir=runs/study/{name}"]
 
 
 def distance_from_theta0(final: Path) -> float:

@@ -1,7 +1,7 @@
 """The modes table: optimiser × precision × step in backward × checkpointing, on the quickstart.
 
 Each row trains SmolLM2-135M on the quickstart's SST-2 chat data (micro-batch 8, seed 0) for a few
-steps in its own process (`fulltune train configs/quickstart.yaml ...`, no task eval, no probes) and
+steps in its own process (`fulltune train configs/quickstart-2026-11.yaml ...`, no task eval, no probes) and
 reads back what the run measured itself:
   - model state bytes per parameter: results.json → state_memory (weights + gradients + optimiser,
     bytes of the tensors after the first update, before the gradients are freed);

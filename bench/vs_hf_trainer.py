@@ -41,7 +41,7 @@ def run_fulltune(steps: int, out: Path, full_logits: bool = False) -> dict:
     if full_logits:  # ablation: project every position through the LM head, as HF does
         loss.PLAIN_HEAD_TYPES.clear()
 
-    cfg = load_config(ROOT / "configs/quickstart.yaml",
+    cfg = load_config(ROOT / "configs/quickstart-2026-11.yaml",
                       COMMON + [f"train.max_steps={steps}", f"train.output_dir={out}", "train.overwrite=true"])
     run = setup(cfg)
     t0 = time.perf_counter()
@@ -62,7 +62,7 @@ def run_hf(steps: int, out: Path) -> dict:
     from fulltune.runtime import pick_device, resolve_precision
     from fulltune.data.rundata import load_task_data, read_sources
 
-    cfg = load_config(ROOT / "configs/quickstart.yaml", COMMON)
+    cfg = load_config(ROOT / "configs/quickstart-2026-11.yaml", COMMON)
     model, tokenizer, _ = load_theta0(cfg.model)
     examples = load_task_data(cfg, tokenizer, read_sources(cfg)).train
     counted = {"tokens": 0}
