@@ -296,6 +296,8 @@ def _cross_checks(cfg: RunConfig) -> list[str]:
         errors.append(f"anchor.lam: {cfg.anchor.lam} has no effect with anchor.method none (choose l2sp or ewc)")
     if cfg.optim.decay_toward == "theta0" and cfg.optim.weight_decay == 0:
         errors.append("optim.decay_toward: theta0 needs optim.weight_decay > 0 to have any effect")
+    if not cfg.train.output_dir.strip():
+        errors.append("train.output_dir: empty; name the run's directory (an empty one would be the current directory)")
     if 0 < cfg.optim.lr < cfg.schedule.min_lr:
         errors.append(f"schedule.min_lr: {cfg.schedule.min_lr} is above optim.lr {cfg.optim.lr}")
     if cfg.data.packing and cfg.data.group_by_length:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fulltune import checkpoint
+from fulltune import checkpoint, rundir
 from fulltune import distributed as D
 from fulltune.anchors import Anchor, anchor_for_run
 from fulltune.config import RunConfig, save_config
@@ -78,33 +77,11 @@ class Run:
         return [self.data.train[i] if i < n else self.data.general[i - n] for i in indices]
 
 
-def check_run_dir(cfg: RunConfig) -> Path:
-    """The run directory; refuses to reuse one that holds a run unless resuming or overwriting."""
-    run_dir = Path(cfg.train.output_dir).expanduser()
-    if (run_dir / "config.yaml").exists() and not cfg.train.resume and not cfg.train.overwrite:
-        raise UserError(f"{run_dir} already holds a run; resume it with train.resume=auto, "
-                        "pick another train.output_dir, or set train.overwrite=true")
-    return run_dir
-
-
-def start_run_dir(run_dir: Path, cfg: RunConfig, fresh: bool) -> None:
-    """Called once θ0 and the data have loaded, so a failed start never clears an old run."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if fresh:
-        for name in ("checkpoints", "final", "metrics.jsonl", "results.json"):
-            target = run_dir / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-
-
 def setup(cfg: RunConfig) -> Run:
     device = D.init(cfg.train.device) or pick_device(cfg.train.device)  # torchrun: this rank's device
     if not D.is_main():
         cfg.train.progress = False  # one progress bar: rank 0's
-    run_dir = check_run_dir(cfg)
-    resume_from = checkpoint.resolve_resume(cfg.train.resume, run_dir)
-    if cfg.train.resume and resume_from is None:
-        print(f"[train] no checkpoint in {run_dir / 'checkpoints'}; starting from θ0", flush=True)
+    run_dir = rundir.check_run_dir(cfg.train.output_dir, cfg.train.resume, cfg.train.overwrite)
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     precision = resolve_precision(cfg.train.precision, device, cfg.train.force_precision)
@@ -116,6 +93,14 @@ def setup(cfg: RunConfig) -> Run:
         if cfg.optim.name in ("adamw8bit", "adamw4bit"):
             raise UserError(f"optim.name: {cfg.optim.name} fails on sharded (DTensor) states in torchao 0.18 on CPU "
                             "and is unmeasured on GPUs; under FSDP2 use adamw, adafactor or sgd")
+    if D.is_main():
+        for line in rundir.clean_interrupted_writes(run_dir):
+            print(f"[train] {line}", flush=True)
+    D.barrier()  # every rank resolves the same checkpoint
+    resume_from = checkpoint.resolve_resume(cfg.train.resume, run_dir)
+    if cfg.train.resume and resume_from is None:
+        rundir.refuse_restart_over_final(run_dir, cfg.train.overwrite)
+        print(f"[train] no checkpoint in {run_dir / 'checkpoints'}; starting from θ0", flush=True)
     if cfg.train.memory == "lean":
         chosen = {k: _get(cfg, k) for k in lean_settings(cfg.to_dict())}
         print("[train] memory lean: " + ", ".join(f"{k}={v}" for k, v in chosen.items()), flush=True)
@@ -158,7 +143,7 @@ def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, s
     if "memory" in state["results"] or (device.type == "cpu" and cfg.train.memory_steps == 0):
         meter.stop()  # measured before the resume, or not wanted
     if D.is_main():
-        start_run_dir(run_dir, cfg, fresh=resume_from is None)
+        rundir.start_run_dir(run_dir, resume_from is None, lambda path: save_config(cfg, path))
     D.barrier()
     ranks = f", FSDP2 over {D.world_size()} rank{'s' if D.world_size() > 1 else ''}" if D.sharded() else ""
     print(f"[train] device {device}{ranks}, precision {precision}, {total} steps "

@@ -1,0 +1,104 @@
+"""The run directory: a run deletes only what a run wrote, and never retrains over a final model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import QUICKSTART, tiny_overrides
+from fulltune.cli import main
+from fulltune.rundir import MARKER
+
+
+def _args(tiny_dir, data, out, **extra):
+    return ["train", QUICKSTART, *tiny_overrides(tiny_dir, data, out, **{"train.max_steps": 2, **extra}),
+            "eval.task_file=", "data.val_fraction=0"]
+
+
+def _refused(capsys, args) -> str:
+    """Run the command expecting a user error: exit 2, one line, no traceback. Returns the line."""
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_a_directory_that_is_not_a_run_is_never_cleared(capsys, tiny_dir, chat_file, tmp_path):
+    out = tmp_path / "D"
+    (out / "final").mkdir(parents=True)
+    (out / "final" / "NOTES.txt").write_text("x")
+    for extra in ({}, {"train.overwrite": "true"}, {"train.resume": "auto"}):
+        err = _refused(capsys, _args(tiny_dir, chat_file, out, **extra))
+        assert err == (f"fulltune: error: train.output_dir: {out} holds files that no fulltune run wrote (final); "
+                       "a run only clears its own directory: pick a new or empty train.output_dir")
+    assert (out / "final" / "NOTES.txt").read_text() == "x"
+    assert sorted(p.name for p in out.rglob("*")) == ["NOTES.txt", "final"]
+
+
+def test_empty_output_dir_and_a_file_are_config_errors(capsys, tiny_dir, chat_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(_args(tiny_dir, chat_file, "")) == 2
+    assert "train.output_dir: empty; name the run's directory" in capsys.readouterr().err  # the config's problem list
+    assert [p.name for p in tmp_path.iterdir()] == ["chat.jsonl"]  # nothing written
+    (tmp_path / "f").write_text("mine")
+    assert _refused(capsys, _args(tiny_dir, chat_file, tmp_path / "f")) == f"fulltune: error: train.output_dir: {tmp_path / 'f'} is a file, not a directory"
+    assert (tmp_path / "f").read_text() == "mine"
+
+
+def test_resume_auto_never_retrains_over_a_finished_run(capsys, tiny_dir, chat_file, tmp_path):
+    out = tmp_path / "r"
+    assert main(_args(tiny_dir, chat_file, out)) == 0
+    weights = (out / "final" / "model.safetensors").read_bytes()
+    shutil.rmtree(out / "checkpoints")  # e.g. removed to save space, or the last checkpoint failed to write
+    err = _refused(capsys, _args(tiny_dir, chat_file, out, **{"train.resume": "auto"}))
+    assert "train.resume=auto:" in err and "holds a finished run (final/) and no checkpoint" in err
+    assert (out / "final" / "model.safetensors").read_bytes() == weights
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    # Explicitly allowed: trains again from θ0.
+    assert main(_args(tiny_dir, chat_file, out, **{"train.resume": "auto", "train.overwrite": "true"})) == 0
+    assert "starting from θ0" in capsys.readouterr().out
+
+
+def test_resume_auto_in_a_new_directory_starts_from_theta0(capsys, tiny_dir, chat_file, tmp_path):
+    """The first launch of a preemptible job that always passes resume=auto."""
+    assert main(_args(tiny_dir, chat_file, tmp_path / "new", **{"train.resume": "auto"})) == 0
+    assert "starting from θ0" in capsys.readouterr().out
+    assert (tmp_path / "new" / MARKER).is_file()
+
+
+def test_overwrite_clears_only_the_runs_own_outputs(tiny_dir, chat_file, tmp_path):
+    out = tmp_path / "r"
+    assert main(_args(tiny_dir, chat_file, out)) == 0
+    (out / "NOTES.txt").write_text("mine")
+    (out / "metrics.jsonl").write_text('{"step": 99, "loss": 1.0}\n')
+    assert main(_args(tiny_dir, chat_file, out, **{"train.overwrite": "true", "train.max_steps": 1})) == 0
+    assert (out / "NOTES.txt").read_text() == "mine"
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_a_run_from_before_the_marker_is_still_a_run(capsys, tiny_dir, chat_file, tmp_path):
+    out = tmp_path / "r"
+    assert main(_args(tiny_dir, chat_file, out)) == 0
+    (out / MARKER).unlink()
+    assert "already holds a run; resume it with train.resume=auto" in _refused(capsys, _args(tiny_dir, chat_file, out))
+    assert main(_args(tiny_dir, chat_file, out, **{"train.resume": "auto", "train.max_steps": 3})) == 0
+
+
+def test_interrupted_checkpoint_writes_are_cleaned_or_put_back(capsys, tiny_dir, chat_file, tmp_path):
+    out = tmp_path / "r"
+    extra = {"train.max_steps": 3, "train.save_interval": 1, "train.keep_checkpoints": 5}
+    assert main(_args(tiny_dir, chat_file, out, **extra)) == 0
+    ckpts = out / "checkpoints"
+    shutil.rmtree(ckpts / "step-0000003")
+    (ckpts / "step-0000002").rename(ckpts / ".step-0000002.old")  # killed between atomic.py's two renames
+    (ckpts / ".step-0000003.tmp-k1ll3d").mkdir()  # killed while writing
+    (ckpts / ".step-0000003.tmp-k1ll3d" / "model.safetensors").write_bytes(b"\0" * 1000)
+    (out / ".final.tmp-x").mkdir()
+    assert main(_args(tiny_dir, chat_file, out, **{**extra, "train.resume": "auto"})) == 0
+    printed = capsys.readouterr().out
+    assert f"restored {ckpts / 'step-0000002'}" in printed and f"resumed from {ckpts / 'step-0000002'} at step 2" in printed
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000001", "step-0000002", "step-0000003"]
+    assert not (out / ".final.tmp-x").exists()
