@@ -26,6 +26,7 @@ from torch.distributed.checkpoint import CheckpointException
 from fulltune import distributed as D
 from fulltune.atomic import write_dir_atomically
 from fulltune.errors import UserError
+from fulltune.health import refuse_nonfinite_weights
 
 CKPT_PREFIX = "step-"
 
@@ -47,6 +48,7 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: dict, keep: int) -> Path:
     final = run_dir / "checkpoints" / f"{CKPT_PREFIX}{step:07d}"
+    refuse_nonfinite_weights(model, f"checkpoint {final}")
 
     def write(tmp: Path) -> None:
         save_model(model, str(tmp / "model.safetensors"))
@@ -210,6 +212,7 @@ def drop_later_checkpoints(run_dir: Path, step: int) -> None:
 
 def export_hf(model, tokenizer, dest: Path) -> Path:
     """`dest` as an HF model directory (safetensors) that from_pretrained loads and generates with."""
+    refuse_nonfinite_weights(model, f"the fine-tuned model {dest}")
     use_cache = model.config.use_cache
     model.config.use_cache = True
 

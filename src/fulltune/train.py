@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fulltune import checkpoint, rundir
+from fulltune import checkpoint, health, rundir
 from fulltune import distributed as D
 from fulltune.anchors import Anchor, anchor_for_run
 from fulltune.config import RunConfig, save_config
@@ -193,20 +193,22 @@ def train_step(model, optimizer, micro_batches: list[dict], autocast, grad_clip:
             s = loss_sum(model, batch)
         (s * scale / n_targets).backward()  # × 1 is exact: one process computes s / N as before
         total += s.item()
+    (total,) = D.all_sum([total])  # the step's loss, the same on every rank
     if isinstance(optimizer, InBackward):  # every parameter was updated, and its gradient freed, in backward
-        norm = torch.tensor(optimizer.take_grad_norm())
+        norm, applied = float(optimizer.take_grad_norm()), True
     else:
         if anchor is not None:
             anchor.last_penalty = anchor.add_penalty_grad()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-        if anchor is not None:
-            anchor.decay_toward_theta0(optimizer)
-        optimizer.step()
-    if memory is not None:
+        norm = float(D.full_value(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))))
+        applied = math.isfinite(total) and math.isfinite(norm)  # a non-finite step never reaches the weights (health.py)
+        if applied:
+            if anchor is not None:
+                anchor.decay_toward_theta0(optimizer)
+            optimizer.step()
+    if applied and memory is not None:
         memory.update_applied(model, optimizer)
     optimizer.zero_grad(set_to_none=True)
-    (total,) = D.all_sum([total])
-    return total / n_targets, float(D.full_value(norm))
+    return total / n_targets, norm
 
 
 @torch.no_grad()
@@ -245,8 +247,9 @@ def _my_batches(run: Run, indices: list[list[int]]) -> list[dict]:
 def _log(run: Run, record: dict) -> None:
     if not D.is_main():
         return
+    finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
     with open(run.run_dir / "metrics.jsonl", "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+        fh.write(json.dumps(finite) + "\n")  # strict JSON: NaN and inf as null
 
 
 def _save(run: Run) -> Path:
@@ -274,6 +277,10 @@ def loop(run: Run) -> None:
             dt = time.perf_counter() - t0
             (padded,) = D.all_sum([sum(b["input_ids"].numel() for b in batches)])  # null micro-batches count too
             rec = _record(run, flat, loss, norm, dt, padded)
+            warning = health.check_step(run.state, loss, norm, cfg.max_bad_steps, cfg.optimizer_in_backward,
+                                        (checkpoint.list_checkpoints(run.run_dir) or [None])[-1])
+            if warning:
+                tqdm.write(f"[train] warning: {warning}")
             saved = _after_step(run, rec, bar)
             if D.any_rank(stop.requested) and run.state["step"] < run.total_steps:  # every rank stops together
                 bar.close()
@@ -290,8 +297,6 @@ def _targets(examples: list) -> int:
 def _record(run: Run, flat: list[int], loss: float, norm: float, dt: float, padded: float) -> dict:
     """Advance the counters by the step just taken (`flat`: its sequences, `padded`: the token positions
     its micro-batches computed over every rank); its metrics.jsonl record, throughput included."""
-    if not math.isfinite(loss):
-        raise UserError(f"loss became {loss} at step {run.state['step']}: lower optim.lr or check the data")
     s, every = run.state, run.examples(flat)
     tokens, targets = sum(len(e.input_ids) for e in every), _targets(every)
     s["step"], s["tokens_seen"], s["target_tokens_seen"] = s["step"] + 1, s["tokens_seen"] + tokens, s["target_tokens_seen"] + targets
@@ -306,6 +311,8 @@ def _record(run: Run, flat: list[int], loss: float, norm: float, dt: float, padd
     if isinstance(run.sampler, MixedSampler):
         general = run.examples([i for i in flat if i >= len(run.data.train)])
         s["general_target_tokens"] = s.get("general_target_tokens", 0) + _targets(general)
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        rec["skipped"] = True  # the update was not applied
     if run.anchor is not None:
         rec["theta0_distance"] = run.anchor.distance()  # after the update
         if run.anchor.lam:
@@ -361,6 +368,10 @@ def finish(run: Run) -> dict:
         print(f"[data] mixing: {run.sampler.general_seen} general sequences of "
               f"{run.sampler.task_seen + run.sampler.general_seen} ({100 * results['mixing']['general_share']:.1f}%), "
               f"{100 * results['mixing']['general_target_token_share']:.1f}% of the loss tokens", flush=True)
+    h = run.state.get("health", {})
+    results.update(skipped_steps=h.get("skipped_steps", 0), diverged=h.get("diverged"))
+    if results["diverged"]:
+        print(f"[train] warning: this run diverged: {health.divergence_line(results['diverged'])}", flush=True)
     results.update(steps=run.state["step"], tokens_seen=run.state["tokens_seen"],
                    target_tokens_seen=run.state["target_tokens_seen"], train_time_s=run.state["elapsed_s"],
                    data=run.data.stats)
