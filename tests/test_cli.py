@@ -101,7 +101,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_dir, tmp_path):
     step = json.loads((saved[0] / "trainer_state.json").read_text())["step"]
     assert step >= 3 and len(metrics.read_text().splitlines()) == step
     assert main(["train", QUICKSTART, *tiny_overrides(tiny_dir, data, tmp_path / "run", **{
-        "train.max_steps": step + 2}), "eval.task_file=", "data.val_fraction=0", "--resume", "auto"]) == 0
+        "train.max_steps": step + 2, "train.allow_schedule_change": "true"}), "eval.task_file=", "data.val_fraction=0",
+        "--resume", "auto"]) == 0
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
     assert steps == list(range(1, step + 3))
 

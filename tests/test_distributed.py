@@ -207,7 +207,8 @@ def test_ctrl_c_on_two_ranks_checkpoints_once_and_resumes(tiny_dir, tmp_path):
     (saved,) = sorted((tmp_path / "run" / "checkpoints").iterdir())
     step = json.loads((saved / "trainer_state.json").read_text())["step"]
     assert (saved / "dcp").is_dir() and step >= 3 and len(metrics.read_text().splitlines()) == step
-    overrides = tiny_overrides(tiny_dir, data, tmp_path / "run", **{"train.max_steps": step + 2, "train.micro_batch_size": 1})
+    overrides = tiny_overrides(tiny_dir, data, tmp_path / "run", **{"train.max_steps": step + 2, "train.micro_batch_size": 1,
+                                                                     "train.allow_schedule_change": True})
     proc = subprocess.run([sys.executable, "-m", "fulltune", "train", str(config), *overrides, "--resume", "auto",
                            "--nproc", "2"], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -227,15 +228,23 @@ def test_a_user_error_on_two_ranks_is_one_line(tiny_dir, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_every_rank_saves_its_own_rng_state(runs):
+    for ckpt in (runs["two"] / "checkpoints").iterdir():
+        states = [torch.load(ckpt / name, weights_only=True) for name in ("rng.pt", "rng-rank1.pt")]
+        assert all(set(s) >= {"torch", "python"} for s in states)
+    assert not any((runs["one"] / "checkpoints").glob("*/rng-rank*.pt"))
+
+
 def test_a_missing_fisher_shard_makes_every_rank_recompute(runs, tiny_dir, tmp_path):
-    """One rank's cached Fisher shard gone: both ranks recompute (no rank waits in a collective alone)."""
+    """One rank's cached Fisher shard gone when resuming (the one time a cache is read): both ranks
+    recompute (no rank waits in a collective alone)."""
     import shutil
     run = tmp_path / "again"
     shutil.copytree(runs["two"], run)
     (run / "fisher-rank1-of-2.safetensors").unlink()
     before = load_file(str(run / "fisher-rank0-of-2.safetensors"))
     data = runs["one"].parent / "chat.jsonl"
-    settings = {**_settings(runs["one"].parent), "train.overwrite": "true", "train.max_steps": 1}
+    settings = {**_settings(runs["one"].parent), "train.resume": "auto"}
     overrides = tiny_overrides(tiny_dir, data, run, **settings)
     proc = _torchrun(tmp_path, overrides)
     assert proc.returncode == 0, proc.stderr[-2000:]

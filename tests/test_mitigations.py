@@ -196,13 +196,13 @@ def test_ewc_run_caches_the_fisher_and_reuses_it(tiny_dir, tmp_path, capsys):
     cached = load_file(str(tmp_path / "r" / "fisher.safetensors"))
     assert all(float(f.min()) >= 0 for f in cached.values()) and sum(float(f.sum()) for f in cached.values()) > 0
     first = _weights(tmp_path / "r")
-    _run(tiny_dir, data, tmp_path / "r", **extra, **{"train.overwrite": "true"})
+    _run(tiny_dir, data, tmp_path / "r", **extra, **{"train.resume": "auto"})  # resuming: the cache is read
     assert "reused" in capsys.readouterr().out
+    # A fresh start (overwrite) computes it anew: the same Fisher from the same θ0, the same run.
+    _run(tiny_dir, data, tmp_path / "r", **extra, **{"train.overwrite": "true"})
+    assert "computed, cached in" in capsys.readouterr().out
     second = _weights(tmp_path / "r")
     assert all(torch.equal(first[k], second[k]) for k in first)
-    # A different number of Fisher batches is a different Fisher: recomputed, not reused.
-    _run(tiny_dir, data, tmp_path / "r", **{**extra, "anchor.fisher_batches": 3, "train.overwrite": "true"})
-    assert "computed, cached in" in capsys.readouterr().out
 
 
 def test_decay_toward_theta0_is_the_decoupled_pull():
@@ -296,3 +296,23 @@ def test_interpolate_command_writes_table_and_plot(tiny_dir, tmp_path, capsys):
         main(["interpolate"])
     assert main(["interpolate", str(tiny_dir), str(tmp_path / "r" / "final"), "--alphas", "0,2"]) == 2
     assert "every α must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_the_fisher_cache_is_keyed_on_the_tokens_and_read_only_when_resuming(tmp_path):
+    from fulltune.anchors import cached_fisher, tokens_hash
+    from fulltune.data.formats import Example
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return [torch.full((2,), float(len(calls)))]
+    seqs = [Example([5, 6, 7], [0, 1, 1]), Example([8, 9], [0, 1])]
+    key = {"general": ["g.jsonl"], "tokens_sha256": tokens_hash(seqs)}
+    path = tmp_path / "fisher.safetensors"
+    assert cached_fisher(path, key, compute)[1] is False  # computed
+    fisher, reused = cached_fisher(path, key, compute)
+    assert reused and torch.equal(fisher[0], torch.full((2,), 1.0))
+    assert cached_fisher(path, key, compute, reuse=False)[1] is False and len(calls) == 2  # a fresh start
+    edited = [Example([5, 6, 4], [0, 1, 1]), seqs[1]]  # the same file name, other content
+    assert tokens_hash(edited) != key["tokens_sha256"]
+    assert cached_fisher(path, {**key, "tokens_sha256": tokens_hash(edited)}, compute)[1] is False and len(calls) == 3

@@ -25,9 +25,36 @@ def test_resume_refuses_changed_settings(tiny_dir, chat_file, tmp_path):
     with pytest.raises(UserError, match=r"optim.lr: 0.001 → 1e-05; optim.weight_decay: 0.0 → 0.1"):
         _run(tiny_dir, chat_file, tmp_path / "r", **{"train.max_steps": 4, "train.resume": "auto",
                                                       "optim.lr": 1e-5, "optim.weight_decay": 0.1})
-    # max_steps may change: extending a finished run continues it.
-    run = _run(tiny_dir, chat_file, tmp_path / "r", **{"train.max_steps": 3, "train.resume": "auto"})
-    assert run.state["step"] == 3
+
+
+
+def test_resume_never_silently_restretches_the_schedule(capsys, tiny_dir, chat_file, tmp_path):
+    out = tmp_path / "r"
+    _run(tiny_dir, chat_file, out, **{"train.max_steps": 4, "train.save_interval": 2})
+    ckpt = out / "checkpoints" / "step-0000002"
+    with pytest.raises(UserError, match=r"the run had 4 steps and now has 8 \(train.max_steps / train.epochs\), which "
+                                        r"re-stretches the lr schedule after step 2; set train.allow_schedule_change=true"):
+        _run(tiny_dir, chat_file, out, **{"train.max_steps": 8, "train.resume": str(ckpt)})
+    with pytest.raises(UserError, match="train.max_steps: 1 steps is below the checkpoint's step 2"):
+        _run(tiny_dir, chat_file, out, **{"train.max_steps": 1, "train.resume": str(ckpt), "train.allow_schedule_change": True})
+    capsys.readouterr()
+    run = _run(tiny_dir, chat_file, out, **{"train.max_steps": 8, "train.resume": str(ckpt), "train.allow_schedule_change": True})
+    assert run.state["step"] == 8 and run.state["total_steps"] == 8
+    # warmup 1 step, then cosine: at step index 2, ½(1 + cos(π·1/3)) = 0.75 over 4 steps, ½(1 + cos(π·1/7)) = 0.950 over 8.
+    assert "schedule changed (train.allow_schedule_change): 4 → 8 steps; lr at step 3: 0.00075 on the old curve → " \
+           "0.00095 on the new one, which ends at step 8" in capsys.readouterr().out
+
+
+def test_resume_compares_the_resolved_precision(tiny_dir, chat_file, tmp_path):
+    out = tmp_path / "r"
+    _run(tiny_dir, chat_file, out, **{"train.max_steps": 2})
+    state_file = out / "checkpoints" / "step-0000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["precision"] == "fp32"
+    state_file.write_text(json.dumps({**state, "precision": "bf16-mixed"}))  # as if trained on a machine with bf16 units
+    with pytest.raises(UserError, match="it trained in bf16-mixed, and train.precision fp32 resolves to fp32 here; "
+                                        "set train.precision=bf16-mixed"):
+        _run(tiny_dir, chat_file, out, **{"train.max_steps": 2, "train.resume": "auto"})
 
 
 def test_resume_drops_checkpoints_from_an_abandoned_future(tiny_dir, chat_file, tmp_path):
@@ -35,7 +62,7 @@ def test_resume_drops_checkpoints_from_an_abandoned_future(tiny_dir, chat_file, 
     _run(tiny_dir, chat_file, tmp_path / "r", **extra)
     ckpts = tmp_path / "r" / "checkpoints"
     _run(tiny_dir, chat_file, tmp_path / "r", **{**extra, "train.resume": str(ckpts / "step-0000001"),
-                                                 "train.max_steps": 2})
+                                                 "train.max_steps": 2, "train.allow_schedule_change": True})
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000001", "step-0000002"]
     steps = [json.loads(l)["step"] for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert steps == [1, 2]

@@ -84,7 +84,7 @@ def test_a_run_from_before_the_marker_is_still_a_run(capsys, tiny_dir, chat_file
     assert main(_args(tiny_dir, chat_file, out)) == 0
     (out / MARKER).unlink()
     assert "already holds a run; resume it with train.resume=auto" in _refused(capsys, _args(tiny_dir, chat_file, out))
-    assert main(_args(tiny_dir, chat_file, out, **{"train.resume": "auto", "train.max_steps": 3})) == 0
+    assert main(_args(tiny_dir, chat_file, out, **{"train.resume": "auto"})) == 0
 
 
 def test_interrupted_checkpoint_writes_are_cleaned_or_put_back(capsys, tiny_dir, chat_file, tmp_path):

@@ -19,6 +19,7 @@ reduce-scattered gradient is that sequence's own.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -107,11 +108,18 @@ def fisher_sequences(general: list, n: int, seed: int) -> list:
     return [general[i] for i in order[:n]]
 
 
-def cached_fisher(path: Path, key: dict, compute) -> tuple[list[torch.Tensor], bool]:
-    """F from `path` if it was computed with the same `key`, else `compute()` and save it atomically."""
+def tokens_hash(examples: list) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.input_ids, e.target_mask]).encode())
+    return h.hexdigest()
+
+
+def cached_fisher(path: Path, key: dict, compute, reuse: bool = True) -> tuple[list[torch.Tensor], bool]:
+    """F from `path` if `reuse` and it was computed with the same `key`, else `compute()` and save it atomically."""
     names_key = json.dumps(key, sort_keys=True)
     cached = None
-    if path.is_file():
+    if reuse and path.is_file():
         try:
             from safetensors import safe_open
             with safe_open(str(path), "pt") as fh:
@@ -138,21 +146,25 @@ def normalise(fisher: list[torch.Tensor]) -> list[torch.Tensor]:
     return [f / mean for f in fisher]
 
 
-def anchor_for_run(cfg, run_dir: Path, model: torch.nn.Module, general: list, pad_id: int, autocast) -> Anchor | None:
-    """The run's anchor (None when nothing pulls toward θ0); EWC's Fisher cached at run_dir/fisher.safetensors."""
+def anchor_for_run(cfg, run_dir: Path, model: torch.nn.Module, general: list, pad_id: int, autocast,
+                   resuming: bool = False) -> Anchor | None:
+    """The run's anchor (None when nothing pulls toward θ0). EWC's Fisher is cached at
+    run_dir/fisher.safetensors, keyed on the settings and a hash of the sequences' tokens, and reused
+    only when resuming: a fresh start (train.overwrite included) computes it anew."""
     a = cfg.anchor
     if a.method == "none" and cfg.optim.decay_toward != "theta0":
         return None
     fisher = None
     if a.method == "ewc":
         n = a.fisher_batches * cfg.train.micro_batch_size
-        key = {"model": str(cfg.model.path), "general": list(cfg.data.general), "sequences": n,
-               "max_seq_len": cfg.data.max_seq_len, "seed": cfg.train.seed, "dtype": str(next(model.parameters()).dtype)}
-        run_dir.mkdir(parents=True, exist_ok=True)
         seqs = fisher_sequences(general, n, cfg.train.seed)
+        key = {"model": str(cfg.model.path), "general": list(cfg.data.general), "sequences": n,
+               "max_seq_len": cfg.data.max_seq_len, "seed": cfg.train.seed, "dtype": str(next(model.parameters()).dtype),
+               "tokens_sha256": tokens_hash(seqs)}  # edited general data, or another tokenizer: another Fisher
+        run_dir.mkdir(parents=True, exist_ok=True)
         name = "fisher.safetensors" if D.world_size() == 1 else f"fisher-rank{D.rank()}-of-{D.world_size()}.safetensors"
         fisher, reused = cached_fisher(run_dir / name, key,
-                                       lambda: estimate_fisher(model, seqs, pad_id, autocast, cfg.train.progress))
+                                       lambda: estimate_fisher(model, seqs, pad_id, autocast, cfg.train.progress), resuming)
         print(f"[anchor] EWC Fisher from {len(seqs)} general sequences "
               f"({'reused ' if reused else 'computed, cached in '}{run_dir / name})", flush=True)
         device = D.local(next(model.parameters())).device

@@ -76,12 +76,16 @@ def _write_sharded(tmp: Path | None, run_dir: Path, model, optimizer, trainer_st
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     tmp = Path(D.broadcast(str(tmp) if tmp else None))
+    torch.save(rng_state(), tmp / rng_file(D.rank()))  # every rank's own generators, before the collective save
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp / "dcp"))
     if D.is_main():
-        torch.save(rng_state(), tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         shutil.copy(run_dir / "config.yaml", tmp / "config.yaml")
+
+
+def rng_file(rank: int) -> str:
+    return "rng.pt" if rank == 0 else f"rng-rank{rank}.pt"
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -104,7 +108,7 @@ def resolve_resume(spec: str, run_dir: Path) -> Path | None:
     return path
 
 
-# Settings that change what the resumed steps compute; max_steps / epochs may change (to extend a run).
+# Settings that change what the resumed steps compute (the run's length and resolved precision: check_resumed_run).
 RESUME_FIXED = {"model": None, "data": None, "optim": None,
                 "schedule": None, "anchor": None, "train": ("seed", "precision", "micro_batch_size", "grad_accum_steps",
                                                      "optimizer_in_backward"),
@@ -126,6 +130,35 @@ def check_compatible(path: Path, cfg) -> None:
                         + "; ".join(changed) + "); start a new run (another train.output_dir) instead")
 
 
+def check_resumed_run(path: Path, state: dict, cfg, total: int, precision: str) -> None:
+    """The resumed steps compute what the checkpointed run would have: the same resolved precision,
+    and the same length (so the same lr curve) unless train.allow_schedule_change."""
+    from fulltune.optim.schedules import schedule_fn
+    was = state.get("precision", precision)
+    if was != precision:
+        raise UserError(f"cannot resume from {path}: it trained in {was}, and train.precision "
+                        f"{cfg.train.precision} resolves to {precision} here; set train.precision={was} "
+                        "(with train.force_precision=true on a device without bf16 units) to continue it as it was")
+    step, old = state["step"], state.get("total_steps")
+    if old is None:  # a checkpoint from before total_steps was saved: compare the settings that set it
+        saved = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
+        t = saved.get("train", {})
+        old = total if (t.get("max_steps"), t.get("epochs")) in ((None, None), (cfg.train.max_steps, cfg.train.epochs)) else "?"
+    if old == total:
+        return
+    if not cfg.train.allow_schedule_change:
+        raise UserError(f"cannot resume from {path}: the run had {old} steps and now has {total} (train.max_steps / "
+                        f"train.epochs), which re-stretches the lr schedule after step {step}; set "
+                        "train.allow_schedule_change=true to continue on the new curve")
+    if total < step:
+        raise UserError(f"train.max_steps: {total} steps is below the checkpoint's step {step}")
+    new_lr = cfg.optim.lr * schedule_fn(cfg.schedule, cfg.optim.lr, total)(step)
+    old_lr = cfg.optim.lr * schedule_fn(cfg.schedule, cfg.optim.lr, old)(step) if isinstance(old, int) and step < old else None
+    print(f"[train] schedule changed (train.allow_schedule_change): {old} → {total} steps; lr at step {step + 1}: "
+          f"{'–' if old_lr is None else f'{old_lr:.3g}'} on the old curve → {new_lr:.3g} on the new one, which ends "
+          f"at step {total}", flush=True)
+
+
 def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Restore weights, optimiser and RNG in place; return the trainer state."""
     try:
@@ -138,7 +171,8 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
             if missing or unexpected:
                 raise UserError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-        set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+        mine = path / rng_file(D.rank())  # a rank the checkpoint did not have (more ranks now) takes rank 0's
+        set_rng_state(torch.load(mine if mine.is_file() else path / "rng.pt", weights_only=True))
         return json.loads((path / "trainer_state.json").read_text())
     except (RuntimeError, ValueError, KeyError, OSError, CheckpointException) as exc:
         raise UserError(f"{path}: cannot restore this checkpoint into the configured model/optimiser "

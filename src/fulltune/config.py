@@ -115,6 +115,8 @@ class TrainConfig:
     save_interval: int = opt(0, "checkpoint every N steps (0: only at the end)", lo=0)
     keep_checkpoints: int = opt(2, "how many periodic checkpoints to keep (oldest removed first)", lo=1)
     resume: str = opt("", "resume from a checkpoint: auto (latest in output_dir/checkpoints) or a checkpoint path")
+    allow_schedule_change: bool = opt(False, "on resume, accept a changed max_steps / epochs (the lr curve is "
+                                             "re-stretched from the checkpoint's step on; the log shows old and new)")
     max_bad_steps: int = opt(3, "stop after this many non-finite steps in a row (each one's update is skipped); "
                                 "the last good checkpoint is kept", lo=1)
     overwrite: bool = opt(False, "allow starting a fresh run in an output_dir that already holds one")

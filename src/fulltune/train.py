@@ -136,10 +136,12 @@ def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, s
     optimizer = build_optimizer(model, cfg.optim, precision, cfg.train.optimizer_in_backward)
     autocast = autocast_factory(precision, device, cfg.model.activation_offload)
     meter.pause()  # θ0 evaluation (and EWC's Fisher) run at full speed; step 1 resumes measuring
-    anchor = anchor_for_run(cfg, run_dir, model, data.general, tokenizer.pad_token_id, autocast)  # before resume: θ0
+    anchor = anchor_for_run(cfg, run_dir, model, data.general, tokenizer.pad_token_id, autocast,  # before resume: θ0
+                            resuming=resume_from is not None)
     state = {"step": 0, "tokens_seen": 0, "target_tokens_seen": 0, "elapsed_s": 0.0, "results": {}}
     if resume_from is not None:
-        state = _resume(resume_from, run_dir, cfg, model, optimizer, sampler)
+        state = _resume(resume_from, run_dir, cfg, model, optimizer, sampler, total, precision)
+    state.update(total_steps=total, precision=precision)
     if "memory" in state["results"] or (device.type == "cpu" and cfg.train.memory_steps == 0):
         meter.stop()  # measured before the resume, or not wanted
     if D.is_main():
@@ -162,10 +164,11 @@ def _get(cfg: RunConfig, dotted: str):
     return getattr(getattr(cfg, section), key)
 
 
-def _resume(path: Path, run_dir: Path, cfg: RunConfig, model, optimizer, sampler) -> dict:
+def _resume(path: Path, run_dir: Path, cfg: RunConfig, model, optimizer, sampler, total: int, precision: str) -> dict:
     """Restore a checkpoint; refuse settings that would silently change the resumed run."""
     checkpoint.check_compatible(path, cfg)
     state = checkpoint.load_checkpoint(path, model, optimizer)
+    checkpoint.check_resumed_run(path, state, cfg, total, precision)
     sampler.load_state_dict(state["sampler"])
     if D.is_main():
         checkpoint.trim_metrics(run_dir / "metrics.jsonl", state["step"])
