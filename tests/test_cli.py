@@ -78,7 +78,9 @@ def test_schedule_command_prints_and_plots(capsys, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_dir, tmp_path):
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_dir, tmp_path, sig, code):
+    """Ctrl-C (SIGINT), or SIGTERM as SLURM and Kubernetes send before SIGKILL."""
     import json
     import signal
     import time
@@ -92,9 +94,9 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_dir, tmp_path):
     while not (metrics.exists() and metrics.read_text().count("\n") >= 3) and time.time() < deadline:
         time.sleep(0.2)
     assert metrics.exists(), "training never started"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     assert "continue with train.resume=auto" in err and "Traceback" not in err
     saved = sorted((tmp_path / "run" / "checkpoints").iterdir())
     assert len(saved) == 1

@@ -182,9 +182,10 @@ def test_share_of_a_step_splits_sequences_without_overlap(monkeypatch):
     assert shares == [[[]], [[]], [[0]]]
 
 
-def test_ctrl_c_on_two_ranks_checkpoints_once_and_resumes(tiny_dir, tmp_path):
-    """SIGINT to the launcher (what a terminal sends): both ranks stop after the same step, one
-    sharded checkpoint is written, exit 130 without a traceback, and the run resumes on 2 ranks."""
+def test_sigterm_on_two_ranks_checkpoints_once_and_resumes(tiny_dir, tmp_path):
+    """SIGTERM to the launcher (what SLURM sends; Ctrl-C's SIGINT takes the same path, exit 130 —
+    tests/test_cli.py): both ranks stop after the same step, one sharded checkpoint is written, exit
+    143 without a traceback, and the run resumes on 2 ranks."""
     import signal
     import time
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(400))
@@ -199,9 +200,9 @@ def test_ctrl_c_on_two_ranks_checkpoints_once_and_resumes(tiny_dir, tmp_path):
     while not (metrics.exists() and metrics.read_text().count("\n") >= 3) and time.time() < deadline:
         time.sleep(0.2)
     assert metrics.exists(), "training never started"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == 143, err[-2000:]
     assert "continue with train.resume=auto" in err and "Traceback" not in err
     assert err.count("stopped at step") == 1  # rank 0 reports
     (saved,) = sorted((tmp_path / "run" / "checkpoints").iterdir())

@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as exc:
         if main_rank:
             print(f"fulltune: {exc}", file=sys.stderr)
-        return 130
+        return exc.exit_code
     except Exception as exc:
         from fulltune.model import compile_failure
         if compile_failure(exc):

@@ -248,6 +248,6 @@ def launch(nproc: int, argv: list[str]) -> int:
     except ChildFailedError as exc:
         code = exc.get_first_failure()[1].exitcode
         return code if code > 0 else 1
-    except SignalException:
-        return 130
+    except SignalException as exc:
+        return 128 + int(exc.sigval)
     return 0

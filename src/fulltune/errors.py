@@ -6,4 +6,8 @@ class UserError(Exception):
 
 
 class Interrupted(Exception):
-    """The run stopped at the user's request (Ctrl-C, SIGTERM) after saving a checkpoint."""
+    """The run stopped at the user's request (Ctrl-C, SIGTERM); exit 128 + the signal (130, 143)."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -1,23 +1,43 @@
-"""Stopping a run cleanly: Ctrl-C / SIGTERM finish the current step, then checkpoint and exit."""
+"""Stopping a run cleanly on Ctrl-C (SIGINT) or SIGTERM (what SLURM and Kubernetes send before
+SIGKILL), in every phase of `fulltune train`.
+
+- During training the current step finishes, a checkpoint is written and the run exits.
+- Before training (loading, θ0 evaluation) and after it (the final evaluation, once the trained
+  weights are checkpointed) the run stops at once: nothing there is lost that a rerun or
+  `train.resume=auto` would not redo.
+
+The exit status is 128 + the signal: 130 for SIGINT, 143 for SIGTERM. A second signal while a
+step finishes aborts at once.
+"""
 
 from __future__ import annotations
 
 import signal
 import threading
 
+from fulltune.errors import Interrupted
+
 
 class StopRequest:
-    """Ctrl-C / SIGTERM between steps: finish the current step, checkpoint, exit (a second Ctrl-C aborts)."""
+    """Installed for a whole run; `defer` is True while a training step may finish first."""
 
     def __init__(self):
-        self.requested, self._old = False, {}
+        self.requested, self.signum, self.defer, self._old = False, 0, False, {}
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
     def _handler(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\n[train] stop requested: finishing this step and saving a checkpoint (Ctrl-C again to abort)",
-              flush=True)
+        name = signal.Signals(signum).name
+        if self.defer and not self.requested:
+            self.requested, self.signum = True, signum
+            print(f"\n[train] {name}: finishing this step and saving a checkpoint (a second signal aborts)", flush=True)
+            return
+        why = ("a second signal during a step; the last checkpoint is intact" if self.requested
+               else "outside the training steps; no step was lost")
+        self.signum = self.signum or signum
+        raise Interrupted(f"stopped by {name}, {why}: continue with train.resume=auto", exit_code=128 + signum)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

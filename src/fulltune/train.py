@@ -261,35 +261,34 @@ def _save(run: Run) -> Path:
                                       run.state, run.cfg.train.keep_checkpoints)
 
 
-def loop(run: Run) -> None:
+def loop(run: Run, stop: StopRequest) -> None:
     """Every optimiser step, top to bottom: rates, micro-batches, update, then the step's bookkeeping."""
     cfg = run.cfg.train
     bar = tqdm(total=run.total_steps, initial=run.state["step"], desc="train", disable=not cfg.progress,
                dynamic_ncols=True)
-    with StopRequest() as stop:
-        while run.state["step"] < run.total_steps:
-            for group in run.optimizer.param_groups:
-                set_lr(group, group["initial_lr"] * run.lr_multiplier(run.state["step"]))
-            indices = run.sampler.next_step()  # the whole step's sequences, over every rank
-            batches = _my_batches(run, indices)
-            flat = [i for idx in indices for i in idx]
-            t0 = time.perf_counter()
-            with run.memory.step(batches):
-                loss, norm = train_step(run.model, run.optimizer, batches, run.autocast, run.cfg.optim.grad_clip,
-                                        run.anchor, _targets(run.examples(flat)), run.memory)
-            dt = time.perf_counter() - t0
-            (padded,) = D.all_sum([sum(b["input_ids"].numel() for b in batches)])  # null micro-batches count too
-            rec = _record(run, flat, loss, norm, dt, padded)
-            warning = health.check_step(run.state, loss, norm, cfg.max_bad_steps, cfg.optimizer_in_backward,
-                                        (checkpoint.list_checkpoints(run.run_dir) or [None])[-1])
-            if warning:
-                tqdm.write(f"[train] warning: {warning}")
-            saved = _after_step(run, rec, bar)
-            if D.any_rank(stop.requested) and run.state["step"] < run.total_steps:  # every rank stops together
-                bar.close()
-                path = saved or _save(run)
-                raise Interrupted(f"stopped at step {run.state['step']}; checkpoint {path}; "
-                                  "continue with train.resume=auto")
+    while run.state["step"] < run.total_steps:
+        for group in run.optimizer.param_groups:
+            set_lr(group, group["initial_lr"] * run.lr_multiplier(run.state["step"]))
+        indices = run.sampler.next_step()  # the whole step's sequences, over every rank
+        batches = _my_batches(run, indices)
+        flat = [i for idx in indices for i in idx]
+        t0 = time.perf_counter()
+        with run.memory.step(batches):
+            loss, norm = train_step(run.model, run.optimizer, batches, run.autocast, run.cfg.optim.grad_clip,
+                                    run.anchor, _targets(run.examples(flat)), run.memory)
+        dt = time.perf_counter() - t0
+        (padded,) = D.all_sum([sum(b["input_ids"].numel() for b in batches)])  # null micro-batches count too
+        rec = _record(run, flat, loss, norm, dt, padded)
+        warning = health.check_step(run.state, loss, norm, cfg.max_bad_steps, cfg.optimizer_in_backward,
+                                    (checkpoint.list_checkpoints(run.run_dir) or [None])[-1])
+        if warning:
+            tqdm.write(f"[train] warning: {warning}")
+        saved = _after_step(run, rec, bar)
+        if D.any_rank(stop.requested) and run.state["step"] < run.total_steps:  # every rank stops together
+            bar.close()
+            path = saved or _save(run)
+            raise Interrupted(f"stopped at step {run.state['step']}; checkpoint {path}; "
+                              "continue with train.resume=auto", stop.exit_code)
     bar.close()
 
 
@@ -354,10 +353,8 @@ def finish(run: Run) -> dict:
         results["final_val_loss"] = validation_loss(run)
         _log(run, {"step": run.state["step"], "val_loss": results["final_val_loss"]})
         print(f"[train] validation loss {results['final_val_loss']:.4f}", flush=True)
-    run.memory.close()
     final = checkpoint.export_hf(run.model, run.tokenizer, run.run_dir / "final")
     print(f"[train] saved the fine-tuned model to {final}", flush=True)
-    _save(run)
     if run.data.task is not None:
         results["task_accuracy_final"] = task_accuracy(run, "θ*")
         report_task(results)
@@ -384,16 +381,25 @@ def finish(run: Run) -> dict:
 
 
 def run_training(cfg: RunConfig) -> Run:
-    """setup → task accuracy of θ0 → loop → export, task accuracy of θ*, results.json."""
-    run = setup(cfg)
-    if run.state["step"] == 0:
-        if run.data.task is not None:
-            run.state["results"]["task_accuracy_theta0"] = task_accuracy(run, "θ0")
-        if run.data.probes is not None:
-            run.state["results"]["probes_theta0"] = run_probes(run, "θ0")
-            _log(run, {"step": 0, "probes": headlines(run.state["results"]["probes_theta0"])})
-    started = time.perf_counter()
-    loop(run)
-    finish(run)
+    """setup → task accuracy of θ0 → loop → checkpoint → export, task accuracy of θ*, results.json.
+    SIGINT / SIGTERM (stop.py): at once outside the steps; during them, after the step and a checkpoint."""
+    with StopRequest() as stop:
+        run = setup(cfg)
+        if run.state["step"] == 0:
+            if run.data.task is not None:
+                run.state["results"]["task_accuracy_theta0"] = task_accuracy(run, "θ0")
+            if run.data.probes is not None:
+                run.state["results"]["probes_theta0"] = run_probes(run, "θ0")
+                _log(run, {"step": 0, "probes": headlines(run.state["results"]["probes_theta0"])})
+        started = time.perf_counter()
+        stop.defer = True  # from here a signal lets the step finish, then checkpoints
+        loop(run, stop)
+        run.memory.close()
+        saved = _save(run)  # the trained weights, before the final evaluation
+        stop.defer = False
+        if D.any_rank(stop.requested):
+            raise Interrupted(f"stopped after the last step ({run.state['step']}); checkpoint {saved}; "
+                              "continue with train.resume=auto", stop.exit_code)
+        finish(run)
     print(f"[train] done: {run.state['step']} steps in {time.perf_counter() - started:.0f} s → {run.run_dir}", flush=True)
     return run
