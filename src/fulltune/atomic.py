@@ -1,15 +1,26 @@
-"""Directories that appear whole or not at all: write into a temp dir beside, then rename."""
+"""Directories that appear whole or not at all: write into a temp dir beside, then rename.
+
+With `manifest=True` (checkpoints and the exported model) every file is fsync'ed, then a manifest
+of every file's size and sha256 is written last (`fulltune-manifest.json`), then the directory is
+fsync'ed, renamed into place, and its parent fsync'ed. `verify_dir` reads it back: a directory
+whose manifest is missing, or whose files differ from it, is damaged (a torn write, a full disk,
+a bit flip, someone's edit), and resume skips it for the previous good checkpoint.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
 
+MANIFEST = "fulltune-manifest.json"
 
-def write_dir_atomically(final: Path, write: Callable[[Path], None]) -> Path:
+
+def write_dir_atomically(final: Path, write: Callable[[Path], None], manifest: bool = False) -> Path:
     """Call write(tmp) on a fresh temp directory next to `final`, then move it into place.
 
     A crash or error leaves whatever was at `final` before untouched (the temp dir is removed).
@@ -19,10 +30,14 @@ def write_dir_atomically(final: Path, write: Callable[[Path], None]) -> Path:
     old = final.with_name(f".{final.name}.old")
     try:
         write(tmp)
+        if manifest:
+            write_manifest(tmp)
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
         os.replace(tmp, final)
+        if manifest:
+            _fsync(final.parent)
     except BaseException:
         if old.exists() and not final.exists():
             os.replace(old, final)  # interrupted between the two renames: put the old one back
@@ -30,3 +45,59 @@ def write_dir_atomically(final: Path, write: Callable[[Path], None]) -> Path:
         raise
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(folder: Path) -> None:
+    """fsync every file, then record each one's size and sha256 in the manifest, written last."""
+    entries = {}
+    for path in _files(folder):
+        _fsync(path)
+        entries[str(path.relative_to(folder))] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    target = folder / MANIFEST
+    with open(target, "w") as fh:
+        json.dump({"files": entries}, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    for sub in sorted({p.parent for p in _files(folder)} | {folder}, key=lambda p: -len(p.parts)):
+        _fsync(sub)
+
+
+def verify_dir(folder: Path) -> str | None:
+    """None if every file matches the manifest; else what is wrong, in a few words."""
+    try:
+        listed = json.loads((folder / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (written last: the write did not finish)"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"unreadable {MANIFEST} ({type(exc).__name__})"
+    present = {str(p.relative_to(folder)) for p in _files(folder)}
+    if present != set(listed):
+        missing, extra = sorted(set(listed) - present), sorted(present - set(listed))
+        return f"files differ from the manifest (missing {missing[:3]}, unexpected {extra[:3]})"
+    for name, entry in listed.items():
+        path = folder / name
+        if path.stat().st_size != entry["bytes"]:
+            return f"{name}: {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
+        if sha256_file(path) != entry["sha256"]:
+            return f"{name}: sha256 differs from the manifest"
+    return None

@@ -24,7 +24,7 @@ from safetensors.torch import load_model, save_model
 from torch.distributed.checkpoint import CheckpointException
 
 from fulltune import distributed as D
-from fulltune.atomic import write_dir_atomically
+from fulltune.atomic import MANIFEST, verify_dir, write_dir_atomically
 from fulltune.errors import UserError
 from fulltune.health import refuse_nonfinite_weights
 
@@ -58,11 +58,12 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
         shutil.copy(run_dir / "config.yaml", tmp / "config.yaml")
     if D.sharded():
         if D.is_main():
-            write_dir_atomically(final, lambda tmp: _write_sharded(tmp, run_dir, model, optimizer, trainer_state))
+            write_dir_atomically(final, lambda tmp: _write_sharded(tmp, run_dir, model, optimizer, trainer_state),
+                                 manifest=True)
         else:
             _write_sharded(None, run_dir, model, optimizer, trainer_state)
     else:
-        write_dir_atomically(final, write)
+        write_dir_atomically(final, write, manifest=True)
     if D.is_main():
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old)
@@ -97,15 +98,53 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def resolve_resume(spec: str, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from: `spec`'s, or with auto the latest that verifies (rank 0 reads
+    the manifests, every rank gets its answer)."""
     if not spec:
         return None
+    found = D.broadcast(_resolve_on_main(spec, run_dir) if D.is_main() else None)
+    if isinstance(found, tuple):  # ("error", message)
+        raise UserError(found[1])
+    return Path(found) if found else None
+
+
+def _resolve_on_main(spec: str, run_dir: Path):
     if spec == "auto":
-        found = list_checkpoints(run_dir)
-        return found[-1] if found else None
+        for path in reversed(list_checkpoints(run_dir)):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return str(path)
+            print(f"[train] checkpoint {path} is damaged ({problem}); trying the one before", flush=True)
+        return None
     path = Path(spec).expanduser()
     if not (path / "trainer_state.json").is_file():
-        raise UserError(f"train.resume: {path} is not a fulltune checkpoint (no trainer_state.json)")
-    return path
+        return ("error", f"train.resume: {path} is not a fulltune checkpoint (no trainer_state.json)")
+    problem = checkpoint_problem(path)
+    return ("error", f"train.resume: {path} is damaged ({problem})") if problem else str(path)
+
+
+def verify_command(paths: list[Path]) -> int:
+    """`fulltune verify DIR ...`: a line per checkpoint / final model; exit 0 if all verify, else 1."""
+    targets = []
+    for p in paths:
+        if not p.is_dir():
+            raise UserError(f"{p}: not a directory")
+        inside = list_checkpoints(p) + ([p / "final"] if (p / "final").is_dir() else [])
+        targets += inside or [p]
+    bad = 0
+    for path in targets:
+        problem = checkpoint_problem(path) if (path / "trainer_state.json").is_file() else verify_dir(path)
+        bad += problem is not None
+        print(f"{path}: {'ok' if problem is None else 'DAMAGED: ' + problem}")
+    return 1 if bad else 0
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with a checkpoint, or None. One written before manifests existed (no manifest
+    and no trace of a write in progress: atomic.py renames only after the manifest) is taken as is."""
+    if not (path / MANIFEST).is_file() and (path / "trainer_state.json").is_file():
+        return None
+    return verify_dir(path)
 
 
 # Settings that change what the resumed steps compute (the run's length and resolved precision: check_resumed_run).
@@ -255,9 +294,9 @@ def export_hf(model, tokenizer, dest: Path) -> Path:
         tokenizer.save_pretrained(tmp)
     try:
         if not D.sharded():
-            return write_dir_atomically(dest, write)
+            return write_dir_atomically(dest, write, manifest=True)
         if D.is_main():
-            write_dir_atomically(dest, lambda tmp: _export_sharded(tmp, model, tokenizer))
+            write_dir_atomically(dest, lambda tmp: _export_sharded(tmp, model, tokenizer), manifest=True)
         else:
             _export_sharded(None, model, tokenizer)
         D.barrier()

@@ -1,4 +1,4 @@
-"""The `fulltune` command: train | eval | interpolate | memory | plan | schedule | assets | config."""
+"""The `fulltune` command: train | eval | interpolate | memory | plan | schedule | assets | config | verify."""
 
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     add_interpolate_parser(sub)
     sub.add_parser("assets", help="fetch and prepare the embedded default model and SST-2 task")
     sub.add_parser("config", help="list every config key with its default and meaning")
+    v = sub.add_parser("verify", help="check checkpoints or an exported model against their manifests (size, sha256)")
+    v.add_argument("paths", nargs="+", metavar="DIR", help="a checkpoint, a final/ directory, or a run directory (all of its)")
     return p
 
 
@@ -102,6 +104,9 @@ def dispatch(args: argparse.Namespace) -> int:
         run_memory_command(args)
     elif args.command == "config":
         print(describe_fields())
+    elif args.command == "verify":
+        from fulltune.checkpoint import verify_command
+        return verify_command([Path(p) for p in args.paths])
     elif args.command == "assets":
         from fulltune.assets import ensure_all
         ensure_all()
