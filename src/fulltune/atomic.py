@@ -9,6 +9,7 @@ a bit flip, someone's edit), and resume skips it for the previous good checkpoin
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -17,16 +18,46 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from fulltune.errors import UserError
+
 MANIFEST = "fulltune-manifest.json"
 
 
-def write_dir_atomically(final: Path, write: Callable[[Path], None], manifest: bool = False) -> Path:
+def write_dir_atomically(final: Path, write: Callable[[Path], None], manifest: bool = False, needed: int = 0) -> Path:
     """Call write(tmp) on a fresh temp directory next to `final`, then move it into place.
 
-    A crash or error leaves whatever was at `final` before untouched (the temp dir is removed).
+    A crash or error leaves whatever was at `final` before untouched (the temp dir is removed). A
+    full disk or an unwritable directory is one UserError naming the path (`needed`: the bytes the
+    write is expected to take, for the message).
     """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    except OSError as exc:
+        raise UserError(write_failure(exc, final, needed) or f"{final}: cannot write ({exc})") from None
+    try:
+        return _write_and_rename(final, tmp, write, manifest)
+    except Exception as exc:  # noqa: BLE001 — torch and safetensors report a full disk in their own types
+        why = write_failure(exc, final, needed)
+        if why is None:
+            raise
+        raise UserError(why) from None
+
+
+def write_failure(exc: BaseException, where: Path, needed: int) -> str | None:
+    """One line for a write that failed for lack of space or permission; None for anything else."""
+    folder = next(p for p in (where, *where.parents) if p.exists())
+    free = shutil.disk_usage(folder).free
+    code = getattr(exc, "errno", None)
+    if code == errno.ENOSPC or "No space left" in str(exc) or (needed and free < needed):
+        return (f"{where}: no space left on the device ({free / 1e9:.2f} GB free, about {needed / 1e9:.2f} GB needed); "
+                "the previous checkpoint is intact: free some space, then resume with train.resume=auto")
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM) or not os.access(folder, os.W_OK):
+        return f"{where}: not writable ({os.strerror(code) if code else 'permission denied'}); the previous checkpoint is intact"
+    return None
+
+
+def _write_and_rename(final: Path, tmp: Path, write: Callable[[Path], None], manifest: bool) -> Path:
     old = final.with_name(f".{final.name}.old")
     try:
         write(tmp)

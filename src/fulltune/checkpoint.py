@@ -56,14 +56,16 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         shutil.copy(run_dir / "config.yaml", tmp / "config.yaml")
+    previous = list_checkpoints(run_dir)
+    needed = _bytes(previous[-1]) if previous else 3 * sum(D.local(p).numel() * 4 for p in model.parameters())
     if D.sharded():
         if D.is_main():
             write_dir_atomically(final, lambda tmp: _write_sharded(tmp, run_dir, model, optimizer, trainer_state),
-                                 manifest=True)
+                                 manifest=True, needed=needed)
         else:
             _write_sharded(None, run_dir, model, optimizer, trainer_state)
     else:
-        write_dir_atomically(final, write, manifest=True)
+        write_dir_atomically(final, write, manifest=True, needed=needed)
     if D.is_main():
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old)
@@ -83,6 +85,10 @@ def _write_sharded(tmp: Path | None, run_dir: Path, model, optimizer, trainer_st
     if D.is_main():
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         shutil.copy(run_dir / "config.yaml", tmp / "config.yaml")
+
+
+def _bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def rng_file(rank: int) -> str:
@@ -294,7 +300,7 @@ def export_hf(model, tokenizer, dest: Path) -> Path:
         tokenizer.save_pretrained(tmp)
     try:
         if not D.sharded():
-            return write_dir_atomically(dest, write, manifest=True)
+            return write_dir_atomically(dest, write, manifest=True, needed=sum(p.numel() * 4 for p in model.parameters()))
         if D.is_main():
             write_dir_atomically(dest, lambda tmp: _export_sharded(tmp, model, tokenizer), manifest=True)
         else:
@@ -331,6 +337,11 @@ def _export_sharded(tmp: Path | None, model, tokenizer) -> None:
 def trim_metrics(path: Path, step: int) -> None:
     """Drop metric lines past the resumed step (and its closing val line): they will be written again."""
     if path.exists():
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        lines = path.read_text().splitlines()
+        try:
+            json.loads(lines[-1]) if lines else None
+        except ValueError:
+            lines = lines[:-1]  # torn by a kill while it was written; that step is redone
+        rows = [json.loads(line) for line in lines]
         keep = [r for r in rows if r.get("step", 0) < step or (r.get("step") == step and "loss" in r)]
         path.write_text("".join(json.dumps(r) + "\n" for r in keep))

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from fulltune import checkpoint, health, rundir
 from fulltune import distributed as D
 from fulltune.anchors import Anchor, anchor_for_run
+from fulltune.atomic import write_failure
 from fulltune.config import RunConfig, save_config
 from fulltune.data.loader import IGNORE, StepSampler, collate, count_targets
 from fulltune.data.mixture import MixedSampler
@@ -251,8 +252,12 @@ def _log(run: Run, record: dict) -> None:
     if not D.is_main():
         return
     finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-    with open(run.run_dir / "metrics.jsonl", "a") as fh:
-        fh.write(json.dumps(finite) + "\n")  # strict JSON: NaN and inf as null
+    try:
+        with open(run.run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(finite) + "\n")  # strict JSON: NaN and inf as null
+    except OSError as exc:
+        raise UserError(write_failure(exc, run.run_dir / "metrics.jsonl", 1 << 20) or
+                        f"{run.run_dir / 'metrics.jsonl'}: cannot write ({exc})") from None
 
 
 def _save(run: Run) -> Path:
