@@ -271,9 +271,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         _set_dotted(raw, key, value)
     errors: list[str] = []
     cfg = _build(RunConfig, raw, "", errors)
-    errors += _cross_checks(cfg)
+    errors += _cross_checks(cfg) if not errors else []  # cross-checks compare values of the right types only
     if errors:
-        where = f" in {path}" if path else ""
+        overridden = {key for key, _ in pairs}
+        errors = [e + (" (set on the command line)" if e.split(":")[0] in overridden else "") for e in errors]
+        where = f" in {path}" if path and not all(e.endswith("(set on the command line)") for e in errors) else ""
         raise UserError(f"invalid config{where} ({len(errors)} problem{'s' * (len(errors) > 1)}):\n  "
                         + "\n  ".join(errors))
     return cfg

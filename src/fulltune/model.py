@@ -28,6 +28,7 @@ def _load_hf_dir(path: Path, cfg: ModelConfig):
         raise UserError(f"{path}: not an HF model directory (no config.json)")
     if not any(path.glob("*.safetensors")):
         raise UserError(f"{path}: no *.safetensors weights (fulltune loads safetensors only, never pickles)")
+    check_hf_dir(path, cfg.trust_remote_code)
     model, info = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, use_safetensors=True, output_loading_info=True,
         trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
@@ -41,9 +42,38 @@ def _load_hf_dir(path: Path, cfg: ModelConfig):
     return model, tokenizer
 
 
+def check_hf_dir(path: Path, trust_remote_code: bool) -> None:
+    """What from_pretrained would fail on with a traceback, as one line each: config.json, the
+    architecture, the tokenizer files, every safetensors header (read without loading the weights)."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+    from transformers import CONFIG_MAPPING, __version__
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path / 'config.json'}: not valid JSON ({exc})") from None
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    if kind not in CONFIG_MAPPING and not trust_remote_code:
+        code = (config.get("auto_map") or {}).get("AutoModelForCausalLM")
+        raise UserError(f"{path / 'config.json'}: model_type {kind!r} is not an architecture transformers {__version__} "
+                        "knows" + (f"; its auto_map names the directory's own code ({code}), which runs only with "
+                                   "model.trust_remote_code=true (no code was run)" if code else ""))
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")):
+        raise UserError(f"{path}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json); copy them from "
+                        "the base model's directory")
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"{file}: not a valid safetensors file ({exc}); it may be truncated or still downloading") from None
+
+
 def _meta_hf_model(path: Path, cfg: ModelConfig):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    check_hf_dir(path, cfg.trust_remote_code)
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
@@ -58,7 +88,10 @@ def load_theta0(cfg: ModelConfig, verbose: bool = True, weights: bool = True):
     receives its shards from rank 0); a .gguf file is always read in full."""
     path = resolve_model_path(cfg.path)
     if path.is_file() and path.suffix == ".gguf":
-        model, tokenizer = assets.gguf_to_model(path, cfg.trust_remote_code)
+        try:
+            model, tokenizer = assets.gguf_to_model(path, cfg.trust_remote_code)
+        except ValueError as exc:  # gguf's own checks: magic bytes, version, tensor types
+            raise UserError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None
         model.config._attn_implementation = cfg.attn_implementation
     elif not weights:
         model, tokenizer = _meta_hf_model(path, cfg)

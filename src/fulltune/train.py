@@ -134,6 +134,9 @@ def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, s
         sizes = [len(e.lengths) or 1 for e in data.train]  # packed rows count as their sequences
         sampler = MixedSampler(sampler, len(data.general), cfg.data.mix_ratio, cfg.train.seed, sizes)
     total = cfg.train.max_steps or math.ceil(sampler.steps_per_epoch * cfg.train.epochs)
+    if cfg.schedule.warmup_steps > total:
+        print(f"[train] warning: schedule.warmup_steps {cfg.schedule.warmup_steps} is longer than the run ({total} steps): "
+              f"the warmup is cut to {total} and the peak lr is reached only at the last step", flush=True)
     optimizer = build_optimizer(model, cfg.optim, precision, cfg.train.optimizer_in_backward)
     autocast = autocast_factory(precision, device, cfg.model.activation_offload)
     meter.pause()  # θ0 evaluation (and EWC's Fisher) run at full speed; step 1 resumes measuring

@@ -125,16 +125,27 @@ def encode_record(tokenizer, record: dict, fmt: str, loss_on: str, where: str) -
     return encode_text(tokenizer, text)
 
 
+def _empty_answer(record: dict, fmt: str) -> bool:
+    """A record that trains but is probably a mistake: its answer (completion, an assistant turn) is blank."""
+    if fmt == "messages":
+        return any(m.get("role") == "assistant" and not str(m.get("content") or "").strip() for m in record["messages"])
+    if fmt == "prompt_completion":
+        return not str(record["completion"] or "").strip()
+    return False
+
+
 def encode_dataset(ds, tokenizer, cfg: DataConfig, source: str) -> tuple[list[Example], EncodeStats]:
     """Tokenise every record; truncate or drop overlong ones and count what happened."""
     fmt = detect_format(list(ds.column_names), cfg.format, source)
     stats = EncodeStats(records=len(ds))
-    examples = []
+    examples, empty = [], []
     for index, record in enumerate(ds):
         try:
             ex = encode_record(tokenizer, record, fmt, cfg.loss_on, f"{source} (record {index})")
         except UserError as exc:
             raise UserError(str(exc).replace(f"{source} (record {index})", row_location(source, index))) from None
+        if _empty_answer(record, fmt):
+            empty.append(index)
         if len(ex.input_ids) > cfg.max_seq_len:
             if cfg.overlong == "drop":
                 stats.dropped_overlong += 1
@@ -150,6 +161,10 @@ def encode_dataset(ds, tokenizer, cfg: DataConfig, source: str) -> tuple[list[Ex
         stats.target_tokens += sum(ex.target_mask[1:])
         stats.longest = max(stats.longest, len(ex.input_ids))
     stats.kept = len(examples)
+    if empty:
+        shown = ", ".join(row_location(source, i) for i in empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
+        print(f"[data] warning: {len(empty)} record{'s' * (len(empty) > 1)} with an empty answer ({shown}): they train "
+              "the model to answer nothing (a CSV row with a missing column reads as empty)", flush=True)
     if not examples:
         raise UserError(f"{source}: no usable sequences ({stats.line()})")
     return examples, stats

@@ -31,6 +31,18 @@ def _check_jsonl(path: Path) -> int:
     return sum(1 for _ in iter_jsonl(path))
 
 
+def _not_utf8(path: Path) -> str:
+    """Where a file stops being UTF-8, as file:line (column in bytes)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        return f"{path}:{line}: not UTF-8 (byte {data[exc.start]:#04x} at column {column}); save the file as UTF-8"
+    return f"{path}: not UTF-8"
+
+
 def row_location(path: str, index: int) -> str:
     """Where record `index` lives, for error messages: file:line for JSONL/CSV, file row N otherwise."""
     p = Path(path)
@@ -82,6 +94,8 @@ def load_records(path: str):
         raise
     except Exception as exc:  # datasets wraps parser errors in many types; keep the file name
         cause = exc.__cause__ or exc
+        if isinstance(cause, UnicodeDecodeError):
+            raise UserError(_not_utf8(p)) from None
         raise UserError(f"{p}: could not read records: {type(cause).__name__}: {str(cause)[:300]}") from None
     if len(ds) == 0:
         raise UserError(f"{p}: no records")
