@@ -235,3 +235,20 @@ def test_zero3_plan_names_the_commands():
     p = plan(load_spec("llama-7b"), "a100-80gb", 8, TrainSetup(precision="bf16-mixed"))
     assert p.branch == "full-zero3"
     assert any("fulltune train CONFIG --nproc 8" in n and "torchrun" in n for n in p.notes)
+
+
+def test_a_run_that_will_not_fit_is_warned_before_loading(monkeypatch, capsys, tiny_dir, chat_file, tmp_path):
+    from conftest import QUICKSTART, tiny_overrides
+    from fulltune.memory import runcheck
+    args = ["train", QUICKSTART, *tiny_overrides(tiny_dir, chat_file, tmp_path / "a", **{"train.max_steps": 1}),
+            "eval.task_file=", "data.val_fraction=0"]
+    assert main(args) == 0
+    assert "[memory] warning" not in capsys.readouterr().out  # the tiny model fits anywhere
+    monkeypatch.setattr(runcheck, "available_bytes", lambda device: 1000)
+    assert main([a.replace(str(tmp_path / "a"), str(tmp_path / "b")) for a in args]) == 0  # a warning, not a refusal
+    out = capsys.readouterr().out
+    warning = next(line for line in out.splitlines() if line.startswith("[memory] warning"))
+    assert warning.startswith("[memory] warning: the estimated peak is 0.0 GB (micro-batch 4 × 64 tokens, fp32, adamw) "
+                              "and 0.0 GB is available on cpu (MemAvailable): the run may run out of memory. The planner: ")
+    assert out.index("[memory] warning") < out.index("[model] θ0")  # before loading
+    assert "model.activation_offload" not in warning and "optim.cpu_offload" not in warning  # CUDA only: never on CPU

@@ -40,6 +40,7 @@ from fulltune.loss import loss_sum
 from fulltune.data.rundata import TaskData, load_task_data, read_sources
 from fulltune.evals.during_run import finish_probes, headlines, report_task, run_probes, task_accuracy
 from fulltune.memory.measure import PeakMeter, make_resident
+from fulltune.memory.runcheck import warn_if_too_big
 from fulltune.memory.runmemory import RunMemory
 from fulltune.model import compile_layers, load_theta0
 from fulltune.optim.param_groups import build_optimizer, lrs_by_name
@@ -106,6 +107,9 @@ def setup(cfg: RunConfig) -> Run:
         chosen = {k: _get(cfg, k) for k in lean_settings(cfg.to_dict())}
         print("[train] memory lean: " + ", ".join(f"{k}={v}" for k, v in chosen.items()), flush=True)
     sources = read_sources(cfg)  # a missing or malformed file fails before the model loads
+    too_big = warn_if_too_big(cfg, precision, device)
+    if too_big:
+        print(too_big, flush=True)
     meter = PeakMeter(device.type).start()  # baseline before θ0 loads
     try:
         return _build(cfg, run_dir, resume_from, device, precision, sources, meter)

@@ -71,10 +71,18 @@ def command(overrides: dict, n_gpus: int = 1) -> str:
     return "fulltune train CONFIG" + nproc + "".join(f" {k}={v}" for k, v in overrides.items())
 
 
+def _on_cpu(saver: Saver) -> bool:
+    """What a CPU run can take: no CUDA offload, and pure bf16 only where the CPU has bf16 units."""
+    from fulltune.runtime import cpu_has_bf16_units
+    if saver.change.keys() & {"activation_offload", "cpu_offload"}:
+        return False
+    return saver.change.get("precision") != "bf16" or cpu_has_bf16_units()
+
+
 def _savers(spec, base: TrainSetup, capacity: float, evidence: list[str], n_gpus: int):
     setup, overrides, used = base, {}, []
     for saver in SAVERS:
-        if saver.one_process_only and n_gpus > 1:
+        if (saver.one_process_only and n_gpus > 1) or (base.device == "cpu" and not _on_cpu(saver)):
             continue
         setup = replace(setup, **saver.change)
         overrides.update(saver.overrides)
@@ -88,8 +96,9 @@ def _savers(spec, base: TrainSetup, capacity: float, evidence: list[str], n_gpus
     return None
 
 
-def plan(spec: ModelSpec, gpu: str, n_gpus: int, base: TrainSetup) -> Plan:
-    name, cap_gb = GPUS[gpu]
+def plan(spec: ModelSpec, gpu: str, n_gpus: int, base: TrainSetup, device: tuple[str, float] | None = None) -> Plan:
+    """What to run on `n_gpus` × `gpu` (or `device`: a (name, GB available) of this machine)."""
+    name, cap_gb = device or GPUS[gpu]
     capacity = cap_gb * GB
     evidence: list[str] = []
     notes = _notes(spec)

@@ -111,3 +111,38 @@ def state_memory_line(result: dict) -> str:
     return (f"[memory] model state {where}: parameters {m['params']:.3f} GB, gradients {m['grads']:.3f} GB, "
             f"optimizer {m['optimizer']:.3f} GB; predicted {p['params']:.3f} / {p['grads']:.3f} / {p['optimizer']:.3f} GB"
             + (f" (largest gap {result['max_error_pct']:+.1f}%)" if result["max_error_pct"] is not None else ""))
+
+
+def available_bytes(device) -> int:
+    """What this rank may use: CUDA's free memory on its device, or MemAvailable shared by the ranks on
+    this host."""
+    import os
+    if device.type == "cuda":
+        import torch
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as fh:
+        kb = next(int(line.split()[1]) for line in fh if line.startswith("MemAvailable:"))
+    return kb * 1024 // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def warn_if_too_big(cfg, precision: str, device) -> str | None:
+    """Before θ0 loads: the estimated peak for a full micro-batch against what the device has. A line
+    with the estimate and the planner's suggestion when it does not fit (the run still starts)."""
+    from fulltune.memory.plan import plan
+    from fulltune.memory.spec import load_spec
+    if str(cfg.model.path).endswith(".gguf"):
+        return None
+    rows, length = cfg.train.micro_batch_size, cfg.data.max_seq_len
+    setup = run_setup(cfg, precision, device.type, rows, length, rows * length)
+    try:
+        spec = load_spec(cfg.model.path)
+    except Exception:  # noqa: BLE001 — a broken model directory is reported, in one line, when θ0 loads
+        return None
+    peak, free = estimate(spec, setup).peak, available_bytes(device)
+    if peak <= free:
+        return None
+    where = f"{device.type} ({'free on the GPU' if device.type == 'cuda' else 'MemAvailable'})"
+    advice = plan(spec, "", world_size(), setup, (where, free / GB))
+    return (f"[memory] warning: the estimated peak is {peak / GB:.1f} GB (micro-batch {rows} × {length} tokens, "
+            f"{precision}, {cfg.optim.name}) and {free / GB:.1f} GB is available on {where}: the run may run out of "
+            f"memory. The planner: {advice.summary}")
