@@ -102,3 +102,16 @@ def test_interrupted_checkpoint_writes_are_cleaned_or_put_back(capsys, tiny_dir,
     assert f"restored {ckpts / 'step-0000002'}" in printed and f"resumed from {ckpts / 'step-0000002'} at step 2" in printed
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000001", "step-0000002", "step-0000003"]
     assert not (out / ".final.tmp-x").exists()
+
+
+def test_an_overwrite_that_fails_keeps_the_replaced_run(capsys, tiny_dir, chat_file, tmp_path):
+    out = tmp_path / "r"
+    assert main(_args(tiny_dir, chat_file, out)) == 0
+    good = (out / "final" / "model.safetensors").read_bytes()
+    diverging = {"train.overwrite": "true", "optim.lr": 100, "train.max_steps": 8}  # stops at step 4: non-finite
+    assert main(_args(tiny_dir, chat_file, out, **diverging)) == 2
+    assert (out / ".previous-run" / "final" / "model.safetensors").read_bytes() == good
+    assert main(_args(tiny_dir, chat_file, out, **diverging)) == 2  # again: the kept run is still the good one
+    assert (out / ".previous-run" / "final" / "model.safetensors").read_bytes() == good
+    assert main(_args(tiny_dir, chat_file, out, **{"train.overwrite": "true", "train.max_steps": 3})) == 0
+    assert not (out / ".previous-run").exists() and (out / "final" / "model.safetensors").read_bytes() != good

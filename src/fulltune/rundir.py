@@ -25,7 +25,13 @@ import yaml
 from fulltune.errors import UserError
 
 MARKER = ".fulltune-run"
-OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "results.json")  # what a fresh start clears
+OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "results.json")  # what a fresh start replaces
+PREVIOUS = ".previous-run"  # the replaced run's outputs, until the run that replaced it finishes
+
+
+def finish_run_dir(run_dir: Path) -> None:
+    """The run finished: the outputs of the run it replaced are no longer needed."""
+    shutil.rmtree(run_dir / PREVIOUS, ignore_errors=True)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -89,11 +95,23 @@ def clean_interrupted_writes(run_dir: Path) -> list[str]:
 
 def start_run_dir(run_dir: Path, fresh: bool, write_config) -> None:
     """Called once θ0 and the data have loaded, so a failed start never clears an old run. A fresh
-    start clears the previous run's outputs (only those: other files in a run directory stay)."""
+    start (train.overwrite) moves the previous run's outputs (only those: other files stay) into
+    PREVIOUS, removed only when the new run finishes; if PREVIOUS is already there, the outputs
+    in place belong to an overwrite that never finished, and they are the ones removed."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if fresh:
+        keep = not (run_dir / PREVIOUS).exists() and any((run_dir / name).exists() for name in OUTPUTS)
+        if keep:
+            (run_dir / PREVIOUS).mkdir()
         for name in OUTPUTS:
             target = run_dir / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            if keep and target.exists():
+                os.replace(target, run_dir / PREVIOUS / name)
+            elif target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+        if keep:
+            print(f"[train] the previous run's outputs are kept in {run_dir / PREVIOUS} until this run finishes", flush=True)
     (run_dir / MARKER).write_text(json.dumps({"written_by": "fulltune", "note": "a fulltune run directory"}) + "\n")
     write_config(run_dir / "config.yaml")

@@ -389,6 +389,7 @@ def finish(run: Run) -> dict:
                    data=run.data.stats)
     if D.is_main():
         (run.run_dir / "results.json").write_text(json.dumps(results, indent=1))
+        rundir.finish_run_dir(run.run_dir)
     return results
 
 
