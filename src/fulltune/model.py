@@ -29,9 +29,9 @@ def _load_hf_dir(path: Path, cfg: ModelConfig):
     if not any(path.glob("*.safetensors")):
         raise UserError(f"{path}: no *.safetensors weights (fulltune loads safetensors only, never pickles)")
     check_hf_dir(path, cfg.trust_remote_code)
-    model, info = AutoModelForCausalLM.from_pretrained(
+    model, info = _with_attention(cfg, lambda attn: AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, use_safetensors=True, output_loading_info=True,
-        trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+        trust_remote_code=cfg.trust_remote_code, attn_implementation=attn))
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if problems:
         detail = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, sorted(v)[:5]))}"
@@ -40,6 +40,18 @@ def _load_hf_dir(path: Path, cfg: ModelConfig):
                         f"randomly initialised or dropped ({detail})")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     return model, tokenizer
+
+
+def _with_attention(cfg: ModelConfig, build):
+    """build(attn_implementation); an architecture without SDPA in transformers (Gemma-2's soft-capped
+    attention) gets the eager kernel, said in one line, rather than a traceback."""
+    try:
+        return build(cfg.attn_implementation)
+    except ValueError as exc:
+        if cfg.attn_implementation != "sdpa" or "does not support an attention implementation" not in str(exc):
+            raise
+    print("[model] this architecture has no SDPA attention in transformers: using attn_implementation=eager", flush=True)
+    return build("eager")
 
 
 def check_hf_dir(path: Path, trust_remote_code: bool) -> None:
@@ -76,8 +88,8 @@ def _meta_hf_model(path: Path, cfg: ModelConfig):
     check_hf_dir(path, cfg.trust_remote_code)
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
-                                                 attn_implementation=cfg.attn_implementation)
+        model = _with_attention(cfg, lambda attn: AutoModelForCausalLM.from_config(
+            config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code, attn_implementation=attn))
     return model, AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
 
 
