@@ -294,15 +294,16 @@ def export_hf(model, tokenizer, dest: Path) -> Path:
     refuse_nonfinite_weights(model, f"the fine-tuned model {dest}")
     use_cache = model.config.use_cache
     model.config.use_cache = True
+    needed = sum(D.local(p).numel() * 4 for p in model.parameters()) * max(1, D.world_size())  # fp32 weights
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     try:
         if not D.sharded():
-            return write_dir_atomically(dest, write, manifest=True, needed=sum(p.numel() * 4 for p in model.parameters()))
+            return write_dir_atomically(dest, write, manifest=True, needed=needed)
         if D.is_main():
-            write_dir_atomically(dest, lambda tmp: _export_sharded(tmp, model, tokenizer), manifest=True)
+            write_dir_atomically(dest, lambda tmp: _export_sharded(tmp, model, tokenizer), manifest=True, needed=needed)
         else:
             _export_sharded(None, model, tokenizer)
         D.barrier()

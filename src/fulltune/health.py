@@ -39,14 +39,15 @@ def refuse_nonfinite_weights(model, what) -> None:
 
 def check_step(state: dict, loss: float, norm: float, max_bad: int, in_backward: bool, last_good) -> str | None:
     """Tally the step just taken (state["step"] already counts it). Returns a warning line, or None;
-    raises once the run must stop. `last_good`: the latest checkpoint, for the message."""
+    raises once the run must stop. `last_good()`: the latest checkpoint, for that message only."""
     h = state.setdefault("health", {"skipped_steps": 0, "bad_in_a_row": 0, "reference": None,
                                     "diverging_in_a_row": 0, "diverged": None})
     step = state["step"]
     if not (math.isfinite(loss) and math.isfinite(norm)):
         h["skipped_steps"] += 1
         h["bad_in_a_row"] += 1
-        kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+        good = last_good()
+        kept = f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"
         if in_backward:
             raise UserError(f"step {step}: loss {loss}, grad norm {norm}; with train.optimizer_in_backward the update "
                             f"was already applied, so the run stops here; {kept}. Lower optim.lr or check the data")

@@ -292,7 +292,7 @@ def loop(run: Run, stop: StopRequest) -> None:
         (padded,) = D.all_sum([sum(b["input_ids"].numel() for b in batches)])  # null micro-batches count too
         rec = _record(run, flat, loss, norm, dt, padded)
         warning = health.check_step(run.state, loss, norm, cfg.max_bad_steps, cfg.optimizer_in_backward,
-                                    (checkpoint.list_checkpoints(run.run_dir) or [None])[-1])
+                                    lambda: (checkpoint.list_checkpoints(run.run_dir) or [None])[-1])
         if warning:
             tqdm.write(f"[train] warning: {warning}")
         saved = _after_step(run, rec, bar)
