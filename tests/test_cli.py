@@ -1,5 +1,6 @@
 """User errors end in one clear message and a non-zero exit, with no traceback and no damage."""
 
+import re
 import subprocess
 import sys
 
@@ -19,18 +20,6 @@ def _fail(capsys, argv) -> str:
     return err
 
 
-def test_missing_data_file(capsys, tiny_dir, tmp_path, tmp_path_factory):
-    err = _fail(capsys, ["train", QUICKSTART, *tiny_overrides(tiny_dir, tmp_path / "nope.jsonl", tmp_path / "o")])
-    assert f"data file not found: {tmp_path / 'nope.jsonl'}" in err
-
-
-def test_malformed_jsonl_names_the_line(capsys, tiny_dir, tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "fine"}\n{"text": "fine"}\n{"text": oops}\n')
-    err = _fail(capsys, ["train", QUICKSTART, *tiny_overrides(tiny_dir, bad, tmp_path / "o")])
-    assert f"{bad}:3: malformed JSON line" in err
-
-
 def test_unknown_key_reported_before_any_model_loads(capsys, tmp_path):
     err = _fail(capsys, ["train", QUICKSTART, "optim.learning_rate=1e-4", "model.path=/does/not/exist",
                          "train.micro_batch_size=0"])
@@ -38,34 +27,24 @@ def test_unknown_key_reported_before_any_model_loads(capsys, tmp_path):
     assert "model.path not found" not in err
 
 
-def test_empty_dataset(capsys, tiny_dir, tmp_path):
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("\n")
-    err = _fail(capsys, ["train", QUICKSTART, *tiny_overrides(tiny_dir, empty, tmp_path / "o")])
-    assert "empty.jsonl" in err and "no records" in err
-
-
-def test_existing_run_is_not_overwritten(capsys, tiny_dir, tmp_path):
-    data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(8))
-    args = ["train", QUICKSTART, *tiny_overrides(tiny_dir, data, tmp_path / "run", **{"train.max_steps": 1}),
-            "eval.task_file=", "data.val_fraction=0"]
-    assert main(args) == 0
-    final = (tmp_path / "run" / "final" / "model.safetensors").read_bytes()
-    err = _fail(capsys, args)
-    assert "already holds a run" in err and "train.resume=auto" in err
-    assert (tmp_path / "run" / "final" / "model.safetensors").read_bytes() == final
-    # Even with overwrite=true, a start that fails (here: a missing data file) clears nothing.
-    err = _fail(capsys, args + ["train.overwrite=true", f"data.train={tmp_path / 'gone.jsonl'}"])
-    assert "data file not found" in err
-    assert (tmp_path / "run" / "final" / "model.safetensors").read_bytes() == final
-    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 1
-
-
 def test_subprocess_exit_code_and_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fulltune", "train", str(tmp_path / "missing.yaml")],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"fulltune: error: config file not found: {tmp_path / 'missing.yaml'}"
+
+
+def test_a_parser_error_is_said_once(tiny_dir, tmp_path):
+    """datasets logs its own parser errors: as a process, the user sees only fulltune's line."""
+    ragged = tmp_path / "r.csv"
+    ragged.write_text("prompt,completion\na,b\nc,d,e,f\n")
+    proc = subprocess.run([sys.executable, "-m", "fulltune", "train", QUICKSTART,
+                           *tiny_overrides(tiny_dir, ragged, tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    bars = re.compile(r"[^\r\n]*(it|examples)/s\]")  # tqdm's bars; a log line may follow one on the same line
+    said = [line for line in bars.sub("", proc.stderr.replace("\r", "\n")).splitlines() if line.strip()]
+    assert said == [f"fulltune: error: {ragged}: could not read records: ParserError: Error tokenizing data. C error: "
+                    "Expected 2 fields in line 3, saw 4"], said
 
 
 def test_schedule_command_prints_and_plots(capsys, tmp_path):

@@ -123,6 +123,8 @@ def _resolve_on_main(spec: str, run_dir: Path):
             print(f"[train] checkpoint {path} is damaged ({problem}); trying the one before", flush=True)
         return None
     path = Path(spec).expanduser()
+    if not path.is_dir():
+        return ("error", f"train.resume: {path} does not exist (auto resumes the latest checkpoint in train.output_dir)")
     if not (path / "trainer_state.json").is_file():
         return ("error", f"train.resume: {path} is not a fulltune checkpoint (no trainer_state.json)")
     problem = checkpoint_problem(path)

@@ -252,6 +252,15 @@ def _apply_preset(raw: dict, pairs: list[tuple[str, Any]]) -> None:
         _set_dotted(raw, key, value)
 
 
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line at file:line:column."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+    what = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    context = getattr(exc, "context", None)
+    return f"{where}: not valid YAML ({what}" + (f", {context}" if context else "") + ")"
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML config, apply overrides, validate everything, and return a RunConfig."""
     raw: dict = {}
@@ -262,7 +271,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise UserError(f"{path}: not valid YAML: {exc}") from None
+            raise UserError(_yaml_error(path, exc)) from None
         if not isinstance(raw, dict):
             raise UserError(f"{path}: the top level must be a mapping of sections")
     pairs = parse_overrides(list(overrides))

@@ -27,7 +27,10 @@ def _load_hf_dir(path: Path, cfg: ModelConfig):
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: not an HF model directory (no config.json)")
     if not any(path.glob("*.safetensors")):
-        raise UserError(f"{path}: no *.safetensors weights (fulltune loads safetensors only, never pickles)")
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        raise UserError(f"{path}: no *.safetensors weights (fulltune loads safetensors only, never pickles"
+                        + (f"; {', '.join(pickles[:3])} would be one: convert it to safetensors with code you trust"
+                           if pickles else "") + ")")
     check_hf_dir(path, cfg.trust_remote_code)
     model, info = _with_attention(cfg, lambda attn: AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, use_safetensors=True, output_loading_info=True,
@@ -65,7 +68,10 @@ def check_hf_dir(path: Path, trust_remote_code: bool) -> None:
         config = json.loads((path / "config.json").read_text())
     except (ValueError, UnicodeDecodeError) as exc:
         raise UserError(f"{path / 'config.json'}: not valid JSON ({exc})") from None
-    kind = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(config, dict) or not config.get("model_type"):
+        raise UserError(f"{path / 'config.json'}: no model_type (is this a transformers model directory? its "
+                        "config.json names the architecture, e.g. \"model_type\": \"llama\")")
+    kind = config["model_type"]
     if kind not in CONFIG_MAPPING and not trust_remote_code:
         code = (config.get("auto_map") or {}).get("AutoModelForCausalLM")
         raise UserError(f"{path / 'config.json'}: model_type {kind!r} is not an architecture transformers {__version__} "

@@ -68,6 +68,17 @@ def _csv_as_strings(path: Path) -> dict:
     return {"features": Features({name: Value("string") for name in header}), "keep_default_na": False}
 
 
+def _quietly(read):
+    """read() with datasets' own error log off: a parser error is reported once, as our one line."""
+    from datasets.utils import logging as ds_logging
+    level = ds_logging.get_verbosity()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)
+    try:
+        return read()
+    finally:
+        ds_logging.set_verbosity(level)
+
+
 def load_records(path: str):
     """A `datasets.Dataset` of the records in a local file or save_to_disk directory."""
     from datasets import Dataset, load_dataset, load_from_disk
@@ -89,7 +100,7 @@ def load_records(path: str):
             if p.stat().st_size == 0 or (p.suffix == ".jsonl" and _check_jsonl(p) == 0):
                 raise UserError(f"{p}: no records (the file is empty)")
             extra = _csv_as_strings(p) if builder == "csv" else {}
-            ds = load_dataset(builder, data_files=str(p), split="train", **extra)
+            ds = _quietly(lambda: load_dataset(builder, data_files=str(p), split="train", **extra))
     except UserError:
         raise
     except Exception as exc:  # datasets wraps parser errors in many types; keep the file name
