@@ -109,6 +109,18 @@ def shard(model: torch.nn.Module, device: torch.device) -> None:
     assert all(_is_dtensor(p) for p in model.parameters()), "a parameter escaped sharding"
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Back to shards after a forward outside a training step: FSDP2 keeps the root's weights gathered
+    for the backward it expects, and an optimizer built then would hold the gathered copies."""
+    if not sharded():
+        return
+    from torch.distributed.fsdp import FSDPModule
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    assert all(_is_dtensor(p) for p in model.parameters()), "a parameter is still gathered"
+
+
 def load_sharded(model_cfg, precision: str, device: torch.device):
     """(model, tokenizer): θ0 sharded over the ranks, read from disk by rank 0 only.
 

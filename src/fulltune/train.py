@@ -130,6 +130,7 @@ def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, s
     data = load_task_data(cfg, tokenizer, sources)
     if cfg.data.packing:  # eager, before compiling: an attention that mixes packed sequences is refused here
         check_isolation(model, device, model.config.vocab_size)
+        D.reshard(model)  # the optimizer below must get the shards, not the root's gathered weights
     if cfg.train.compile:
         compile_layers(model, cfg.train.compile_fallback, device.type)
     lengths = [len(e.input_ids) for e in data.train] if cfg.data.group_by_length else None

@@ -3,7 +3,8 @@
 `target_mask[t] = 1` means token t is predicted (carries loss). By default only completion /
 assistant tokens are targets. The chat template is rendered up to each assistant turn with
 `add_generation_prompt=True` and including the turn; the difference is the assistant's tokens.
-We check that each rendering is a token prefix of the next, so the mask cannot drift.
+We check that each rendering is a token prefix of the next, so the mask cannot drift. Templates
+that re-render earlier turns (Qwen3, Phi-3) have each turn located in the one whole rendering.
 """
 
 from __future__ import annotations
@@ -81,22 +82,71 @@ def encode_messages(tokenizer, messages: list[dict], loss_on: str, where: str = 
     except UserError:
         raise
     except Exception as exc:  # the template itself may refuse a conversation (jinja2 raise_exception)
-        raise UserError(f"{where}: the chat template rejected this conversation: {exc}") from None
+        hint = ("; this template has no system turn: put the system text at the start of the first user message "
+                "(Gemma-3's template does just that)" if messages[0]["role"] == "system" and "system" in str(exc).lower()
+                else "")
+        raise UserError(f"{where}: the chat template rejected this conversation: {exc}{hint}") from None
 
 
 def _encode_messages(tokenizer, messages: list[dict], loss_on: str, where: str) -> Example:
-    ids = _tokens(tokenizer, _render(tokenizer, messages, False), False)
+    whole = _render(tokenizer, messages, False)
+    ids = _tokens(tokenizer, whole, False)
     mask = [int(loss_on == "all")] * len(ids)
-    for i, msg in enumerate(messages):
-        if msg["role"] != "assistant":
-            continue
-        before = _tokens(tokenizer, _render(tokenizer, messages[:i], True), False)
-        upto = _tokens(tokenizer, _render(tokenizer, messages[: i + 1], False), False)
-        if upto[: len(before)] != before or ids[: len(upto)] != upto:
-            raise UserError(f"{where}: the chat template does not render conversations as a prefix of their "
-                            "continuation (cannot locate assistant tokens); use prompt+completion data")
-        mask[len(before): len(upto)] = [1] * (len(upto) - len(before))
+    spans = _spans_by_prefix(tokenizer, messages, ids) or _spans_in_whole(tokenizer, messages, whole, ids, where)
+    for start, end in spans:
+        mask[start:end] = [1] * (end - start)
     return Example(ids, mask)
+
+
+def _spans_by_prefix(tokenizer, messages: list[dict], ids: list[int]) -> list[tuple[int, int]] | None:
+    """Each assistant turn's tokens as the difference between the conversation rendered up to it (with
+    the generation prompt) and including it; None where a rendering is not a prefix of the next."""
+    spans = []
+    for _, before, upto in _assistant_turns(tokenizer, messages):
+        if upto[: len(before)] != before or ids[: len(upto)] != upto:
+            return None
+        spans.append((len(before), len(upto)))
+    return spans
+
+
+def _assistant_turns(tokenizer, messages: list[dict]):
+    """(message, tokens of the conversation up to it with the generation prompt, tokens including it)."""
+    for i, msg in enumerate(messages):
+        if msg["role"] == "assistant":
+            yield (msg, _tokens(tokenizer, _render(tokenizer, messages[:i], True), False),
+                   _tokens(tokenizer, _render(tokenizer, messages[: i + 1], False), False))
+
+
+def _spans_in_whole(tokenizer, messages: list[dict], whole: str, ids: list[int], where: str) -> list[tuple[int, int]]:
+    """Templates that render earlier turns differently once the conversation goes on (Qwen3 drops the
+    thinking block of turns before the last user message; Phi-3 ends a conversation with EOS): each
+    assistant turn is located in the one whole rendering. It starts where the conversation up to it,
+    with the generation prompt, ends (that must be a token prefix of the whole), and runs for as many
+    tokens as the whole agrees with a stretch of the turn rendered on its own. Exact, or refused."""
+    as_text = "".join(map(chr, ids))  # one character per token id: list search as str search
+    spans = []
+    for msg, prompt, turn in _assistant_turns(tokenizer, messages):
+        if ids[: len(prompt)] != prompt or turn[: len(prompt)] != prompt:
+            raise UserError(_not_a_prefix(messages, whole, where))
+        start, turn = len(prompt), "".join(map(chr, turn[len(prompt):]))
+        lo, hi = 0, min(len(turn), len(ids) - start)  # the longest run of `ids` from start found in `turn`
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if as_text[start: start + mid] in turn else (lo, mid - 1)
+        answer = msg["content"].split("</think>")[-1].strip()
+        if answer not in tokenizer.decode(ids[start: start + lo], clean_up_tokenization_spaces=False):
+            raise UserError(_not_a_prefix(messages, whole, where))
+        spans.append((start, start + lo))
+    return spans
+
+
+def _not_a_prefix(messages: list[dict], whole: str, where: str) -> str:
+    if messages[0]["role"] == "system" and messages[0]["content"].strip() not in whole:
+        return (f"{where}: the chat template leaves the system message out of the whole conversation (Mistral's "
+                "v0.3 template shows it only with a final user turn), so it would not be trained on; put the system "
+                "text at the start of the first user message")
+    return (f"{where}: the chat template does not render conversations as a prefix of their continuation (cannot "
+            "locate assistant tokens); use prompt+completion data")
 
 
 def _check_messages(messages, where: str) -> None:
