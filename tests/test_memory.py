@@ -1,6 +1,7 @@
 """The memory estimator: seed table, exact parameter counts, ZeRO formulas, optimiser bytes,
 activations pinned to what HF's Llama really saves for backward, the planner, the meter."""
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -252,3 +253,41 @@ def test_a_run_that_will_not_fit_is_warned_before_loading(monkeypatch, capsys, t
                               "and 0.0 GB is available on cpu (MemAvailable): the run may run out of memory. The planner: ")
     assert out.index("[memory] warning") < out.index("[model] θ0")  # before loading
     assert "model.activation_offload" not in warning and "optim.cpu_offload" not in warning  # CUDA only: never on CPU
+
+
+@pytest.mark.parametrize("capacity, advice", [
+    (2.0e6, "The planner: full fine-tuning fits on 1× cpu (MemAvailable): fulltune train CONFIG "
+            "model.activation_checkpointing=true train.precision=bf16"),
+    (3.0e9, "The estimate fits, so something else holds memory: another process on the device, or the allocator's "
+            "fragmentation (on CUDA: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True); or lower train.micro_batch_size, "
+            "or set model.activation_checkpointing=true")])
+def test_out_of_memory_in_a_step_is_one_line_with_the_breakdown(monkeypatch, capsys, tiny_dir, chat_file, tmp_path,
+                                                                  capacity, advice):
+    """A CUDA OOM (injected: this machine has no GPU) in step 3: exit 3, one line with the estimate's
+    terms, the capacity, the planner's answer for it and the step-2 checkpoint, which still verifies."""
+    from conftest import QUICKSTART, tiny_overrides
+    from fulltune import atomic, train
+    from fulltune.memory import runcheck
+    real, calls = train.train_step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train, "train_step", step)
+    monkeypatch.setattr(runcheck, "available_bytes", lambda device: capacity)
+    out = tmp_path / "run"
+    assert main(["train", QUICKSTART, *tiny_overrides(tiny_dir, chat_file, out, **{
+        "train.max_steps": 5, "train.save_interval": 2}), "eval.task_file=", "data.val_fraction=0"]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("fulltune: error") == 1
+    line = err[err.index("fulltune: error"):].strip()
+    assert "\n" not in line
+    assert re.fullmatch(r"fulltune: error: out of memory in step 3 \(micro-batch 4 × 64 tokens, fp32, adamw\): "
+                        r"estimated peak 3\.\d MB \(weights 0\.2 MB, gradients 0\.2 MB, optimizer state 0\.\d MB, "
+                        r"activations \d\.\d MB, logits \+ loss \d\.\d MB\) against (.*) on cpu \(MemAvailable\)\. (.*)\. "
+                        r"Checkpoint (.*) is intact: train\.resume=auto continues from it with model\.activation_checkpointing or "
+                        r"model\.activation_offload switched on; other changes start a new run", line), line
+    assert f". {advice}. Checkpoint {out}/checkpoints/step-0000002 is intact" in line
+    assert atomic.verify_dir(out / "checkpoints" / "step-0000002") is None and not (out / "final").exists()

@@ -5,6 +5,7 @@ import os
 import shutil
 
 import pytest
+import torch
 
 from conftest import QUICKSTART, sentiment_records, tiny_overrides, write_jsonl
 from fulltune import atomic
@@ -26,6 +27,23 @@ def test_resume_refuses_changed_settings(tiny_dir, chat_file, tmp_path):
     with pytest.raises(UserError, match=r"optim.lr: 0.001 → 1e-05; optim.weight_decay: 0.0 → 0.1"):
         _run(tiny_dir, chat_file, tmp_path / "r", **{"train.max_steps": 4, "train.resume": "auto",
                                                       "optim.lr": 1e-5, "optim.weight_decay": 0.1})
+
+
+def test_a_resume_may_switch_on_activation_checkpointing(tiny_dir, chat_file, tmp_path):
+    """What the out-of-memory line offers: the savers recompute the same values, so the resumed run's
+    weights are the straight run's (bitwise on this CPU); a changed micro-batch is still refused."""
+    from safetensors.torch import load_file
+    _run(tiny_dir, chat_file, tmp_path / "straight", **{"train.max_steps": 4})
+    _run(tiny_dir, chat_file, tmp_path / "r", **{"train.max_steps": 4, "train.save_interval": 2})
+    shutil.rmtree(tmp_path / "r" / "final")
+    shutil.rmtree(tmp_path / "r" / "checkpoints" / "step-0000004")
+    with pytest.raises(UserError, match=r"train.micro_batch_size: 4 → 2"):
+        _run(tiny_dir, chat_file, tmp_path / "r", **{"train.max_steps": 4, "train.resume": "auto", "train.micro_batch_size": 2})
+    run = _run(tiny_dir, chat_file, tmp_path / "r", **{"train.max_steps": 4, "train.resume": "auto",
+                                                        "model.activation_checkpointing": True})
+    assert run.state["step"] == 4 and run.cfg.model.activation_checkpointing
+    a, b = (load_file(str(tmp_path / d / "final" / "model.safetensors")) for d in ("straight", "r"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 

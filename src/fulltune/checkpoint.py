@@ -156,7 +156,8 @@ def checkpoint_problem(path: Path) -> str | None:
 
 
 # Settings that change what the resumed steps compute (the run's length and resolved precision: check_resumed_run).
-RESUME_FIXED = {"model": None, "data": None, "optim": None,
+# The activation savers recompute or move the same values, so a run that ran out of memory may resume with them.
+RESUME_FIXED = {"model": ("path", "trust_remote_code", "attn_implementation"), "data": None, "optim": None,
                 "schedule": None, "anchor": None, "train": ("seed", "precision", "micro_batch_size", "grad_accum_steps",
                                                      "optimizer_in_backward"),
                 "eval": ("task_file", "labels", "probes", "probe_items", "probe_code_items")}  # θ0 scores: same items

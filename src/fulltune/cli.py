@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from fulltune.errors import Interrupted, UserError
+from fulltune.errors import Interrupted, OutOfMemory, UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -156,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         if main_rank:
             print(f"fulltune: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OutOfMemory as exc:  # in a step: the breakdown and the planner's answer
+        print(f"fulltune: error{'' if main_rank else ' on rank ' + os.environ.get('RANK', '?')}: {exc}", file=sys.stderr)
+        return 3
     except Exception as exc:
         from fulltune.model import compile_failure
         if compile_failure(exc):

@@ -11,3 +11,8 @@ class Interrupted(Exception):
     def __init__(self, message: str, exit_code: int = 130):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class OutOfMemory(Exception):
+    """A step ran out of device memory; the message has the estimate's breakdown and the planner's
+    suggestion (memory/runcheck.out_of_memory_line). Exit 3."""

@@ -35,12 +35,12 @@ from fulltune.config import RunConfig, save_config
 from fulltune.data.loader import IGNORE, StepSampler, collate, count_targets
 from fulltune.data.mixture import MixedSampler
 from fulltune.data.packing import check_isolation
-from fulltune.errors import Interrupted, UserError
+from fulltune.errors import Interrupted, OutOfMemory, UserError
 from fulltune.loss import loss_sum
 from fulltune.data.rundata import TaskData, load_task_data, read_sources
 from fulltune.evals.during_run import finish_probes, headlines, report_task, run_probes, task_accuracy
 from fulltune.memory.measure import PeakMeter, make_resident
-from fulltune.memory.runcheck import warn_if_too_big
+from fulltune.memory.runcheck import out_of_memory_line, warn_if_too_big
 from fulltune.memory.runmemory import RunMemory
 from fulltune.model import compile_layers, load_theta0
 from fulltune.optim.param_groups import build_optimizer, lrs_by_name
@@ -407,7 +407,11 @@ def run_training(cfg: RunConfig) -> Run:
                 _log(run, {"step": 0, "probes": headlines(run.state["results"]["probes_theta0"])})
         started = time.perf_counter()
         stop.defer = True  # from here a signal lets the step finish, then checkpoints
-        loop(run, stop)
+        try:
+            loop(run, stop)
+        except (torch.OutOfMemoryError, MemoryError):
+            raise OutOfMemory(out_of_memory_line(run.model, cfg, run.precision, run.device, run.state["step"] + 1,
+                                                 (checkpoint.list_checkpoints(run.run_dir) or [None])[-1])) from None
         run.memory.close()
         saved = _save(run)  # the trained weights, before the final evaluation
         stop.defer = False

@@ -146,3 +146,31 @@ def warn_if_too_big(cfg, precision: str, device) -> str | None:
     return (f"[memory] warning: the estimated peak is {peak / GB:.1f} GB (micro-batch {rows} × {length} tokens, "
             f"{precision}, {cfg.optim.name}) and {free / GB:.1f} GB is available on {where}: the run may run out of "
             f"memory. The planner: {advice.summary}")
+
+
+def out_of_memory_line(model, cfg, precision: str, device, step: int, checkpoint) -> str:
+    """A step ran out of memory: where, the estimate's breakdown for a full micro-batch, what the device
+    has, the planner's answer for that capacity, and the checkpoint to resume from."""
+    from fulltune.memory.plan import plan
+    rows, length = cfg.train.micro_batch_size, cfg.data.max_seq_len
+    setup = run_setup(cfg, precision, device.type, rows, length, rows * length, cfg.train.grad_accum_steps > 1)
+    est = predicted(model, setup)
+    parts = ", ".join(f"{t.name} {_size(t.bytes)}" for t in est.terms if t.bytes >= 0.01 * est.peak)
+    total = (__import__("torch").cuda.mem_get_info(device)[1] if device.type == "cuda" else available_bytes(device))
+    where = f"{device.type} ({'the GPU' if device.type == 'cuda' else 'MemAvailable'})"
+    if est.peak <= total:
+        advice = ("the estimate fits, so something else holds memory: another process on the device, or the "
+                  "allocator's fragmentation (on CUDA: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True); or lower "
+                  "train.micro_batch_size, or set model.activation_checkpointing=true")
+    else:
+        advice = "the planner: " + plan(est.spec, "", world_size(), setup, (where, total / GB)).summary
+    resume = (f"checkpoint {checkpoint} is intact: train.resume=auto continues from it with "
+              "model.activation_checkpointing or model.activation_offload switched on; other changes start a new run"
+              if checkpoint else "no checkpoint was written yet")
+    return (f"out of memory in step {step} (micro-batch {rows} × {length} tokens, {precision}, {cfg.optim.name}): "
+            f"estimated peak {_size(est.peak)} ({parts}) against {_size(total)} on {where}. "
+            f"{advice[0].upper() + advice[1:]}. {resume[0].upper() + resume[1:]}")
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / GB:.2f} GB" if nbytes >= 0.01 * GB else f"{nbytes / 2**20:.1f} MB"
