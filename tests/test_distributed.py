@@ -216,6 +216,57 @@ def test_sigterm_on_two_ranks_checkpoints_once_and_resumes(tiny_dir, tmp_path):
     assert sorted(_losses(tmp_path / "run")) == list(range(1, step + 3))
 
 
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def test_scancel_under_raw_torchrun_checkpoints_once_and_resumes(tiny_dir, tmp_path):
+    """A user's own `torchrun -m fulltune train ...` and SLURM's scancel, which sends SIGTERM to every
+    process of the job: torchrun passes its SIGTERM on, so each worker gets two. They finish the step,
+    one sharded checkpoint is written and the run resumes. torchrun itself exits 1 with its own
+    SignalException traceback (not ours to change; `--nproc` returns 143)."""
+    import signal
+    import time
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(400))
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    overrides = tiny_overrides(tiny_dir, data, tmp_path / "run", **{"train.max_steps": 100000, "train.micro_batch_size": 1})
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend",
+                             "c10d", "--rdzv-endpoint", "localhost:0", "--max-restarts", "0", "--shutdown-timeout", "120",
+                             "-m", "fulltune", "train", str(config), *overrides],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3) and time.time() < deadline:
+        time.sleep(0.2)
+    assert metrics.exists(), "training never started"
+    workers = _children(proc.pid)
+    assert len(workers) == 2
+    for pid in [proc.pid, *workers]:  # scancel: every process of the job
+        os.kill(pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert err.count("stopped at step") == 1 and "continue with train.resume=auto" in err, err[-3000:]
+    assert proc.returncode == 1 and "SignalException" in err  # torchrun's own status: it re-raises the SIGTERM it got
+    (saved,) = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    step = json.loads((saved / "trainer_state.json").read_text())["step"]
+    assert (saved / "dcp").is_dir() and step >= 3 and len(metrics.read_text().splitlines()) == step
+    overrides = tiny_overrides(tiny_dir, data, tmp_path / "run", **{"train.max_steps": step + 2, "train.micro_batch_size": 1,
+                                                                     "train.allow_schedule_change": True})
+    done = subprocess.run([sys.executable, "-m", "fulltune", "train", str(config), *overrides, "--resume", "auto",
+                           "--nproc", "2"], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(_losses(tmp_path / "run")) == list(range(1, step + 3))
+
+
 def test_a_user_error_on_two_ranks_is_one_line(tiny_dir, tmp_path):
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")

@@ -73,3 +73,26 @@ def test_sigint_during_a_step_lets_it_finish_and_checkpoints(monkeypatch, tiny_d
     with pytest.raises(Interrupted, match="stopped at step 2; checkpoint .*step-0000002; continue with") as exc:
         train.run_training(_cfg(tiny_dir, tmp_path, **{"train.max_steps": 5}))
     assert exc.value.exit_code == 130 and len(calls) == 2
+
+
+@pytest.mark.parametrize("second, aborts", [(signal.SIGTERM, False), (signal.SIGINT, True)])
+def test_a_repeated_sigterm_still_checkpoints_a_second_ctrl_c_aborts(monkeypatch, tiny_dir, tmp_path, second, aborts):
+    """SLURM signals every process of the job and torchrun passes its SIGTERM on: a worker gets two.
+    They are one request; a second Ctrl-C is a person who will not wait, and aborts at once."""
+    real, calls = train.train_step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), second)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train, "train_step", step)
+    with pytest.raises(Interrupted) as exc:
+        train.run_training(_cfg(tiny_dir, tmp_path, **{"train.max_steps": 5, "eval.task_file": ""}))
+    assert exc.value.exit_code == (130 if aborts else 143)
+    saved = sorted((tmp_path / "run" / "checkpoints").iterdir()) if (tmp_path / "run" / "checkpoints").exists() else []
+    if aborts:
+        assert "a second Ctrl-C during a step; the last checkpoint is intact" in str(exc.value) and saved == []
+    else:
+        assert str(exc.value).startswith("stopped at step 2; checkpoint") and [p.name for p in saved] == ["step-0000002"]

@@ -6,8 +6,9 @@ SIGKILL), in every phase of `fulltune train`.
   weights are checkpointed) the run stops at once: nothing there is lost that a rerun or
   `train.resume=auto` would not redo.
 
-The exit status is 128 + the signal: 130 for SIGINT, 143 for SIGTERM. A second signal while a
-step finishes aborts at once.
+The exit status is 128 + the signal: 130 for SIGINT, 143 for SIGTERM. A second Ctrl-C while a
+step finishes aborts at once; a repeated SIGTERM does not: a scheduler signals every process of the
+job (SLURM's scancel), and torchrun passes the one it got on again, so a worker sees it twice.
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ class StopRequest:
         name = signal.Signals(signum).name
         if self.defer and not self.requested:
             self.requested, self.signum = True, signum
-            print(f"\n[train] {name}: finishing this step and saving a checkpoint (a second signal aborts)", flush=True)
+            print(f"\n[train] {name}: finishing this step and saving a checkpoint (a second Ctrl-C aborts)", flush=True)
             return
-        why = ("a second signal during a step; the last checkpoint is intact" if self.requested
+        if self.defer and signum == signal.SIGTERM:  # the same request again (scheduler + launcher)
+            return
+        why = ("a second Ctrl-C during a step; the last checkpoint is intact" if self.requested
                else "outside the training steps; no step was lost")
         self.signum = self.signum or signum
         raise Interrupted(f"stopped by {name}, {why}: continue with train.resume=auto", exit_code=128 + signum)
