@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from conftest import QUICKSTART, write_jsonl
 from fulltune import assets
 from fulltune.config import ModelConfig, load_config
+from fulltune.cli import main
 from fulltune.model import load_theta0
 from fulltune.train import run_training
 
@@ -100,3 +101,13 @@ def test_a_few_real_steps(tmp_path):
     report = results["forgetting"]["probes"]
     assert report["arc_easy"]["n"] == 8 and 0 <= report["arc_easy"]["after"] <= 1
     assert 0.3 < report["humaneval"]["before"] < 3   # NLL per token of real Python under a real model
+
+
+def test_generate_with_the_real_default_answers_and_compares(tmp_path):
+    """The embedded default through its own chat template, greedy: the answer names Paris; --compare
+    with the same model gives the same answer."""
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "default", "--prompt", "What is the capital of France?", "--max-new-tokens", "12",
+                 "--compare", "default", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert "Paris" in row["output"] and row["compare_output"] == row["output"], row

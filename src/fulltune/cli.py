@@ -1,4 +1,4 @@
-"""The `fulltune` command: train | eval | interpolate | memory | plan | schedule | assets | config | verify."""
+"""The `fulltune` command: train | chat | generate | eval | interpolate | memory | plan | schedule | assets | config | verify."""
 
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     from fulltune.interpolate import add_parser as add_interpolate_parser
     add_interpolate_parser(sub)
+    from fulltune.generate import add_parser as add_generate_parser
+    add_generate_parser(sub)
     sub.add_parser("assets", help="fetch and prepare the embedded default model and SST-2 task")
     sub.add_parser("config", help="list every config key with its default and meaning")
     v = sub.add_parser("verify", help="check checkpoints or an exported model against their manifests (size, sha256)")
@@ -84,7 +86,10 @@ def _plan_parser(sub) -> None:
 def dispatch(args: argparse.Namespace) -> int:
     from fulltune.config import describe_fields, load_config
 
-    if args.command == "interpolate":
+    if args.command in ("chat", "generate"):
+        from fulltune import generate
+        (generate.run_chat_command if args.command == "chat" else generate.run_generate_command)(args)
+    elif args.command == "interpolate":
         from fulltune.interpolate import run_interpolate_command
         run_interpolate_command(args)
     elif args.command == "eval":

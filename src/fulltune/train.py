@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fulltune import checkpoint, health, rundir
+from fulltune import checkpoint, health, rundir, tblog
 from fulltune import distributed as D
 from fulltune.anchors import Anchor, anchor_for_run
 from fulltune.atomic import write_failure
@@ -72,6 +72,7 @@ class Run:
     flops: FlopModel               # model FLOPs of a step (throughput.py)
     peak_flops: float              # the ranks' measured matmul peak, FLOP/s (0: not measured)
     anchor: Anchor | None = None   # θ0 copy for L2-SP / EWC / decay toward θ0
+    tensorboard: object | None = None  # SummaryWriter on rank 0 with train.tensorboard (tblog.py)
 
     def examples(self, indices: list[int]) -> list:
         """Task examples, then general ones (index n_task + j) when data mixing is on."""
@@ -165,7 +166,8 @@ def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, s
     memory = RunMemory(meter, model, cfg, precision, state, anchor.nbytes if anchor else 0)
     return Run(cfg, run_dir, model, tokenizer, data, optimizer, sampler, total,
                schedule_fn(cfg.schedule, cfg.optim.lr, total), autocast, precision, device, state, memory,
-               flop_model(model), run_peak(cfg, model, precision, device), anchor)
+               flop_model(model), run_peak(cfg, model, precision, device), anchor,
+               tblog.open_writer(run_dir, state["step"]) if cfg.train.tensorboard and D.is_main() else None)
 
 
 def _get(cfg: RunConfig, dotted: str):
@@ -263,6 +265,7 @@ def _log(run: Run, record: dict) -> None:
     try:
         with open(run.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(finite) + "\n")  # strict JSON: NaN and inf as null
+        tblog.write(run.tensorboard, record)
     except OSError as exc:
         raise UserError(write_failure(exc, run.run_dir / "metrics.jsonl", 1 << 20) or
                         f"{run.run_dir / 'metrics.jsonl'}: cannot write ({exc})") from None
@@ -388,6 +391,8 @@ def finish(run: Run) -> dict:
     results.update(steps=run.state["step"], tokens_seen=run.state["tokens_seen"],
                    target_tokens_seen=run.state["target_tokens_seen"], train_time_s=run.state["elapsed_s"],
                    data=run.data.stats)
+    if run.tensorboard is not None:
+        run.tensorboard.close()
     if D.is_main():
         (run.run_dir / "results.json").write_text(json.dumps(results, indent=1))
         rundir.finish_run_dir(run.run_dir)
