@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh) and run the whole test suite; fetches the embedded default's assets
-# on first use for the integration tests. Extra arguments go to pytest.
+# Set up (scripts/setup.sh), install Debian's chromium for the report test if missing, and run the
+# whole test suite; fetches the embedded default's assets on first use for the integration tests.
+# Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+if ! command -v chromium >/dev/null 2>&1; then  # tests/test_report.py opens report.html in headless Chromium
+  echo "[test] installing chromium (Debian's package) for the report test"
+  sudo=$([ "$(id -u)" = 0 ] || echo sudo)
+  $sudo apt-get install -y -q chromium >/dev/null 2>&1 || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q chromium >/dev/null; }
+fi
 .venv/bin/python -m pytest -q "$@"

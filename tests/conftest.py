@@ -84,6 +84,7 @@ def tiny_overrides(model_dir: Path, train_file: Path, out: Path, **extra) -> lis
     base = {"model.path": str(model_dir), "data.train": str(train_file), "data.max_seq_len": 64,
             "train.output_dir": str(out), "train.precision": "fp32", "train.device": "cpu",
             "train.micro_batch_size": 4, "train.progress": False, "optim.lr": 1e-3,
-            "schedule.warmup_steps": 1, "eval.probes": "[]", "train.peak_probe_s": 0.02}
+            "schedule.warmup_steps": 1, "eval.probes": "[]", "train.peak_probe_s": 0.02,
+            "train.report": False}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

@@ -1,4 +1,4 @@
-"""The `fulltune` command: train | chat | generate | eval | interpolate | memory | plan | schedule | assets | config | verify."""
+"""The `fulltune` command: train | report | compare | chat | generate | eval | interpolate | memory | plan | schedule | assets | config | verify."""
 
 from __future__ import annotations
 
@@ -32,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     add_interpolate_parser(sub)
     from fulltune.generate import add_parser as add_generate_parser
     add_generate_parser(sub)
+    from fulltune.report import add_parser as add_report_parser
+    add_report_parser(sub)
+    from fulltune.compare_runs import add_parser as add_compare_parser
+    add_compare_parser(sub)
     sub.add_parser("assets", help="fetch and prepare the embedded default model and SST-2 task")
     sub.add_parser("config", help="list every config key with its default and meaning")
     v = sub.add_parser("verify", help="check checkpoints or an exported model against their manifests (size, sha256)")
@@ -89,6 +93,12 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command in ("chat", "generate"):
         from fulltune import generate
         (generate.run_chat_command if args.command == "chat" else generate.run_generate_command)(args)
+    elif args.command == "compare":
+        from fulltune.compare_runs import run_compare_command
+        run_compare_command(args)
+    elif args.command == "report":
+        from fulltune.report import run_report_command
+        run_report_command(args)
     elif args.command == "interpolate":
         from fulltune.interpolate import run_interpolate_command
         run_interpolate_command(args)

@@ -111,6 +111,7 @@ class TrainConfig:
     epochs: float = opt(1.0, "passes over the training data (ignored when max_steps > 0)", lo=0.0, lo_open=True)
     max_steps: int = opt(0, "optimiser steps to run; 0: derive from epochs", lo=0)
     log_interval: int = opt(1, "write a metrics.jsonl line every N steps", lo=1)
+    report: bool = opt(True, "write RUN/report.html when the run ends (fulltune report RUN_DIR writes it any time)")
     tensorboard: bool = opt(False, "also write metrics.jsonl's numbers as TensorBoard scalars in RUN/tensorboard/ "
                                    "(tensorboard --logdir runs/)")
     val_interval: int = opt(0, "validation loss every N steps (0: only at the end)", lo=0)

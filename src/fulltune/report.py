@@ -1,0 +1,231 @@
+"""`fulltune report RUN_DIR` (and the end of `fulltune train`): RUN/report.html, one self-contained
+page that opens offline — plotly's JavaScript inlined once, every chart interactive. It shows the
+losses, the learning rate per parameter group, the gradient norm, throughput and MFU; memory
+predicted against measured, stacked by term; the probes before, during and after training with
+their standard errors next to the task gain; the data statistics and the resolved config. A run
+still in progress or interrupted (no results.json yet) gets a partial report, marked as such."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+
+from fulltune.errors import UserError
+
+NLL_KINDS = ("nll_per_token",)  # probe metrics where lower is better (code / text NLL)
+
+
+def add_parser(sub) -> None:
+    r = sub.add_parser("report", help="write RUN/report.html: losses, rates, memory, forgetting, data, config")
+    r.add_argument("run_dir", help="a run directory (train.output_dir)")
+    r.add_argument("--out", help="HTML file to write (default RUN/report.html)")
+
+
+def read_run(run_dir: Path) -> dict:
+    """config.yaml, metrics.jsonl (a torn last line is skipped) and results.json when present."""
+    if not run_dir.is_dir() or not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir}: not a fulltune run directory (no config.yaml)")
+    metrics = []
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    for i, line in enumerate(lines):
+        try:
+            metrics.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise UserError(f"{path}:{i + 1}: malformed JSON line") from None
+    results = run_dir / "results.json"
+    return {"dir": run_dir, "config": (run_dir / "config.yaml").read_text(encoding="utf-8"), "metrics": metrics,
+            "results": json.loads(results.read_text()) if results.is_file() else None}
+
+
+def _series(metrics: list[dict], key: str) -> tuple[list, list]:
+    rows = [(m["step"], m[key]) for m in metrics if isinstance(m.get(key), (int, float)) and m.get(key) is not None]
+    return [s for s, _ in rows], [v for _, v in rows]
+
+
+def training_figures(run: dict) -> list:
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+    m = run["metrics"]
+    loss = go.Figure([go.Scatter(x=_series(m, "loss")[0], y=_series(m, "loss")[1], name="train loss", mode="lines"),
+                      go.Scatter(x=_series(m, "val_loss")[0], y=_series(m, "val_loss")[1], name="validation loss",
+                                 mode="lines+markers")])
+    loss.update_layout(title="Loss (mean over target tokens)", xaxis_title="step", yaxis_title="loss")
+    groups = sorted({g for r in m if isinstance(r.get("lr"), dict) for g in r["lr"]},
+                    key=lambda g: next(list(r["lr"]).index(g) for r in m if isinstance(r.get("lr"), dict) and g in r["lr"]))
+    lr = go.Figure([go.Scatter(x=[r["step"] for r in m if g in (r.get("lr") or {})],
+                               y=[r["lr"][g] for r in m if g in (r.get("lr") or {})], name=g, mode="lines") for g in groups])
+    lr.update_layout(title="Learning rate per parameter group", xaxis_title="step", yaxis_title="lr")
+    norm = go.Figure(go.Scatter(x=_series(m, "grad_norm")[0], y=_series(m, "grad_norm")[1], name="grad norm", mode="lines"))
+    norm.update_layout(title="Gradient norm (before clipping)", xaxis_title="step", yaxis_title="‖g‖")
+    speed = make_subplots(specs=[[{"secondary_y": True}]])
+    speed.add_trace(go.Scatter(x=_series(m, "tokens_per_s")[0], y=_series(m, "tokens_per_s")[1], name="tokens/s",
+                               mode="lines"), secondary_y=False)
+    if _series(m, "mfu")[0]:
+        speed.add_trace(go.Scatter(x=_series(m, "mfu")[0], y=[100 * v for v in _series(m, "mfu")[1]], name="MFU %",
+                                   mode="lines"), secondary_y=True)
+    speed.update_layout(title="Throughput (non-padding tokens/s) and MFU", xaxis_title="step")
+    return [loss, lr, norm, speed]
+
+
+def memory_figure(results: dict | None):
+    """Predicted terms stacked against the measured peak (model state measured, the rest beside it)."""
+    import plotly.graph_objects as go
+    mem = (results or {}).get("memory") or {}
+    terms = mem.get("predicted_terms_gb") or {}
+    if not terms:
+        return None
+    bars = [go.Bar(name=f"predicted: {name}", x=["predicted"], y=[gb]) for name, gb in terms.items()]
+    state = ((results.get("state_memory") or {}).get("measured_per_rank_gb") or [{}])[0]
+    measured = mem.get("measured_peak_gb") or 0.0
+    bars += [go.Bar(name=f"measured: {name}", x=["measured"], y=[gb]) for name, gb in state.items()]
+    bars.append(go.Bar(name="measured: the rest (activations, logits, temporaries)", x=["measured"],
+                       y=[max(0.0, measured - sum(state.values()))]))
+    fig = go.Figure(bars)
+    fig.update_layout(barmode="stack", yaxis_title="GB", title=f"Memory peak for the largest micro-batch: predicted "
+                      f"{mem.get('predicted_peak_gb', 0):.3g} GB, measured {measured:.3g} GB "
+                      f"({mem.get('error_pct', 0):+.1f}%) on {mem.get('device', '?')}")
+    return fig
+
+
+def forgetting_figures(run: dict) -> list:
+    """The probes over the steps (θ0, during, θ*) and each probe's change with ±1 standard error
+    beside the task gain."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+    results = run["results"] or {}
+    during = [r for r in run["metrics"] if isinstance(r.get("probes"), dict)]
+    out = []
+    if during:
+        kinds = {name: (results.get("forgetting") or {}).get("probes", {}).get(name, {}).get("metric", "acc")
+                 for name in during[0]["probes"]}
+        fig = make_subplots(rows=1, cols=2, subplot_titles=("accuracy probes (higher is better)",
+                                                            "NLL probes (lower is better)"))
+        for name, kind in kinds.items():
+            xs = [r["step"] for r in during if name in r["probes"]]
+            fig.add_trace(go.Scatter(x=xs, y=[r["probes"][name] for r in during if name in r["probes"]], name=name,
+                                     mode="lines+markers"), row=1, col=2 if kind in NLL_KINDS else 1)
+        fig.update_layout(title="General skills before, during and after training", xaxis_title="step")
+        out.append(fig)
+    probes = (results.get("forgetting") or {}).get("probes") or {}
+    if probes:
+        names, change, err = [], [], []
+        for name, p in probes.items():
+            sign = -1 if p.get("metric") in NLL_KINDS else 1  # up is better on every bar
+            names.append(name + (" (−ΔNLL)" if sign < 0 else ""))
+            change.append(sign * 100 * p["change"] / (abs(p["before"]) if sign < 0 else 1))
+            err.append(100 * math.hypot(p.get("stderr_before") or 0, p.get("stderr_after") or 0)
+                       / (abs(p["before"]) if sign < 0 else 1))
+        task0, task1 = results.get("task_accuracy_theta0"), results.get("task_accuracy_final")
+        if task0 and task1:
+            names.insert(0, "task accuracy")
+            change.insert(0, 100 * (task1["accuracy"] - task0["accuracy"]))
+            err.insert(0, 100 * math.hypot(task0.get("stderr") or 0, task1.get("stderr") or 0))
+        fig = go.Figure(go.Bar(x=names, y=change, error_y=dict(type="data", array=err), name="change"))
+        fig.update_layout(title="Change from θ0 to θ*: task gain and each probe (points for accuracy, % for NLL; "
+                          "±1 standard error of the difference)", yaxis_title="change (up is better)")
+        out.append(fig)
+    return out
+
+
+def summary_rows(run: dict) -> list[tuple[str, str]]:
+    r, m = run["results"], run["metrics"]
+    steps = [x["step"] for x in m if "loss" in x]
+    rows = [("status", "finished" if r else "in progress or interrupted: a partial report (no results.json yet)"),
+            ("steps logged", f"{len(steps)} (last {steps[-1]})" if steps else "none")]
+    if not r:
+        return rows
+    rows += [("tokens seen", f"{r.get('tokens_seen', 0):,} ({r.get('target_tokens_seen', 0):,} with loss)"),
+             ("training time", f"{r.get('train_time_s', 0):.0f} s")]
+    if r.get("final_val_loss") is not None:
+        rows.append(("final validation loss", f"{r['final_val_loss']:.4f}"))
+    t0, t1 = r.get("task_accuracy_theta0"), r.get("task_accuracy_final")
+    if t0 and t1:
+        rows.append(("task accuracy θ0 → θ*", f"{100 * t0['accuracy']:.1f}% → {100 * t1['accuracy']:.1f}% "
+                                                f"(n={t1['n']}, ±{100 * t1.get('stderr', 0):.1f})"))
+    if r.get("memory"):
+        rows.append(("memory peak", f"{r['memory']['measured_peak_gb']:.3g} GB measured, "
+                                    f"{r['memory']['predicted_peak_gb']:.3g} GB predicted"))
+    rows += [("skipped steps (non-finite)", str(r.get("skipped_steps", 0))),
+             ("diverged", json.dumps(r["diverged"]) if r.get("diverged") else "no")]
+    return rows
+
+
+def _table(rows) -> str:
+    return "<table>" + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+                               for k, v in rows) + "</table>"
+
+
+def _flat(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out = []
+    for k, v in d.items():
+        out += _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
+    return out
+
+
+def page(run: dict) -> str:
+    import plotly.io as pio
+    figures = training_figures(run) + [f for f in [memory_figure(run["results"])] if f] + forgetting_figures(run)
+    charts = [pio.to_html(f, include_plotlyjs=(i == 0), full_html=False, default_height=420,
+                          div_id=f"chart-{i}") for i, f in enumerate(figures)]
+    data = (run["results"] or {}).get("data")
+    name = html.escape(str(run["dir"]))
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>fulltune report: " + name + "</title><style>"
+            "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+            "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}"
+            "pre{background:#f6f6f6;padding:1em;overflow:auto}.partial{background:#fff3cd;padding:.5em}</style>"
+            "</head><body><h1>fulltune run " + name + "</h1>"
+            + ("" if run["results"] else "<p class='partial' id='partial'>Partial report: the run is in progress or "
+               "was interrupted (no results.json yet).</p>")
+            + _table(summary_rows(run)) + "".join(charts)
+            + ("<h2>Data</h2>" + _table(_flat(data)) if data else "")
+            + "<h2>Resolved config</h2><pre>" + html.escape(run["config"]) + "</pre></body></html>")
+
+
+def write_report(run_dir: Path, out: Path | None = None) -> Path:
+    """RUN/report.html (or `out`), written whole: a temporary file renamed over the old one."""
+    run = read_run(run_dir)
+    out = out or run_dir / "report.html"
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(page(run), encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+def run_report_command(args) -> None:
+    out = write_report(Path(args.run_dir).expanduser(), Path(args.out).expanduser() if args.out else None)
+    print(f"[report] {out}")
+
+
+def largest_probe_change(results: dict) -> str | None:
+    """The probe that moved most against its own scale (accuracy points, or % of NLL), with its sign."""
+    probes = (results.get("forgetting") or {}).get("probes") or {}
+    moves = []
+    for name, p in probes.items():
+        nll = p.get("metric") in NLL_KINDS
+        scale = 100 / abs(p["before"]) if nll and p["before"] else 100
+        err = scale * math.hypot(p.get("stderr_before") or 0, p.get("stderr_after") or 0)
+        moves.append((abs(scale * p["change"]), f"{name} {scale * p['change']:+.1f}{' % NLL' if nll else ' points'} "
+                                                f"(±{err:.1f})"))
+    return max(moves)[1] if moves else None
+
+
+def summary_lines(results: dict) -> list[str]:
+    """The end of `fulltune train`: time, tokens, peak memory, task gain, largest probe change."""
+    rows = [("time", f"{results.get('train_time_s', 0):.0f} s of training, {results.get('steps', 0)} steps"),
+            ("tokens", f"{results.get('tokens_seen', 0):,} ({results.get('target_tokens_seen', 0):,} with loss)")]
+    mem = results.get("memory")
+    if mem:
+        rows.append(("peak memory", f"{mem['measured_peak_gb']:.2f} GB measured, {mem['predicted_peak_gb']:.2f} GB "
+                                    "predicted"))
+    t0, t1 = results.get("task_accuracy_theta0"), results.get("task_accuracy_final")
+    if t0 and t1:
+        rows.append(("task accuracy", f"{100 * t0['accuracy']:.1f}% → {100 * t1['accuracy']:.1f}% "
+                                      f"({100 * (t1['accuracy'] - t0['accuracy']):+.1f} points)"))
+    probe = largest_probe_change(results)
+    if probe:
+        rows.append(("largest probe change", probe))
+    return [f"  {k:<21} {v}" for k, v in rows]

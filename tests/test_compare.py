@@ -1,0 +1,72 @@
+"""`fulltune compare`: finished runs side by side (markdown table + an offline HTML page with the
+task-gain vs forgetting Pareto plot), each number taken from the runs' own files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import QUICKSTART, sentiment_records, tiny_overrides, write_jsonl
+from fulltune.cli import main
+from fulltune.compare_runs import pareto, run_row
+
+MC = [{"context": "the movie was", "choices": [" great fun", " dull"], "gold": 0},
+      {"context": "the plot was", "choices": [" dull", " good"], "gold": 1},
+      {"context": "what is the capital of france", "choices": [" paris", " the film"], "gold": 0}]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compare")
+    data = write_jsonl(tmp / "chat.jsonl", sentiment_records(24))
+    settings = {"eval.task_file": write_jsonl(tmp / "task.jsonl", sentiment_records(6, seed=3)),
+                "eval.labels": "[positive, negative]", "eval.probes": f"[mc:{write_jsonl(tmp / 'mc.jsonl', MC)}]",
+                "data.val_fraction": 0.2}
+    out = {}
+    for name, lr in (("slow", 1e-4), ("fast", 3e-3)):
+        out[name] = tmp / name
+        assert main(["train", QUICKSTART, *tiny_overrides(tiny_dir, data, out[name], **settings, **{
+            "train.max_steps": 4, "optim.lr": lr})]) == 0
+    return out
+
+
+def test_each_row_is_the_runs_own_numbers(runs, tiny_dir):
+    row = run_row(runs["fast"])
+    results = json.loads((runs["fast"] / "results.json").read_text())
+    assert row["task"] == pytest.approx(100 * results["task_accuracy_final"]["accuracy"])
+    assert row["val_loss"] == results["final_val_loss"] and row["time_s"] == results["train_time_s"]
+    assert row["probes"]["mc"] == pytest.approx(100 * results["forgetting"]["probes"]["mc"]["change"])
+    final, theta0 = load_file(str(runs["fast"] / "final" / "model.safetensors")), load_file(str(tiny_dir / "model.safetensors"))
+    expected = math.sqrt(sum(float((final[k].double() - theta0[k].double()).pow(2).sum()) for k in final if k in theta0))
+    assert row["distance"] == pytest.approx(expected) and row["distance"] > 0
+    assert run_row(runs["slow"])["distance"] < row["distance"]  # a 30× smaller lr moves less
+
+
+def test_the_table_the_page_and_the_front(capsys, runs, tmp_path):
+    out = tmp_path / "c.html"
+    assert main(["compare", str(runs["slow"]), str(runs["fast"]), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "| run | task acc % | task gain | val loss | Δ mc | ‖θ−θ0‖ | peak GB | time s |"
+    assert printed[2].startswith(f"| {runs['slow']} | ") and printed[3].startswith(f"| {runs['fast']} | ")
+    rows = [run_row(runs["slow"]), run_row(runs["fast"])]
+    front = pareto(rows)
+    assert printed[-1].startswith(f"[compare] Pareto front (task gain vs forgetting): {', '.join(front)}")
+    page = out.read_text()
+    assert page.count("plotly.js v") == 1 and 'id="pareto"' in page and str(runs["fast"]) in page
+
+
+def test_pareto_keeps_exactly_the_runs_nothing_beats():
+    rows = [{"run": "a", "task_gain": 10, "forgetting": 5}, {"run": "b", "task_gain": 12, "forgetting": 6},
+            {"run": "c", "task_gain": 9, "forgetting": 7}, {"run": "d", "task_gain": 10, "forgetting": 5}]
+    assert pareto(rows) == ["a", "b", "d"]  # c is beaten by a; a and d tie
+
+
+def test_an_unfinished_run_is_one_line(capsys, runs, tmp_path):
+    (tmp_path / "config.yaml").write_text("{}\n")
+    assert main(["compare", str(runs["slow"]), str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"fulltune: error: {tmp_path}: not finished (no results.json); compare "
+                                               "takes finished runs")

@@ -1,0 +1,105 @@
+"""RUN/report.html: written at the end of a run and by `fulltune report`, self-contained (plotly's JS
+inlined once, nothing fetched), its charts built from the run's own numbers, and opened by headless
+Chromium as a person would: every chart renders, no console message."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import QUICKSTART, sentiment_records, tiny_overrides, write_jsonl
+from fulltune.cli import main
+from fulltune.report import forgetting_figures, memory_figure, read_run, training_figures
+
+MC = [{"context": "the movie was", "choices": [" great fun", " dull"], "gold": 0},
+      {"context": "the plot was", "choices": [" dull", " good"], "gold": 1}]
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    data = write_jsonl(tmp / "chat.jsonl", sentiment_records(24))
+    out = tmp / "run"
+    assert main(["train", QUICKSTART, *tiny_overrides(tiny_dir, data, out, **{
+        "train.max_steps": 4, "train.report": True, "optim.layer_lr_decay": 1.5, "data.val_fraction": 0.2,
+        "train.val_interval": 2, "eval.task_file": write_jsonl(tmp / "task.jsonl", sentiment_records(6, seed=3)),
+        "eval.labels": "[positive, negative]", "eval.probes": f"[mc:{write_jsonl(tmp / 'mc.jsonl', MC)}]",
+        "eval.probe_interval": 2})]) == 0
+    return out
+
+
+def test_the_report_is_written_at_the_end_and_self_contained(finished):
+    page = (finished / "report.html").read_text()
+    assert page.count("plotly.js v") == 1  # the library, inlined once
+    assert not re.search(r"<script[^>]+src=|<link[^>]+href=", page)  # nothing fetched (Chromium below opens it offline)
+    assert [int(i) for i in re.findall(r'id="chart-(\d+)"', page)] == list(range(7))
+    assert "Partial report" not in page and "task accuracy θ0 → θ*" in page and "Resolved config" in page
+
+
+def test_the_charts_hold_the_runs_numbers(finished):
+    run = read_run(finished)
+    rows = [json.loads(line) for line in (finished / "metrics.jsonl").read_text().splitlines()]
+    loss, lr, norm, _ = training_figures(run)
+    assert list(loss.data[0].y) == [r["loss"] for r in rows if "loss" in r]
+    assert list(loss.data[1].x) == [r["step"] for r in rows if "val_loss" in r] and len(loss.data[1].x) >= 2
+    steps = [r for r in rows if "loss" in r]
+    assert [t.name for t in lr.data] == list(steps[0]["lr"]) and list(lr.data[-1].y) == [r["lr"]["head"] for r in steps]
+    results = run["results"]
+    mem = memory_figure(results)
+    assert sum(b.y[0] for b in mem.data if b.x[0] == "predicted") == pytest.approx(
+        sum(results["memory"]["predicted_terms_gb"].values()))
+    assert sum(b.y[0] for b in mem.data if b.x[0] == "measured") == pytest.approx(
+        max(results["memory"]["measured_peak_gb"], sum(results["state_memory"]["measured_per_rank_gb"][0].values())))
+    during, change = forgetting_figures(run)
+    assert list(during.data[0].x) == [0, 2, 4]  # θ0, the probe interval, θ*
+    task = 100 * (results["task_accuracy_final"]["accuracy"] - results["task_accuracy_theta0"]["accuracy"])
+    assert change.data[0].x[0] == "task accuracy" and change.data[0].y[0] == pytest.approx(task)
+    assert change.data[0].y[1] == pytest.approx(100 * results["forgetting"]["probes"]["mc"]["change"])
+
+
+def test_chromium_renders_every_chart_without_a_console_message(finished, tmp_path):
+    chromium = shutil.which("chromium")
+    assert chromium, "chromium is not installed: scripts/test.sh installs it (apt-get install chromium)"
+    proc = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+                           "--virtual-time-budget=10000", "--dump-dom", (finished / "report.html").as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ":CONSOLE" not in proc.stderr, [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+    charts = re.split(r'id="chart-\d+"', proc.stdout)[1:]
+    assert len(charts) == 7 and all("main-svg" in c for c in charts)  # plotly drew each one
+
+
+def test_an_interrupted_run_gets_a_partial_report_and_a_non_run_one_line(capsys, finished, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(finished, partial)
+    (partial / "results.json").unlink()
+    (partial / "report.html").unlink()
+    with open(partial / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 5, "loss": 1.')  # torn by a kill
+    assert main(["report", str(partial)]) == 0
+    page = (partial / "report.html").read_text()
+    assert "Partial report: the run is in progress or was interrupted" in page and 'id="chart-3"' in page
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err.strip() == f"fulltune: error: {tmp_path / 'nothing'}: not a fulltune run directory (no config.yaml)"
+
+
+def test_the_run_ends_with_a_summary(capsys, finished, tiny_dir, chat_file, tmp_path):
+    from fulltune.report import summary_lines
+    results = json.loads((finished / "results.json").read_text())
+    lines = summary_lines(results)
+    t0, t1 = results["task_accuracy_theta0"]["accuracy"], results["task_accuracy_final"]["accuracy"]
+    p = results["forgetting"]["probes"]["mc"]
+    assert [line.split()[0] for line in lines] == ["time", "tokens", "peak", "task", "largest"]
+    assert lines[3].endswith(f"{100 * t0:.1f}% → {100 * t1:.1f}% ({100 * (t1 - t0):+.1f} points)")
+    assert f"mc {100 * p['change']:+.1f} points (±" in lines[4]
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert main(["train", QUICKSTART, *tiny_overrides(tiny_dir, chat_file, out, **{"train.max_steps": 1}),
+                 "eval.task_file=", "data.val_fraction=0"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    start = printed.index("[train] summary")
+    assert printed[start + 1:] == summary_lines(json.loads((out / "results.json").read_text()))
