@@ -229,3 +229,15 @@ def summary_lines(results: dict) -> list[str]:
     if probe:
         rows.append(("largest probe change", probe))
     return [f"  {k:<21} {v}" for k, v in rows]
+
+
+def at_end_of_run(run_dir: Path, results: dict, write_html: bool) -> None:
+    """A finished `fulltune train`: report.html (train.report; a failure is said, and the run stays
+    finished), then the summary."""
+    if write_html:
+        try:
+            print(f"[train] report: {write_report(run_dir)}", flush=True)
+        except Exception as exc:  # noqa: BLE001 — the trained model and results are already written
+            print(f"[train] warning: report.html was not written ({type(exc).__name__}: {exc}); "
+                  f"retry with fulltune report {run_dir}", flush=True)
+    print("\n".join(["[train] summary"] + summary_lines(results)), flush=True)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fulltune import checkpoint, health, rundir, tblog
+from fulltune import checkpoint, health, report, rundir, tblog
 from fulltune import distributed as D
 from fulltune.anchors import Anchor, anchor_for_run
 from fulltune.atomic import write_failure
@@ -396,19 +396,7 @@ def finish(run: Run) -> dict:
     if D.is_main():
         (run.run_dir / "results.json").write_text(json.dumps(results, indent=1))
         rundir.finish_run_dir(run.run_dir)
-        if run.cfg.train.report:
-            _report(run.run_dir)
     return results
-
-
-def _report(run_dir: Path) -> None:
-    """The finished run's report.html; a failure there is said, and the run stays finished."""
-    from fulltune.report import write_report
-    try:
-        print(f"[train] report: {write_report(run_dir)}", flush=True)
-    except Exception as exc:  # noqa: BLE001 — the trained model and results are already written
-        print(f"[train] warning: report.html was not written ({type(exc).__name__}: {exc}); "
-              f"retry with fulltune report {run_dir}", flush=True)
 
 
 def run_training(cfg: RunConfig) -> Run:
@@ -438,6 +426,5 @@ def run_training(cfg: RunConfig) -> Run:
         finish(run)
     print(f"[train] done: {run.state['step']} steps in {time.perf_counter() - started:.0f} s → {run.run_dir}", flush=True)
     if D.is_main():
-        from fulltune.report import summary_lines
-        print("\n".join(["[train] summary"] + summary_lines(run.state["results"])), flush=True)
+        report.at_end_of_run(run.run_dir, run.state["results"], run.cfg.train.report)
     return run
