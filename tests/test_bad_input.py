@@ -136,6 +136,9 @@ case("config", "a validation fraction above the limit")(lambda c: (["data.val_fr
     "data.val_fraction: 1.5 must be <= 0.5 (set on the command line)")))
 case("config", "a word where a bool belongs")(lambda c: (["train.overwrite=maybe"], _problem(
     "train.overwrite: expected bool, got str 'maybe' (set on the command line)")))
+case("config", "a forgetting budget for a probe the run does not have")(lambda c: (
+    ["eval.probes=[piqa]", f"eval.task_file={c.chat}", "eval.forgetting_budget={arc_easy: 2}"],
+    _problem("eval.forgetting_budget.arc_easy: not a probe of this run (eval.probes: piqa) (set on the command line)")))
 case("config", "an override without =")(lambda c: (["optim.lr"], "fulltune: error: override 'optim.lr': expected key=value, e.g. optim.lr=3e-5"))
 case("config", "an override that is not YAML")(lambda c: (["optim.lr=[1"], "fulltune: error: override 'optim.lr=[1': the value is "
                                                           "not valid YAML (quote it, e.g. optim.lr='[1')"))

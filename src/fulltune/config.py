@@ -23,8 +23,8 @@ def opt(default: Any, doc: str, *, choices: tuple | None = None, lo: float | Non
         hi: float | None = None, lo_open: bool = False) -> Any:
     """A config field with its one-line doc and its valid range or choices."""
     meta = {"doc": doc, "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -145,6 +145,9 @@ class EvalConfig:
     probe_items: int = opt(50, "items per multiple-choice probe (a fixed seeded subset)", lo=1)
     probe_code_items: int = opt(30, "items per code / text probe", lo=1)
     probe_interval: int = opt(0, "also run the probes every N steps (0: only before and after)", lo=0)
+    forgetting_budget: dict = opt({}, "the most each probe may lose from θ0, e.g. {arc_easy: 2, humaneval: 5}: accuracy "
+                                      "points (multiple choice) or % of NLL (code / text); the best task score inside it "
+                                      "among the probed steps is kept in RUN/best-in-budget/")
 
 
 @dataclass
@@ -286,7 +289,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     errors += _cross_checks(cfg) if not errors else []  # cross-checks compare values of the right types only
     if errors:
         overridden = {key for key, _ in pairs}
-        errors = [e + (" (set on the command line)" if e.split(":")[0] in overridden else "") for e in errors]
+        errors = [e + (" (set on the command line)" if any(e.split(":")[0] == k or e.startswith(k + ".") for k in overridden)
+                       else "") for e in errors]
         where = f" in {path}" if path and not all(e.endswith("(set on the command line)") for e in errors) else ""
         raise UserError(f"invalid config{where} ({len(errors)} problem{'s' * (len(errors) > 1)}):\n  "
                         + "\n  ".join(errors))
@@ -300,6 +304,7 @@ def _cross_checks(cfg: RunConfig) -> list[str]:
         errors.append(f"optim.betas: expected two numbers in [0, 1), got {betas!r}")
     if not all(isinstance(x, str) for x in cfg.eval.probes):
         errors.append(f"eval.probes: expected a list of probe names, got {cfg.eval.probes!r}")
+    errors += _budget_checks(cfg.eval)
     if not all(isinstance(x, str) for x in cfg.eval.labels):
         errors.append(f"eval.labels: expected a list of strings, got {cfg.eval.labels!r}")
     if cfg.eval.task_file and len(cfg.eval.labels) < 2:
@@ -322,6 +327,22 @@ def _cross_checks(cfg: RunConfig) -> list[str]:
         errors.append("data.group_by_length: packed rows are already near max_seq_len; use one of data.packing "
                       "and data.group_by_length")
     return errors + _memory_checks(cfg)
+
+
+def _budget_checks(e) -> list[str]:
+    """eval.forgetting_budget names probes the run has, with limits ≥ 0, and needs the task to rank steps."""
+    from fulltune.evals.probes import probe_name
+    if not e.forgetting_budget:
+        return []
+    names = [probe_name(p) for p in e.probes if isinstance(p, str)]
+    errors = [f"eval.forgetting_budget.{k}: not a probe of this run (eval.probes: {', '.join(names) or 'none'})"
+              for k in e.forgetting_budget if k not in names]
+    errors += [f"eval.forgetting_budget.{k}: expected a number ≥ 0 (accuracy points or % of NLL), got {v!r}"
+               for k, v in e.forgetting_budget.items()
+               if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf")]
+    if not e.task_file:
+        errors.append("eval.forgetting_budget: ranking the steps inside the budget needs eval.task_file")
+    return errors
 
 
 def _memory_checks(cfg: RunConfig) -> list[str]:

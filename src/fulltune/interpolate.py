@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
     i.add_argument("--precision", choices=("auto", "bf16-mixed", "fp32"), default="auto")
     i.add_argument("--out", default="interpolate", help="output directory (table, JSON, PNG)")
     i.add_argument("--save-models", action="store_true", help="also save each blended model as OUT/alpha-A")
+    i.add_argument("--budget", help="a forgetting budget, e.g. '{arc_easy: 2, humaneval: 5}' (points / % NLL lost "
+                                    "from θ0; default: the run's eval.forgetting_budget): find the largest α inside it")
+    i.add_argument("--search-steps", type=int, default=3, help="bisections past the grid toward the budget's edge (default 3)")
 
 
 def parse_alphas(text: str) -> list[float]:
@@ -76,6 +79,56 @@ def _settings(args):
     return task_file, labels, probes, items, code_items, ev.batch_size
 
 
+def _budget(args, probe_names: list[str]) -> dict:
+    """--budget (a YAML mapping), else the run's eval.forgetting_budget; its probes must be scored."""
+    import yaml
+
+    from fulltune.config import load_config
+    from fulltune.evals.probes import probe_name
+    if args.budget is None:
+        path = args.config or Path(args.finetuned).expanduser().parent / "config.yaml"
+        return dict(load_config(path).eval.forgetting_budget) if Path(path).is_file() else {}
+    try:
+        limits = yaml.safe_load(args.budget)
+    except yaml.YAMLError:
+        limits = None
+    if not isinstance(limits, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                                               for v in limits.values()):
+        raise UserError(f"--budget {args.budget!r}: expected a mapping of probe to limit ≥ 0, e.g. '{{arc_easy: 2}}'")
+    missing = sorted(set(limits) - {probe_name(p) for p in probe_names})
+    if missing:
+        raise UserError(f"--budget: {', '.join(missing)} not among the probes scored ({', '.join(probe_names) or 'none'})")
+    if args.search_steps < 0:
+        raise UserError("--search-steps must be ≥ 0")
+    return limits
+
+
+def budget_search(score, rows: list[dict], limits: dict, steps: int) -> dict:
+    """The largest α inside the budget: the grid's largest, then `steps` bisections toward the next α
+    outside it. Losses are from the α = 0 row (θ0)."""
+    from fulltune.evals.budget import losses, within
+    from fulltune.evals.forgetting import headline
+    theta0 = next(r for r in rows if r["alpha"] == 0)["probes"]
+
+    def lost(row):
+        return losses(theta0, {n: headline(s)[1] for n, s in row["probes"].items() if not n.startswith("_")})
+    ordered = sorted(rows, key=lambda r: r["alpha"])
+    inside = [r for r in ordered if within(limits, lost(r))]
+    best = inside[-1]
+    outside = [r for r in ordered if r["alpha"] > best["alpha"] and not within(limits, lost(r))]
+    for _ in range(steps if outside else 0):
+        row = score((best["alpha"] + outside[0]["alpha"]) / 2)
+        rows.append(row)
+        best, outside = (row, outside) if within(limits, lost(row)) else (best, [row])
+    found = {"limits": limits, "alpha": best["alpha"], "losses": lost(best),
+             "task_accuracy": best["task"]["accuracy"] if "task" in best else None}
+    print(f"[interpolate] largest α inside the budget: {best['alpha']:.3f}"
+          + (f" (task {100 * found['task_accuracy']:.1f}%" if found["task_accuracy"] is not None else " (")
+          + "; lost, in points or % NLL: " + ", ".join(f"{k} {v:+.1f}" for k, v in found["losses"].items()) + ")",
+          flush=True)
+    return found
+
+
 def _general_scores(probes: dict) -> dict:
     mc = [s["acc"] for n, s in probes.items() if not n.startswith("_") and s["kind"] == "mc"]
     text = [s["nll_per_token"] for n, s in probes.items() if not n.startswith("_") and s["kind"] != "mc"]
@@ -96,6 +149,7 @@ def run_interpolate_command(args) -> None:
     if (args.items is not None and args.items < 1) or (args.code_items is not None and args.code_items < 1):
         raise UserError("--items and --code-items must be ≥ 1")
     task_file, labels, probe_names, items, code_items, batch = _settings(args)
+    limits = _budget(args, probe_names)
     task_path = resolve_data_path(task_file) if task_file else ""
     records = load_records(task_path) if task_file else None
     if records is not None:
@@ -110,8 +164,8 @@ def run_interpolate_command(args) -> None:
     probes = ProbeSet(probe_names, tokenizer, items, code_items) if probe_names else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for alpha in alphas:
+
+    def score(alpha: float) -> dict:
         started = time.perf_counter()
         blend(model, theta0_w, ft_w, alpha)
         row = {"alpha": alpha}
@@ -121,11 +175,15 @@ def run_interpolate_command(args) -> None:
             row["probes"] = probes.run(model, autocast, batch)
             row.update(_general_scores(row["probes"]))
         row["seconds"] = time.perf_counter() - started
-        rows.append(row)
         print(_row_line(row), flush=True)
         if args.save_models:
             export_hf(model, tokenizer, out / f"alpha-{alpha:.2f}")
+        return row
+    rows = [score(alpha) for alpha in sorted(set(alphas) | ({0.0} if limits else set()))]
     result = {"theta0": args.theta0, "finetuned": args.finetuned, "task_file": task_file, "rows": rows}
+    if limits:
+        result["budget"] = budget_search(score, rows, limits, args.search_steps)
+        rows.sort(key=lambda r: r["alpha"])
     (out / "interpolate.json").write_text(json.dumps(result, indent=1))
     (out / "interpolate.md").write_text(table(rows) + "\n")
     print(table(rows))

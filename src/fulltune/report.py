@@ -149,6 +149,8 @@ def summary_rows(run: dict) -> list[tuple[str, str]]:
     if r.get("memory"):
         rows.append(("memory peak", f"{r['memory']['measured_peak_gb']:.3g} GB measured, "
                                     f"{r['memory']['predicted_peak_gb']:.3g} GB predicted"))
+    if r.get("budget"):
+        rows.append(("forgetting budget", budget_verdict(r["budget"])))
     rows += [("skipped steps (non-finite)", str(r.get("skipped_steps", 0))),
              ("diverged", json.dumps(r["diverged"]) if r.get("diverged") else "no")]
     return rows
@@ -213,6 +215,13 @@ def largest_probe_change(results: dict) -> str | None:
     return max(moves)[1] if moves else None
 
 
+def budget_verdict(budget: dict) -> str:
+    best, limits = budget["best"], ", ".join(f"{k} {v:g}" for k, v in budget["limits"].items())
+    if best is None:
+        return f"no checked step stays inside ({limits}); only θ0 does"
+    return f"step {best['step']} kept (task {100 * best['task_accuracy']:.1f}%, limits {limits}) → {best['path']}"
+
+
 def summary_lines(results: dict) -> list[str]:
     """The end of `fulltune train`: time, tokens, peak memory, task gain, largest probe change."""
     rows = [("time", f"{results.get('train_time_s', 0):.0f} s of training, {results.get('steps', 0)} steps"),
@@ -228,6 +237,8 @@ def summary_lines(results: dict) -> list[str]:
     probe = largest_probe_change(results)
     if probe:
         rows.append(("largest probe change", probe))
+    if results.get("budget"):
+        rows.append(("forgetting budget", budget_verdict(results["budget"])))
     return [f"  {k:<21} {v}" for k, v in rows]
 
 

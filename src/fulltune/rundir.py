@@ -25,7 +25,8 @@ import yaml
 from fulltune.errors import UserError
 
 MARKER = ".fulltune-run"
-OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "results.json", "tensorboard", "report.html")  # what a fresh start replaces
+OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "results.json", "tensorboard", "report.html",
+           "best-in-budget")  # what a fresh start replaces
 PREVIOUS = ".previous-run"  # the replaced run's outputs, until the run that replaced it finishes
 
 

