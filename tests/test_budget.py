@@ -101,6 +101,9 @@ def test_interpolate_reads_the_runs_budget_and_refuses_a_bad_one(capsys, tiny_di
     result = json.loads((wise / "interpolate.json").read_text())
     assert [r["alpha"] for r in result["rows"]] == [0.0, 0.5, 1.0]
     assert result["budget"]["limits"] == {"mc": 100, "gen": 1000} and result["budget"]["alpha"] == 1.0  # all inside
+    assert json.loads((out / "results.json").read_text())["wise_budget"] == result["budget"]  # the run keeps it
+    assert main(["report", str(out)]) == 0
+    assert "WiSE-FT inside the budget</th><td>largest α 1.000, task " in (out / "report.html").read_text()
     assert main(["interpolate", str(tiny_dir), str(out / "final"), "--budget", "{arc_easy: 2}"]) == 2
     assert capsys.readouterr().err.strip().endswith("fulltune: error: --budget: arc_easy not among the probes scored "
                                                     f"(mc:{tmp_path / 'mc.jsonl'}, text:{tmp_path / 'gen.jsonl'})")

@@ -103,6 +103,21 @@ def _budget(args, probe_names: list[str]) -> dict:
     return limits
 
 
+def _record_in_run(run_dir: Path, found: dict) -> None:
+    """When FINETUNED is a run's final/, the α found goes into its results.json and report.html."""
+    results = run_dir / "results.json"
+    if not results.is_file():
+        return
+    from fulltune.report import write_report
+    data = json.loads(results.read_text())
+    data["wise_budget"] = found
+    results.write_text(json.dumps(data, indent=1))
+    if (run_dir / "report.html").exists():
+        write_report(run_dir)
+    print(f"[interpolate] recorded in {results}" + (" and report.html" if (run_dir / "report.html").exists() else ""),
+          flush=True)
+
+
 def budget_search(score, rows: list[dict], limits: dict, steps: int) -> dict:
     """The largest α inside the budget: the grid's largest, then `steps` bisections toward the next α
     outside it. Losses are from the α = 0 row (θ0)."""
@@ -184,6 +199,7 @@ def run_interpolate_command(args) -> None:
     if limits:
         result["budget"] = budget_search(score, rows, limits, args.search_steps)
         rows.sort(key=lambda r: r["alpha"])
+        _record_in_run(Path(args.finetuned).expanduser().parent, result["budget"])
     (out / "interpolate.json").write_text(json.dumps(result, indent=1))
     (out / "interpolate.md").write_text(table(rows) + "\n")
     print(table(rows))

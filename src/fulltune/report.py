@@ -151,6 +151,11 @@ def summary_rows(run: dict) -> list[tuple[str, str]]:
                                     f"{r['memory']['predicted_peak_gb']:.3g} GB predicted"))
     if r.get("budget"):
         rows.append(("forgetting budget", budget_verdict(r["budget"])))
+    if r.get("wise_budget"):
+        w = r["wise_budget"]
+        rows.append(("WiSE-FT inside the budget", f"largest α {w['alpha']:.3f}" + (
+            f", task {100 * w['task_accuracy']:.1f}%" if w.get("task_accuracy") is not None else "")
+            + " (fulltune interpolate)"))
     rows += [("skipped steps (non-finite)", str(r.get("skipped_steps", 0))),
              ("diverged", json.dumps(r["diverged"]) if r.get("diverged") else "no")]
     return rows
