@@ -182,12 +182,32 @@ def test_share_of_a_step_splits_sequences_without_overlap(monkeypatch):
     assert shares == [[[]], [[]], [[0]]]
 
 
+def _wait_for_steps(metrics: Path, n: int) -> None:
+    import time
+    deadline = time.time() + 600
+    while not (metrics.exists() and metrics.read_text().count("\n") >= n) and time.time() < deadline:
+        time.sleep(0.2)
+    assert metrics.exists(), "training never started"
+
+
+def _one_checkpoint_then_resume(tiny_dir, data: Path, config: Path, run: Path, env: dict) -> None:
+    """After a stop: exactly one sharded checkpoint at the last logged step; 2 more steps on 2 ranks resume it."""
+    (saved,) = sorted((run / "checkpoints").iterdir())
+    step = json.loads((saved / "trainer_state.json").read_text())["step"]
+    assert (saved / "dcp").is_dir() and step >= 3 and len((run / "metrics.jsonl").read_text().splitlines()) == step
+    overrides = tiny_overrides(tiny_dir, data, run, **{"train.max_steps": step + 2, "train.micro_batch_size": 1,
+                                                       "train.allow_schedule_change": True})
+    done = subprocess.run([sys.executable, "-m", "fulltune", "train", str(config), *overrides, "--resume", "auto",
+                           "--nproc", "2"], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(_losses(run)) == list(range(1, step + 3))
+
+
 def test_sigterm_on_two_ranks_checkpoints_once_and_resumes(tiny_dir, tmp_path):
     """SIGTERM to the launcher (what SLURM sends; Ctrl-C's SIGINT takes the same path, exit 130 —
     tests/test_cli.py): both ranks stop after the same step, one sharded checkpoint is written, exit
     143 without a traceback, and the run resumes on 2 ranks."""
     import signal
-    import time
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(400))
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
@@ -195,25 +215,13 @@ def test_sigterm_on_two_ranks_checkpoints_once_and_resumes(tiny_dir, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
     proc = subprocess.Popen([sys.executable, "-m", "fulltune", "train", str(config), *overrides, "--nproc", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 600
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 3) and time.time() < deadline:
-        time.sleep(0.2)
-    assert metrics.exists(), "training never started"
+    _wait_for_steps(tmp_path / "run" / "metrics.jsonl", 3)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 143, err[-2000:]
     assert "continue with train.resume=auto" in err and "Traceback" not in err
     assert err.count("stopped at step") == 1  # rank 0 reports
-    (saved,) = sorted((tmp_path / "run" / "checkpoints").iterdir())
-    step = json.loads((saved / "trainer_state.json").read_text())["step"]
-    assert (saved / "dcp").is_dir() and step >= 3 and len(metrics.read_text().splitlines()) == step
-    overrides = tiny_overrides(tiny_dir, data, tmp_path / "run", **{"train.max_steps": step + 2, "train.micro_batch_size": 1,
-                                                                     "train.allow_schedule_change": True})
-    proc = subprocess.run([sys.executable, "-m", "fulltune", "train", str(config), *overrides, "--resume", "auto",
-                           "--nproc", "2"], capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert sorted(_losses(tmp_path / "run")) == list(range(1, step + 3))
+    _one_checkpoint_then_resume(tiny_dir, data, config, tmp_path / "run", env)
 
 
 def _children(pid: int) -> list[int]:
@@ -234,7 +242,6 @@ def test_scancel_under_raw_torchrun_checkpoints_once_and_resumes(tiny_dir, tmp_p
     one sharded checkpoint is written and the run resumes. torchrun itself exits 1 with its own
     SignalException traceback (not ours to change; `--nproc` returns 143)."""
     import signal
-    import time
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(400))
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
@@ -244,11 +251,7 @@ def test_scancel_under_raw_torchrun_checkpoints_once_and_resumes(tiny_dir, tmp_p
                              "c10d", "--rdzv-endpoint", "localhost:0", "--max-restarts", "0", "--shutdown-timeout", "120",
                              "-m", "fulltune", "train", str(config), *overrides],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 600
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 3) and time.time() < deadline:
-        time.sleep(0.2)
-    assert metrics.exists(), "training never started"
+    _wait_for_steps(tmp_path / "run" / "metrics.jsonl", 3)
     workers = _children(proc.pid)
     assert len(workers) == 2
     for pid in [proc.pid, *workers]:  # scancel: every process of the job
@@ -256,15 +259,7 @@ def test_scancel_under_raw_torchrun_checkpoints_once_and_resumes(tiny_dir, tmp_p
     _, err = proc.communicate(timeout=600)
     assert err.count("stopped at step") == 1 and "continue with train.resume=auto" in err, err[-3000:]
     assert proc.returncode == 1 and "SignalException" in err  # torchrun's own status: it re-raises the SIGTERM it got
-    (saved,) = sorted((tmp_path / "run" / "checkpoints").iterdir())
-    step = json.loads((saved / "trainer_state.json").read_text())["step"]
-    assert (saved / "dcp").is_dir() and step >= 3 and len(metrics.read_text().splitlines()) == step
-    overrides = tiny_overrides(tiny_dir, data, tmp_path / "run", **{"train.max_steps": step + 2, "train.micro_batch_size": 1,
-                                                                     "train.allow_schedule_change": True})
-    done = subprocess.run([sys.executable, "-m", "fulltune", "train", str(config), *overrides, "--resume", "auto",
-                           "--nproc", "2"], capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert sorted(_losses(tmp_path / "run")) == list(range(1, step + 3))
+    _one_checkpoint_then_resume(tiny_dir, data, config, tmp_path / "run", env)
 
 
 def test_a_user_error_on_two_ranks_is_one_line(tiny_dir, tmp_path):
