@@ -11,7 +11,8 @@ from pathlib import Path
 import yaml
 
 from fulltune.errors import UserError
-from fulltune.report import NLL_KINDS, read_run
+from fulltune.evals.forgetting import gain
+from fulltune.report import read_run
 
 
 def add_parser(sub) -> None:
@@ -54,10 +55,7 @@ def run_row(run_dir: Path) -> dict:
         raise UserError(f"{run_dir}: not finished (no results.json); compare takes finished runs")
     cfg = yaml.safe_load(run["config"]) or {}
     t0, t1 = r.get("task_accuracy_theta0"), r.get("task_accuracy_final")
-    probes = {}
-    for name, p in ((r.get("forgetting") or {}).get("probes") or {}).items():
-        nll = p.get("metric") in NLL_KINDS  # as "up is better": −ΔNLL in %, accuracy in points
-        probes[name] = -100 * p["change"] / abs(p["before"]) if nll and p["before"] else 100 * p["change"]
+    probes = {name: gain(p)[0] for name, p in ((r.get("forgetting") or {}).get("probes") or {}).items()}  # up = better
     return {"run": str(run_dir), "task": 100 * t1["accuracy"] if t1 else None,
             "task_gain": 100 * (t1["accuracy"] - t0["accuracy"]) if t0 and t1 else None,
             "val_loss": r.get("final_val_loss"), "probes": probes,
@@ -70,16 +68,20 @@ def _fmt(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def markdown(rows: list[dict]) -> str:
+def cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The table's header and one row of text cells per run."""
     probes = sorted({p for r in rows for p in r["probes"]})
     head = ["run", "task acc %", "task gain", "val loss"] + [f"Δ {p}" for p in probes] + ["‖θ−θ0‖", "peak GB", "time s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for r in rows:
-        cells = [r["run"], _fmt(r["task"], ".1f"), _fmt(r["task_gain"], "+.1f"), _fmt(r["val_loss"], ".4f")]
-        cells += [_fmt(r["probes"].get(p), "+.1f") for p in probes]
-        cells += [_fmt(r["distance"], ".3g"), _fmt(r["peak_gb"], ".2f"), _fmt(r["time_s"], ".0f")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    body = [[r["run"], _fmt(r["task"], ".1f"), _fmt(r["task_gain"], "+.1f"), _fmt(r["val_loss"], ".4f")]
+            + [_fmt(r["probes"].get(p), "+.1f") for p in probes]
+            + [_fmt(r["distance"], ".3g"), _fmt(r["peak_gb"], ".2f"), _fmt(r["time_s"], ".0f")] for r in rows]
+    return head, body
+
+
+def markdown(rows: list[dict]) -> str:
+    head, body = cells(rows)
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+                     + ["| " + " | ".join(row) + " |" for row in body])
 
 
 def pareto(rows: list[dict]) -> list[str]:
@@ -102,9 +104,9 @@ def page(rows: list[dict]) -> str:
     fig.update_layout(title="Task gain vs forgetting (★: on the Pareto front)",
                       xaxis_title="forgetting: the worst probe's loss (accuracy points or % NLL)",
                       yaxis_title="task gain (accuracy points)")
-    table = "<table>" + "".join("<tr>" + "".join(f"<{'th' if i < 2 else 'td'}>{html.escape(c.strip())}</{'th' if i < 2 else 'td'}>"
-                                                 for c in line.strip("|").split("|")) + "</tr>"
-                                for i, line in enumerate(markdown(rows).splitlines()) if i != 1) + "</table>"
+    head, body = cells(rows)
+    table = ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
+             + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body) + "</table>")
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>fulltune compare</title><style>"
             "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
             "th,td{border:1px solid #ccc;padding:4px 8px}</style></head><body><h1>fulltune compare</h1>" + table

@@ -13,8 +13,8 @@ import math
 from pathlib import Path
 
 from fulltune.errors import UserError
+from fulltune.evals.forgetting import gain
 
-NLL_KINDS = ("nll_per_token",)  # probe metrics where lower is better (code / text NLL)
 
 
 def add_parser(sub) -> None:
@@ -50,23 +50,21 @@ def training_figures(run: dict) -> list:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
     m = run["metrics"]
-    loss = go.Figure([go.Scatter(x=_series(m, "loss")[0], y=_series(m, "loss")[1], name="train loss", mode="lines"),
-                      go.Scatter(x=_series(m, "val_loss")[0], y=_series(m, "val_loss")[1], name="validation loss",
-                                 mode="lines+markers")])
+    losses, vals, norms, toks, mfu = (_series(m, k) for k in ("loss", "val_loss", "grad_norm", "tokens_per_s", "mfu"))
+    loss = go.Figure([go.Scatter(x=losses[0], y=losses[1], name="train loss", mode="lines"),
+                      go.Scatter(x=vals[0], y=vals[1], name="validation loss", mode="lines+markers")])
     loss.update_layout(title="Loss (mean over target tokens)", xaxis_title="step", yaxis_title="loss")
-    groups = sorted({g for r in m if isinstance(r.get("lr"), dict) for g in r["lr"]},
-                    key=lambda g: next(list(r["lr"]).index(g) for r in m if isinstance(r.get("lr"), dict) and g in r["lr"]))
-    lr = go.Figure([go.Scatter(x=[r["step"] for r in m if g in (r.get("lr") or {})],
-                               y=[r["lr"][g] for r in m if g in (r.get("lr") or {})], name=g, mode="lines") for g in groups])
+    rates = [r for r in m if isinstance(r.get("lr"), dict)]
+    groups = list(dict.fromkeys(g for r in rates for g in r["lr"]))  # in the order they first appear
+    lr = go.Figure([go.Scatter(x=[r["step"] for r in rates if g in r["lr"]], y=[r["lr"][g] for r in rates if g in r["lr"]],
+                               name=g, mode="lines") for g in groups])
     lr.update_layout(title="Learning rate per parameter group", xaxis_title="step", yaxis_title="lr")
-    norm = go.Figure(go.Scatter(x=_series(m, "grad_norm")[0], y=_series(m, "grad_norm")[1], name="grad norm", mode="lines"))
+    norm = go.Figure(go.Scatter(x=norms[0], y=norms[1], name="grad norm", mode="lines"))
     norm.update_layout(title="Gradient norm (before clipping)", xaxis_title="step", yaxis_title="‖g‖")
     speed = make_subplots(specs=[[{"secondary_y": True}]])
-    speed.add_trace(go.Scatter(x=_series(m, "tokens_per_s")[0], y=_series(m, "tokens_per_s")[1], name="tokens/s",
-                               mode="lines"), secondary_y=False)
-    if _series(m, "mfu")[0]:
-        speed.add_trace(go.Scatter(x=_series(m, "mfu")[0], y=[100 * v for v in _series(m, "mfu")[1]], name="MFU %",
-                                   mode="lines"), secondary_y=True)
+    speed.add_trace(go.Scatter(x=toks[0], y=toks[1], name="tokens/s", mode="lines"), secondary_y=False)
+    if mfu[0]:
+        speed.add_trace(go.Scatter(x=mfu[0], y=[100 * v for v in mfu[1]], name="MFU %", mode="lines"), secondary_y=True)
     speed.update_layout(title="Throughput (non-padding tokens/s) and MFU", xaxis_title="step")
     return [loss, lr, norm, speed]
 
@@ -107,18 +105,13 @@ def forgetting_figures(run: dict) -> list:
         for name, kind in kinds.items():
             xs = [r["step"] for r in during if name in r["probes"]]
             fig.add_trace(go.Scatter(x=xs, y=[r["probes"][name] for r in during if name in r["probes"]], name=name,
-                                     mode="lines+markers"), row=1, col=2 if kind in NLL_KINDS else 1)
+                                     mode="lines+markers"), row=1, col=1 if kind == "acc" else 2)
         fig.update_layout(title="General skills before, during and after training", xaxis_title="step")
         out.append(fig)
     probes = (results.get("forgetting") or {}).get("probes") or {}
     if probes:
-        names, change, err = [], [], []
-        for name, p in probes.items():
-            sign = -1 if p.get("metric") in NLL_KINDS else 1  # up is better on every bar
-            names.append(name + (" (−ΔNLL)" if sign < 0 else ""))
-            change.append(sign * 100 * p["change"] / (abs(p["before"]) if sign < 0 else 1))
-            err.append(100 * math.hypot(p.get("stderr_before") or 0, p.get("stderr_after") or 0)
-                       / (abs(p["before"]) if sign < 0 else 1))
+        names = [name + ("" if p["metric"] == "acc" else " (−ΔNLL)") for name, p in probes.items()]
+        change, err = (list(x) for x in zip(*(gain(p) for p in probes.values())))
         task0, task1 = results.get("task_accuracy_theta0"), results.get("task_accuracy_final")
         if task0 and task1:
             names.insert(0, "task accuracy")
@@ -208,16 +201,13 @@ def run_report_command(args) -> None:
 
 
 def largest_probe_change(results: dict) -> str | None:
-    """The probe that moved most against its own scale (accuracy points, or % of NLL), with its sign."""
+    """The probe that moved most in budget units (accuracy points, or % of NLL), with its sign."""
     probes = (results.get("forgetting") or {}).get("probes") or {}
-    moves = []
-    for name, p in probes.items():
-        nll = p.get("metric") in NLL_KINDS
-        scale = 100 / abs(p["before"]) if nll and p["before"] else 100
-        err = scale * math.hypot(p.get("stderr_before") or 0, p.get("stderr_after") or 0)
-        moves.append((abs(scale * p["change"]), f"{name} {scale * p['change']:+.1f}{' % NLL' if nll else ' points'} "
-                                                f"(±{err:.1f})"))
-    return max(moves)[1] if moves else None
+    moves = [(abs(g), name, g, e, p["metric"] == "acc") for name, p in probes.items() for g, e in [gain(p)]]
+    if not moves:
+        return None
+    _, name, g, e, acc = max(moves)
+    return f"{name} {g:+.1f}{' points' if acc else ' % NLL (−: worse)'} (±{e:.1f})"
 
 
 def budget_verdict(budget: dict) -> str:

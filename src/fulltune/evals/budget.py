@@ -10,6 +10,7 @@ accuracy and its losses, and every step checked."""
 from __future__ import annotations
 
 from fulltune.evals.during_run import task_accuracy
+from fulltune.evals.forgetting import gain, headline
 
 BEST = "best-in-budget"
 
@@ -20,12 +21,9 @@ def losses(theta0: dict, now: dict) -> dict[str, float]:
     out = {}
     for name, value in now.items():
         before = theta0.get(name)
-        if not isinstance(before, dict):
-            continue
-        if before["kind"] == "mc":
-            out[name] = 100 * (before["acc"] - value)
-        else:
-            out[name] = 100 * (value / before["nll_per_token"] - 1)
+        if isinstance(before, dict):
+            metric, was = headline(before)
+            out[name] = -gain({"metric": metric, "before": was, "change": value - was})[0]
     return out
 
 
@@ -70,7 +68,6 @@ def finish(run, results: dict) -> None:
     budget = run.cfg.eval.forgetting_budget
     if not budget or "probes_final" not in results or "task_accuracy_final" not in results:
         return
-    from fulltune.evals.forgetting import headline
     now = {n: headline(s)[1] for n, s in results["probes_final"].items() if not n.startswith("_")}
     lost = losses(results.get("probes_theta0", {}), now)
     final = {"step": run.state["step"], "task_accuracy": results["task_accuracy_final"]["accuracy"], "losses": lost,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 from fulltune.evals.classify import score_sequences
@@ -34,6 +35,14 @@ class ProbeSet:
 def headline(summary: dict) -> tuple[str, float]:
     """The probe's main number: accuracy for multiple choice, NLL per token for text."""
     return ("acc", summary["acc"]) if summary["kind"] == "mc" else ("nll_per_token", summary["nll_per_token"])
+
+
+def gain(row: dict) -> tuple[float, float]:
+    """A forgetting-report row's change in the units budgets use, up = better: accuracy points, or
+    −% of θ0's NLL per token; with the standard error of the difference in the same units."""
+    scale = 100.0 if row["metric"] == "acc" else -100.0 / abs(row["before"])
+    err = abs(scale) * math.hypot(row.get("stderr_before") or 0.0, row.get("stderr_after") or 0.0)
+    return scale * row["change"], err
 
 
 def forgetting_report(before: dict, after: dict, task: dict | None = None) -> dict:
