@@ -207,7 +207,7 @@ def largest_probe_change(results: dict) -> str | None:
     if not moves:
         return None
     _, name, g, e, acc = max(moves)
-    return f"{name} {g:+.1f}{' points' if acc else ' % NLL (−: worse)'} (±{e:.1f})"
+    return f"{name} {g:+.1f}{' points' if acc else ' % NLL (−: worse)'}" + (f" (±{e:.1f})" if e else "")
 
 
 def budget_verdict(budget: dict) -> str:
