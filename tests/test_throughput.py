@@ -2,6 +2,7 @@
 arithmetic on a known matmul, and the numbers a run logs."""
 
 import json
+import re
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -55,3 +56,16 @@ def test_a_run_logs_useful_tokens_padding_flops_mfu_and_memory(tiny_dir, tmp_pat
     assert abs(first["flops_per_s"] * dt - run.flops.step_flops([len(e.input_ids) for e in examples], targets)) < 1e-3 * first["flops_per_s"] * dt
     assert abs(first["mfu"] - first["flops_per_s"] / run.peak_flops) < 1e-12 and 0 < first["mfu"] < 1
     assert first["peak_memory_gb"] > 0.1  # the process's resident peak: torch alone is more than this
+    assert 0.1 < first["memory_gb"] <= first["peak_memory_gb"]  # the resident set after the step
+
+
+def test_the_progress_bar_shows_eta_throughput_and_memory_now_and_at_peak(tiny_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(16))
+    cfg = load_config(None, tiny_overrides(tiny_dir, data, tmp_path / "run", **{"train.max_steps": 3,
+                                                                                "train.progress": True}))
+    run_training(cfg)
+    bar = [line for line in re.split(r"[\r\n]", capsys.readouterr().err) if line.startswith("train:")][-1]
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "3/3 [" in bar and re.search(r"<\d\d:\d\d", bar)  # steps done, elapsed<remaining
+    assert f"tok_s={last['tokens_per_s']:.0f}" in bar
+    assert f"mem={last['memory_gb']:.1f}/{last['peak_memory_gb']:.1f}G" in bar

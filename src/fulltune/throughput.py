@@ -87,17 +87,29 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, rows: int, hidden: int
     return 2.0 * rows * hidden * inner / best
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    """The process's peak so far: CUDA max_memory_allocated, or the resident set's high-water mark."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / GB
+def _status_gb(key: str) -> float:
+    """A /proc/self/status memory line (VmHWM, VmRSS) in GB; 0 where there is none."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024 / GB
     except OSError:
         pass
     return 0.0
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """The process's peak so far: CUDA max_memory_allocated, or the resident set's high-water mark."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / GB
+    return _status_gb("VmHWM")
+
+
+def memory_gb(device: torch.device) -> float:
+    """What the process holds now, between steps: CUDA memory_allocated, or the resident set."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / GB
+    return _status_gb("VmRSS")
 
 
 def run_peak(cfg, model, precision: str, device: torch.device) -> float:

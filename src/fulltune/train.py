@@ -50,7 +50,7 @@ from fulltune.optim.in_backward import InBackward
 from fulltune.optim.optimizers import set_lr
 from fulltune.runtime import autocast_factory, check_device_settings, lean_settings, pick_device, resolve_precision
 from fulltune.stop import StopRequest
-from fulltune.throughput import FlopModel, flop_model, peak_memory_gb, run_peak, sequence_lengths
+from fulltune.throughput import FlopModel, flop_model, memory_gb, peak_memory_gb, run_peak, sequence_lengths
 
 
 @dataclass
@@ -324,7 +324,8 @@ def _record(run: Run, flat: list[int], loss: float, norm: float, dt: float, padd
            "grad_norm": norm, "tokens_seen": s["tokens_seen"], "target_tokens_seen": s["target_tokens_seen"],
            "tokens_per_s": tokens / dt, "elapsed_s": s["elapsed_s"]}
     flops = run.flops.step_flops(sequence_lengths(every), targets)
-    rec.update(padding_fraction=1 - tokens / padded, flops_per_s=flops / dt, peak_memory_gb=peak_memory_gb(run.device))
+    rec.update(padding_fraction=1 - tokens / padded, flops_per_s=flops / dt, memory_gb=memory_gb(run.device),
+               peak_memory_gb=peak_memory_gb(run.device))
     if run.peak_flops:
         rec["mfu"] = flops / dt / run.peak_flops
     if isinstance(run.sampler, MixedSampler):
@@ -356,7 +357,7 @@ def _after_step(run: Run, rec: dict, bar) -> Path | None:
         _log(run, rec)
     top_lr = max(rec["lr"].values())
     shown = dict(loss=f"{rec['loss']:.4f}", lr=f"{top_lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}",
-                 pad=f"{100 * rec['padding_fraction']:.0f}%", mem=f"{rec['peak_memory_gb']:.1f}G")
+                 pad=f"{100 * rec['padding_fraction']:.0f}%", mem=f"{rec['memory_gb']:.1f}/{rec['peak_memory_gb']:.1f}G")
     if "mfu" in rec:
         shown["mfu"] = f"{100 * rec['mfu']:.0f}%"
     bar.set_postfix(shown, refresh=False)
