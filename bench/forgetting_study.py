@@ -46,14 +46,8 @@ def command(name: str) -> list[str]:
 
 def distance_from_theta0(final: Path) -> float:
     """‖θ − θ0‖₂ over every parameter, from the saved weights."""
-    import torch
-    from safetensors.torch import load_file
-
-    from fulltune.assets import ensure_model
-    theta0 = load_file(str(ensure_model() / "model.safetensors"))
-    tuned = load_file(str(final / "model.safetensors"))
-    assert theta0.keys() == tuned.keys()
-    return sum(float(torch.sum((tuned[k].double() - theta0[k].double()) ** 2)) for k in tuned) ** 0.5
+    from fulltune.compare_runs import distance_to_theta0
+    return distance_to_theta0(final, "default")
 
 
 def run_row(name: str) -> dict:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import QUICKSTART, sentiment_records, tiny_overrides, write_jsonl
 from fulltune.cli import main
-from fulltune.compare_runs import pareto, run_row
+from fulltune.compare_runs import pareto, rows_of, run_row
 
 MC = [{"context": "the movie was", "choices": [" great fun", " dull"], "gold": 0},
       {"context": "the plot was", "choices": [" dull", " good"], "gold": 1},
@@ -70,3 +70,40 @@ def test_an_unfinished_run_is_one_line(capsys, runs, tmp_path):
     assert main(["compare", str(runs["slow"]), str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (f"fulltune: error: {tmp_path}: not finished (no results.json); compare "
                                                "takes finished runs")
+
+
+def test_an_interpolation_directory_adds_a_row_per_alpha(capsys, runs, tiny_dir, tmp_path):
+    """Without an α = 0 row the changes are measured from the run's own θ0 scores: α = 1 (θ* exactly)
+    then reads as the run's own row; with one, α = 0 changes nothing. ‖θ(α) − θ0‖ = α‖θ* − θ0‖."""
+    wise = tmp_path / "wise"
+    assert main(["interpolate", str(tiny_dir), str(runs["fast"] / "final"), "--alphas", "0.5,1", "--precision", "fp32",
+                 "--out", str(wise)]) == 0
+    own = run_row(runs["fast"])
+    half, one = rows_of(wise)
+    assert (half["run"], one["run"]) == (f"{wise} α=0.5", f"{wise} α=1")
+    assert one["task_gain"] == pytest.approx(own["task_gain"]) and one["probes"]["mc"] == pytest.approx(own["probes"]["mc"], abs=1e-6)
+    assert half["distance"] == pytest.approx(own["distance"] / 2) and one["distance"] == pytest.approx(own["distance"])
+    assert all(r["time_s"] is None and r["peak_gb"] is None for r in (half, one))  # blends are not trained
+    zero_dir = tmp_path / "wise0"
+    assert main(["interpolate", str(tiny_dir), str(runs["fast"] / "final"), "--alphas", "0,1", "--precision", "fp32",
+                 "--out", str(zero_dir)]) == 0
+    zero, _ = rows_of(zero_dir)
+    assert zero["task_gain"] == 0 and zero["probes"] == {"mc": 0.0} and zero["distance"] == 0
+    capsys.readouterr()
+    assert main(["compare", str(runs["slow"]), str(wise), "--out", str(tmp_path / "c.html")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [l.split(" | ")[0] for l in lines[2:5]] == [f"| {runs['slow']}", f"| {wise} α=0.5", f"| {wise} α=1"]
+
+
+
+def test_an_interpolation_without_theta0s_scores_is_one_line(capsys, tmp_path):
+    (tmp_path / "interpolate.json").write_text(json.dumps({"theta0": "default", "finetuned": str(tmp_path / "model"),
+                                                            "rows": [{"alpha": 0.5, "task": {"accuracy": 0.5}}]}))
+    assert main(["compare", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"fulltune: error: {tmp_path / 'interpolate.json'}: no α = 0 row, and {tmp_path / 'model'} is not a run's "
+        "final/ with θ0's scores; rerun interpolate with 0 among --alphas")
+    (tmp_path / "interpolate.json").write_text("{\"rows\": [")
+    assert main(["compare", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"fulltune: error: {tmp_path / 'interpolate.json'}: not written "
+                                                      "by fulltune interpolate (JSONDecodeError: ")

@@ -1,28 +1,31 @@
 """`fulltune compare RUN_A RUN_B ...`: finished runs side by side — final task accuracy, validation
 loss, each probe's change, ‖θ* − θ0‖, memory and time — as a markdown table on stdout and one
-offline HTML page (OUT, default compare.html) with the task-gain vs forgetting Pareto plot."""
+offline HTML page (OUT, default compare.html) with the task-gain vs forgetting Pareto plot.
+A `fulltune interpolate` output directory adds one row per WiSE-FT α."""
 
 from __future__ import annotations
 
 import html
+import json
 import math
 from pathlib import Path
 
 import yaml
 
 from fulltune.errors import UserError
-from fulltune.evals.forgetting import gain
+from fulltune.evals.forgetting import forgetting_report, gain
 from fulltune.report import read_run
 
 
 def add_parser(sub) -> None:
     c = sub.add_parser("compare", help="finished runs side by side: a markdown table and an HTML page with the "
                                        "task-gain vs forgetting Pareto plot")
-    c.add_argument("runs", nargs="+", help="run directories (train.output_dir)")
+    c.add_argument("runs", nargs="+", help="run directories (train.output_dir), or `fulltune interpolate` "
+                                           "output directories (one row per α)")
     c.add_argument("--out", default="compare.html", help="HTML page to write (default compare.html)")
 
 
-def distance_to_theta0(run_dir: Path, model_path: str) -> float | None:
+def distance_to_theta0(final_dir: Path, model_path: str) -> float | None:
     """‖θ* − θ0‖₂ over every tensor both hold, streamed tensor by tensor from the safetensors files."""
     from safetensors import safe_open
 
@@ -31,7 +34,7 @@ def distance_to_theta0(run_dir: Path, model_path: str) -> float | None:
         theta0 = resolve_model_path(model_path)
     except UserError:
         return None
-    final, base = sorted((run_dir / "final").glob("*.safetensors")), sorted(theta0.glob("*.safetensors"))
+    final, base = sorted(final_dir.glob("*.safetensors")), sorted(theta0.glob("*.safetensors"))
     if not final or not base:
         return None
     where = {}
@@ -54,14 +57,53 @@ def run_row(run_dir: Path) -> dict:
     if r is None:
         raise UserError(f"{run_dir}: not finished (no results.json); compare takes finished runs")
     cfg = yaml.safe_load(run["config"]) or {}
-    t0, t1 = r.get("task_accuracy_theta0"), r.get("task_accuracy_final")
     probes = {name: gain(p)[0] for name, p in ((r.get("forgetting") or {}).get("probes") or {}).items()}  # up = better
-    return {"run": str(run_dir), "task": 100 * t1["accuracy"] if t1 else None,
-            "task_gain": 100 * (t1["accuracy"] - t0["accuracy"]) if t0 and t1 else None,
-            "val_loss": r.get("final_val_loss"), "probes": probes,
-            "forgetting": -min(probes.values()) if probes else None,  # the worst probe's loss, up is worse
-            "distance": distance_to_theta0(run_dir, str((cfg.get("model") or {}).get("path", "default"))),
-            "peak_gb": (r.get("memory") or {}).get("measured_peak_gb"), "time_s": r.get("train_time_s")}
+    return _row(str(run_dir), r.get("task_accuracy_final"), r.get("task_accuracy_theta0"), probes,
+                val_loss=r.get("final_val_loss"),
+                distance=distance_to_theta0(run_dir / "final", str((cfg.get("model") or {}).get("path", "default"))),
+                peak_gb=(r.get("memory") or {}).get("measured_peak_gb"), time_s=r.get("train_time_s"))
+
+
+def _row(name: str, task: dict | None, task0: dict | None, probes: dict, **rest) -> dict:
+    """A table row: task accuracy and gain in points, each probe's change (up = better) and the worst loss."""
+    return {"run": name, "task": 100 * task["accuracy"] if task else None,
+            "task_gain": 100 * (task["accuracy"] - task0["accuracy"]) if task and task0 else None,
+            "probes": probes, "forgetting": -min(probes.values()) if probes else None, **rest}
+
+
+def interpolation_rows(out_dir: Path) -> list[dict]:
+    """One row per α of `fulltune interpolate --out OUT_DIR`, each probe's change measured from θ0's scores:
+    its α = 0 row, else those of the run whose final/ was blended."""
+    path = out_dir / "interpolate.json"
+    try:
+        data = json.loads(path.read_text())
+        theta0, finetuned = str(data["theta0"]), Path(data["finetuned"]).expanduser()
+        rows = [dict(r, alpha=float(r["alpha"])) for r in data["rows"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: not written by fulltune interpolate ({type(exc).__name__}: {exc})") from None
+    run_results = finetuned.parent / "results.json"
+    zero = next((r for r in rows if r["alpha"] == 0), None)
+    if zero is not None:
+        task0, probes0 = zero.get("task"), zero.get("probes")
+    elif finetuned.name == "final" and run_results.is_file():
+        r = json.loads(run_results.read_text())
+        task0, probes0 = r.get("task_accuracy_theta0"), r.get("probes_theta0")
+    else:
+        raise UserError(f"{path}: no α = 0 row, and {finetuned} is not a run's final/ with "
+                        "θ0's scores; rerun interpolate with 0 among --alphas")
+    full = distance_to_theta0(finetuned, theta0)
+    out = []
+    for r in rows:
+        probes = {name: gain(p)[0] for name, p in forgetting_report(probes0 or {}, r.get("probes") or {})["probes"].items()}
+        out.append(_row(f"{out_dir} α={r['alpha']:g}", r.get("task"), task0, probes, val_loss=None,
+                        distance=r["alpha"] * full if full is not None else None,  # θ(α) − θ0 = α(θ* − θ0)
+                        peak_gb=None, time_s=None))  # no training: blending and scoring only
+    return out
+
+
+def rows_of(path: Path) -> list[dict]:
+    """A run directory's row, or an interpolation directory's rows."""
+    return interpolation_rows(path) if (path / "interpolate.json").is_file() else [run_row(path)]
 
 
 def _fmt(value, spec: str) -> str:
@@ -114,7 +156,7 @@ def page(rows: list[dict]) -> str:
 
 
 def run_compare_command(args) -> None:
-    rows = [run_row(Path(r).expanduser()) for r in args.runs]
+    rows = [row for r in args.runs for row in rows_of(Path(r).expanduser())]
     print(markdown(rows))
     out = Path(args.out).expanduser()
     out.write_text(page(rows), encoding="utf-8")
