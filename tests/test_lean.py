@@ -248,7 +248,7 @@ def test_what_fsdp2_does_not_combine_is_refused_before_loading(monkeypatch, tiny
     monkeypatch.setattr(D, "rank", lambda: 0)
     monkeypatch.setattr(D, "init", lambda device: torch.device("cpu"))
     loaded = []
-    monkeypatch.setattr("fulltune.train.read_sources", lambda cfg: loaded.append(1))
+    monkeypatch.setattr("fulltune.run_setup.read_sources", lambda cfg: loaded.append(1))
     with pytest.raises(UserError, match=re.escape(message)):
         run_training(load_config(None, tiny_overrides(tiny_dir, chat_file, tmp_path / "o", **extra)))
     assert loaded == []  # refused before any data (or model) was read
