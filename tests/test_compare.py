@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import QUICKSTART, sentiment_records, tiny_overrides, write_jsonl
 from fulltune.cli import main
-from fulltune.compare_runs import pareto, rows_of, run_row
+from fulltune.compare_runs import _row, markdown, pareto, rows_of, run_row
 
 MC = [{"context": "the movie was", "choices": [" great fun", " dull"], "gold": 0},
       {"context": "the plot was", "choices": [" dull", " good"], "gold": 1},
@@ -50,7 +50,7 @@ def test_the_table_the_page_and_the_front(capsys, runs, tmp_path):
     out = tmp_path / "c.html"
     assert main(["compare", str(runs["slow"]), str(runs["fast"]), "--out", str(out)]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0] == "| run | task acc % | task gain | val loss | Δ mc | ‖θ−θ0‖ | peak GB | time s |"
+    assert printed[0] == "| run | task acc % | task gain | val loss | Δ mc (points) | ‖θ−θ0‖ | peak GB | time s |"
     assert printed[2].startswith(f"| {runs['slow']} | ") and printed[3].startswith(f"| {runs['fast']} | ")
     rows = [run_row(runs["slow"]), run_row(runs["fast"])]
     front = pareto(rows)
@@ -107,3 +107,13 @@ def test_an_interpolation_without_theta0s_scores_is_one_line(capsys, tmp_path):
     assert main(["compare", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip().startswith(f"fulltune: error: {tmp_path / 'interpolate.json'}: not written "
                                                       "by fulltune interpolate (JSONDecodeError: ")
+
+
+def test_each_probe_column_names_its_unit():
+    forgetting = {"humaneval": {"metric": "nll_per_token", "before": 1.0, "after": 1.1, "change": 0.1},
+                  "arc_easy": {"metric": "acc", "before": 0.5, "after": 0.46, "change": -0.04}}
+    row = _row("r", {"accuracy": 0.8}, {"accuracy": 0.5}, forgetting, val_loss=None, distance=None, peak_gb=None,
+               time_s=None)
+    assert row["probes"] == pytest.approx({"humaneval": -10.0, "arc_easy": -4.0}) and row["forgetting"] == pytest.approx(10.0)
+    assert markdown([row]).splitlines()[0] == ("| run | task acc % | task gain | val loss | Δ arc_easy (points) | "
+                                               "Δ humaneval (−% NLL) | ‖θ−θ0‖ | peak GB | time s |")

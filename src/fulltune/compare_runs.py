@@ -57,18 +57,21 @@ def run_row(run_dir: Path) -> dict:
     if r is None:
         raise UserError(f"{run_dir}: not finished (no results.json); compare takes finished runs")
     cfg = yaml.safe_load(run["config"]) or {}
-    probes = {name: gain(p)[0] for name, p in ((r.get("forgetting") or {}).get("probes") or {}).items()}  # up = better
-    return _row(str(run_dir), r.get("task_accuracy_final"), r.get("task_accuracy_theta0"), probes,
+    return _row(str(run_dir), r.get("task_accuracy_final"), r.get("task_accuracy_theta0"),
+                (r.get("forgetting") or {}).get("probes") or {},
                 val_loss=r.get("final_val_loss"),
                 distance=distance_to_theta0(run_dir / "final", str((cfg.get("model") or {}).get("path", "default"))),
                 peak_gb=(r.get("memory") or {}).get("measured_peak_gb"), time_s=r.get("train_time_s"))
 
 
-def _row(name: str, task: dict | None, task0: dict | None, probes: dict, **rest) -> dict:
-    """A table row: task accuracy and gain in points, each probe's change (up = better) and the worst loss."""
+def _row(name: str, task: dict | None, task0: dict | None, forgetting: dict, **rest) -> dict:
+    """A table row: task accuracy and gain in points; each probe's change from its forgetting-report
+    row (up = better: accuracy points, or −% NLL) with its unit; the worst probe's loss."""
+    probes = {probe: gain(p)[0] for probe, p in forgetting.items()}
     return {"run": name, "task": 100 * task["accuracy"] if task else None,
             "task_gain": 100 * (task["accuracy"] - task0["accuracy"]) if task and task0 else None,
-            "probes": probes, "forgetting": -min(probes.values()) if probes else None, **rest}
+            "probes": probes, "units": {probe: "points" if p["metric"] == "acc" else "−% NLL" for probe, p in forgetting.items()},
+            "forgetting": -min(probes.values()) if probes else None, **rest}
 
 
 def interpolation_rows(out_dir: Path) -> list[dict]:
@@ -94,8 +97,8 @@ def interpolation_rows(out_dir: Path) -> list[dict]:
     full = distance_to_theta0(finetuned, theta0)
     out = []
     for r in rows:
-        probes = {name: gain(p)[0] for name, p in forgetting_report(probes0 or {}, r.get("probes") or {})["probes"].items()}
-        out.append(_row(f"{out_dir} α={r['alpha']:g}", r.get("task"), task0, probes, val_loss=None,
+        changes = forgetting_report(probes0 or {}, r.get("probes") or {})["probes"]
+        out.append(_row(f"{out_dir} α={r['alpha']:g}", r.get("task"), task0, changes, val_loss=None,
                         distance=r["alpha"] * full if full is not None else None,  # θ(α) − θ0 = α(θ* − θ0)
                         peak_gb=None, time_s=None))  # no training: blending and scoring only
     return out
@@ -112,8 +115,9 @@ def _fmt(value, spec: str) -> str:
 
 def cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """The table's header and one row of text cells per run."""
-    probes = sorted({p for r in rows for p in r["probes"]})
-    head = ["run", "task acc %", "task gain", "val loss"] + [f"Δ {p}" for p in probes] + ["‖θ−θ0‖", "peak GB", "time s"]
+    units = {p: u for r in rows for p, u in r["units"].items()}
+    probes = sorted(units)
+    head = ["run", "task acc %", "task gain", "val loss"] + [f"Δ {p} ({units[p]})" for p in probes] + ["‖θ−θ0‖", "peak GB", "time s"]
     body = [[r["run"], _fmt(r["task"], ".1f"), _fmt(r["task_gain"], "+.1f"), _fmt(r["val_loss"], ".4f")]
             + [_fmt(r["probes"].get(p), "+.1f") for p in probes]
             + [_fmt(r["distance"], ".3g"), _fmt(r["peak_gb"], ".2f"), _fmt(r["time_s"], ".0f")] for r in rows]
