@@ -143,10 +143,11 @@ def page(rows: list[dict]) -> str:
     import plotly.io as pio
     front = set(pareto(rows))
     ok = [r for r in rows if r["task_gain"] is not None and r["forgetting"] is not None]
+    colours = ["#d62728" if r["run"] in front else "#1f77b4" for r in ok]
     fig = go.Figure(go.Scatter(x=[r["forgetting"] for r in ok], y=[r["task_gain"] for r in ok], mode="markers+text",
                                text=[Path(r["run"]).name + (" ★" if r["run"] in front else "") for r in ok],
-                               textposition="top center", marker=dict(size=12, color=["#d62728" if r["run"] in front
-                                                                                        else "#1f77b4" for r in ok])))
+                               textposition=[("top", "bottom")[i % 2] + " center" for i in range(len(ok))],  # near points
+                               marker=dict(size=12, color=colours)))
     fig.update_layout(title="Task gain vs forgetting (★: on the Pareto front)",
                       xaxis_title="forgetting: the worst probe's loss (accuracy points or % NLL)",
                       yaxis_title="task gain (accuracy points)")
