@@ -107,6 +107,13 @@ def test_an_interpolation_without_theta0s_scores_is_one_line(capsys, tmp_path):
     assert main(["compare", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip().startswith(f"fulltune: error: {tmp_path / 'interpolate.json'}: not written "
                                                       "by fulltune interpolate (JSONDecodeError: ")
+    (tmp_path / "final").mkdir()
+    (tmp_path / "results.json").write_text("[1, 2")  # the blended run's own file, cut short
+    (tmp_path / "interpolate.json").write_text(json.dumps({"theta0": "default", "finetuned": str(tmp_path / "final"),
+                                                            "rows": [{"alpha": 0.5}]}))
+    assert main(["compare", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"fulltune: error: {tmp_path / 'results.json'}: not a run's "
+                                                      "results.json (JSONDecodeError: ")
 
 
 def test_each_probe_column_names_its_unit():

@@ -89,8 +89,11 @@ def interpolation_rows(out_dir: Path) -> list[dict]:
     if zero is not None:
         task0, probes0 = zero.get("task"), zero.get("probes")
     elif finetuned.name == "final" and run_results.is_file():
-        r = json.loads(run_results.read_text())
-        task0, probes0 = r.get("task_accuracy_theta0"), r.get("probes_theta0")
+        try:
+            r = json.loads(run_results.read_text())
+            task0, probes0 = r.get("task_accuracy_theta0"), r.get("probes_theta0")
+        except (ValueError, AttributeError) as exc:
+            raise UserError(f"{run_results}: not a run's results.json ({type(exc).__name__}: {exc})") from None
     else:
         raise UserError(f"{path}: no α = 0 row, and {finetuned} is not a run's final/ with "
                         "θ0's scores; rerun interpolate with 0 among --alphas")
