@@ -22,7 +22,7 @@ from fulltune.config import OptimConfig
 from fulltune.data.formats import Example
 from fulltune.data.loader import collate
 from fulltune.memory.estimate import GB, TrainSetup, estimate
-from fulltune.memory.measure import PeakMeter
+from fulltune.memory.measure import PeakMeter, malloc_restored
 from fulltune.memory.spec import spec_from_config
 from fulltune.optim.param_groups import build_optimizer
 from fulltune.train import train_step
@@ -49,6 +49,11 @@ def build(name: str, device: str):
 
 
 def measure(name: str, batch: int, seq: int, device: str, steps: int) -> dict:
+    with malloc_restored():  # the meter leaves glibc in fast mode; the caller gets its own settings back
+        return _measure(name, batch, seq, device, steps)
+
+
+def _measure(name: str, batch: int, seq: int, device: str, steps: int) -> dict:
     model, config = build(name, device)
     optimizer = build_optimizer(model, OptimConfig(lr=1e-5))
     g = torch.Generator().manual_seed(0)

@@ -10,4 +10,5 @@ if ! command -v chromium >/dev/null 2>&1; then  # tests/test_report.py opens rep
   sudo=$([ "$(id -u)" = 0 ] || echo sudo)
   $sudo apt-get install -y -q chromium >/dev/null 2>&1 || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q chromium >/dev/null; }
 fi
+.venv/bin/python -m fulltune.runtime  # the CPU, its flags, inductor's ISA and what precision auto picks
 .venv/bin/python -m pytest -q "$@"

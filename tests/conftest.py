@@ -4,10 +4,68 @@ saved as an HF directory, plus small data files in each format."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
+
+# What `fulltune` sets for itself in cli.main (setdefault): set for the whole session, so a test that
+# calls main() in-process changes nothing.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _config_values(module) -> dict:
+    """Every key of a torch config module (dynamo, inductor) by its repr, or "<hidden>" where it was
+    deleted: a deleted key raises 'does not exist' at the next compile (pytest's monkeypatch deletes
+    a config key it did not find in the module's __dict__ on undo)."""
+    out = {}
+    for key in sorted(getattr(module, "_config", {})):
+        try:
+            out[key] = repr(getattr(module, key))
+        except AttributeError:
+            out[key] = "<hidden>"
+    return out
+
+
+# Set by pytest or by torch itself for its own use, once per process (inductor's C++ glue reads the
+# address of a function from it), not by a test.
+TORCH_OWN_ENV = {"PYTEST_CURRENT_TEST", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"}
+
+
+def global_state() -> dict:
+    """The process-wide state a test must leave as it found it, on every CPU kind and in any order."""
+    import torch._dynamo.config
+    import torch._inductor.config
+    from fulltune.memory.measure import malloc_settings
+    state = {"dynamo." + k: v for k, v in _config_values(torch._dynamo.config).items()}
+    state.update({"inductor." + k: v for k, v in _config_values(torch._inductor.config).items()})
+    state.update({"env." + k: v for k, v in os.environ.items() if k not in TORCH_OWN_ENV})
+    state.update({
+        "default_dtype": torch.get_default_dtype(), "num_threads": torch.get_num_threads(),
+        "num_interop_threads": torch.get_num_interop_threads(), "grad_enabled": torch.is_grad_enabled(),
+        "inference_mode": torch.is_inference_mode_enabled(), "autocast_cpu": torch.is_autocast_enabled("cpu"),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "matmul_precision": torch.get_float32_matmul_precision(), "mallopt": malloc_settings(),
+        "cwd": os.getcwd(), "sigint": signal.getsignal(signal.SIGINT), "sigterm": signal.getsignal(signal.SIGTERM),
+        "distributed": torch.distributed.is_available() and torch.distributed.is_initialized(),
+    })
+    return state
+
+
+@pytest.fixture(autouse=True)
+def _leaves_global_state_unchanged(request):
+    """Fails the test that leaks global state (config of torch.compile, default dtype, threads, grad
+    mode, glibc's malloc settings, environment, signal handlers), naming what changed."""
+    before = global_state()
+    yield
+    after = global_state()
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k, "<absent>") != after.get(k, "<absent>"))
+    if changed:
+        shown = "; ".join(f"{k}: {before.get(k, '<absent>')!r} -> {after.get(k, '<absent>')!r}" for k in changed[:8])
+        pytest.fail(f"{request.node.nodeid} left global state changed ({len(changed)}): {shown}", pytrace=False)
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
@@ -88,3 +146,22 @@ def tiny_overrides(model_dir: Path, train_file: Path, out: Path, **extra) -> lis
             "train.report": False}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--order", default="file", metavar="file|reverse|random[:SEED]",
+                     help="run the tests in file order (default), reversed, or shuffled: none may depend on another's "
+                          "leftovers (the global-state check above fails the one that leaks)")
+
+
+def pytest_collection_modifyitems(config, items):
+    order = config.getoption("--order")
+    if order == "reverse":
+        items.reverse()
+    elif order.startswith("random"):
+        import random
+        seed = int(order.partition(":")[2] or random.randrange(1 << 16))
+        random.Random(seed).shuffle(items)
+        print(f"[tests] shuffled with --order=random:{seed}")
+    elif order != "file":
+        raise pytest.UsageError(f"--order: {order!r} is not file, reverse or random[:SEED]")

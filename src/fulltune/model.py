@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -151,25 +152,41 @@ def compile_layers(model: nn.Module, fallback: bool, device_type: str = "cpu") -
     """train.compile: torch.compile each decoder layer's forward (one graph, reused by every layer of
     the same shape). The module's hooks (FSDP2's gathers, activation checkpointing) stay outside the
     compiled code, in eager mode. `fallback`: a frame that fails to compile runs eagerly, with
-    torch's warning, instead of stopping the run (torch._dynamo.config.suppress_errors).
+    torch's warning, instead of stopping the run (dynamo's suppress_errors, set only while a layer runs).
 
-    Where inductor vectorises CPU code for AVX2 (no AVX512), its pattern rewrites are turned off:
-    with them, the compiled layers of SmolLM2-135M gave NaN in the first training step (fp32, 8 packed
-    rows of 256; torch 2.13, measured with ATEN_CPU_CAPABILITY=avx2 on an AVX512 Xeon), and without
-    them the same step matched eager. Eager and no_grad forwards were unaffected."""
-    import torch._dynamo
-    import torch._inductor.config
-    torch._dynamo.config.suppress_errors = fallback
+    No global torch config is changed: the inductor options travel with each compiled function and
+    dynamo's setting is patched around each call, so a library caller (or the next test) finds
+    torch as it was."""
+    options = inductor_options(device_type, inductor_cpu_isa() if device_type == "cpu" else "")
     layers = decoder_layers(model)
     for layer in layers:
-        layer.forward = torch.compile(layer.forward)
+        layer.forward = _compiled(layer.forward, options, fallback)
     note = ""
-    if device_type == "cpu" and inductor_cpu_isa() == "avx2":
-        torch._inductor.config.pattern_matcher = False
+    if options.get("pattern_matcher") is False:
         note = "; inductor vectorises for AVX2 here: its pattern rewrites are off (they gave NaN in training steps)"
     print(f"[model] torch.compile: {len(layers)} decoder layers (compiled at the first forward passes; step 1's time "
           f"is printed){note}", flush=True)
     return len(layers)
+
+
+def inductor_options(device_type: str, isa: str) -> dict:
+    """Inductor settings for this machine's compiled layers. Where inductor vectorises CPU code for
+    AVX2 (no AVX512), its pattern rewrites are off: with them, the compiled layers of SmolLM2-135M
+    gave NaN in the first training step (fp32, 8 packed rows of 256; torch 2.13, measured with
+    ATEN_CPU_CAPABILITY=avx2 on an AVX512 Xeon), and without them the same step matched eager."""
+    return {"pattern_matcher": False} if device_type == "cpu" and isa == "avx2" else {}
+
+
+def _compiled(forward, options: dict, fallback: bool):
+    import torch._dynamo
+    compiled = torch.compile(forward, options=options or None)
+
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        with torch._dynamo.config.patch(suppress_errors=fallback):
+            return compiled(*args, **kwargs)
+    run.inductor_options = dict(options)  # what it was compiled with (tests, the log)
+    return run
 
 
 def inductor_cpu_isa() -> str:

@@ -119,3 +119,25 @@ def autocast_factory(precision: str, device: torch.device, offload_activations: 
         with cast(), torch.autograd.graph.save_on_cpu(pin_memory=True):
             yield
     return cast_and_offload
+
+
+def machine_line() -> str:
+    """What this machine is, as the CI log and benchmark tables name it: the CPU model, its bf16/AVX
+    flags, the ISA inductor generates code for, and what `precision: auto` picks here."""
+    from fulltune.model import inductor_cpu_isa
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 "unknown CPU")
+    present = set(info.split())
+    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in present]
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return (f"[machine] {model}, {os.cpu_count()} cores; flags {' '.join(flags) or 'none of avx2/avx512/amx'}"
+            f"{f' (ONEDNN_MAX_CPU_ISA={cap})' if cap else ''}; inductor ISA {inductor_cpu_isa()}; "
+            f"precision auto → {resolve_precision('auto', torch.device('cpu'))}; torch {torch.__version__}")
+
+
+if __name__ == "__main__":  # python -m fulltune.runtime: the line scripts/test.sh prints before the tests
+    print(machine_line())

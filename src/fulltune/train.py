@@ -36,6 +36,7 @@ from fulltune.errors import Interrupted, OutOfMemory, UserError
 from fulltune.loss import loss_sum
 from fulltune.evals import budget
 from fulltune.evals.during_run import finish_probes, headlines, report_task, run_probes, task_accuracy
+from fulltune.memory.measure import malloc_restored
 from fulltune.memory.runcheck import out_of_memory_line
 from fulltune.memory.runmemory import RunMemory
 from fulltune.optim.param_groups import lrs_by_name
@@ -264,7 +265,7 @@ def finish(run: Run) -> dict:
 def run_training(cfg: RunConfig) -> Run:
     """setup → task accuracy of θ0 → loop → checkpoint → export, task accuracy of θ*, results.json.
     SIGINT / SIGTERM (stop.py): at once outside the steps; during them, after the step and a checkpoint."""
-    with StopRequest() as stop:
+    with StopRequest() as stop, malloc_restored():  # glibc's settings as the caller had them, afterwards
         run = setup(cfg)
         if run.state["step"] == 0:
             if run.data.task is not None:

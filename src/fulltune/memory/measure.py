@@ -30,13 +30,38 @@ FAST_TRIM_THRESHOLD = 1 << 30
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+# glibc's documented defaults. Setting them explicitly also turns off its dynamic mmap threshold, so
+# "glibc" after a run is these values, not the untouched allocator: the closest glibc lets us return to.
+GLIBC_DEFAULTS = {"mmap_max": GLIBC_MMAP_MAX, "mmap_threshold": 128 * 1024, "trim_threshold": 128 * 1024}
+_settings: dict[str, int] = dict(GLIBC_DEFAULTS)  # what this process last asked glibc for (it has no getter)
+
+
 def _mallopt(**settings: int) -> bool:
     codes = {"mmap_max": M_MMAP_MAX, "mmap_threshold": M_MMAP_THRESHOLD, "trim_threshold": M_TRIM_THRESHOLD}
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return all(bool(libc.mallopt(codes[k], v)) for k, v in settings.items())
+        ok = all(bool(libc.mallopt(codes[k], v)) for k, v in settings.items())
     except (OSError, AttributeError):
         return False
+    _settings.update(settings)
+    return ok
+
+
+def malloc_settings() -> dict[str, int]:
+    """The allocator settings this process asked for last (glibc's defaults until fulltune sets any)."""
+    return dict(_settings)
+
+
+@contextlib.contextmanager
+def malloc_restored():
+    """Whatever a run asks of glibc (measuring mode, then fast mode), the caller gets its own settings
+    back afterwards: a library user's process, or the next test, is not left in fast mode."""
+    saved = malloc_settings()
+    try:
+        yield
+    finally:
+        if malloc_settings() != saved:
+            _mallopt(**saved)
 
 
 def make_malloc_honest() -> bool:
