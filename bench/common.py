@@ -31,19 +31,39 @@ def cpu_flags() -> list[str]:
 
 
 def cpu_name() -> str:
-    return next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")), "unknown CPU")
+    return next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown CPU",
+    )
 
 
-def quickstart_steps(label: str, out: Path, steps: int, memory_steps: int, overrides: list[str],
-                     avx2: bool = False) -> tuple[list[dict], list[float], str]:
+def quickstart_steps(
+    label: str, out: Path, steps: int, memory_steps: int, overrides: list[str], avx2: bool = False
+) -> tuple[list[dict], list[float], str]:
     """`fulltune train configs/quickstart-2026-11.yaml` for `steps` steps in its own process, without
     evaluation: the data and padded 8-sequence batches these benches were measured on (a mode's
     overrides come last): (its step records, each step's seconds, its stdout)."""
-    cmd = [sys.executable, "-m", "fulltune", "train", str(OLD_QUICKSTART),
-           f"train.output_dir={out}", f"train.max_steps={steps}", "train.progress=false", "train.save_interval=0",
-           "train.val_interval=0", "data.val_fraction=0", "eval.task_file=", "eval.probes=[]",
-           f"train.memory_steps={memory_steps}", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fulltune",
+        "train",
+        str(OLD_QUICKSTART),
+        f"train.output_dir={out}",
+        f"train.max_steps={steps}",
+        "train.progress=false",
+        "train.save_interval=0",
+        "train.val_interval=0",
+        "data.val_fraction=0",
+        "eval.task_file=",
+        "eval.probes=[]",
+        f"train.memory_steps={memory_steps}",
+        *overrides,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=bench_env(avx2))
     if proc.returncode != 0:
         raise SystemExit(f"{label}: exit {proc.returncode}\n{proc.stderr[-2000:]}")
@@ -56,6 +76,7 @@ def run_modes(modes, only, run_one, describe, out_file: str, steps: int, avx2: b
     """Each (label, overrides) of `modes` (those in `only`, if given) through `run_one(label, overrides,
     folder)`, a line each (`describe(row)`), then every row into `out_file` with the CPU's flags."""
     import tempfile
+
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for label, overrides in modes:
@@ -64,7 +85,10 @@ def run_modes(modes, only, run_one, describe, out_file: str, steps: int, avx2: b
             rows.append(run_one(label, overrides, Path(tmp)))
             print(f"{label}: {describe(rows[-1])}", flush=True)
     Path(out_file).parent.mkdir(parents=True, exist_ok=True)
-    Path(out_file).write_text(json.dumps({"cpu": cpu_name(), "cpu_flags": cpu_flags(), "avx2_cap": avx2, "steps": steps,
-                                          "rows": rows}, indent=1))
+    Path(out_file).write_text(
+        json.dumps(
+            {"cpu": cpu_name(), "cpu_flags": cpu_flags(), "avx2_cap": avx2, "steps": steps, "rows": rows}, indent=1
+        )
+    )
     print(f"CPU: {cpu_name()}, flags {' '.join(cpu_flags())}{' (capped at AVX2)' if avx2 else ''}\n")
     return rows

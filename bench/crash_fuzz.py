@@ -30,17 +30,39 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def command(model_dir: Path, data: str, out: Path, steps: int) -> list[str]:
-    keys = {"model.path": model_dir, "data.train": data, "data.max_seq_len": 128, "data.val_fraction": 0,
-            "train.output_dir": out, "train.precision": "fp32", "train.device": "cpu", "train.micro_batch_size": 4,
-            "train.max_steps": steps, "train.save_interval": 1, "train.keep_checkpoints": 2, "train.progress": "false",
-            "train.peak_probe_s": 0.02, "train.resume": "auto", "optim.lr": 1e-3, "schedule.warmup_steps": 2,
-            "eval.task_file": "", "eval.probes": "[]"}
-    return [sys.executable, "-m", "fulltune", "train", str(ROOT / "configs" / "quickstart.yaml"),
-            *(f"{k}={v}" for k, v in keys.items())]
+    keys = {
+        "model.path": model_dir,
+        "data.train": data,
+        "data.max_seq_len": 128,
+        "data.val_fraction": 0,
+        "train.output_dir": out,
+        "train.precision": "fp32",
+        "train.device": "cpu",
+        "train.micro_batch_size": 4,
+        "train.max_steps": steps,
+        "train.save_interval": 1,
+        "train.keep_checkpoints": 2,
+        "train.progress": "false",
+        "train.peak_probe_s": 0.02,
+        "train.resume": "auto",
+        "optim.lr": 1e-3,
+        "schedule.warmup_steps": 2,
+        "eval.task_file": "",
+        "eval.probes": "[]",
+    }
+    return [
+        sys.executable,
+        "-m",
+        "fulltune",
+        "train",
+        str(ROOT / "configs" / "quickstart.yaml"),
+        *(f"{k}={v}" for k, v in keys.items()),
+    ]
 
 
 def _env() -> dict:
     import os
+
     return dict(os.environ, PYTHONPATH=str(ROOT / "src"))
 
 
@@ -66,11 +88,14 @@ def _steps(out: Path) -> int:
 
 
 def _losses(out: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    return [
+        (r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    ]
 
 
 def _weights(out: Path) -> dict:
     from safetensors.torch import load_file
+
     return load_file(str(out / "final" / "model.safetensors"))
 
 
@@ -97,8 +122,14 @@ def trial(cmd: list[str], out: Path, timing: dict, kills: int, rng: random.Rando
         proc.kill()
         proc.wait()
         cut = sorted(str(p.relative_to(out)) for p in out.rglob(".*.tmp-*")) if out.exists() else []
-        events.append({"phase": "loading" if before else "steps", "delay_s": round(delay, 3), "step_logged": _steps(out),
-                       "writes_cut": cut})
+        events.append(
+            {
+                "phase": "loading" if before else "steps",
+                "delay_s": round(delay, 3),
+                "step_logged": _steps(out),
+                "writes_cut": cut,
+            }
+        )
     final = subprocess.run(cmd, capture_output=True, text=True, env=_env())
     return {"events": events, "exit": final.returncode, "stderr": final.stderr[-1500:] if final.returncode else ""}
 
@@ -117,11 +148,22 @@ def make_tiny_model(dest: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     from fulltune.assets import ensure_model
+
     tok = AutoTokenizer.from_pretrained(ensure_model())
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
     LlamaForCausalLM(cfg).save_pretrained(dest)
     tok.save_pretrained(dest)
     return dest
@@ -138,11 +180,20 @@ def fuzz(model_dir: Path, data: str, work: Path, trials: int, kills: int, steps:
         row.update(compare(out, reference), trial=i)
         rows.append(row)
         cut = sum(bool(e.get("writes_cut")) for e in row["events"])
-        print(f"trial {i}: kills at steps {[e.get('step_logged', 'done') for e in row['events']]}, {cut} cut a write; "
-              f"exit {row['exit']}, bitwise equal {row['bitwise_equal']}, metrics equal {row['metrics_equal']}", flush=True)
+        print(
+            f"trial {i}: kills at steps {[e.get('step_logged', 'done') for e in row['events']]}, {cut} cut a write; "
+            f"exit {row['exit']}, bitwise equal {row['bitwise_equal']}, metrics equal {row['metrics_equal']}",
+            flush=True,
+        )
         shutil.rmtree(out, ignore_errors=True)
-    return {"timing": timing, "steps": steps, "kills_per_trial": kills, "seed": seed, "trials": rows,
-            "equal": sum(r["bitwise_equal"] and r["metrics_equal"] and r["exit"] == 0 for r in rows)}
+    return {
+        "timing": timing,
+        "steps": steps,
+        "kills_per_trial": kills,
+        "seed": seed,
+        "trials": rows,
+        "equal": sum(r["bitwise_equal"] and r["metrics_equal"] and r["exit"] == 0 for r in rows),
+    }
 
 
 def main() -> None:
@@ -155,17 +206,20 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     from common import cpu_flags, cpu_name
+
     with tempfile.TemporaryDirectory() as tmp:
         model = make_tiny_model(Path(tmp) / "tiny")
         result = fuzz(model, "builtin:sst2-short/train", Path(tmp), args.trials, args.kills, args.steps, args.seed)
     result.update(cpu=cpu_name(), cpu_flags=cpu_flags())
     Path(args.out).write_text(json.dumps(result, indent=1))
     kills = [e for r in result["trials"] for e in r["events"]]
-    print(f"\n{result['equal']}/{args.trials} trials bitwise equal to the uninterrupted run; {len(kills)} kills, "
-          f"{sum(e.get('phase') == 'loading' for e in kills)} during loading, {sum(e.get('phase') == 'steps' for e in kills)} "
-          f"during the steps or after them ({sum(bool(e.get('writes_cut')) for e in kills)} cut a checkpoint or export "
-          f"write), {sum('finished_first' in e for e in kills)} too late (the run had finished); "
-          f"uninterrupted run {result['timing']['wall_s']:.1f} s, first step at {result['timing']['first_step_s']:.1f} s")
+    print(
+        f"\n{result['equal']}/{args.trials} trials bitwise equal to the uninterrupted run; {len(kills)} kills, "
+        f"{sum(e.get('phase') == 'loading' for e in kills)} during loading, {sum(e.get('phase') == 'steps' for e in kills)} "
+        f"during the steps or after them ({sum(bool(e.get('writes_cut')) for e in kills)} cut a checkpoint or export "
+        f"write), {sum('finished_first' in e for e in kills)} too late (the run had finished); "
+        f"uninterrupted run {result['timing']['wall_s']:.1f} s, first step at {result['timing']['first_step_s']:.1f} s"
+    )
 
 
 if __name__ == "__main__":

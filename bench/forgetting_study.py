@@ -24,8 +24,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "runs" / "study"
-BASE = ["optim.lr=3e-4", "train.epochs=3", "eval.probe_items=100", "eval.probe_code_items=40",
-        "train.progress=false", "train.overwrite=true"]
+BASE = [
+    "optim.lr=3e-4",
+    "train.epochs=3",
+    "eval.probe_items=100",
+    "eval.probe_code_items=40",
+    "train.progress=false",
+    "train.overwrite=true",
+]
 GENERAL = "data.general=[builtin:lambada]"
 ROWS = {
     "baseline": [],
@@ -41,12 +47,20 @@ MC, CODE = ("arc_easy", "piqa", "sciq"), ("humaneval", "mbpp")
 
 
 def command(name: str) -> list[str]:
-    return ["fulltune", "train", "configs/quickstart-2026-11.yaml", *BASE, *ROWS[name], f"train.output_dir=runs/study/{name}"]
+    return [
+        "fulltune",
+        "train",
+        "configs/quickstart-2026-11.yaml",
+        *BASE,
+        *ROWS[name],
+        f"train.output_dir=runs/study/{name}",
+    ]
 
 
 def distance_from_theta0(final: Path) -> float:
     """‖θ − θ0‖₂ over every parameter, from the saved weights."""
     from fulltune.compare_runs import distance_to_theta0
+
     return distance_to_theta0(final, "default")
 
 
@@ -60,16 +74,31 @@ def run_row(name: str) -> dict:
         (OUT / name / "wall_s.txt").write_text(f"{time.perf_counter() - started:.0f}\n")
     r = json.loads(results.read_text())
     wall = (OUT / name / "wall_s.txt").read_text().strip() if (OUT / name / "wall_s.txt").is_file() else "?"
-    return {"name": name, "task": r["task_accuracy_final"]["accuracy"], "task0": r["task_accuracy_theta0"]["accuracy"],
-            "probes": r["probes_final"], "probes0": r["probes_theta0"], "train_s": r["train_time_s"], "wall_s": wall,
-            "distance": distance_from_theta0(OUT / name / "final"),
-            "cmd": shlex.join(command(name))}
+    return {
+        "name": name,
+        "task": r["task_accuracy_final"]["accuracy"],
+        "task0": r["task_accuracy_theta0"]["accuracy"],
+        "probes": r["probes_final"],
+        "probes0": r["probes_theta0"],
+        "train_s": r["train_time_s"],
+        "wall_s": wall,
+        "distance": distance_from_theta0(OUT / name / "final"),
+        "cmd": shlex.join(command(name)),
+    }
 
 
 def run_wise(base: str = "baseline") -> list[dict]:
     out = OUT / f"wise-{base}"
-    cmd = ["fulltune", "interpolate", "default", f"runs/study/{base}/final", "--alphas", WISE_ALPHAS,
-           "--out", f"runs/study/wise-{base}"]
+    cmd = [
+        "fulltune",
+        "interpolate",
+        "default",
+        f"runs/study/{base}/final",
+        "--alphas",
+        WISE_ALPHAS,
+        "--out",
+        f"runs/study/wise-{base}",
+    ]
     if not (out / "interpolate.json").is_file():
         print("$ " + shlex.join(cmd), flush=True)
         started = time.perf_counter()
@@ -79,26 +108,43 @@ def run_wise(base: str = "baseline") -> list[dict]:
     rows = json.loads((out / "interpolate.json").read_text())["rows"]
     wall = (out / "wall_s.txt").read_text().strip()
     full = distance_from_theta0(OUT / base / "final")
-    return [{"name": f"WiSE-FT α={r['alpha']:g} ({base})", "task": r["task"]["accuracy"], "probes": r["probes"],
-             "distance": r["alpha"] * full,
-             "train_s": None, "wall_s": f"{wall} for {len(rows)} α" if i == 0 else "″", "cmd": shlex.join(cmd) if i == 0 else ""}
-            for i, r in enumerate(rows)]
+    return [
+        {
+            "name": f"WiSE-FT α={r['alpha']:g} ({base})",
+            "task": r["task"]["accuracy"],
+            "probes": r["probes"],
+            "distance": r["alpha"] * full,
+            "train_s": None,
+            "wall_s": f"{wall} for {len(rows)} α" if i == 0 else "″",
+            "cmd": shlex.join(cmd) if i == 0 else "",
+        }
+        for i, r in enumerate(rows)
+    ]
 
 
 def table(rows: list[dict], theta0: dict) -> str:
-    head = "| run | task acc | ARC-Easy | PIQA | SciQ | mean MC Δ | HumanEval NLL | MBPP NLL | ‖θ−θ0‖ | train s | wall s |"
+    head = (
+        "| run | task acc | ARC-Easy | PIQA | SciQ | mean MC Δ | HumanEval NLL | MBPP NLL | ‖θ−θ0‖ | train s | wall s |"
+    )
     lines = [head, "| --- |" + " ---: |" * 10]
     t0 = theta0
-    lines.append(f"| θ0 | {100 * t0['task']:.1f}% | " + " | ".join(f"{100 * t0['probes'][p]['acc']:.0f}%" for p in MC)
-                 + " | – | " + " | ".join(f"{t0['probes'][p]['nll_per_token']:.3f}" for p in CODE) + " | 0 | – | – |")
+    lines.append(
+        f"| θ0 | {100 * t0['task']:.1f}% | "
+        + " | ".join(f"{100 * t0['probes'][p]['acc']:.0f}%" for p in MC)
+        + " | – | "
+        + " | ".join(f"{t0['probes'][p]['nll_per_token']:.3f}" for p in CODE)
+        + " | 0 | – | – |"
+    )
     for r in rows:
         mc_delta = sum(r["probes"][p]["acc"] - t0["probes"][p]["acc"] for p in MC) / len(MC)
         train = f"{r['train_s']:.0f}" if r["train_s"] is not None else "–"
-        lines.append(f"| {r['name']} | {100 * r['task']:.1f}% | "
-                     + " | ".join(f"{100 * r['probes'][p]['acc']:.0f}%" for p in MC)
-                     + f" | {100 * mc_delta:+.1f} | "
-                     + " | ".join(f"{r['probes'][p]['nll_per_token']:.3f}" for p in CODE)
-                     + f" | {r['distance']:.1f} | {train} | {r['wall_s']} |")
+        lines.append(
+            f"| {r['name']} | {100 * r['task']:.1f}% | "
+            + " | ".join(f"{100 * r['probes'][p]['acc']:.0f}%" for p in MC)
+            + f" | {100 * mc_delta:+.1f} | "
+            + " | ".join(f"{r['probes'][p]['nll_per_token']:.3f}" for p in CODE)
+            + f" | {r['distance']:.1f} | {train} | {r['wall_s']} |"
+        )
     return "\n".join(lines)
 
 
@@ -110,7 +156,9 @@ def write_docs(text: str) -> None:
     doc = ROOT / "docs" / "forgetting.md"
     body = doc.read_text()
     new = f"<!-- BENCH:forgetting_study -->\n{text}\n<!-- /BENCH:forgetting_study -->"
-    body = re.sub(r"<!-- BENCH:forgetting_study -->.*?<!-- /BENCH:forgetting_study -->", lambda _: new, body, flags=re.S)
+    body = re.sub(
+        r"<!-- BENCH:forgetting_study -->.*?<!-- /BENCH:forgetting_study -->", lambda _: new, body, flags=re.S
+    )
     doc.write_text(body)
 
 

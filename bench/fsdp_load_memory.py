@@ -9,8 +9,11 @@ fp32) and its local shard bytes.
 import resource, sys, torch, torch.distributed as dist
 from fulltune import distributed as D
 from fulltune.config import ModelConfig
+
 dev = D.init("cpu")
 model, tok = D.load_sharded(ModelConfig(), "fp32", dev)
-sys.stderr.write(f"rank {D.rank()}: peak RSS after loading {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1e6:.2f} GB, "
-                 f"local shard bytes {sum(D.local(p).numel()*4 for p in model.parameters())/1e9:.3f} GB\n")
+sys.stderr.write(
+    f"rank {D.rank()}: peak RSS after loading {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB, "
+    f"local shard bytes {sum(D.local(p).numel() * 4 for p in model.parameters()) / 1e9:.3f} GB\n"
+)
 D.shutdown()

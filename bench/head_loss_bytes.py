@@ -6,18 +6,24 @@ of F.linear → .float() → cross_entropy(reduction="none") → backward for 20
 
     .venv/bin/python bench/head_loss_bytes.py amp|fp32
 """
+
 import torch, torch.nn.functional as F, sys, contextlib
 from fulltune.memory.measure import PeakMeter
+
 N, V, h = 2048, 49152, 256
 amp = sys.argv[1] == "amp"
 w = torch.randn(V, h, requires_grad=True)
 x = torch.randn(N, h, requires_grad=True)
 t = torch.randint(0, V, (N,))
+
+
 def f():
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
     with ctx:
         logits = F.linear(x, w)
     return -F.cross_entropy(logits.float(), t, reduction="none")
+
+
 for i in range(2):
     m = PeakMeter("cpu").start()
     with m.section("s"):
@@ -27,4 +33,5 @@ for i in range(2):
     m.stop()
     extra = V * h * 4 + (V * h * 2 if amp else 0)
     print(sys.argv[1], "peak bytes per N·V (minus w.grad and bf16 w):", (m.above_baseline("s") - extra) / (N * V))
-    w.grad = None; x.grad = None
+    w.grad = None
+    x.grad = None

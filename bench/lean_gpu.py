@@ -28,18 +28,22 @@ from fulltune.optim.param_groups import build_optimizer
 from fulltune.train import train_step
 
 MODELS = {"1b": "llama3.2-1b", "8b": "llama3.1-8b"}
-MODES = {"default": dict(precision="bf16-mixed", optimizer="adamw", in_backward=False, ckpt=False, clip=1.0),
-         "lean": dict(precision="bf16", optimizer="adamw4bit", in_backward=True, ckpt=True, clip=0.0)}
+MODES = {
+    "default": dict(precision="bf16-mixed", optimizer="adamw", in_backward=False, ckpt=False, clip=1.0),
+    "lean": dict(precision="bf16", optimizer="adamw4bit", in_backward=True, ckpt=True, clip=0.0),
+}
 
 
 def config_of(preset: str, seq: int):
     from transformers import LlamaConfig
+
     fields = {k: v for k, v in PRESETS[preset].items() if k not in ("nominal", "model_type")}
     return LlamaConfig(**fields, max_position_embeddings=max(seq, 128))
 
 
 def one(preset: str, mode: str, args, device: torch.device) -> str:
     from transformers import LlamaForCausalLM
+
     m = MODES[mode]
     config = config_of(preset, args.seq) if not args.cpu_tiny else _tiny_config()
     torch.manual_seed(0)
@@ -49,12 +53,16 @@ def one(preset: str, mode: str, args, device: torch.device) -> str:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optimizer = build_optimizer(model, OptimConfig(name=m["optimizer"], lr=1e-5), m["precision"], m["in_backward"])
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if m["precision"] == "bf16-mixed" \
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+        if m["precision"] == "bf16-mixed"
         else contextlib.nullcontext
+    )
     g = torch.Generator().manual_seed(0)
     seq = 64 if args.cpu_tiny else args.seq
-    examples = [Example(torch.randint(3, config.vocab_size, (seq,), generator=g).tolist(), [1] * seq)
-                for _ in range(args.batch)]
+    examples = [
+        Example(torch.randint(3, config.vocab_size, (seq,), generator=g).tolist(), [1] * seq) for _ in range(args.batch)
+    ]
     batch = collate(examples, 0, device)
     times = []
     for step in range(args.steps):
@@ -67,22 +75,39 @@ def one(preset: str, mode: str, args, device: torch.device) -> str:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    setup = TrainSetup(micro_batch=args.batch, seq_len=seq, precision=m["precision"], optimizer=m["optimizer"],
-                       optimizer_in_backward=m["in_backward"], activation_checkpointing=m["ckpt"], device=device.type)
+    setup = TrainSetup(
+        micro_batch=args.batch,
+        seq_len=seq,
+        precision=m["precision"],
+        optimizer=m["optimizer"],
+        optimizer_in_backward=m["in_backward"],
+        activation_checkpointing=m["ckpt"],
+        device=device.type,
+    )
     est = estimate(spec_from_config(config, preset), setup)
     predicted = (est.peak - est.get("CUDA context")) / GB
     peak = torch.cuda.max_memory_allocated() / GB if device.type == "cuda" else float("nan")
     steady = times[1:] or times
     tok_s = args.batch * seq / (sum(steady) / len(steady))
-    return (f"{preset} {mode}: loss {loss:.3f}, step 1 {times[0]:.1f} s, {tok_s:,.0f} tok/s (steps 2-{args.steps}), "
-            f"peak allocated {peak:.2f} GB, estimate {predicted:.2f} GB"
-            + (f" ({100 * (predicted - peak) / peak:+.1f}%)" if peak == peak else ""))
+    return (
+        f"{preset} {mode}: loss {loss:.3f}, step 1 {times[0]:.1f} s, {tok_s:,.0f} tok/s (steps 2-{args.steps}), "
+        f"peak allocated {peak:.2f} GB, estimate {predicted:.2f} GB"
+        + (f" ({100 * (predicted - peak) / peak:+.1f}%)" if peak == peak else "")
+    )
 
 
 def _tiny_config():
     from transformers import LlamaConfig
-    return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+    return LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=172,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
 
 
 def main() -> None:
@@ -95,8 +120,10 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device("cpu" if args.cpu_tiny else "cuda")
     if device.type == "cuda":
-        print(torch.cuda.get_device_name(), f"{torch.cuda.get_device_properties(0).total_memory / GB:.0f} GB", flush=True)
-    for key in (["1b"] if args.cpu_tiny else args.models):
+        print(
+            torch.cuda.get_device_name(), f"{torch.cuda.get_device_properties(0).total_memory / GB:.0f} GB", flush=True
+        )
+    for key in ["1b"] if args.cpu_tiny else args.models:
         for mode in MODES:
             try:
                 print(one(MODELS[key], mode, args, device), flush=True)

@@ -39,29 +39,43 @@ def rate(fn, flops: float, seconds: float = 0.4) -> float:
 def main() -> None:
     from fulltune.runtime import cpu_has_bf16_units
     from fulltune.throughput import matmul_peak
-    print(f"CPU: {cpu_name()}, flags {' '.join(cpu_flags())}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads\n")
+
+    print(
+        f"CPU: {cpu_name()}, flags {' '.join(cpu_flags())}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads\n"
+    )
     print("| dtype | M | weight (in→out) | forward X·Wᵀ | input grad dY·W | weight grad dYᵀ·X |")
     print("| --- | ---: | --- | ---: | ---: | ---: |")
     ceilings = []
-    for dtype in (torch.bfloat16, torch.float32) if cpu_has_bf16_units() else (torch.float32,):  # no units: bf16 is software
+    for dtype in (
+        (torch.bfloat16, torch.float32) if cpu_has_bf16_units() else (torch.float32,)
+    ):  # no units: bf16 is software
         peak = matmul_peak(torch.device("cpu"), dtype, 2048, 576, 1536)
         for m in (1900, 3800):
             flops = seconds = 0.0
             for k, n, count in SHAPES:
-                x, w, dy = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype), torch.randn(m, n, dtype=dtype)
+                x, w, dy = (
+                    torch.randn(m, k, dtype=dtype),
+                    torch.randn(n, k, dtype=dtype),
+                    torch.randn(m, n, dtype=dtype),
+                )
                 f = 2.0 * m * k * n
                 rates = [rate(lambda: x @ w.t(), f), rate(lambda: dy @ w, f), rate(lambda: dy.t() @ x, f)]
                 flops += 3 * f * count
                 seconds += sum(f / r for r in rates) * count
-                print(f"| {str(dtype).removeprefix('torch.')} | {m} | {k}→{n} | "
-                      + " | ".join(f"{r / 1e12:.2f} TFLOP/s" for r in rates) + " |")
+                print(
+                    f"| {str(dtype).removeprefix('torch.')} | {m} | {k}→{n} | "
+                    + " | ".join(f"{r / 1e12:.2f} TFLOP/s" for r in rates)
+                    + " |"
+                )
             ceilings.append((dtype, m, peak, flops / seconds))
     print("\n| dtype | M | measured peak (run's probe) | all of a step's matmuls | matmul-only MFU ceiling |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for dtype, m, peak, achieved in ceilings:
-        print(f"| {str(dtype).removeprefix('torch.')} | {m} | {peak / 1e12:.2f} TFLOP/s | {achieved / 1e12:.2f} TFLOP/s | "
-              f"{100 * achieved / peak:.0f}% |")
+        print(
+            f"| {str(dtype).removeprefix('torch.')} | {m} | {peak / 1e12:.2f} TFLOP/s | {achieved / 1e12:.2f} TFLOP/s | "
+            f"{100 * achieved / peak:.0f}% |"
+        )
 
 
 if __name__ == "__main__":

@@ -27,13 +27,27 @@ FULLTUNE = [sys.executable, "-m", "fulltune"]
 CONFIGS = [
     ("135M bf16-mixed AdamW b4×256", "135m", "text:256", ["train.micro_batch_size=4"]),
     ("135M fp32 AdamW b4×256", "135m", "text:256", ["train.micro_batch_size=4", "train.precision=fp32"]),
-    ("135M bf16-mixed AdamW b8×512 ckpt", "135m", "text:512", ["train.micro_batch_size=8", "model.activation_checkpointing=true"]),
+    (
+        "135M bf16-mixed AdamW b8×512 ckpt",
+        "135m",
+        "text:512",
+        ["train.micro_batch_size=8", "model.activation_checkpointing=true"],
+    ),
     ("135M bf16-mixed SGD b4×256", "135m", "text:256", ["train.micro_batch_size=4", "optim.name=sgd"]),
-    ("135M bf16-mixed SGD-mom b2×1024", "135m", "text:1024", ["train.micro_batch_size=2", "optim.name=sgd", "optim.momentum=0.9"]),
+    (
+        "135M bf16-mixed SGD-mom b2×1024",
+        "135m",
+        "text:1024",
+        ["train.micro_batch_size=2", "optim.name=sgd", "optim.momentum=0.9"],
+    ),
     ("135M bf16-mixed AdamW b8 SST-2 SFT", "135m", "sft", ["train.micro_batch_size=8"]),
     ("tiny bf16-mixed AdamW b8×512", "tiny", "text:512", ["train.micro_batch_size=8"]),
-    ("tiny fp32 AdamW b16×256 ckpt", "tiny", "text:256",
-     ["train.micro_batch_size=16", "train.precision=fp32", "model.activation_checkpointing=true"]),
+    (
+        "tiny fp32 AdamW b16×256 ckpt",
+        "tiny",
+        "text:256",
+        ["train.micro_batch_size=16", "train.precision=fp32", "model.activation_checkpointing=true"],
+    ),
 ]
 
 
@@ -42,9 +56,19 @@ def make_tiny(folder: Path, default_dir: Path) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(default_dir).save_pretrained(folder)
     return folder
@@ -64,9 +88,21 @@ def make_text(path: Path, tokens: int, tokenizer, reviews: list[str], n: int = 6
 
 
 def run_one(label: str, model: str, data: str, extra: list[str], out: Path, steps: int) -> dict:
-    cmd = FULLTUNE + ["train", str(ROOT / "configs/quickstart.yaml"), f"model.path={model}", f"data.train={data}",
-                      f"train.output_dir={out}", f"train.max_steps={steps}", "eval.task_file=", "data.val_fraction=0",
-                      "train.progress=false", "train.overwrite=true", "data.overlong=truncate", "data.packing=false", *extra]
+    cmd = FULLTUNE + [
+        "train",
+        str(ROOT / "configs/quickstart.yaml"),
+        f"model.path={model}",
+        f"data.train={data}",
+        f"train.output_dir={out}",
+        f"train.max_steps={steps}",
+        "eval.task_file=",
+        "data.val_fraction=0",
+        "train.progress=false",
+        "train.overwrite=true",
+        "data.overlong=truncate",
+        "data.packing=false",
+        *extra,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         sys.exit(f"[bench] {label} failed:\n{proc.stderr[-3000:]}")
@@ -76,14 +112,19 @@ def run_one(label: str, model: str, data: str, extra: list[str], out: Path, step
 
 
 def table(rows: list[dict], steps: int) -> str:
-    lines = [f"Command: `.venv/bin/python bench/memory_accuracy.py --steps {steps}` ({os.cpu_count()} CPU cores, "
-             f"{steps} steps per configuration).", "",
-             "| configuration | largest micro-batch | predicted (GB) | measured (GB) | error |",
-             "| --- | --- | ---: | ---: | ---: |"]
+    lines = [
+        f"Command: `.venv/bin/python bench/memory_accuracy.py --steps {steps}` ({os.cpu_count()} CPU cores, "
+        f"{steps} steps per configuration).",
+        "",
+        "| configuration | largest micro-batch | predicted (GB) | measured (GB) | error |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
     for r in rows:
         lb = r["largest_micro_batch"]
-        lines.append(f"| {r['label']} | {lb['rows']}×{lb['length']} ({lb['targets']} loss tokens) | "
-                     f"{r['predicted_peak_gb']:.2f} | {r['measured_peak_gb']:.2f} | {r['error_pct']:+.1f}% |")
+        lines.append(
+            f"| {r['label']} | {lb['rows']}×{lb['length']} ({lb['targets']} loss tokens) | "
+            f"{r['predicted_peak_gb']:.2f} | {r['measured_peak_gb']:.2f} | {r['error_pct']:+.1f}% |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -105,10 +146,13 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from fulltune.assets import ensure_model, ensure_sst2
+
     default_dir, sst2 = ensure_model(), ensure_sst2()
     tokenizer = AutoTokenizer.from_pretrained(default_dir)
-    reviews = [json.loads(line)["messages"][0]["content"].split("Review: ")[1].split("\n")[0]
-               for line in (sst2 / "train.jsonl").read_text().splitlines()]
+    reviews = [
+        json.loads(line)["messages"][0]["content"].split("Review: ")[1].split("\n")[0]
+        for line in (sst2 / "train.jsonl").read_text().splitlines()
+    ]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -125,8 +169,11 @@ def main() -> None:
                 data_arg, seq = str(path), [f"data.max_seq_len={length}"]
             print(f"[bench] {label} ...", flush=True)
             rows.append(run_one(label, models[model], data_arg, seq + extra, tmp / f"run{index}", args.steps))
-            print(f"[bench]   predicted {rows[-1]['predicted_peak_gb']:.2f} GB, measured "
-                  f"{rows[-1]['measured_peak_gb']:.2f} GB ({rows[-1]['error_pct']:+.1f}%)", flush=True)
+            print(
+                f"[bench]   predicted {rows[-1]['predicted_peak_gb']:.2f} GB, measured "
+                f"{rows[-1]['measured_peak_gb']:.2f} GB ({rows[-1]['error_pct']:+.1f}%)",
+                flush=True,
+            )
     text = table(rows, args.steps)
     print(text)
     if not args.no_write:

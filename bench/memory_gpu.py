@@ -38,10 +38,18 @@ GRID = [("0.5B", 4, 1024), ("0.5B", 8, 2048), ("1.1B", 2, 2048), ("1.1B", 4, 409
 
 def build(name: str, device: str):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     h, i, layers, heads, kv = SHAPES[name]
-    config = LlamaConfig(vocab_size=32000 if name != "tiny" else 512, hidden_size=h, intermediate_size=i,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                         max_position_embeddings=8192, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=32000 if name != "tiny" else 512,
+        hidden_size=h,
+        intermediate_size=i,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+    )
     with torch.device(device):
         model = LlamaForCausalLM(config).float()
     model.config._attn_implementation = "sdpa"
@@ -57,8 +65,9 @@ def _measure(name: str, batch: int, seq: int, device: str, steps: int) -> dict:
     model, config = build(name, device)
     optimizer = build_optimizer(model, OptimConfig(lr=1e-5))
     g = torch.Generator().manual_seed(0)
-    examples = [Example(torch.randint(3, config.vocab_size, (seq,), generator=g).tolist(), [1] * seq)
-                for _ in range(batch)]
+    examples = [
+        Example(torch.randint(3, config.vocab_size, (seq,), generator=g).tolist(), [1] * seq) for _ in range(batch)
+    ]
     batch_t = collate(examples, pad_id=0, device=device)
     autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if device == "cuda" else contextlib.nullcontext
     meter = PeakMeter(device).start()
@@ -68,16 +77,28 @@ def _measure(name: str, batch: int, seq: int, device: str, steps: int) -> dict:
             train_step(model, optimizer, [batch_t], autocast, grad_clip=1.0)
     elapsed = time.perf_counter() - t0
     meter.stop()
-    setup = TrainSetup(micro_batch=batch, seq_len=seq, precision="bf16-mixed" if device == "cuda" else "fp32",
-                       loss_fraction=(seq - 1) / seq, device=device)
+    setup = TrainSetup(
+        micro_batch=batch,
+        seq_len=seq,
+        precision="bf16-mixed" if device == "cuda" else "fp32",
+        loss_fraction=(seq - 1) / seq,
+        device=device,
+    )
     est = estimate(spec_from_config(config, name), setup)
     predicted = est.peak - est.get("CUDA context")  # not in the allocator's figures
     # CUDA: absolute allocated peak (the weights were allocated before the meter started); CPU: above baseline.
     measured = meter.sections["train"] - (0 if device == "cuda" else meter.baseline)
-    result = {"model": name, "params": sum(p.numel() for p in model.parameters()), "batch": batch, "seq": seq,
-              "predicted_gb": predicted / GB, "measured_gb": measured / GB,
-              "reserved_gb": meter.sections.get("train_reserved", 0) / GB,
-              "error_pct": 100 * (predicted - measured) / measured, "tokens_per_s": steps * batch * seq / elapsed}
+    result = {
+        "model": name,
+        "params": sum(p.numel() for p in model.parameters()),
+        "batch": batch,
+        "seq": seq,
+        "predicted_gb": predicted / GB,
+        "measured_gb": measured / GB,
+        "reserved_gb": meter.sections.get("train_reserved", 0) / GB,
+        "error_pct": 100 * (predicted - measured) / measured,
+        "tokens_per_s": steps * batch * seq / elapsed,
+    }
     del model, optimizer, batch_t
     gc.collect()
     if device == "cuda":
@@ -94,12 +115,17 @@ def main() -> None:
     grid = [("tiny", 2, 64)] if args.cpu_tiny else GRID
     if device == "cuda":
         print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print("| model | params | micro-batch × seq | predicted (GB) | measured allocated (GB) | reserved (GB) | error | tokens/s |")
+    print(
+        "| model | params | micro-batch × seq | predicted (GB) | measured allocated (GB) | reserved (GB) | error | tokens/s |"
+    )
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for name, batch, seq in grid:
         r = measure(name, batch, seq, device, args.steps)
-        print(f"| {r['model']} | {r['params'] / 1e9:.2f}B | {batch}×{seq} | {r['predicted_gb']:.2f} | {r['measured_gb']:.2f} | "
-              f"{r['reserved_gb']:.2f} | {r['error_pct']:+.1f}% | {r['tokens_per_s']:.0f} |", flush=True)
+        print(
+            f"| {r['model']} | {r['params'] / 1e9:.2f}B | {batch}×{seq} | {r['predicted_gb']:.2f} | {r['measured_gb']:.2f} | "
+            f"{r['reserved_gb']:.2f} | {r['error_pct']:+.1f}% | {r['tokens_per_s']:.0f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

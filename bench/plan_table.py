@@ -17,11 +17,26 @@ from fulltune.memory.plan import plan
 from fulltune.memory.report import GPUS
 from fulltune.memory.spec import load_spec
 
-MODELS = ["smollm2-135m", "qwen2.5-0.5b", "llama3.2-1b", "qwen2.5-1.5b", "smollm2-1.7b", "gemma2-2b", "llama3.2-3b",
-          "qwen2.5-7b", "llama3.1-8b"]
+MODELS = [
+    "smollm2-135m",
+    "qwen2.5-0.5b",
+    "llama3.2-1b",
+    "qwen2.5-1.5b",
+    "smollm2-1.7b",
+    "gemma2-2b",
+    "llama3.2-3b",
+    "qwen2.5-7b",
+    "llama3.1-8b",
+]
 GPU_COLUMNS = ["rtx4090", "l4", "a100-40gb", "a100-80gb", "h100", "h200", "b200"]
-SHORT = {"model.activation_checkpointing": "ckpt", "train.precision": "bf16", "train.optimizer_in_backward": "bwd",
-         "model.activation_offload": "act-off", "optim.cpu_offload": "opt-off", "train.micro_batch_size": "mb1"}
+SHORT = {
+    "model.activation_checkpointing": "ckpt",
+    "train.precision": "bf16",
+    "train.optimizer_in_backward": "bwd",
+    "model.activation_offload": "act-off",
+    "optim.cpu_offload": "opt-off",
+    "train.micro_batch_size": "mb1",
+}
 
 
 def cell(p) -> str:
@@ -41,7 +56,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048)
     args = ap.parse_args()
     base = TrainSetup(micro_batch=args.batch, seq_len=args.seq, precision="bf16-mixed")
-    print(f"micro-batch {args.batch} × seq {args.seq}, starting from bf16-mixed AdamW (what auto trains on these GPUs)\n")
+    print(
+        f"micro-batch {args.batch} × seq {args.seq}, starting from bf16-mixed AdamW (what auto trains on these GPUs)\n"
+    )
     print("| model | params | " + " | ".join(GPUS[g][0] for g in GPU_COLUMNS) + " |")
     print("| --- | ---: | " + " | ".join("---" for _ in GPU_COLUMNS) + " |")
     for name in MODELS:

@@ -24,6 +24,7 @@ from common import cpu_flags, cpu_name
 def candidates(tokenizer, test_file: str) -> list:
     from fulltune.assets import resolve_data_path
     from fulltune.data.formats import encode_record
+
     out = []
     for line in open(resolve_data_path(test_file)):
         record = json.loads(line)
@@ -41,6 +42,7 @@ def main() -> None:
     from fulltune.evals.prefix_tree import groups, tree_row
     from fulltune.model import load_theta0
     from fulltune.runtime import autocast_factory, resolve_precision
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--precision", default="auto")
     args = ap.parse_args()
@@ -49,12 +51,17 @@ def main() -> None:
     model, tok, _ = load_theta0(ModelConfig(path="default"), verbose=False)
     model.eval()
     autocast = autocast_factory(precision, device)
-    sets = {"task sst2-short": candidates(tok, "builtin:sst2-short/test"), "task sst2": candidates(tok, "builtin:sst2/test")}
+    sets = {
+        "task sst2-short": candidates(tok, "builtin:sst2-short/test"),
+        "task sst2": candidates(tok, "builtin:sst2/test"),
+    }
     for name, n in (("arc_easy", 50), ("piqa", 50), ("sciq", 50), ("humaneval", 30), ("mbpp", 30)):
         sets[name] = probe_examples(load_probe(name, n), tok)
     real_groups = classify.groups
     print(f"CPU: {cpu_name()}, flags {' '.join(cpu_flags())}, precision {precision}\n")
-    print("| scored | sequences | rows (tree) | tokens alone | tokens in trees | s alone | s tree | speed-up | max |Δ| |")
+    print(
+        "| scored | sequences | rows (tree) | tokens alone | tokens in trees | s alone | s tree | speed-up | max |Δ| |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     totals = [0.0, 0.0]
     for name, examples in sets.items():
@@ -68,9 +75,11 @@ def main() -> None:
         classify.groups = real_groups
         totals = [totals[0] + seconds[0], totals[1] + seconds[1]]
         diff = max(abs(a - b) for a, b in zip(*scores))
-        print(f"| {name} | {len(examples)} | {len(rows)} | {sum(len(e.input_ids) for e in examples):,} | "
-              f"{sum(len(r.input_ids) for r in rows):,} | {seconds[0]:.1f} | {seconds[1]:.1f} | "
-              f"{seconds[0] / seconds[1]:.2f}× | {diff:.1e} |")
+        print(
+            f"| {name} | {len(examples)} | {len(rows)} | {sum(len(e.input_ids) for e in examples):,} | "
+            f"{sum(len(r.input_ids) for r in rows):,} | {seconds[0]:.1f} | {seconds[1]:.1f} | "
+            f"{seconds[0] / seconds[1]:.2f}× | {diff:.1e} |"
+        )
     print(f"\nall: {totals[0]:.1f} s alone, {totals[1]:.1f} s in trees ({totals[0] / totals[1]:.2f}×)")
 
 

@@ -38,38 +38,72 @@ RECIPES = {  # label: overrides on configs/quickstart.yaml (short prompt, 2 pack
     "4 rows, lr 5e-5": ["train.micro_batch_size=4", "optim.lr=5e-5"],
     "4 rows, lr 5e-5, 2 epochs": ["train.micro_batch_size=4", "optim.lr=5e-5", "train.epochs=2"],
     "instruction prompt, 4 rows, lr 5e-5": [*LONG, "train.micro_batch_size=4", "optim.lr=5e-5"],  # before 2026-12-03
-    "instruction prompt, 4 rows, lr 5e-5, 2 epochs": [*LONG, "train.micro_batch_size=4", "optim.lr=5e-5", "train.epochs=2"],
+    "instruction prompt, 4 rows, lr 5e-5, 2 epochs": [
+        *LONG,
+        "train.micro_batch_size=4",
+        "optim.lr=5e-5",
+        "train.epochs=2",
+    ],
 }
 
 
 def run_one(label: str, overrides: list[str], seed: int, folder: Path, env: dict, probes: bool) -> dict:
     out = folder / f"{label.replace(' ', '_').replace(',', '')}-seed{seed}"
-    cmd = [sys.executable, "-m", "fulltune", "train", str(ROOT / "configs" / "quickstart.yaml"),
-           f"train.output_dir={out}", f"train.seed={seed}", "train.progress=false", "train.save_interval=0",
-           *([] if probes else ["eval.probes=[]"]), *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fulltune",
+        "train",
+        str(ROOT / "configs" / "quickstart.yaml"),
+        f"train.output_dir={out}",
+        f"train.seed={seed}",
+        "train.progress=false",
+        "train.save_interval=0",
+        *([] if probes else ["eval.probes=[]"]),
+        *overrides,
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{label} seed {seed}: exit {proc.returncode}\n{proc.stderr[-2000:]}")
     res = json.loads((out / "results.json").read_text())
-    precision = next((line.split("precision ")[1].split(",")[0] for line in proc.stdout.splitlines()
-                      if line.startswith("[train] device")), "?")
-    return {"label": label, "overrides": overrides, "seed": seed, "precision": precision,
-            "accuracy": res["task_accuracy_final"]["accuracy"], "accuracy_theta0": res["task_accuracy_theta0"]["accuracy"],
-            "val_loss": res.get("final_val_loss"), "steps": res["steps"], "train_s": res["train_time_s"], "wall_s": wall}
+    precision = next(
+        (
+            line.split("precision ")[1].split(",")[0]
+            for line in proc.stdout.splitlines()
+            if line.startswith("[train] device")
+        ),
+        "?",
+    )
+    return {
+        "label": label,
+        "overrides": overrides,
+        "seed": seed,
+        "precision": precision,
+        "accuracy": res["task_accuracy_final"]["accuracy"],
+        "accuracy_theta0": res["task_accuracy_theta0"]["accuracy"],
+        "val_loss": res.get("final_val_loss"),
+        "steps": res["steps"],
+        "train_s": res["train_time_s"],
+        "wall_s": wall,
+    }
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| recipe | precision | seeds | accuracy per seed | mean | val loss (mean) | steps | train s | wall s |",
-             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| recipe | precision | seeds | accuracy per seed | mean | val loss (mean) | steps | train s | wall s |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for label in dict.fromkeys(r["label"] for r in rows):
         rs = [r for r in rows if r["label"] == label]
         accs = [100 * r["accuracy"] for r in rs]
-        lines.append(f"| {label} | {rs[0]['precision']} | {', '.join(str(r['seed']) for r in rs)} | "
-                     f"{' / '.join(f'{a:.1f}' for a in accs)} | {statistics.mean(accs):.1f} | "
-                     f"{statistics.mean(r['val_loss'] for r in rs):.3f} | {rs[0]['steps']} | "
-                     f"{statistics.mean(r['train_s'] for r in rs):.0f} | {statistics.mean(r['wall_s'] for r in rs):.0f} |")
+        lines.append(
+            f"| {label} | {rs[0]['precision']} | {', '.join(str(r['seed']) for r in rs)} | "
+            f"{' / '.join(f'{a:.1f}' for a in accs)} | {statistics.mean(accs):.1f} | "
+            f"{statistics.mean(r['val_loss'] for r in rs):.3f} | {rs[0]['steps']} | "
+            f"{statistics.mean(r['train_s'] for r in rs):.0f} | {statistics.mean(r['wall_s'] for r in rs):.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -90,12 +124,21 @@ def main() -> None:
             for seed in args.seeds:
                 rows.append(run_one(label, overrides, seed, Path(tmp), env, args.probes))
                 r = rows[-1]
-                print(f"{label} seed {seed} ({r['precision']}): {100 * r['accuracy']:.1f}%, val loss {r['val_loss']:.4f}, "
-                      f"train {r['train_s']:.0f} s, wall {r['wall_s']:.0f} s", flush=True)
+                print(
+                    f"{label} seed {seed} ({r['precision']}): {100 * r['accuracy']:.1f}%, val loss {r['val_loss']:.4f}, "
+                    f"train {r['train_s']:.0f} s, wall {r['wall_s']:.0f} s",
+                    flush=True,
+                )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"cpu": cpu_name(), "cpu_flags": cpu_flags(), "avx2_cap": args.avx2,
-                                          "probes": args.probes, "rows": rows}, indent=1))
-    print(f"CPU: {cpu_name()}, flags {' '.join(cpu_flags())}{' (capped at AVX2)' if args.avx2 else ''}\n\n{table(rows)}")
+    Path(args.out).write_text(
+        json.dumps(
+            {"cpu": cpu_name(), "cpu_flags": cpu_flags(), "avx2_cap": args.avx2, "probes": args.probes, "rows": rows},
+            indent=1,
+        )
+    )
+    print(
+        f"CPU: {cpu_name()}, flags {' '.join(cpu_flags())}{' (capped at AVX2)' if args.avx2 else ''}\n\n{table(rows)}"
+    )
 
 
 if __name__ == "__main__":

@@ -28,9 +28,27 @@ KINDS = [  # (kind, operator name fragments), first match wins
     ("dtype casts", ("aten::copy_", "aten::_to_copy")),
     ("optimiser + clipping", ("adamw", "foreach", "linalg_vector_norm", "clip")),
     ("zero fills", ("aten::fill_", "aten::zero_")),
-    ("elementwise + reductions", ("aten::mul", "aten::add", "aten::silu", "aten::pow", "aten::rsqrt", "aten::mean",
-                                  "aten::sum", "aten::neg", "aten::cat", "aten::div", "aten::where", "softmax",
-                                  "aten::index", "aten::embedding", "cpp_fused", "CompiledFxGraph")),
+    (
+        "elementwise + reductions",
+        (
+            "aten::mul",
+            "aten::add",
+            "aten::silu",
+            "aten::pow",
+            "aten::rsqrt",
+            "aten::mean",
+            "aten::sum",
+            "aten::neg",
+            "aten::cat",
+            "aten::div",
+            "aten::where",
+            "softmax",
+            "aten::index",
+            "aten::embedding",
+            "cpp_fused",
+            "CompiledFxGraph",
+        ),
+    ),
 ]
 
 
@@ -42,18 +60,36 @@ def kind_of(name: str) -> str:
 def main() -> None:
     from fulltune import train as T
     from fulltune.config import load_config
-    over = ["train.output_dir=/tmp/fulltune-step-profile", "train.overwrite=true", "train.progress=false",
-            "eval.task_file=", "eval.probes=[]", "train.memory_steps=0", "train.peak_probe_s=0", "data.val_fraction=0",
-            "data.packing=true", *sys.argv[1:]]
+
+    over = [
+        "train.output_dir=/tmp/fulltune-step-profile",
+        "train.overwrite=true",
+        "train.progress=false",
+        "eval.task_file=",
+        "eval.probes=[]",
+        "train.memory_steps=0",
+        "train.peak_probe_s=0",
+        "data.val_fraction=0",
+        "data.packing=true",
+        *sys.argv[1:],
+    ]
     run = T.setup(load_config(OLD_QUICKSTART, over))
 
     def step() -> float:
         indices = run.sampler.next_step()
         batches = T._my_batches(run, indices)
         t0 = time.perf_counter()
-        T.train_step(run.model, run.optimizer, batches, run.autocast, run.cfg.optim.grad_clip, None,
-                     T._targets(run.examples([i for idx in indices for i in idx])))
+        T.train_step(
+            run.model,
+            run.optimizer,
+            batches,
+            run.autocast,
+            run.cfg.optim.grad_clip,
+            None,
+            T._targets(run.examples([i for idx in indices for i in idx])),
+        )
         return time.perf_counter() - t0
+
     warm = [step() for _ in range(3)]
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         timed = [step(), step()]
@@ -62,7 +98,9 @@ def main() -> None:
         totals[kind_of(event.key)] += event.self_cpu_time_total / 1e6
     whole = sum(totals.values())
     print(f"CPU: {cpu_name()}, flags {' '.join(cpu_flags())}; precision {run.precision}, overrides {sys.argv[1:]}")
-    print(f"warm-up steps {', '.join(f'{s:.2f}' for s in warm)} s; profiled steps {', '.join(f'{s:.2f}' for s in timed)} s\n")
+    print(
+        f"warm-up steps {', '.join(f'{s:.2f}' for s in warm)} s; profiled steps {', '.join(f'{s:.2f}' for s in timed)} s\n"
+    )
     print("| kind of work | s per step | share |\n| --- | ---: | ---: |")
     for kind, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"| {kind} | {seconds / 2:.2f} | {100 * seconds / whole:.0f}% |")

@@ -32,25 +32,35 @@ MODES = [  # (label, overrides)
 
 def run_mode(label: str, overrides: list[str], steps: int, skip: int, folder: Path, avx2: bool) -> dict:
     t0 = time.perf_counter()
-    rows, per_step, stdout = quickstart_steps(label, folder / label.replace(" ", "_").replace("+", ""), steps, 0, overrides,
-                                              avx2)
+    rows, per_step, stdout = quickstart_steps(
+        label, folder / label.replace(" ", "_").replace("+", ""), steps, 0, overrides, avx2
+    )
     steady = rows[skip:]
     peak = next((line for line in stdout.splitlines() if "matmul peak" in line), "")
-    return {"label": label, "overrides": overrides, "step1_s": per_step[0],
-            "s_per_step": statistics.median(per_step[skip:]),
-            "useful_tok_s": statistics.median(r["tokens_per_s"] for r in steady),
-            "padding_fraction": statistics.mean(r["padding_fraction"] for r in steady),
-            "tflops": statistics.median(r["flops_per_s"] for r in steady) / 1e12,
-            "mfu": statistics.median(r["mfu"] for r in steady),
-            "peak_line": peak, "wall_s": time.perf_counter() - t0}
+    return {
+        "label": label,
+        "overrides": overrides,
+        "step1_s": per_step[0],
+        "s_per_step": statistics.median(per_step[skip:]),
+        "useful_tok_s": statistics.median(r["tokens_per_s"] for r in steady),
+        "padding_fraction": statistics.mean(r["padding_fraction"] for r in steady),
+        "tflops": statistics.median(r["flops_per_s"] for r in steady) / 1e12,
+        "mfu": statistics.median(r["mfu"] for r in steady),
+        "peak_line": peak,
+        "wall_s": time.perf_counter() - t0,
+    }
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| mode | useful tok/s | padding | model TFLOP/s | MFU | s/step | step 1 |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| mode | useful tok/s | padding | model TFLOP/s | MFU | s/step | step 1 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
-        lines.append(f"| {r['label']} | {r['useful_tok_s']:.0f} | {100 * r['padding_fraction']:.1f}% | "
-                     f"{r['tflops']:.3f} | {100 * r['mfu']:.1f}% | {r['s_per_step']:.2f} | {r['step1_s']:.1f} s |")
+        lines.append(
+            f"| {r['label']} | {r['useful_tok_s']:.0f} | {100 * r['padding_fraction']:.1f}% | "
+            f"{r['tflops']:.3f} | {100 * r['mfu']:.1f}% | {r['s_per_step']:.2f} | {r['step1_s']:.1f} s |"
+        )
     return "\n".join(lines)
 
 
@@ -62,9 +72,18 @@ def main() -> None:
     ap.add_argument("--avx2", action="store_true", help="cap the instruction set at AVX2 (bench/common.py)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "throughput_modes.json"))
     args = ap.parse_args()
-    rows = run_modes(MODES, args.only, lambda label, overrides, folder: run_mode(label, overrides, args.steps, args.skip, folder, args.avx2),
-                     lambda r: f"{r['useful_tok_s']:.0f} tok/s, MFU {100 * r['mfu']:.1f}%, "
-                               f"pad {100 * r['padding_fraction']:.1f}% | {r['peak_line']}", args.out, args.steps, args.avx2)
+    rows = run_modes(
+        MODES,
+        args.only,
+        lambda label, overrides, folder: run_mode(label, overrides, args.steps, args.skip, folder, args.avx2),
+        lambda r: (
+            f"{r['useful_tok_s']:.0f} tok/s, MFU {100 * r['mfu']:.1f}%, "
+            f"pad {100 * r['padding_fraction']:.1f}% | {r['peak_line']}"
+        ),
+        args.out,
+        args.steps,
+        args.avx2,
+    )
     print(table(rows))
 
 

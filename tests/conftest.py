@@ -40,18 +40,27 @@ def global_state() -> dict:
     import torch._dynamo.config
     import torch._inductor.config
     from fulltune.memory.measure import malloc_settings
+
     state = {"dynamo." + k: v for k, v in _config_values(torch._dynamo.config).items()}
     state.update({"inductor." + k: v for k, v in _config_values(torch._inductor.config).items()})
     state.update({"env." + k: v for k, v in os.environ.items() if k not in TORCH_OWN_ENV})
-    state.update({
-        "default_dtype": torch.get_default_dtype(), "num_threads": torch.get_num_threads(),
-        "num_interop_threads": torch.get_num_interop_threads(), "grad_enabled": torch.is_grad_enabled(),
-        "inference_mode": torch.is_inference_mode_enabled(), "autocast_cpu": torch.is_autocast_enabled("cpu"),
-        "deterministic": torch.are_deterministic_algorithms_enabled(),
-        "matmul_precision": torch.get_float32_matmul_precision(), "mallopt": malloc_settings(),
-        "cwd": os.getcwd(), "sigint": signal.getsignal(signal.SIGINT), "sigterm": signal.getsignal(signal.SIGTERM),
-        "distributed": torch.distributed.is_available() and torch.distributed.is_initialized(),
-    })
+    state.update(
+        {
+            "default_dtype": torch.get_default_dtype(),
+            "num_threads": torch.get_num_threads(),
+            "num_interop_threads": torch.get_num_interop_threads(),
+            "grad_enabled": torch.is_grad_enabled(),
+            "inference_mode": torch.is_inference_mode_enabled(),
+            "autocast_cpu": torch.is_autocast_enabled("cpu"),
+            "deterministic": torch.are_deterministic_algorithms_enabled(),
+            "matmul_precision": torch.get_float32_matmul_precision(),
+            "mallopt": malloc_settings(),
+            "cwd": os.getcwd(),
+            "sigint": signal.getsignal(signal.SIGINT),
+            "sigterm": signal.getsignal(signal.SIGTERM),
+            "distributed": torch.distributed.is_available() and torch.distributed.is_initialized(),
+        }
+    )
     return state
 
 
@@ -67,15 +76,19 @@ def _leaves_global_state_unchanged(request):
         shown = "; ".join(f"{k}: {before.get(k, '<absent>')!r} -> {after.get(k, '<absent>')!r}" for k in changed[:8])
         pytest.fail(f"{request.node.nodeid} left global state changed ({len(changed)}): {shown}", pytrace=False)
 
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
-WORDS = ("the movie was great fun and the plot was dull boring slow film actors good bad review "
-         "positive negative classify sentiment answer one word what is capital of france paris").split()
+WORDS = (
+    "the movie was great fun and the plot was dull boring slow film actors good bad review "
+    "positive negative classify sentiment answer one word what is capital of france paris"
+).split()
 
 
 def make_tokenizer():
@@ -85,12 +98,16 @@ def make_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     corpus = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 4
     tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>",
-                                   bos_token="<|im_start|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token="<|im_start|>"
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -99,9 +116,19 @@ def make_model(vocab_size: int, layers: int = 3, tie: bool = True, seed: int = 0
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=tie, eos_token_id=2, pad_token_id=2, bos_token_id=1)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        eos_token_id=2,
+        pad_token_id=2,
+        bos_token_id=1,
+    )
     return LlamaForCausalLM(cfg).float()
 
 
@@ -120,10 +147,18 @@ def sentiment_records(n: int, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
-        words = [WORDS[int(j)] for j in torch.randint(0, 12, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g)]
+        words = [
+            WORDS[int(j)] for j in torch.randint(0, 12, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g)
+        ]
         label = "positive" if i % 2 == 0 else "negative"
-        out.append({"messages": [{"role": "user", "content": "classify " + " ".join(words)},
-                                 {"role": "assistant", "content": label}]})
+        out.append(
+            {
+                "messages": [
+                    {"role": "user", "content": "classify " + " ".join(words)},
+                    {"role": "assistant", "content": label},
+                ]
+            }
+        )
     return out
 
 
@@ -139,19 +174,33 @@ def chat_file(tmp_path) -> Path:
 
 def tiny_overrides(model_dir: Path, train_file: Path, out: Path, **extra) -> list[str]:
     """Overrides that make a fast, deterministic fp32 CPU run on the tiny model."""
-    base = {"model.path": str(model_dir), "data.train": str(train_file), "data.max_seq_len": 64,
-            "train.output_dir": str(out), "train.precision": "fp32", "train.device": "cpu",
-            "train.micro_batch_size": 4, "train.progress": False, "optim.lr": 1e-3,
-            "schedule.warmup_steps": 1, "eval.probes": "[]", "train.peak_probe_s": 0.02,
-            "train.report": False}
+    base = {
+        "model.path": str(model_dir),
+        "data.train": str(train_file),
+        "data.max_seq_len": 64,
+        "train.output_dir": str(out),
+        "train.precision": "fp32",
+        "train.device": "cpu",
+        "train.micro_batch_size": 4,
+        "train.progress": False,
+        "optim.lr": 1e-3,
+        "schedule.warmup_steps": 1,
+        "eval.probes": "[]",
+        "train.peak_probe_s": 0.02,
+        "train.report": False,
+    }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
 
 def pytest_addoption(parser):
-    parser.addoption("--order", default="file", metavar="file|reverse|random[:SEED]",
-                     help="run the tests in file order (default), reversed, or shuffled: none may depend on another's "
-                          "leftovers (the global-state check above fails the one that leaks)")
+    parser.addoption(
+        "--order",
+        default="file",
+        metavar="file|reverse|random[:SEED]",
+        help="run the tests in file order (default), reversed, or shuffled: none may depend on another's "
+        "leftovers (the global-state check above fails the one that leaks)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -160,6 +209,7 @@ def pytest_collection_modifyitems(config, items):
         items.reverse()
     elif order.startswith("random"):
         import random
+
         seed = int(order.partition(":")[2] or random.randrange(1 << 16))
         random.Random(seed).shuffle(items)
         print(f"[tests] shuffled with --order=random:{seed}")

@@ -14,21 +14,43 @@ from conftest import QUICKSTART, sentiment_records, tiny_overrides, write_jsonl
 from fulltune.cli import main
 from fulltune.evals.budget import losses, within
 
-MC = [{"context": "the movie was", "choices": [" great fun", " dull"], "gold": 0},
-      {"context": "the plot was", "choices": [" dull", " good"], "gold": 1},
-      {"context": "what is the capital of france", "choices": [" paris", " the film"], "gold": 0}]
+MC = [
+    {"context": "the movie was", "choices": [" great fun", " dull"], "gold": 0},
+    {"context": "the plot was", "choices": [" dull", " good"], "gold": 1},
+    {"context": "what is the capital of france", "choices": [" paris", " the film"], "gold": 0},
+]
 TEXT = [{"text": "the movie was great fun and the plot was good"}, {"text": "what is the capital of france paris"}]
 
 
 def _run(tiny_dir, tmp_path, name, limits):
     data = write_jsonl(tmp_path / "chat.jsonl", sentiment_records(24))
     out = tmp_path / name
-    assert main(["train", QUICKSTART, *tiny_overrides(tiny_dir, data, out, **{
-        "train.max_steps": 6, "optim.lr": 3e-3, "train.save_interval": 2, "train.keep_checkpoints": 5,
-        "eval.task_file": write_jsonl(tmp_path / "task.jsonl", sentiment_records(8, seed=3)),
-        "eval.labels": "[positive, negative]", "eval.probe_interval": 2, "data.val_fraction": 0,
-        "eval.probes": f"[mc:{write_jsonl(tmp_path / 'mc.jsonl', MC)}, text:{write_jsonl(tmp_path / 'gen.jsonl', TEXT)}]",
-        "eval.forgetting_budget": limits})]) == 0
+    assert (
+        main(
+            [
+                "train",
+                QUICKSTART,
+                *tiny_overrides(
+                    tiny_dir,
+                    data,
+                    out,
+                    **{
+                        "train.max_steps": 6,
+                        "optim.lr": 3e-3,
+                        "train.save_interval": 2,
+                        "train.keep_checkpoints": 5,
+                        "eval.task_file": write_jsonl(tmp_path / "task.jsonl", sentiment_records(8, seed=3)),
+                        "eval.labels": "[positive, negative]",
+                        "eval.probe_interval": 2,
+                        "data.val_fraction": 0,
+                        "eval.probes": f"[mc:{write_jsonl(tmp_path / 'mc.jsonl', MC)}, text:{write_jsonl(tmp_path / 'gen.jsonl', TEXT)}]",
+                        "eval.forgetting_budget": limits,
+                    },
+                ),
+            ]
+        )
+        == 0
+    )
     return out, json.loads((out / "results.json").read_text())["budget"]
 
 
@@ -66,6 +88,7 @@ def test_losses_are_points_and_percent():
 
 def test_when_nothing_stays_inside_only_theta0_does(monkeypatch, capsys, tiny_dir, tmp_path):
     from fulltune.evals import budget
+
     monkeypatch.setattr(budget, "losses", lambda theta0, now: {name: 50.0 for name in now})  # every probe lost 50
     out, kept = _run(tiny_dir, tmp_path, "run", "{mc: 10}")
     assert kept["best"] is None and [c["in_budget"] for c in kept["checked"]] == [False] * 3
@@ -80,12 +103,17 @@ def test_interpolate_finds_the_largest_alpha_inside_the_budget():
     """A code probe whose NLL grows 10 % per unit of α: a budget of 6.5 % puts the edge at α 0.65; the
     grid 0, 0.5, 1 and three bisections (0.75 out, 0.625 in, 0.6875 out) end at 0.625."""
     from fulltune.interpolate import budget_search
+
     scored = []
 
     def score(alpha):
         scored.append(alpha)
-        return {"alpha": alpha, "task": {"accuracy": 0.5 + 0.3 * alpha},
-                "probes": {"code": {"kind": "text", "nll_per_token": 2.0 * (1 + 0.1 * alpha)}}}
+        return {
+            "alpha": alpha,
+            "task": {"accuracy": 0.5 + 0.3 * alpha},
+            "probes": {"code": {"kind": "text", "nll_per_token": 2.0 * (1 + 0.1 * alpha)}},
+        }
+
     rows = [score(a) for a in (0.0, 0.5, 1.0)]
     found = budget_search(score, rows, {"code": 6.5}, 3)
     assert scored == [0.0, 0.5, 1.0, 0.75, 0.625, 0.6875]
@@ -96,8 +124,22 @@ def test_interpolate_finds_the_largest_alpha_inside_the_budget():
 def test_interpolate_reads_the_runs_budget_and_refuses_a_bad_one(capsys, tiny_dir, tmp_path):
     out, _ = _run(tiny_dir, tmp_path, "run", "{mc: 100, gen: 1000}")
     wise = tmp_path / "wise"
-    assert main(["interpolate", str(tiny_dir), str(out / "final"), "--alphas", "0.5,1", "--out", str(wise),
-                 "--precision", "fp32"]) == 0  # the budget from the run's config.yaml; α 0 added as θ0
+    assert (
+        main(
+            [
+                "interpolate",
+                str(tiny_dir),
+                str(out / "final"),
+                "--alphas",
+                "0.5,1",
+                "--out",
+                str(wise),
+                "--precision",
+                "fp32",
+            ]
+        )
+        == 0
+    )  # the budget from the run's config.yaml; α 0 added as θ0
     result = json.loads((wise / "interpolate.json").read_text())
     assert [r["alpha"] for r in result["rows"]] == [0.0, 0.5, 1.0]
     assert result["budget"]["limits"] == {"mc": 100, "gen": 1000} and result["budget"]["alpha"] == 1.0  # all inside
@@ -105,5 +147,11 @@ def test_interpolate_reads_the_runs_budget_and_refuses_a_bad_one(capsys, tiny_di
     assert main(["report", str(out)]) == 0
     assert "WiSE-FT inside the budget</th><td>largest α 1.000, task " in (out / "report.html").read_text()
     assert main(["interpolate", str(tiny_dir), str(out / "final"), "--budget", "{arc_easy: 2}"]) == 2
-    assert capsys.readouterr().err.strip().endswith("fulltune: error: --budget: arc_easy not among the probes scored "
-                                                    f"(mc:{tmp_path / 'mc.jsonl'}, text:{tmp_path / 'gen.jsonl'})")
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            "fulltune: error: --budget: arc_easy not among the probes scored "
+            f"(mc:{tmp_path / 'mc.jsonl'}, text:{tmp_path / 'gen.jsonl'})"
+        )
+    )

@@ -21,9 +21,12 @@ def test_a_compiled_run_follows_the_eager_one(tiny_dir, tmp_path):
     extra = {"train.max_steps": 3, "data.packing": "true"}  # packed rows: the compiled layers see position ids
     run_training(load_config(None, tiny_overrides(tiny_dir, data, tmp_path / "eager", **extra)))
     import torch._dynamo
+
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    run_training(load_config(None, tiny_overrides(tiny_dir, data, tmp_path / "compiled", **extra, **{"train.compile": "true"})))
+    run_training(
+        load_config(None, tiny_overrides(tiny_dir, data, tmp_path / "compiled", **extra, **{"train.compile": "true"}))
+    )
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the layers really were compiled
     eager, compiled = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
     assert len(eager) == len(compiled) == 3
@@ -34,15 +37,24 @@ def _train(tiny_dir, data, out, env, **extra):
     config = out.parent / "empty.yaml"
     config.write_text("{}\n")
     args = tiny_overrides(tiny_dir, data, out, **{"train.max_steps": 1, "train.compile": "true", **extra})
-    return subprocess.run([sys.executable, "-m", "fulltune", "train", str(config), *args],
-                          capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "fulltune", "train", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
 
 
 def test_a_compile_failure_is_one_line_or_runs_uncompiled_when_allowed(tiny_dir, tmp_path):
     """A machine without a working C++ compiler (inductor's CPU backend needs one)."""
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(8))
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"), CXX="/nonexistent/g++",
-               TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))  # a cold cache: nothing compiled before is reused
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"),
+        CXX="/nonexistent/g++",
+        TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
+    )  # a cold cache: nothing compiled before is reused
     proc = _train(tiny_dir, data, tmp_path / "strict", env)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [x for x in proc.stderr.splitlines() if x.startswith("fulltune:")]
@@ -64,10 +76,19 @@ def test_inductor_avx2_code_runs_without_pattern_rewrites(tiny_dir, capsys):
     import torch._inductor.config as inductor_config
     from fulltune import model as M
     from fulltune.config import ModelConfig
-    if platform.machine() in ("x86_64", "AMD64"):  # inductor honours ATEN_CPU_CAPABILITY on x86 (an AVX2 machine's code)
+
+    if platform.machine() in (
+        "x86_64",
+        "AMD64",
+    ):  # inductor honours ATEN_CPU_CAPABILITY on x86 (an AVX2 machine's code)
         env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
-        isa = subprocess.run([sys.executable, "-c", "from fulltune.model import inductor_cpu_isa; print(inductor_cpu_isa())"],
-                             capture_output=True, text=True, env=env, timeout=120).stdout.strip()
+        isa = subprocess.run(
+            [sys.executable, "-c", "from fulltune.model import inductor_cpu_isa; print(inductor_cpu_isa())"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        ).stdout.strip()
         assert isa == "avx2"
     assert M.inductor_options("cpu", "avx2") == {"pattern_matcher": False}
     assert M.inductor_options("cpu", "avx512 avx512_vnni amx_tile") == {} and M.inductor_options("cuda", "avx2") == {}

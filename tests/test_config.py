@@ -21,8 +21,13 @@ def test_every_problem_reported_at_once(tmp_path):
     with pytest.raises(UserError) as err:
         load_config(path, ["schedule.name=exponential"])
     msg = str(err.value)
-    for expected in ("optim.lr: -1.0 must be > 0.0", "optim.lrr: unknown key", "train.micro_batch_size: expected int",
-                     "bogus: unknown key", "schedule.name: 'exponential' is not one of"):
+    for expected in (
+        "optim.lr: -1.0 must be > 0.0",
+        "optim.lrr: unknown key",
+        "train.micro_batch_size: expected int",
+        "bogus: unknown key",
+        "schedule.name: 'exponential' is not one of",
+    ):
         assert expected in msg, msg
     assert "5 problems" in msg
 
@@ -47,5 +52,6 @@ def test_every_field_documented():
 def test_the_readme_config_table_is_the_generated_one():
     """`fulltune config` and the README list the same keys, defaults and meanings."""
     from pathlib import Path
+
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert describe_fields().rstrip("\n") in readme

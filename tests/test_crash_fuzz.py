@@ -29,7 +29,11 @@ def test_the_comparison_can_fail(tiny_dir, chat_file, tmp_path):
     fuzz = _bench()
     a, b = tmp_path / "a", tmp_path / "b"
     fuzz.subprocess.run(fuzz.command(tiny_dir, str(chat_file), a, 3), check=True, env=fuzz._env(), capture_output=True)
-    fuzz.subprocess.run(fuzz.command(tiny_dir, str(chat_file), b, 3) + ["optim.lr=2e-3"], check=True, env=fuzz._env(),
-                        capture_output=True)
+    fuzz.subprocess.run(
+        fuzz.command(tiny_dir, str(chat_file), b, 3) + ["optim.lr=2e-3"],
+        check=True,
+        env=fuzz._env(),
+        capture_output=True,
+    )
     assert fuzz.compare(b, a) == {"bitwise_equal": False, "metrics_equal": False}
     assert fuzz.compare(a, a) == {"bitwise_equal": True, "metrics_equal": True}

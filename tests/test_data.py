@@ -11,8 +11,12 @@ from fulltune.data.sources import load_records
 from fulltune.errors import UserError
 
 TOK = make_tokenizer()
-CONV = [{"role": "user", "content": "classify the movie"}, {"role": "assistant", "content": "positive"},
-        {"role": "user", "content": "and the plot"}, {"role": "assistant", "content": "negative"}]
+CONV = [
+    {"role": "user", "content": "classify the movie"},
+    {"role": "assistant", "content": "positive"},
+    {"role": "user", "content": "and the plot"},
+    {"role": "assistant", "content": "negative"},
+]
 
 
 def test_assistant_mask_is_exactly_the_assistant_turns():
@@ -20,8 +24,9 @@ def test_assistant_mask_is_exactly_the_assistant_turns():
     targets = TOK.decode([t for t, m in zip(ex.input_ids, ex.target_mask) if m])
     assert targets == "positive<|im_end|>\nnegative<|im_end|>\n"
     # The rendered prefix really is a token prefix of the full rendering.
-    prefix = TOK(TOK.apply_chat_template(CONV[:1], tokenize=False, add_generation_prompt=True),
-                 add_special_tokens=False)["input_ids"]
+    prefix = TOK(
+        TOK.apply_chat_template(CONV[:1], tokenize=False, add_generation_prompt=True), add_special_tokens=False
+    )["input_ids"]
     assert ex.input_ids[: len(prefix)] == prefix and sum(ex.target_mask[: len(prefix)]) == 0
     assert all(encode_messages(TOK, CONV, "all").target_mask)
 
@@ -44,8 +49,10 @@ def test_overlong_truncate_and_drop_are_counted(tmp_path):
 
 
 def test_truncation_that_leaves_no_target_drops_the_example(tmp_path):
-    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the movie " * 30, "completion": "good"},
-                                             {"prompt": "the", "completion": "good"}])
+    path = write_jsonl(
+        tmp_path / "p.jsonl",
+        [{"prompt": "the movie " * 30, "completion": "good"}, {"prompt": "the", "completion": "good"}],
+    )
     ex, stats = encode_dataset(load_records(str(path)), TOK, DataConfig(max_seq_len=16), str(path))
     assert len(ex) == 1 and stats.dropped_no_target == 1
 
@@ -53,6 +60,7 @@ def test_truncation_that_leaves_no_target_drops_the_example(tmp_path):
 @pytest.mark.parametrize("suffix", ["csv", "parquet", "json"])
 def test_other_file_types(tmp_path, suffix):
     import datasets
+
     ds = datasets.Dataset.from_list([{"prompt": "the movie", "completion": "good"}] * 3)
     path = tmp_path / f"d.{suffix}"
     getattr(ds, f"to_{suffix}")(str(path))
@@ -61,6 +69,7 @@ def test_other_file_types(tmp_path, suffix):
 
 def test_save_to_disk_directory(tmp_path):
     import datasets
+
     datasets.Dataset.from_list([{"text": "a"}, {"text": "b"}]).save_to_disk(str(tmp_path / "d"))
     assert len(load_records(str(tmp_path / "d"))) == 2
 
@@ -101,6 +110,7 @@ def test_sampler_covers_each_epoch_once_and_resumes_without_replay():
 
 def test_collate_masks_padding_by_length_not_by_id():
     from fulltune.data.formats import Example
+
     eos = TOK.eos_token_id
     batch = collate([Example([5, 6, eos], [0, 1, 1]), Example([7], [1])], pad_id=eos)
     # The real EOS at the end of row 0 is a target; the padding (same id) in row 1 is not.

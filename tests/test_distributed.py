@@ -25,31 +25,54 @@ STEPS = 4
 
 def _general(path):
     g = torch.Generator().manual_seed(5)
-    rows = [{"text": " ".join(WORDS[int(j)] for j in torch.randint(0, len(WORDS), (10,), generator=g))} for _ in range(20)]
+    rows = [
+        {"text": " ".join(WORDS[int(j)] for j in torch.randint(0, len(WORDS), (10,), generator=g))} for _ in range(20)
+    ]
     return write_jsonl(path, rows)
 
 
-MC = [{"context": "the movie was", "choices": [" great fun", " dull", " slow and boring"], "gold": 0},
-      {"context": "the plot was", "choices": [" dull", " good"], "gold": 1},
-      {"context": "what is the capital of france", "choices": [" paris", " the film"], "gold": 0}]
+MC = [
+    {"context": "the movie was", "choices": [" great fun", " dull", " slow and boring"], "gold": 0},
+    {"context": "the plot was", "choices": [" dull", " good"], "gold": 1},
+    {"context": "what is the capital of france", "choices": [" paris", " the film"], "gold": 0},
+]
 
 
 def _settings(tmp: Path) -> dict:
-    return {"eval.task_file": write_jsonl(tmp / "task.jsonl", sentiment_records(7, seed=3)),
-            "eval.labels": "[positive, negative]", "eval.probes": f"[mc:{write_jsonl(tmp / 'mc.jsonl', MC)}]",
-            "train.max_steps": STEPS, "train.micro_batch_size": 2, "train.grad_accum_steps": 3,
-            "train.save_interval": 2, "train.keep_checkpoints": 5, "train.val_interval": 2,
-            "data.val_fraction": 0.2, "data.general": f"[{_general(tmp / 'general.jsonl')}]", "data.mix_ratio": 0.2,
-            "optim.layer_lr_decay": 1.3, "optim.grad_clip": 0.5, "optim.weight_decay": 0.1,
-            "optim.decay_toward": "theta0", "anchor.method": "ewc", "anchor.lam": 0.1, "anchor.fisher_batches": 2}
+    return {
+        "eval.task_file": write_jsonl(tmp / "task.jsonl", sentiment_records(7, seed=3)),
+        "eval.labels": "[positive, negative]",
+        "eval.probes": f"[mc:{write_jsonl(tmp / 'mc.jsonl', MC)}]",
+        "train.max_steps": STEPS,
+        "train.micro_batch_size": 2,
+        "train.grad_accum_steps": 3,
+        "train.save_interval": 2,
+        "train.keep_checkpoints": 5,
+        "train.val_interval": 2,
+        "data.val_fraction": 0.2,
+        "data.general": f"[{_general(tmp / 'general.jsonl')}]",
+        "data.mix_ratio": 0.2,
+        "optim.layer_lr_decay": 1.3,
+        "optim.grad_clip": 0.5,
+        "optim.weight_decay": 0.1,
+        "optim.decay_toward": "theta0",
+        "anchor.method": "ewc",
+        "anchor.lam": 0.1,
+        "anchor.fisher_batches": 2,
+    }
 
 
 def _torchrun(tmp: Path, overrides: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     config = tmp / "empty.yaml"
     config.write_text("{}\n")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
-    return subprocess.run([sys.executable, "-m", "fulltune", "train", str(config), *overrides, "--nproc", str(nproc)],
-                          capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "fulltune", "train", str(config), *overrides, "--nproc", str(nproc)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
 
 
 def _losses(run_dir: Path) -> dict[int, dict]:
@@ -65,15 +88,20 @@ def runs(tiny_dir, tmp_path_factory):
 
     def overrides(name, **extra):
         return tiny_overrides(tiny_dir, data, tmp / name, **settings, **extra)
+
     run_training(load_config(None, overrides("one")))
     out = {"one": tmp / "one"}
-    for name, extra in (("two", {}),
-                        ("two_then_two", {"train.resume": tmp / "two" / "checkpoints" / "step-0000002"}),
-                        ("one_then_two", {"train.resume": tmp / "one" / "checkpoints" / "step-0000002"})):
+    for name, extra in (
+        ("two", {}),
+        ("two_then_two", {"train.resume": tmp / "two" / "checkpoints" / "step-0000002"}),
+        ("one_then_two", {"train.resume": tmp / "one" / "checkpoints" / "step-0000002"}),
+    ):
         proc = _torchrun(tmp, overrides(name, **extra))
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[name] = tmp / name
-    run_training(load_config(None, overrides("two_then_one", **{"train.resume": tmp / "two" / "checkpoints" / "step-0000002"})))
+    run_training(
+        load_config(None, overrides("two_then_one", **{"train.resume": tmp / "two" / "checkpoints" / "step-0000002"}))
+    )
     out["two_then_one"] = tmp / "two_then_one"
     return out
 
@@ -142,6 +170,7 @@ def test_a_one_process_checkpoint_resumes_on_two_ranks(runs):
 
 def test_the_two_rank_export_loads_with_from_pretrained(runs):
     from transformers import AutoModelForCausalLM
+
     model, info = AutoModelForCausalLM.from_pretrained(runs["two"] / "final", output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     reference = AutoModelForCausalLM.from_pretrained(runs["one"] / "final")
@@ -166,6 +195,7 @@ def test_each_rank_holds_half_of_the_model_state(runs):
 
 def test_share_of_a_step_splits_sequences_without_overlap(monkeypatch):
     import fulltune.distributed as D
+
     step = [[0, 1], [2, 3], [4]]
     got = {}
     for r in range(2):
@@ -184,6 +214,7 @@ def test_share_of_a_step_splits_sequences_without_overlap(monkeypatch):
 
 def _wait_for_steps(metrics: Path, n: int) -> None:
     import time
+
     deadline = time.time() + 600
     while not (metrics.exists() and metrics.read_text().count("\n") >= n) and time.time() < deadline:
         time.sleep(0.2)
@@ -195,10 +226,19 @@ def _one_checkpoint_then_resume(tiny_dir, data: Path, config: Path, run: Path, e
     (saved,) = sorted((run / "checkpoints").iterdir())
     step = json.loads((saved / "trainer_state.json").read_text())["step"]
     assert (saved / "dcp").is_dir() and step >= 3 and len((run / "metrics.jsonl").read_text().splitlines()) == step
-    overrides = tiny_overrides(tiny_dir, data, run, **{"train.max_steps": step + 2, "train.micro_batch_size": 1,
-                                                       "train.allow_schedule_change": True})
-    done = subprocess.run([sys.executable, "-m", "fulltune", "train", str(config), *overrides, "--resume", "auto",
-                           "--nproc", "2"], capture_output=True, text=True, timeout=600, env=env)
+    overrides = tiny_overrides(
+        tiny_dir,
+        data,
+        run,
+        **{"train.max_steps": step + 2, "train.micro_batch_size": 1, "train.allow_schedule_change": True},
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "fulltune", "train", str(config), *overrides, "--resume", "auto", "--nproc", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert sorted(_losses(run)) == list(range(1, step + 3))
 
@@ -208,13 +248,22 @@ def test_sigterm_on_two_ranks_checkpoints_once_and_resumes(tiny_dir, tmp_path):
     tests/test_cli.py): both ranks stop after the same step, one sharded checkpoint is written, exit
     143 without a traceback, and the run resumes on 2 ranks."""
     import signal
+
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(400))
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
-    overrides = tiny_overrides(tiny_dir, data, tmp_path / "run", **{"train.max_steps": 100000, "train.micro_batch_size": 1})
+    overrides = tiny_overrides(
+        tiny_dir, data, tmp_path / "run", **{"train.max_steps": 100000, "train.micro_batch_size": 1}
+    )
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
-    proc = subprocess.Popen([sys.executable, "-m", "fulltune", "train", str(config), *overrides, "--nproc", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fulltune", "train", str(config), *overrides, "--nproc", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     _wait_for_steps(tmp_path / "run" / "metrics.jsonl", 3)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=600)
@@ -242,15 +291,41 @@ def test_scancel_under_raw_torchrun_checkpoints_once_and_resumes(tiny_dir, tmp_p
     one sharded checkpoint is written and the run resumes. torchrun itself exits 1 with its own
     SignalException traceback (not ours to change; `--nproc` returns 143)."""
     import signal
+
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(400))
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
-    overrides = tiny_overrides(tiny_dir, data, tmp_path / "run", **{"train.max_steps": 100000, "train.micro_batch_size": 1})
+    overrides = tiny_overrides(
+        tiny_dir, data, tmp_path / "run", **{"train.max_steps": 100000, "train.micro_batch_size": 1}
+    )
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend",
-                             "c10d", "--rdzv-endpoint", "localhost:0", "--max-restarts", "0", "--shutdown-timeout", "120",
-                             "-m", "fulltune", "train", str(config), *overrides],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            "localhost:0",
+            "--max-restarts",
+            "0",
+            "--shutdown-timeout",
+            "120",
+            "-m",
+            "fulltune",
+            "train",
+            str(config),
+            *overrides,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     _wait_for_steps(tmp_path / "run" / "metrics.jsonl", 3)
     workers = _children(proc.pid)
     assert len(workers) == 2
@@ -267,8 +342,13 @@ def test_a_user_error_on_two_ranks_is_one_line(tiny_dir, tmp_path):
     config.write_text("{}\n")
     overrides = tiny_overrides(tiny_dir, tmp_path / "missing.jsonl", tmp_path / "run")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
-    proc = subprocess.run([sys.executable, "-m", "fulltune", "train", str(config), *overrides, "--nproc", "2"],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fulltune", "train", str(config), *overrides, "--nproc", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == [f"fulltune: error: data file not found: {tmp_path / 'missing.jsonl'}"], proc.stderr[-2000:]
@@ -286,6 +366,7 @@ def test_a_missing_fisher_shard_makes_every_rank_recompute(runs, tiny_dir, tmp_p
     """One rank's cached Fisher shard gone when resuming (the one time a cache is read): both ranks
     recompute (no rank waits in a collective alone)."""
     import shutil
+
     run = tmp_path / "again"
     shutil.copytree(runs["two"], run)
     (run / "fisher-rank1-of-2.safetensors").unlink()
@@ -307,9 +388,24 @@ def _torchrun_module(tmp: Path, overrides: list[str], nproc: int) -> subprocess.
     config = tmp / "empty.yaml"
     config.write_text("{}\n")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                           "-m", "fulltune", "train", str(config), *overrides],
-                          capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "fulltune",
+            "train",
+            str(config),
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -317,9 +413,15 @@ def policy_runs(tiny_dir, tmp_path_factory):
     """bf16-mixed on one process, under torchrun on 1 rank and on 2 ranks."""
     tmp = tmp_path_factory.mktemp("policy")
     data = write_jsonl(tmp / "chat.jsonl", sentiment_records(24))
-    settings = {"train.max_steps": 3, "train.micro_batch_size": 2, "train.grad_accum_steps": 2,
-                "train.precision": "bf16-mixed", "train.force_precision": "true", "train.save_interval": 2,
-                "optim.lr": 3e-3}
+    settings = {
+        "train.max_steps": 3,
+        "train.micro_batch_size": 2,
+        "train.grad_accum_steps": 2,
+        "train.precision": "bf16-mixed",
+        "train.force_precision": "true",
+        "train.save_interval": 2,
+        "optim.lr": 3e-3,
+    }
     run_training(load_config(None, tiny_overrides(tiny_dir, data, tmp / "one", **settings)))
     out = {"one": tmp / "one"}
     for name, nproc in (("torchrun1", 1), ("torchrun2", 2)):
@@ -349,6 +451,7 @@ def test_bf16_mixed_numerics_are_the_same_on_one_and_two_ranks(policy_runs):
     moved the losses by 5e-5–1e-4 and the grad norms by up to 2.4e-3 relative here (measured); with
     one policy they agree to summation order (≤ 1e-7)."""
     from fulltune.distributed import mixed_precision_policy
+
     policy = mixed_precision_policy()
     assert policy.param_dtype is None and policy.reduce_dtype is None
     one, two = _losses(policy_runs["one"]), _losses(policy_runs["torchrun2"])

@@ -17,68 +17,104 @@ from fulltune.data.loader import collate
 from fulltune.loss import _plain_head, target_logprobs
 from fulltune.model import decoder_layers
 
-COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=256, eos_token_id=2, pad_token_id=2, bos_token_id=1)
+COMMON = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    eos_token_id=2,
+    pad_token_id=2,
+    bos_token_id=1,
+)
 # Each family's chat template, written for these tests after the family's own (no tools): what matters
 # to the mask is kept (role names, turn markers, where EOS goes, how a system message is handled,
 # which earlier turns are re-rendered). Markers are added to the test tokenizer as special tokens.
 TEMPLATES = {  # name: (template, its special tokens)
-    "llama3": ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + "
-               "m['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
-               "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}",
-               ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
-    "qwen2": ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
-              "{% endif %}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}", []),
+    "llama3": (
+        "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + "
+        "m['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}",
+        ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+    ),
+    "qwen2": (
+        "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
+        "{% endif %}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+        [],
+    ),
     # Qwen3: a turn after the last user message carries a <think> block (empty if none); earlier turns lose theirs.
-    "qwen3": ("{%- set ns = namespace(last=messages|length - 1, searching=true) %}{%- for m in messages[::-1] %}"
-              "{%- if ns.searching and m['role'] == 'user' %}{%- set ns.searching = false %}"
-              "{%- set ns.last = messages|length - 1 - loop.index0 %}{%- endif %}{%- endfor %}{%- for m in messages %}{%- set content = m['content'] %}"
-              "{%- if m['role'] == 'assistant' %}{%- set reasoning = '' %}{%- if '</think>' in content %}"
-              "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\n') %}"
-              "{%- set content = content.split('</think>')[-1].lstrip('\n') %}{%- endif %}"
-              "{%- if loop.index0 > ns.last and (loop.last or reasoning) %}"
-              "{{- '<|im_start|>assistant\n<think>\n' + reasoning + '\n</think>\n\n' + content + '<|im_end|>\n' }}"
-              "{%- else %}{{- '<|im_start|>assistant\n' + content + '<|im_end|>\n' }}{%- endif %}"
-              "{%- else %}{{- '<|im_start|>' + m['role'] + '\n' + content + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
-              "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}", ["<think>", "</think>"]),
+    "qwen3": (
+        "{%- set ns = namespace(last=messages|length - 1, searching=true) %}{%- for m in messages[::-1] %}"
+        "{%- if ns.searching and m['role'] == 'user' %}{%- set ns.searching = false %}"
+        "{%- set ns.last = messages|length - 1 - loop.index0 %}{%- endif %}{%- endfor %}{%- for m in messages %}{%- set content = m['content'] %}"
+        "{%- if m['role'] == 'assistant' %}{%- set reasoning = '' %}{%- if '</think>' in content %}"
+        "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\n') %}"
+        "{%- set content = content.split('</think>')[-1].lstrip('\n') %}{%- endif %}"
+        "{%- if loop.index0 > ns.last and (loop.last or reasoning) %}"
+        "{{- '<|im_start|>assistant\n<think>\n' + reasoning + '\n</think>\n\n' + content + '<|im_end|>\n' }}"
+        "{%- else %}{{- '<|im_start|>assistant\n' + content + '<|im_end|>\n' }}{%- endif %}"
+        "{%- else %}{{- '<|im_start|>' + m['role'] + '\n' + content + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}",
+        ["<think>", "</think>"],
+    ),
     # Mistral v0.3: the system message goes with the last user turn only.
-    "mistral": ("{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}"
-                "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
-                "{{- bos_token }}{%- for m in loop_messages %}{%- if m['role'] == 'user' %}"
-                "{%- if loop.last and system is defined %}{{- '[INST] ' + system + '\n\n' + m['content'] + '[/INST]' }}"
-                "{%- else %}{{- '[INST] ' + m['content'] + '[/INST]' }}{%- endif %}"
-                "{%- else %}{{- ' ' + m['content'] + eos_token }}{%- endif %}{%- endfor %}", ["[INST]", "[/INST]"]),
-    "gemma2": ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-               "{% endif %}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
-               "{{ '<start_of_turn>' + role + '\n' + m['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
-               "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}",
-               ["<start_of_turn>", "<end_of_turn>"]),
+    "mistral": (
+        "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}"
+        "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+        "{{- bos_token }}{%- for m in loop_messages %}{%- if m['role'] == 'user' %}"
+        "{%- if loop.last and system is defined %}{{- '[INST] ' + system + '\n\n' + m['content'] + '[/INST]' }}"
+        "{%- else %}{{- '[INST] ' + m['content'] + '[/INST]' }}{%- endif %}"
+        "{%- else %}{{- ' ' + m['content'] + eos_token }}{%- endif %}{%- endfor %}",
+        ["[INST]", "[/INST]"],
+    ),
+    "gemma2": (
+        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+        "{{ '<start_of_turn>' + role + '\n' + m['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}",
+        ["<start_of_turn>", "<end_of_turn>"],
+    ),
     # Gemma-3: the system text opens the first user turn.
-    "gemma3": ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\n\n' %}"
-               "{% set loop_messages = messages[1:] %}{% else %}{% set first = '' %}{% set loop_messages = messages %}{% endif %}"
-               "{% for m in loop_messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
-               "{{ '<start_of_turn>' + role + '\n' + (first if loop.first else '') + m['content'] | trim + '<end_of_turn>\n' }}"
-               "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}",
-               ["<start_of_turn>", "<end_of_turn>"]),
+    "gemma3": (
+        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\n\n' %}"
+        "{% set loop_messages = messages[1:] %}{% else %}{% set first = '' %}{% set loop_messages = messages %}{% endif %}"
+        "{% for m in loop_messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+        "{{ '<start_of_turn>' + role + '\n' + (first if loop.first else '') + m['content'] | trim + '<end_of_turn>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}",
+        ["<start_of_turn>", "<end_of_turn>"],
+    ),
     # Phi-3: EOS closes a conversation rendered without the generation prompt.
-    "phi3": ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
-             "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}",
-             ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]),
+    "phi3": (
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}",
+        ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+    ),
     # OLMo-2 (Tulu): EOS ends each assistant turn, a newline after it unless it is the last.
-    "olmo2": ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}"
-              "{{ '<|assistant|>\n' + m['content'] + eos_token + ('' if loop.last else '\n') }}"
-              "{% else %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '\n' }}{% endif %}"
-              "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}{% endfor %}",
-              ["<|system|>", "<|user|>", "<|assistant|>"]),
+    "olmo2": (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}"
+        "{{ '<|assistant|>\n' + m['content'] + eos_token + ('' if loop.last else '\n') }}"
+        "{% else %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '\n' }}{% endif %}"
+        "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}{% endfor %}",
+        ["<|system|>", "<|user|>", "<|assistant|>"],
+    ),
 }
 FAMILIES = {  # name: (config class, extra settings)
     "llama3": ("LlamaConfig", {"rope_theta": 500000.0, "tie_word_embeddings": False}),
     "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
     "qwen3": ("Qwen3Config", {"head_dim": 8, "tie_word_embeddings": True}),
     "mistral": ("MistralConfig", {"sliding_window": 4096}),
-    "gemma2": ("Gemma2Config", {"head_dim": 8, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
-                                "query_pre_attn_scalar": 8, "sliding_window": 16}),
+    "gemma2": (
+        "Gemma2Config",
+        {
+            "head_dim": 8,
+            "final_logit_softcapping": 30.0,
+            "attn_logit_softcapping": 50.0,
+            "query_pre_attn_scalar": 8,
+            "sliding_window": 16,
+        },
+    ),
     "gemma3": ("Gemma3TextConfig", {"head_dim": 8, "query_pre_attn_scalar": 8, "sliding_window": 16}),
     "phi3": ("Phi3Config", {"tie_word_embeddings": False}),
     "olmo2": ("Olmo2Config", {"tie_word_embeddings": False}),
@@ -96,6 +132,7 @@ def family_tokenizer(name: str):
 @pytest.fixture(scope="module")
 def family_dirs(tmp_path_factory):
     import transformers
+
     out = {}
     for name, (cls, extra) in FAMILIES.items():
         tok = family_tokenizer(name)
@@ -112,6 +149,7 @@ def family_dirs(tmp_path_factory):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_the_target_only_head_equals_the_models_own_logits(family_dirs, name):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     model = AutoModelForCausalLM.from_pretrained(family_dirs[name], dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(family_dirs[name])
     examples = [encode_record(tok, r, "messages", "completion", "x") for r in sentiment_records(3)]
@@ -131,14 +169,26 @@ def test_the_target_only_head_equals_the_models_own_logits(family_dirs, name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_two_steps_export_and_reload_with_identical_logits(family_dirs, name, tmp_path):
     from transformers import AutoModelForCausalLM
+
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(16))
     out = tmp_path / "run"
-    assert main(["train", QUICKSTART, *tiny_overrides(family_dirs[name], data, out, **{
-        "train.max_steps": 2, "optim.layer_lr_decay": 1.5}), "eval.task_file=", "data.val_fraction=0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                QUICKSTART,
+                *tiny_overrides(family_dirs[name], data, out, **{"train.max_steps": 2, "optim.layer_lr_decay": 1.5}),
+                "eval.task_file=",
+                "data.val_fraction=0",
+            ]
+        )
+        == 0
+    )
     groups = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["lr"]
     assert len(groups) > 2  # the per-layer rates found the decoder layers
     reloaded = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32).eval()
     from safetensors.torch import load_file
+
     ckpt = load_file(str(out / "checkpoints" / "step-0000002" / "model.safetensors"))
     trained = AutoModelForCausalLM.from_pretrained(family_dirs[name], dtype=torch.float32).eval()
     trained.load_state_dict(ckpt, strict=False)
@@ -147,9 +197,13 @@ def test_two_steps_export_and_reload_with_identical_logits(family_dirs, name, tm
         assert torch.equal(reloaded(input_ids=ids).logits, trained(input_ids=ids).logits)
 
 
-CONVERSATION = [{"role": "system", "content": "answer in one word"}, {"role": "user", "content": "the movie was"},
-                {"role": "assistant", "content": "<think>\nshort\n</think>\n\ngreat"}, {"role": "user", "content": "the plot"},
-                {"role": "assistant", "content": "dull"}]
+CONVERSATION = [
+    {"role": "system", "content": "answer in one word"},
+    {"role": "user", "content": "the movie was"},
+    {"role": "assistant", "content": "<think>\nshort\n</think>\n\ngreat"},
+    {"role": "user", "content": "the plot"},
+    {"role": "assistant", "content": "dull"},
+]
 THOUGHT = "<think>\nshort\n</think>\n\n"
 TARGETS = {  # the target tokens of CONVERSATION, decoded: every assistant turn as its family renders it in the whole
     "llama3": f"{THOUGHT}great<|eot_id|>dull<|eot_id|>",
@@ -163,16 +217,17 @@ TARGETS = {  # the target tokens of CONVERSATION, decoded: every assistant turn 
 }
 SYSTEM_REFUSED = {  # with the system message: the line a family's template gets instead
     "mistral": "x.jsonl:4: the chat template leaves the system message out of the whole conversation (Mistral's v0.3 "
-               "template shows it only with a final user turn), so it would not be trained on; put the system text at "
-               "the start of the first user message",
+    "template shows it only with a final user turn), so it would not be trained on; put the system text at "
+    "the start of the first user message",
     "gemma2": "x.jsonl:4: the chat template rejected this conversation: System role not supported; this template has no "
-              "system turn: put the system text at the start of the first user message (Gemma-3's template does just that)",
+    "system turn: put the system text at the start of the first user message (Gemma-3's template does just that)",
 }
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_each_familys_template_masks_exactly_the_assistant_turns(name):
     from fulltune.errors import UserError
+
     tok = family_tokenizer(name)
     for conversation in (CONVERSATION[1:], CONVERSATION):
         if conversation is CONVERSATION and name in SYSTEM_REFUSED:
@@ -195,9 +250,18 @@ def test_two_gloo_ranks_follow_the_one_process_trajectory(family_dirs, name, tmp
     from test_distributed import _assert_same_weights, _close, _losses, _torchrun
     from fulltune.config import load_config
     from fulltune.train import run_training
+
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(24))
-    settings = {"train.max_steps": 3, "train.micro_batch_size": 2, "train.grad_accum_steps": 2, "data.packing": True,
-                "optim.layer_lr_decay": 1.3, "optim.grad_clip": 0.5, "data.val_fraction": 0, "eval.task_file": ""}
+    settings = {
+        "train.max_steps": 3,
+        "train.micro_batch_size": 2,
+        "train.grad_accum_steps": 2,
+        "data.packing": True,
+        "optim.layer_lr_decay": 1.3,
+        "optim.grad_clip": 0.5,
+        "data.val_fraction": 0,
+        "eval.task_file": "",
+    }
     run_training(load_config(None, tiny_overrides(family_dirs[name], data, tmp_path / "one", **settings)))
     proc = _torchrun(tmp_path, tiny_overrides(family_dirs[name], data, tmp_path / "two", **settings))
     assert proc.returncode == 0, proc.stderr[-3000:]

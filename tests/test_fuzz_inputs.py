@@ -20,17 +20,21 @@ from fulltune.errors import UserError
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 KEYS = st.sampled_from(["text", "prompt", "completion", "messages", "role", "content", "x"])
 SCALARS = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20)
-JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYS, inner, max_size=3),
-                    max_leaves=8)
+JSON = st.recursive(
+    SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYS, inner, max_size=3), max_leaves=8
+)
 ROLES = st.sampled_from(["system", "user", "assistant", "tool", "", "Assistant"]) | SCALARS
 MESSAGE = st.dictionaries(st.sampled_from(["role", "content", "name"]), ROLES | JSON, max_size=3) | JSON
-CONVERSATION = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]),
-                                               "content": st.text(max_size=30)}), max_size=5)
+CONVERSATION = st.lists(
+    st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]), "content": st.text(max_size=30)}),
+    max_size=5,
+)
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_dir):
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(tiny_dir)
 
 
@@ -38,6 +42,7 @@ def tokenizer(tiny_dir):
 def _datasets_cache(tmp_path, monkeypatch):
     """Keep the datasets cache of hundreds of fuzzed files out of the user's ~/.cache."""
     import datasets
+
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
 
 
@@ -70,8 +75,10 @@ def test_any_json_values_as_jsonl(tokenizer, rows):
 
 
 @FUZZ
-@given(st.lists(st.lists(st.text(alphabet=st.sampled_from('ab ,"\n\r\x00é1'), max_size=8), max_size=4), max_size=5),
-       st.sampled_from(["prompt,completion\n", "text\n", "messages\n", "", "a,b,c\n"]))
+@given(
+    st.lists(st.lists(st.text(alphabet=st.sampled_from('ab ,"\n\r\x00é1'), max_size=8), max_size=4), max_size=5),
+    st.sampled_from(["prompt,completion\n", "text\n", "messages\n", "", "a,b,c\n"]),
+)
 def test_any_csv(tokenizer, rows, header):
     body = "".join(",".join(cells) + "\n" for cells in rows)
     _read_and_encode(".csv", (header + body).encode(), tokenizer)

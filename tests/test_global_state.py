@@ -17,6 +17,7 @@ def _changed(before: dict, after: dict) -> set[str]:
 
 def test_the_check_sees_an_inductor_key_deleted_by_monkeypatch_undo():
     import torch._inductor.config as inductor_config
+
     was = inductor_config.pattern_matcher
     before = global_state()
     patch = pytest.MonkeyPatch()
@@ -33,6 +34,7 @@ def test_the_check_sees_an_inductor_key_deleted_by_monkeypatch_undo():
 
 def test_the_check_sees_the_environment_and_malloc_settings():
     from fulltune.memory.measure import _mallopt, malloc_restored, malloc_settings
+
     before = global_state()
     os.environ["FULLTUNE_LEAK_CHECK"] = "1"
     try:

@@ -19,6 +19,7 @@ from fulltune.train import train_step
 def _strict(line: str) -> dict:
     def refuse(name):
         raise AssertionError(f"metrics.jsonl holds {name}: not JSON")
+
     return json.loads(line, parse_constant=refuse)
 
 
@@ -44,16 +45,32 @@ def test_a_nonfinite_gradient_never_reaches_the_weights():
 
 def test_nonfinite_steps_in_a_row_stop_the_run_and_every_checkpoint_is_finite(capsys, tiny_dir, chat_file, tmp_path):
     out = tmp_path / "r"
-    args = ["train", QUICKSTART, *tiny_overrides(tiny_dir, chat_file, out, **{
-        "train.max_steps": 8, "optim.lr": 100, "optim.grad_clip": 1.0, "train.save_interval": 1,
-        "train.keep_checkpoints": 10}), "eval.task_file=", "data.val_fraction=0"]
+    args = [
+        "train",
+        QUICKSTART,
+        *tiny_overrides(
+            tiny_dir,
+            chat_file,
+            out,
+            **{
+                "train.max_steps": 8,
+                "optim.lr": 100,
+                "optim.grad_clip": 1.0,
+                "train.save_interval": 1,
+                "train.keep_checkpoints": 10,
+            },
+        ),
+        "eval.task_file=",
+        "data.val_fraction=0",
+    ]
     capsys.readouterr()
     assert main(args) == 2
     captured = capsys.readouterr()
     last = out / "checkpoints" / "step-0000003"
     assert captured.err.strip().splitlines()[-1] == (
         f"fulltune: error: step 4: 3 non-finite steps in a row (train.max_bad_steps 3); stopped, the last good "
-        f"checkpoint is {last}. Lower optim.lr, set optim.grad_clip, or check the data")
+        f"checkpoint is {last}. Lower optim.lr, set optim.grad_clip, or check the data"
+    )
     assert "step 2: loss" in captured.out and "not finite, the update was skipped (1 in a row" in captured.out
     records = [_strict(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r.get("skipped", False)) for r in records] == [(1, False), (2, True), (3, True)]
@@ -67,8 +84,13 @@ def test_nonfinite_steps_in_a_row_stop_the_run_and_every_checkpoint_is_finite(ca
 
 def test_a_diverging_run_is_flagged(capsys, tiny_dir, chat_file, tmp_path):
     out = tmp_path / "r"
-    args = ["train", QUICKSTART, *tiny_overrides(tiny_dir, chat_file, out, **{
-        "train.max_steps": 8, "optim.lr": 10, "optim.grad_clip": 1.0}), "eval.task_file=", "data.val_fraction=0"]
+    args = [
+        "train",
+        QUICKSTART,
+        *tiny_overrides(tiny_dir, chat_file, out, **{"train.max_steps": 8, "optim.lr": 10, "optim.grad_clip": 1.0}),
+        "eval.task_file=",
+        "data.val_fraction=0",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert printed.count("[train] warning: diverging since step 2: loss") == 1
@@ -81,8 +103,13 @@ def test_a_diverging_run_is_flagged(capsys, tiny_dir, chat_file, tmp_path):
 
 def test_a_calm_run_is_not_flagged(tiny_dir, chat_file, tmp_path):
     out = tmp_path / "r"
-    args = ["train", QUICKSTART, *tiny_overrides(tiny_dir, chat_file, out, **{"train.max_steps": 6}),
-            "eval.task_file=", "data.val_fraction=0"]
+    args = [
+        "train",
+        QUICKSTART,
+        *tiny_overrides(tiny_dir, chat_file, out, **{"train.max_steps": 6}),
+        "eval.task_file=",
+        "data.val_fraction=0",
+    ]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["diverged"] is None and results["skipped_steps"] == 0

@@ -24,14 +24,19 @@ def model_dir():
 
 def test_default_model_is_the_real_smollm2(model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
     assert model.num_parameters() == 134_515_008
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1] :])
 
 
 def test_gguf_path_loads_the_same_weights_as_the_prepared_dir(model_dir, tmp_path):
@@ -65,6 +70,7 @@ def test_prefix_tree_scores_equal_each_alone_on_the_real_model(model_dir):
     import contextlib
     from fulltune.evals import classify
     from fulltune.evals.probes import load_probe, probe_examples
+
     model, tok, _ = load_theta0(ModelConfig(path=str(model_dir)), verbose=False)
     examples = probe_examples(load_probe("sciq", 6), tok)  # 4 choices after a long support paragraph
     tree = classify.score_sequences(model, examples, tok.pad_token_id, 4, contextlib.nullcontext)
@@ -74,19 +80,43 @@ def test_prefix_tree_scores_equal_each_alone_on_the_real_model(model_dir):
 
 
 def test_a_few_real_steps(tmp_path):
-    test_records = [json.loads(line) for line in (assets.ensure_sst2() / "test-short.jsonl").read_text().splitlines()[:16]]
+    test_records = [
+        json.loads(line) for line in (assets.ensure_sst2() / "test-short.jsonl").read_text().splitlines()[:16]
+    ]
     task = write_jsonl(tmp_path / "task.jsonl", test_records)
-    cfg = load_config(QUICKSTART, [
-        f"train.output_dir={tmp_path / 'run'}", "train.max_steps=3", "train.micro_batch_size=4",
-        "train.progress=false", "data.val_fraction=0.02", f"eval.task_file={task}", "train.save_interval=2",
-        "eval.probes=[arc_easy, humaneval]", "eval.probe_items=8", "eval.probe_code_items=4"])
+    cfg = load_config(
+        QUICKSTART,
+        [
+            f"train.output_dir={tmp_path / 'run'}",
+            "train.max_steps=3",
+            "train.micro_batch_size=4",
+            "train.progress=false",
+            "data.val_fraction=0.02",
+            f"eval.task_file={task}",
+            "train.save_interval=2",
+            "eval.probes=[arc_easy, humaneval]",
+            "eval.probe_items=8",
+            "eval.probe_code_items=4",
+        ],
+    )
     run = run_training(cfg)
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in lines if "loss" in r]
     assert len(losses) == 3 and all(0 < x < 10 for x in losses)
     first = next(r for r in lines if "loss" in r)
-    assert set(first) >= {"step", "loss", "lr", "grad_norm", "tokens_seen", "tokens_per_s", "elapsed_s",
-                          "padding_fraction", "flops_per_s", "mfu", "peak_memory_gb"}
+    assert set(first) >= {
+        "step",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens_seen",
+        "tokens_per_s",
+        "elapsed_s",
+        "padding_fraction",
+        "flops_per_s",
+        "mfu",
+        "peak_memory_gb",
+    }
     assert lines[0]["step"] == 0 and set(lines[0]["probes"]) == {"arc_easy", "humaneval"}
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["task_accuracy_theta0"]["n"] == 16 and results["steps"] == 3
@@ -96,18 +126,33 @@ def test_a_few_real_steps(tmp_path):
     assert [p.name for p in sorted((tmp_path / "run" / "checkpoints").iterdir())] == ["step-0000002", "step-0000003"]
     assert run.state["tokens_seen"] > run.state["target_tokens_seen"] > 0
     memory = results["memory"]
-    assert memory["predicted_peak_gb"] > 1.5 and memory["measured_peak_gb"] > 1.5   # 16N alone is 2.2 GB
+    assert memory["predicted_peak_gb"] > 1.5 and memory["measured_peak_gb"] > 1.5  # 16N alone is 2.2 GB
     assert abs(memory["error_pct"]) < 25
     report = results["forgetting"]["probes"]
     assert report["arc_easy"]["n"] == 8 and 0 <= report["arc_easy"]["after"] <= 1
-    assert 0.3 < report["humaneval"]["before"] < 3   # NLL per token of real Python under a real model
+    assert 0.3 < report["humaneval"]["before"] < 3  # NLL per token of real Python under a real model
 
 
 def test_generate_with_the_real_default_answers_and_compares(tmp_path):
     """The embedded default through its own chat template, greedy: the answer names Paris; --compare
     with the same model gives the same answer."""
     out = tmp_path / "out.jsonl"
-    assert main(["generate", "default", "--prompt", "What is the capital of France?", "--max-new-tokens", "12",
-                 "--compare", "default", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "default",
+                "--prompt",
+                "What is the capital of France?",
+                "--max-new-tokens",
+                "12",
+                "--compare",
+                "default",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     row = json.loads(out.read_text())
     assert "Paris" in row["output"] and row["compare_output"] == row["output"], row

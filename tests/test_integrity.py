@@ -12,9 +12,18 @@ from fulltune.cli import main
 
 
 def _args(tiny_dir, data, out, **extra):
-    return ["train", QUICKSTART, *tiny_overrides(tiny_dir, data, out, **{
-        "train.max_steps": 3, "train.save_interval": 1, "train.keep_checkpoints": 5, **extra}),
-        "eval.task_file=", "data.val_fraction=0"]
+    return [
+        "train",
+        QUICKSTART,
+        *tiny_overrides(
+            tiny_dir,
+            data,
+            out,
+            **{"train.max_steps": 3, "train.save_interval": 1, "train.keep_checkpoints": 5, **extra},
+        ),
+        "eval.task_file=",
+        "data.val_fraction=0",
+    ]
 
 
 def test_a_damaged_latest_checkpoint_is_skipped_for_the_one_before(capsys, tiny_dir, chat_file, tmp_path):
@@ -51,7 +60,10 @@ def test_a_flipped_byte_is_found_and_an_explicit_damaged_checkpoint_refused(caps
     capsys.readouterr()
     assert main(_args(tiny_dir, chat_file, out, **{"train.resume": str(target.parent)})) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"fulltune: error: train.resume: {target.parent} is damaged (optimizer.pt: sha256 differs from the manifest)"
+    assert (
+        err
+        == f"fulltune: error: train.resume: {target.parent} is damaged (optimizer.pt: sha256 differs from the manifest)"
+    )
     (out / "final" / "config.json").write_text("{}")
     assert main(["verify", str(out / "final")]) == 1
     assert "DAMAGED: config.json: " in capsys.readouterr().out

@@ -27,10 +27,21 @@ LR = {"adamw": 1e-2, "sgd": 0.5, "adafactor": 1e-2, "adamw8bit": 1e-2, "adamw4bi
 def _model(vocab=256, hidden=32, seed=0):
     """vocab 256 × hidden 32: the embedding (8,192 values) is large enough for torchao to quantise."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=True, eos_token_id=2, pad_token_id=2, bos_token_id=1)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        eos_token_id=2,
+        pad_token_id=2,
+        bos_token_id=1,
+    )
     return LlamaForCausalLM(cfg).float()
 
 
@@ -45,8 +56,10 @@ def test_each_optimizer_lowers_the_loss_and_moves_every_parameter(name):
     assert [n for n, p in model.named_parameters() if torch.equal(p, before[n])] == []
 
 
-@pytest.mark.parametrize("name,precision", [(n, "fp32") for n in OPTIMIZERS]
-                         + [("adamw", "bf16"), ("adamw8bit", "bf16"), ("adamw4bit", "bf16")])
+@pytest.mark.parametrize(
+    "name,precision",
+    [(n, "fp32") for n in OPTIMIZERS] + [("adamw", "bf16"), ("adamw8bit", "bf16"), ("adamw4bit", "bf16")],
+)
 def test_measured_state_bytes_equal_the_estimate(name, precision):
     model = _model(hidden=128)  # 128×128 and 64×128 matrices are quantised too; norms (128) are not
     if precision == "bf16":
@@ -68,18 +81,33 @@ def test_resume_equals_straight_run_bit_for_bit(tiny_dir, chat_file, tmp_path, n
         extra["train.optimizer_in_backward"] = True
     if variant == "bf16":
         extra["train.precision"] = "bf16"
-    run_training(load_config(None, tiny_overrides(tiny_dir, chat_file, tmp_path / "a", **extra, **{"train.max_steps": 4})))
-    run_training(load_config(None, tiny_overrides(tiny_dir, chat_file, tmp_path / "b", **extra, **{"train.max_steps": 2})))
-    run_training(load_config(None, tiny_overrides(tiny_dir, chat_file, tmp_path / "b", **extra,
-                                                  **{"train.max_steps": 4, "train.resume": "auto",
-                                                     "train.allow_schedule_change": True})))  # steps 1-2: the same lr either way
+    run_training(
+        load_config(None, tiny_overrides(tiny_dir, chat_file, tmp_path / "a", **extra, **{"train.max_steps": 4}))
+    )
+    run_training(
+        load_config(None, tiny_overrides(tiny_dir, chat_file, tmp_path / "b", **extra, **{"train.max_steps": 2}))
+    )
+    run_training(
+        load_config(
+            None,
+            tiny_overrides(
+                tiny_dir,
+                chat_file,
+                tmp_path / "b",
+                **extra,
+                **{"train.max_steps": 4, "train.resume": "auto", "train.allow_schedule_change": True},
+            ),
+        )
+    )  # steps 1-2: the same lr either way
     a, b = (load_file(str(tmp_path / r / "final" / "model.safetensors")) for r in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     first = load_file(str(tmp_path / "b" / "checkpoints" / "step-0000002" / "model.safetensors"))
     common = a.keys() & first.keys()
     assert common and not all(torch.equal(a[k], first[k]) for k in common)  # steps 3-4 changed the weights
-    losses = [[json.loads(l)["loss"] for l in (tmp_path / r / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
-              for r in "ab"]
+    losses = [
+        [json.loads(l)["loss"] for l in (tmp_path / r / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+        for r in "ab"
+    ]
     assert losses[0] == losses[1] and len(losses[0]) == 4
 
 
@@ -102,6 +130,7 @@ def test_step_in_backward_equals_the_ordinary_step(name):
 
 def test_stochastic_rounding_moves_bf16_weights_that_plain_bf16_cannot():
     """W = 1 in bf16 (resolution 2^-7 there), constant gradient: each AdamW step moves W by lr = 1e-5."""
+
     def train(optimizer_of):
         w = torch.nn.Parameter(torch.ones(64, 128, dtype=torch.bfloat16))
         opt = optimizer_of([w])
@@ -109,6 +138,7 @@ def test_stochastic_rounding_moves_bf16_weights_that_plain_bf16_cannot():
             w.grad = torch.ones_like(w)
             opt.step()
         return w.detach().float()
+
     plain = train(lambda ps: torch.optim.AdamW(ps, lr=1e-5, weight_decay=0.0))
     rounded = train(_sr_adamw)
     assert torch.equal(plain, torch.ones_like(plain))  # every update rounded away
@@ -117,18 +147,22 @@ def test_stochastic_rounding_moves_bf16_weights_that_plain_bf16_cannot():
 
 def _sr_adamw(params):
     from fulltune.optim.optimizers import make_optimizer
+
     return make_optimizer([{"params": params, "weight_decay": 0.0}], OptimConfig(name="adamw", lr=1e-5), "bf16")
 
 
 def test_in_backward_estimate_keeps_one_gradient():
     spec = spec_from_config(_model(hidden=128).config, "test")
     normal = estimate(spec, TrainSetup(micro_batch=2, seq_len=32, device="cpu", precision="fp32"))
-    fused = estimate(spec, TrainSetup(micro_batch=2, seq_len=32, device="cpu", precision="fp32", optimizer_in_backward=True))
+    fused = estimate(
+        spec, TrainSetup(micro_batch=2, seq_len=32, device="cpu", precision="fp32", optimizer_in_backward=True)
+    )
     assert fused.get("gradients") == 4 * 256 * 128  # the embedding's gradient alone
     assert normal.get("gradients") == 4 * spec.n_params
 
 
 # --- refusals: one line, exit 2, before any model loads --------------------------------------------------------------
+
 
 def _refused(capsys, tmp_path, tiny_dir, chat_file, *extra) -> str:
     out = tmp_path / "o"
@@ -139,16 +173,21 @@ def _refused(capsys, tmp_path, tiny_dir, chat_file, *extra) -> str:
     return err
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["train.optimizer_in_backward=true", "train.grad_accum_steps=2", "optim.grad_clip=0"],
-     "train.grad_accum_steps: 2 with train.optimizer_in_backward"),
-    (["train.optimizer_in_backward=true"], "optim.grad_clip: 1.0 needs the global gradient norm"),
-    (["optim.cpu_offload=true"], "optim.cpu_offload: offloads GPU memory to the CPU; this run is on the CPU"),
-    (["model.activation_offload=true"], "model.activation_offload: offloads GPU memory to the CPU"),
-    (["optim.name=adam"], "optim.name: 'adam' is not one of adamw, sgd, adafactor, adamw8bit, adamw4bit"),
-    (["train.precision=fp16"], "train.precision: 'fp16' is not one of auto, fp32, bf16-mixed, bf16"),
-    (["train.precision=bf16", "optim.name=sgd"], "optim.name: sgd has no stochastic rounding"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (
+            ["train.optimizer_in_backward=true", "train.grad_accum_steps=2", "optim.grad_clip=0"],
+            "train.grad_accum_steps: 2 with train.optimizer_in_backward",
+        ),
+        (["train.optimizer_in_backward=true"], "optim.grad_clip: 1.0 needs the global gradient norm"),
+        (["optim.cpu_offload=true"], "optim.cpu_offload: offloads GPU memory to the CPU; this run is on the CPU"),
+        (["model.activation_offload=true"], "model.activation_offload: offloads GPU memory to the CPU"),
+        (["optim.name=adam"], "optim.name: 'adam' is not one of adamw, sgd, adafactor, adamw8bit, adamw4bit"),
+        (["train.precision=fp16"], "train.precision: 'fp16' is not one of auto, fp32, bf16-mixed, bf16"),
+        (["train.precision=bf16", "optim.name=sgd"], "optim.name: sgd has no stochastic rounding"),
+    ],
+)
 def test_impossible_combinations_are_refused(capsys, tmp_path, tiny_dir, chat_file, extra, message):
     assert message in _refused(capsys, tmp_path, tiny_dir, chat_file, *extra)
 
@@ -157,17 +196,28 @@ def test_pure_bf16_on_a_cpu_without_bf16_units(capsys, monkeypatch, tmp_path, ti
     monkeypatch.setattr("fulltune.runtime.cpu_has_bf16_units", lambda: False)
     err = _refused(capsys, tmp_path, tiny_dir, chat_file, "train.precision=bf16")
     assert "train.precision: bf16 refused: this CPU has no bf16 units" in err
-    run = run_training(load_config(None, tiny_overrides(tiny_dir, chat_file, tmp_path / "f", **{
-        "train.precision": "bf16", "train.force_precision": True, "train.max_steps": 1})))
+    run = run_training(
+        load_config(
+            None,
+            tiny_overrides(
+                tiny_dir,
+                chat_file,
+                tmp_path / "f",
+                **{"train.precision": "bf16", "train.force_precision": True, "train.max_steps": 1},
+            ),
+        )
+    )
     assert "[train] warning: train.precision bf16: this CPU has no bf16 units" in capsys.readouterr().out
     assert run.precision == "bf16" and {p.dtype for p in run.model.parameters()} == {torch.bfloat16}
     auto = load_config(None, tiny_overrides(tiny_dir, chat_file, tmp_path / "g", **{"train.precision": "auto"}))
     from fulltune.runtime import resolve_precision
+
     assert resolve_precision(auto.train.precision, torch.device("cpu")) == "fp32"
 
 
 def test_auto_picks_fp32_where_onednn_is_capped_below_bf16(monkeypatch):
     from fulltune.runtime import cpu_has_bf16_units, resolve_precision
+
     monkeypatch.setattr("pathlib.Path.read_text", lambda self, *a, **k: "flags : fpu avx2 avx512f avx512_bf16 amx_bf16")
     assert resolve_precision("auto", torch.device("cpu")) == "bf16-mixed"  # the CPU's units
     for cap in ("AVX2", "avx512_core"):  # the emulated AVX2 machine of the benchmarks; AVX512 without bf16
@@ -179,9 +229,17 @@ def test_auto_picks_fp32_where_onednn_is_capped_below_bf16(monkeypatch):
 
 def test_missing_torchao_is_one_line(capsys, monkeypatch, tmp_path, tiny_dir, chat_file):
     import sys
+
     monkeypatch.setitem(sys.modules, "torchao.optim", None)  # import fails as if not installed
-    code = main(["train", QUICKSTART, *tiny_overrides(tiny_dir, chat_file, tmp_path / "o"), "eval.task_file=",
-                 "optim.name=adamw8bit"])
+    code = main(
+        [
+            "train",
+            QUICKSTART,
+            *tiny_overrides(tiny_dir, chat_file, tmp_path / "o"),
+            "eval.task_file=",
+            "optim.name=adamw8bit",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("fulltune: error: ") == 1 and "Traceback" not in err
     assert "pip install torchao==0.18.0" in err
@@ -191,36 +249,61 @@ def test_missing_torchao_is_one_line(capsys, monkeypatch, tmp_path, tiny_dir, ch
 def test_lean_preset_sets_its_keys_and_overrides_win(capsys, monkeypatch, tmp_path, tiny_dir, chat_file):
     monkeypatch.setattr("fulltune.runtime.cpu_has_bf16_units", lambda: False)
     cfg = load_config(QUICKSTART, ["train.memory=lean", "train.device=cpu"])
-    assert (cfg.train.precision, cfg.optim.name, cfg.train.optimizer_in_backward, cfg.optim.grad_clip,
-            cfg.model.activation_checkpointing) == ("fp32", "adamw4bit", True, 0.0, True)
+    assert (
+        cfg.train.precision,
+        cfg.optim.name,
+        cfg.train.optimizer_in_backward,
+        cfg.optim.grad_clip,
+        cfg.model.activation_checkpointing,
+    ) == ("fp32", "adamw4bit", True, 0.0, True)
     mine = load_config(QUICKSTART, ["train.memory=lean", "train.device=cpu", "optim.name=adamw8bit"])
     assert mine.optim.name == "adamw8bit" and mine.train.optimizer_in_backward
     accum = load_config(QUICKSTART, ["train.memory=lean", "train.device=cpu", "train.grad_accum_steps=2"])
     assert not accum.train.optimizer_in_backward and accum.optim.grad_clip == 1.0
     monkeypatch.setattr("fulltune.runtime.cpu_has_bf16_units", lambda: True)
     assert load_config(QUICKSTART, ["train.memory=lean", "train.device=cpu"]).train.precision == "bf16"
-    run = run_training(load_config(None, tiny_overrides(tiny_dir, chat_file, tmp_path / "l", **{
-        "train.memory": "lean", "train.max_steps": 2}) + ["train.precision=fp32"]))
+    run = run_training(
+        load_config(
+            None,
+            tiny_overrides(tiny_dir, chat_file, tmp_path / "l", **{"train.memory": "lean", "train.max_steps": 2})
+            + ["train.precision=fp32"],
+        )
+    )
     out = capsys.readouterr().out
-    assert ("[train] memory lean: train.precision=fp32, optim.name=adamw4bit, model.activation_checkpointing=True, "
-            "train.optimizer_in_backward=True, optim.grad_clip=0.0") in out
+    assert (
+        "[train] memory lean: train.precision=fp32, optim.name=adamw4bit, model.activation_checkpointing=True, "
+        "train.optimizer_in_backward=True, optim.grad_clip=0.0"
+    ) in out
     state = json.loads((tmp_path / "l" / "results.json").read_text())["state_memory"]
     assert state["measured_per_rank_gb"][0]["grads"] == 0.0  # no gradient outlives its update
 
 
 # --- the planner recommends only what trains, as overrides the config accepts ----------------------------------------
 
-@pytest.mark.parametrize("model,gpu", [("llama3.1-8b", "rtx4090"), ("llama-7b", "a100-80gb"), ("qwen2.5-7b", "l4"),
-                                       ("gemma2-2b", "a10g"), ("llama3.2-3b", "a100-40gb")])
+
+@pytest.mark.parametrize(
+    "model,gpu",
+    [
+        ("llama3.1-8b", "rtx4090"),
+        ("llama-7b", "a100-80gb"),
+        ("qwen2.5-7b", "l4"),
+        ("gemma2-2b", "a10g"),
+        ("llama3.2-3b", "a100-40gb"),
+    ],
+)
 def test_plan_overrides_are_a_config_fulltune_trains(model, gpu, tiny_dir, chat_file, tmp_path):
     from fulltune.memory.plan import plan
     from fulltune.memory.spec import load_spec
+
     p = plan(load_spec(model), gpu, 1, TrainSetup(micro_batch=1, seq_len=1024))
     assert p.branch in ("full", "full-savers") and p.summary.count("fulltune train CONFIG") == 1
     overrides = [f"{k}={v}" for k, v in p.overrides.items()]
     cfg = load_config(QUICKSTART, overrides)  # every recommendation passes the config's own checks
-    assert all(str(getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1])).lower() == str(v).lower()
-               or float(getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1])) == float(v) for k, v in p.overrides.items())
+    assert all(
+        str(getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1])).lower() == str(v).lower()
+        or float(getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1])) == float(v)
+        for k, v in p.overrides.items()
+    )
 
 
 def test_plan_defaults_to_what_auto_trains(capsys):
@@ -237,12 +320,21 @@ def test_low_bit_step_temporaries():
     assert estimate(spec, TrainSetup(device="cpu", optimizer="adamw")).get("optimizer step temporaries") == 0
 
 
-@pytest.mark.parametrize("extra,message", [
-    ({"train.optimizer_in_backward": True, "optim.grad_clip": 0.0}, "train.optimizer_in_backward: not combined with FSDP2"),
-    ({"optim.name": "adamw4bit"}, "optim.name: adamw4bit fails on sharded (DTensor) states"),
-])
-def test_what_fsdp2_does_not_combine_is_refused_before_loading(monkeypatch, tiny_dir, chat_file, tmp_path, extra, message):
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (
+            {"train.optimizer_in_backward": True, "optim.grad_clip": 0.0},
+            "train.optimizer_in_backward: not combined with FSDP2",
+        ),
+        ({"optim.name": "adamw4bit"}, "optim.name: adamw4bit fails on sharded (DTensor) states"),
+    ],
+)
+def test_what_fsdp2_does_not_combine_is_refused_before_loading(
+    monkeypatch, tiny_dir, chat_file, tmp_path, extra, message
+):
     from fulltune.errors import UserError
+
     monkeypatch.setattr(D, "world_size", lambda: 2)
     monkeypatch.setattr(D, "sharded", lambda: True)
     monkeypatch.setattr(D, "rank", lambda: 0)
@@ -257,5 +349,6 @@ def test_what_fsdp2_does_not_combine_is_refused_before_loading(monkeypatch, tiny
 def test_plan_over_several_gpus_uses_only_what_fsdp2_trains():
     from fulltune.memory.plan import plan
     from fulltune.memory.spec import load_spec
+
     p = plan(load_spec("llama-70b"), "rtx4090", 4, TrainSetup(micro_batch=1, seq_len=2048))
     assert not {"train.optimizer_in_backward", "optim.name", "optim.cpu_offload"} & set(p.overrides or {})

@@ -16,31 +16,51 @@ from fulltune.memory.spec import load_spec, spec_from_config
 def test_seed_table_digit_for_digit(capsys):
     assert main(["memory", "--formula", "seed"]) == 0
     out = capsys.readouterr().out
-    for line in ("LLaMA-7B: 112.0 + 3.2 = 115.2 GB, 2× A100-80GB",
-                 "LLaMA-13B: 208.0 + 5.0 = 213.0 GB, 3× A100-80GB",
-                 "LLaMA-70B: 1120.0 + 16.1 = 1136.1 GB, 15× A100-80GB"):
+    for line in (
+        "LLaMA-7B: 112.0 + 3.2 = 115.2 GB, 2× A100-80GB",
+        "LLaMA-13B: 208.0 + 5.0 = 213.0 GB, 3× A100-80GB",
+        "LLaMA-70B: 1120.0 + 16.1 = 1136.1 GB, 15× A100-80GB",
+    ):
         assert line in out.splitlines(), out
 
 
 def _llama(**kw):
     from transformers import LlamaConfig
-    base = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=4, tie_word_embeddings=False)
+
+    base = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    )
     base.update(kw)
     return LlamaConfig(**base)
 
 
-@pytest.mark.parametrize("config", [
-    _llama(), _llama(tie_word_embeddings=True), _llama(num_key_value_heads=1, hidden_size=128, intermediate_size=344)])
+@pytest.mark.parametrize(
+    "config",
+    [_llama(), _llama(tie_word_embeddings=True), _llama(num_key_value_heads=1, hidden_size=128, intermediate_size=344)],
+)
 def test_meta_parameter_count_equals_the_real_model(config):
     from transformers import AutoModelForCausalLM
+
     assert spec_from_config(config, "x").n_params == AutoModelForCausalLM.from_config(config).num_parameters()
 
 
 def test_qwen2_count_too():
     from transformers import AutoModelForCausalLM, Qwen2Config
-    config = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+
+    config = Qwen2Config(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     assert spec_from_config(config, "q").n_params == AutoModelForCausalLM.from_config(config).num_parameters()
 
 
@@ -63,8 +83,8 @@ def test_zero_stages_match_the_paper(gpus):
 
 def test_optimizer_bytes_per_parameter():
     spec = load_spec("llama-7b")
-    assert optimizer_bytes_per_param(spec, "adamw", "bf16-master") == 12      # fp32 master + m + v
-    assert optimizer_bytes_per_param(spec, "adamw", "bf16-mixed") == 8          # fp32 weights are the master
+    assert optimizer_bytes_per_param(spec, "adamw", "bf16-master") == 12  # fp32 master + m + v
+    assert optimizer_bytes_per_param(spec, "adamw", "bf16-mixed") == 8  # fp32 weights are the master
     assert optimizer_bytes_per_param(spec, "adamw", "bf16") == 4
     assert optimizer_bytes_per_param(spec, "sgd", "bf16-mixed") == 0
     assert optimizer_bytes_per_param(spec, "sgd-momentum", "bf16-mixed") == 4
@@ -90,6 +110,7 @@ def test_activations_linear_in_batch_and_sequence_and_cut_by_checkpointing():
 def _saved_for_backward(config, precision: str, b: int, s: int) -> int:
     """Bytes of tensors autograd saves in the decoder stack (parameters and their casts excluded)."""
     from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     if precision == "bf16":
         model = model.to(torch.bfloat16)
@@ -102,6 +123,7 @@ def _saved_for_backward(config, precision: str, b: int, s: int) -> int:
         if st.data_ptr() not in params and not is_weight_cast:
             seen[st.data_ptr()] = st.nbytes()
         return t
+
     shapes = {tuple(p.shape) for p in model.parameters()} | {tuple(p.t().shape) for p in model.parameters()}
     ids = torch.randint(0, config.vocab_size, (b, s))
     cast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
@@ -122,12 +144,15 @@ def test_activation_formula_equals_what_hf_llama_saves(precision, kv):
     assert predicted == measured
 
 
-@pytest.mark.parametrize("model, gpu, n, branch", [
-    ("smollm2-135m", "rtx4090", 1, "full"),
-    ("llama-7b", "a100-80gb", 1, "full-savers"),
-    ("llama-7b", "a100-80gb", 8, "full-zero3"),
-    ("llama-70b", "a100-80gb", 1, "none"),
-])
+@pytest.mark.parametrize(
+    "model, gpu, n, branch",
+    [
+        ("smollm2-135m", "rtx4090", 1, "full"),
+        ("llama-7b", "a100-80gb", 1, "full-savers"),
+        ("llama-7b", "a100-80gb", 8, "full-zero3"),
+        ("llama-70b", "a100-80gb", 1, "none"),
+    ],
+)
 def test_planner_branches(model, gpu, n, branch):
     assert plan(load_spec(model), gpu, n, TrainSetup(precision="bf16-mixed")).branch == branch
 
@@ -155,6 +180,7 @@ def test_cpu_peak_meter_sees_a_freed_allocation():
     fast mode) may serve the block from them, and such pages stay resident after the free."""
     import subprocess
     import sys
+
     out = subprocess.run([sys.executable, "-c", FREED_ALLOCATION], capture_output=True, text=True, check=True).stdout
     peak, after = map(int, out.split())
     assert 0.19e9 <= peak <= 0.35e9, f"peak {peak / 1e9:.3f} GB above baseline"
@@ -164,14 +190,17 @@ def test_cpu_peak_meter_sees_a_freed_allocation():
 def test_gpu_memory_script_runs_on_cpu_with_a_tiny_shape():
     import importlib.util
     from pathlib import Path
+
     path = Path(__file__).resolve().parents[1] / "bench" / "memory_gpu.py"
     spec = importlib.util.spec_from_file_location("memory_gpu", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     result = bench.measure("tiny", 2, 64, "cpu", steps=2)
     _, config = bench.build("tiny", "cpu")
-    expected = estimate(spec_from_config(config, "tiny"),
-                        TrainSetup(micro_batch=2, seq_len=64, precision="fp32", loss_fraction=63 / 64, device="cpu"))
+    expected = estimate(
+        spec_from_config(config, "tiny"),
+        TrainSetup(micro_batch=2, seq_len=64, precision="fp32", loss_fraction=63 / 64, device="cpu"),
+    )
     assert result["predicted_gb"] == pytest.approx(expected.peak / 1e9)
     assert result["params"] == spec_from_config(config, "tiny").n_params
     assert result["measured_gb"] > 0 and result["tokens_per_s"] > 0
@@ -183,13 +212,20 @@ def test_run_measures_its_first_steps_then_relaxes(tiny_dir, chat_file, tmp_path
     from conftest import tiny_overrides
     from fulltune.config import load_config
     from fulltune.train import run_training
-    run = run_training(load_config(None, tiny_overrides(tiny_dir, chat_file, tmp_path / "a", **{
-        "train.max_steps": 4, "train.memory_steps": 2})))
+
+    run = run_training(
+        load_config(
+            None, tiny_overrides(tiny_dir, chat_file, tmp_path / "a", **{"train.max_steps": 4, "train.memory_steps": 2})
+        )
+    )
     assert run.memory.measured_steps == 2 and not run.memory.meter.active
     memory = json.loads((tmp_path / "a" / "results.json").read_text())["memory"]
     assert memory["largest_micro_batch"]["rows"] == 4 and isinstance(memory["measured_peak_gb"], float)
-    run = run_training(load_config(None, tiny_overrides(tiny_dir, chat_file, tmp_path / "b", **{
-        "train.max_steps": 2, "train.memory_steps": 0})))
+    run = run_training(
+        load_config(
+            None, tiny_overrides(tiny_dir, chat_file, tmp_path / "b", **{"train.max_steps": 2, "train.memory_steps": 0})
+        )
+    )
     assert run.memory.measured_steps == 0
     assert "memory" not in json.loads((tmp_path / "b" / "results.json").read_text())
 
@@ -206,10 +242,11 @@ def test_memory_check_picks_the_micro_batch_with_the_highest_predicted_peak(tiny
     from fulltune.config import ModelConfig, load_config
     from fulltune.memory.runcheck import heaviest
     from fulltune.model import load_theta0
+
     model, _, _ = load_theta0(ModelConfig(path=str(tiny_dir)), verbose=False)
     cfg = load_config(None)
     wide = {"rows": 8, "length": 40, "targets": 8, "grads_alive": False}
-    dense = {"rows": 8, "length": 38, "targets": 8 * 38, "grads_alive": False}   # fewer tokens, all with loss
+    dense = {"rows": 8, "length": 38, "targets": 8 * 38, "grads_alive": False}  # fewer tokens, all with loss
     later = {**wide, "grads_alive": True}
     assert heaviest(model, cfg, "fp32", "cpu", {"rows": 0}, [wide, dense]) == dense
     assert heaviest(model, cfg, "fp32", "cpu", {"rows": 0}, [wide, later]) == later
@@ -241,33 +278,53 @@ def test_zero3_plan_names_the_commands():
 def test_a_run_that_will_not_fit_is_warned_before_loading(monkeypatch, capsys, tiny_dir, chat_file, tmp_path):
     from conftest import QUICKSTART, tiny_overrides
     from fulltune.memory import runcheck
-    args = ["train", QUICKSTART, *tiny_overrides(tiny_dir, chat_file, tmp_path / "a", **{"train.max_steps": 1}),
-            "eval.task_file=", "data.val_fraction=0"]
+
+    args = [
+        "train",
+        QUICKSTART,
+        *tiny_overrides(tiny_dir, chat_file, tmp_path / "a", **{"train.max_steps": 1}),
+        "eval.task_file=",
+        "data.val_fraction=0",
+    ]
     assert main(args) == 0
     assert "[memory] warning" not in capsys.readouterr().out  # the tiny model fits anywhere
     monkeypatch.setattr(runcheck, "available_bytes", lambda device: 1000)
     assert main([a.replace(str(tmp_path / "a"), str(tmp_path / "b")) for a in args]) == 0  # a warning, not a refusal
     out = capsys.readouterr().out
     warning = next(line for line in out.splitlines() if line.startswith("[memory] warning"))
-    assert warning.startswith("[memory] warning: the estimated peak is 0.0 GB (micro-batch 4 × 64 tokens, fp32, adamw) "
-                              "and 0.0 GB is available on cpu (MemAvailable): the run may run out of memory. The planner: ")
+    assert warning.startswith(
+        "[memory] warning: the estimated peak is 0.0 GB (micro-batch 4 × 64 tokens, fp32, adamw) "
+        "and 0.0 GB is available on cpu (MemAvailable): the run may run out of memory. The planner: "
+    )
     assert out.index("[memory] warning") < out.index("[model] θ0")  # before loading
     assert "model.activation_offload" not in warning and "optim.cpu_offload" not in warning  # CUDA only: never on CPU
 
 
-@pytest.mark.parametrize("capacity, advice", [
-    (2.0e6, "The planner: full fine-tuning fits on 1× cpu (MemAvailable): fulltune train CONFIG "
-            "model.activation_checkpointing=true train.precision=bf16"),
-    (3.0e9, "The estimate fits, so something else holds memory: another process on the device, or the allocator's "
+@pytest.mark.parametrize(
+    "capacity, advice",
+    [
+        (
+            2.0e6,
+            "The planner: full fine-tuning fits on 1× cpu (MemAvailable): fulltune train CONFIG "
+            "model.activation_checkpointing=true train.precision=bf16",
+        ),
+        (
+            3.0e9,
+            "The estimate fits, so something else holds memory: another process on the device, or the allocator's "
             "fragmentation (on CUDA: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True); or lower train.micro_batch_size, "
-            "or set model.activation_checkpointing=true")])
-def test_out_of_memory_in_a_step_is_one_line_with_the_breakdown(monkeypatch, capsys, tiny_dir, chat_file, tmp_path,
-                                                                  capacity, advice):
+            "or set model.activation_checkpointing=true",
+        ),
+    ],
+)
+def test_out_of_memory_in_a_step_is_one_line_with_the_breakdown(
+    monkeypatch, capsys, tiny_dir, chat_file, tmp_path, capacity, advice
+):
     """A CUDA OOM (injected: this machine has no GPU) in step 3: exit 3, one line with the estimate's
     terms, the capacity, the planner's answer for it and the step-2 checkpoint, which still verifies."""
     from conftest import QUICKSTART, tiny_overrides
     from fulltune import atomic, train
     from fulltune.memory import runcheck
+
     real, calls = train.train_step, []
 
     def step(*args, **kwargs):
@@ -275,19 +332,33 @@ def test_out_of_memory_in_a_step_is_one_line_with_the_breakdown(monkeypatch, cap
         if len(calls) == 3:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(*args, **kwargs)
+
     monkeypatch.setattr(train, "train_step", step)
     monkeypatch.setattr(runcheck, "available_bytes", lambda device: capacity)
     out = tmp_path / "run"
-    assert main(["train", QUICKSTART, *tiny_overrides(tiny_dir, chat_file, out, **{
-        "train.max_steps": 5, "train.save_interval": 2}), "eval.task_file=", "data.val_fraction=0"]) == 3
+    assert (
+        main(
+            [
+                "train",
+                QUICKSTART,
+                *tiny_overrides(tiny_dir, chat_file, out, **{"train.max_steps": 5, "train.save_interval": 2}),
+                "eval.task_file=",
+                "data.val_fraction=0",
+            ]
+        )
+        == 3
+    )
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("fulltune: error") == 1
-    line = err[err.index("fulltune: error"):].strip()
+    line = err[err.index("fulltune: error") :].strip()
     assert "\n" not in line
-    assert re.fullmatch(r"fulltune: error: out of memory in step 3 \(micro-batch 4 × 64 tokens, fp32, adamw\): "
-                        r"estimated peak 3\.\d MB \(weights 0\.2 MB, gradients 0\.2 MB, optimizer state 0\.\d MB, "
-                        r"activations \d\.\d MB, logits \+ loss \d\.\d MB\) against (.*) on cpu \(MemAvailable\)\. (.*)\. "
-                        r"Checkpoint (.*) is intact: train\.resume=auto continues from it with model\.activation_checkpointing or "
-                        r"model\.activation_offload switched on; other changes start a new run", line), line
+    assert re.fullmatch(
+        r"fulltune: error: out of memory in step 3 \(micro-batch 4 × 64 tokens, fp32, adamw\): "
+        r"estimated peak 3\.\d MB \(weights 0\.2 MB, gradients 0\.2 MB, optimizer state 0\.\d MB, "
+        r"activations \d\.\d MB, logits \+ loss \d\.\d MB\) against (.*) on cpu \(MemAvailable\)\. (.*)\. "
+        r"Checkpoint (.*) is intact: train\.resume=auto continues from it with model\.activation_checkpointing or "
+        r"model\.activation_offload switched on; other changes start a new run",
+        line,
+    ), line
     assert f". {advice}. Checkpoint {out}/checkpoints/step-0000002 is intact" in line
     assert atomic.verify_dir(out / "checkpoints" / "step-0000002") is None and not (out / "final").exists()

@@ -38,7 +38,9 @@ def _examples(n, vocab=64, seed=0, all_targets=False):
 
 def _general_file(path, n=30, seed=5):
     g = torch.Generator().manual_seed(seed)
-    rows = [{"text": " ".join(WORDS[int(j)] for j in torch.randint(0, len(WORDS), (12,), generator=g))} for _ in range(n)]
+    rows = [
+        {"text": " ".join(WORDS[int(j)] for j in torch.randint(0, len(WORDS), (12,), generator=g))} for _ in range(n)
+    ]
     return write_jsonl(path, rows)
 
 
@@ -52,6 +54,7 @@ def _weights(run_dir):
 
 # ---------------------------------------------------------------- data mixing
 
+
 @pytest.mark.parametrize("ratio", [0.05, 0.1, 0.3])
 def test_mixing_share_matches_ratio_and_task_order_is_unchanged(ratio):
     plain = StepSampler(50, 4, 2, seed=3)
@@ -60,9 +63,9 @@ def test_mixing_share_matches_ratio_and_task_order_is_unchanged(ratio):
     for _ in range(300):
         expected_task = [i for b in plain.next_step() for i in b]
         step = mixed.next_step()
-        assert all(len(b) <= 4 for b in step)                       # never above the micro-batch size
+        assert all(len(b) <= 4 for b in step)  # never above the micro-batch size
         flat = [i for b in step for i in b]
-        assert [i for i in flat if i < 50] == expected_task        # the task's order is the task-only order
+        assert [i for i in flat if i < 50] == expected_task  # the task's order is the task-only order
         general = [i for i in flat if i >= 50]
         assert all(50 <= i < 67 for i in general)
         task_total, general_total = task_total + len(expected_task), general_total + len(general)
@@ -87,11 +90,24 @@ def test_mixing_sampler_is_identical_after_resume():
 def test_mixed_run_uses_general_data_and_resumes_bit_for_bit(tiny_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(40))
     general = _general_file(tmp_path / "g.jsonl")
-    extra = {"train.max_steps": 4, "train.save_interval": 2, "data.general": f"[{general}]", "data.mix_ratio": 0.25,
-             "anchor.method": "l2sp", "anchor.lam": 0.5, "optim.weight_decay": 0.1, "optim.decay_toward": "theta0"}
+    extra = {
+        "train.max_steps": 4,
+        "train.save_interval": 2,
+        "data.general": f"[{general}]",
+        "data.mix_ratio": 0.25,
+        "anchor.method": "l2sp",
+        "anchor.lam": 0.5,
+        "optim.weight_decay": 0.1,
+        "optim.decay_toward": "theta0",
+    }
     _run(tiny_dir, data, tmp_path / "straight", **extra)
-    _run(tiny_dir, data, tmp_path / "resumed", **extra,
-         **{"train.resume": str(tmp_path / "straight" / "checkpoints" / "step-0000002")})
+    _run(
+        tiny_dir,
+        data,
+        tmp_path / "resumed",
+        **extra,
+        **{"train.resume": str(tmp_path / "straight" / "checkpoints" / "step-0000002")},
+    )
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
     results = json.loads((tmp_path / "straight" / "results.json").read_text())
@@ -101,12 +117,18 @@ def test_mixed_run_uses_general_data_and_resumes_bit_for_bit(tiny_dir, tmp_path)
     lines = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines() if "loss" in l]
     assert all(r["penalty"] >= 0 and r["theta0_distance"] > 0 for r in lines)
     # Mixing changes the run: the same config without general data ends elsewhere.
-    _run(tiny_dir, data, tmp_path / "task-only", **{k: v for k, v in extra.items() if k not in ("data.general", "data.mix_ratio")})
+    _run(
+        tiny_dir,
+        data,
+        tmp_path / "task-only",
+        **{k: v for k, v in extra.items() if k not in ("data.general", "data.mix_ratio")},
+    )
     c = _weights(tmp_path / "task-only")
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
 # ---------------------------------------------------------------- L2-SP / EWC
+
 
 def test_lambda_zero_is_exactly_the_unregularised_run(tiny_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(24))
@@ -167,7 +189,7 @@ def test_fisher_is_the_mean_of_squared_per_example_gradients():
         keep = torch.tensor(ex.target_mask[1:], dtype=torch.bool)
         F.cross_entropy(logits[keep], targets[keep]).backward()
         for d, p in zip(direct, model.parameters()):
-            d += p.grad ** 2
+            d += p.grad**2
     for f, d in zip(fisher, direct):
         torch.testing.assert_close(f, d / len(examples), rtol=1e-4, atol=1e-10)
     norm = normalise(fisher)
@@ -189,8 +211,13 @@ def test_ewc_pulls_harder_where_fisher_is_large():
 def test_ewc_run_caches_the_fisher_and_reuses_it(tiny_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(24))
     general = _general_file(tmp_path / "g.jsonl")
-    extra = {"train.max_steps": 2, "data.general": f"[{general}]", "anchor.method": "ewc", "anchor.lam": 2.0,
-             "anchor.fisher_batches": 2}
+    extra = {
+        "train.max_steps": 2,
+        "data.general": f"[{general}]",
+        "anchor.method": "ewc",
+        "anchor.lam": 2.0,
+        "anchor.fisher_batches": 2,
+    }
     _run(tiny_dir, data, tmp_path / "r", **extra)
     assert "computed, cached in" in capsys.readouterr().out
     cached = load_file(str(tmp_path / "r" / "fisher.safetensors"))
@@ -225,8 +252,9 @@ def test_missing_general_file_is_one_clear_error_before_the_model_loads(tiny_dir
     missing = tmp_path / "nope.jsonl"
     args = ["train", str(tmp_path / "none.yaml")]
     (tmp_path / "none.yaml").write_text("{}\n")
-    code = main(args + tiny_overrides(tiny_dir, data, tmp_path / "r", **{
-        "data.general": f"[{missing}]", "data.mix_ratio": 0.1}))
+    code = main(
+        args + tiny_overrides(tiny_dir, data, tmp_path / "r", **{"data.general": f"[{missing}]", "data.mix_ratio": 0.1})
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert f"data file not found: {missing}" in err and "Traceback" not in err
@@ -258,6 +286,7 @@ def test_memory_estimate_counts_the_anchor():
 
 # ---------------------------------------------------------------- WiSE-FT
 
+
 def test_interpolation_endpoints_reproduce_the_models():
     a, b = make_model(64, layers=2, seed=1), make_model(64, layers=2, seed=2)
     theta0, ft = endpoint_weights(a, b)
@@ -273,16 +302,44 @@ def test_interpolation_endpoints_reproduce_the_models():
 
 def test_interpolate_command_writes_table_and_plot(tiny_dir, tmp_path, capsys):
     from test_probes import MC
+
     mc = write_jsonl(tmp_path / "mc.jsonl", MC)
     task = write_jsonl(tmp_path / "task.jsonl", sentiment_records(6, seed=3))
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(16))
-    run_training(load_config(None, tiny_overrides(tiny_dir, data, tmp_path / "r", **{
-        "train.max_steps": 3, "eval.probes": f"[mc:{mc}]", "eval.task_file": str(task),
-        "eval.labels": "[positive, negative]"})))
+    run_training(
+        load_config(
+            None,
+            tiny_overrides(
+                tiny_dir,
+                data,
+                tmp_path / "r",
+                **{
+                    "train.max_steps": 3,
+                    "eval.probes": f"[mc:{mc}]",
+                    "eval.task_file": str(task),
+                    "eval.labels": "[positive, negative]",
+                },
+            ),
+        )
+    )
     out = tmp_path / "wise"
     # Task and probe settings come from the run's config.yaml beside final/.
-    assert main(["interpolate", str(tiny_dir), str(tmp_path / "r" / "final"), "--alphas", "0,0.5,1",
-                 "--out", str(out), "--precision", "fp32"]) == 0
+    assert (
+        main(
+            [
+                "interpolate",
+                str(tiny_dir),
+                str(tmp_path / "r" / "final"),
+                "--alphas",
+                "0,0.5,1",
+                "--out",
+                str(out),
+                "--precision",
+                "fp32",
+            ]
+        )
+        == 0
+    )
     rows = json.loads((out / "interpolate.json").read_text())["rows"]
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert [r["alpha"] for r in rows] == [0.0, 0.5, 1.0]
@@ -301,11 +358,13 @@ def test_interpolate_command_writes_table_and_plot(tiny_dir, tmp_path, capsys):
 def test_the_fisher_cache_is_keyed_on_the_tokens_and_read_only_when_resuming(tmp_path):
     from fulltune.anchors import cached_fisher, tokens_hash
     from fulltune.data.formats import Example
+
     calls = []
 
     def compute():
         calls.append(1)
         return [torch.full((2,), float(len(calls)))]
+
     seqs = [Example([5, 6, 7], [0, 1, 1]), Example([8, 9], [0, 1])]
     key = {"general": ["g.jsonl"], "tokens_sha256": tokens_hash(seqs)}
     path = tmp_path / "fisher.safetensors"

@@ -11,11 +11,11 @@ from fulltune.optim.schedules import lr_multiplier, schedule_fn
 
 def test_cosine_schedule_values():
     T, W = 100, 10
-    assert lr_multiplier(0, T, W, "cosine", 0.1) == pytest.approx(0.1)        # (0+1)/10
-    assert lr_multiplier(W - 1, T, W, "cosine", 0.1) == pytest.approx(1.0)    # end of warmup
+    assert lr_multiplier(0, T, W, "cosine", 0.1) == pytest.approx(0.1)  # (0+1)/10
+    assert lr_multiplier(W - 1, T, W, "cosine", 0.1) == pytest.approx(1.0)  # end of warmup
     assert lr_multiplier(W, T, W, "cosine", 0.1) == pytest.approx(1.0)
     assert lr_multiplier(55, T, W, "cosine", 0.1) == pytest.approx(0.1 + 0.9 * 0.5)  # middle of decay
-    assert lr_multiplier(T, T, W, "cosine", 0.1) == pytest.approx(0.1)        # end: min_lr
+    assert lr_multiplier(T, T, W, "cosine", 0.1) == pytest.approx(0.1)  # end: min_lr
     assert lr_multiplier(T - 1, T, W, "cosine", 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
 
 
@@ -43,9 +43,9 @@ def test_discriminative_rates_per_layer():
     for i, layer in enumerate(layers):
         l_from_top = len(layers) - 1 - i
         for p in layer.parameters():
-            assert rate[id(p)] == pytest.approx(1e-3 * 2.6 ** -l_from_top)
-    assert rate[id(model.model.embed_tokens.weight)] == pytest.approx(1e-3 * 2.6 ** -4)   # lowest
-    assert rate[id(model.lm_head.weight)] == pytest.approx(1e-3)                         # top
+            assert rate[id(p)] == pytest.approx(1e-3 * 2.6**-l_from_top)
+    assert rate[id(model.model.embed_tokens.weight)] == pytest.approx(1e-3 * 2.6**-4)  # lowest
+    assert rate[id(model.lm_head.weight)] == pytest.approx(1e-3)  # top
     assert rate[id(model.model.norm.weight)] == pytest.approx(1e-3)
     # No decay on norm weights; decay on matrices.
     wd = {id(p): g["weight_decay"] for g in groups for p in g["params"]}

@@ -59,7 +59,7 @@ def test_a_packed_step_has_the_loss_and_gradients_of_the_same_sequences_unpacked
     torch.manual_seed(0)
     model = make_model(VOCAB, layers=2)
     examples = _examples(12)
-    plain = [collate(examples[i:i + 4], 2) for i in range(0, 12, 4)]
+    plain = [collate(examples[i : i + 4], 2) for i in range(0, 12, 4)]
     rows = pack(examples, 40, seed=0)
     packed = [collate(rows, 2)]
     assert "attention_mask" not in packed[0] and any(len(r.lengths) > 1 for r in rows)
@@ -83,8 +83,10 @@ def test_changing_one_sequence_leaves_the_others_logits_unchanged():
     transformers' packed-sequence detection off (PR #46634), would fail this: shown as a control."""
     model = make_model(VOCAB, layers=2).eval()
     a, b, c, d = _examples(4, seed=1, lo=6, hi=9)
-    rows = [Example(a.input_ids + b.input_ids, a.target_mask + b.target_mask, (len(a.input_ids), len(b.input_ids))),
-            Example(c.input_ids + d.input_ids, c.target_mask + d.target_mask, (len(c.input_ids), len(d.input_ids)))]
+    rows = [
+        Example(a.input_ids + b.input_ids, a.target_mask + b.target_mask, (len(a.input_ids), len(b.input_ids))),
+        Example(c.input_ids + d.input_ids, c.target_mask + d.target_mask, (len(c.input_ids), len(d.input_ids))),
+    ]
     changed_a = Example([(t + 5) % VOCAB for t in a.input_ids], a.target_mask)
     rows2 = [Example(changed_a.input_ids + b.input_ids, rows[0].target_mask, rows[0].lengths), rows[1]]
     before, after = collate(rows, 2), collate(rows2, 2)
@@ -94,7 +96,7 @@ def test_changing_one_sequence_leaves_the_others_logits_unchanged():
     assert torch.allclose(la[0, na:], lb[0, na:], atol=1e-6)  # b, packed behind a, did not
     assert torch.equal(la[1], lb[1])  # nor the other row
     alone = _logits(model, collate([b], 2))[0]
-    assert torch.allclose(la[0, na:na + len(b.input_ids)], alone, atol=1e-5)
+    assert torch.allclose(la[0, na : na + len(b.input_ids)], alone, atol=1e-5)
     for batch in (before, after):  # control: the same rows with a 2D mask of ones contaminate
         batch["attention_mask"] = torch.ones_like(batch["input_ids"])
     assert not torch.allclose(_logits(model, before)[0, na:], _logits(model, after)[0, na:], atol=1e-3)
@@ -104,6 +106,7 @@ def test_an_attention_that_does_not_isolate_packed_sequences_is_refused(monkeypa
     model = make_model(VOCAB, layers=2)
     assert check_isolation(model, torch.device("cpu"), VOCAB) < 1e-5
     import transformers.masking_utils as mu
+
     monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)  # a kernel blind to boundaries
     with pytest.raises(UserError, match="does not keep packed sequences apart"):
         check_isolation(model, torch.device("cpu"), VOCAB)
@@ -111,6 +114,7 @@ def test_an_attention_that_does_not_isolate_packed_sequences_is_refused(monkeypa
 
 def test_grouped_batches_hold_every_sequence_once_per_epoch_with_less_padding():
     lengths = [int(x) for x in torch.randint(5, 200, (300,), generator=torch.Generator().manual_seed(0))]
+
     def padding(sampler):
         pad = real = 0
         for _ in range(sampler.steps_per_epoch):
@@ -118,6 +122,7 @@ def test_grouped_batches_hold_every_sequence_once_per_epoch_with_less_padding():
                 pad += len(b) * max(lengths[i] for i in b)
                 real += sum(lengths[i] for i in b)
         return 1 - real / pad
+
     grouped, plain = StepSampler(300, 8, 2, 5, lengths), StepSampler(300, 8, 2, 5)
     for epoch in range(2):
         seen = [i for _ in range(grouped.steps_per_epoch) for b in grouped.next_step() for i in b]
@@ -139,7 +144,9 @@ def test_packed_and_grouped_runs_resume_exactly(tiny_dir, tmp_path, key):
     extra = {key: "true", "train.max_steps": 4, "train.save_interval": 2, "data.max_seq_len": 64}
     run_training(load_config(None, tiny_overrides(tiny_dir, data, tmp_path / "straight", **extra)))
     ckpt = tmp_path / "straight" / "checkpoints" / "step-0000002"
-    run_training(load_config(None, tiny_overrides(tiny_dir, data, tmp_path / "resumed", **extra, **{"train.resume": ckpt})))
+    run_training(
+        load_config(None, tiny_overrides(tiny_dir, data, tmp_path / "resumed", **extra, **{"train.resume": ckpt}))
+    )
     a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -160,7 +167,9 @@ def test_packing_and_group_by_length_together_is_a_config_error(tmp_path):
 
 def test_flash_attention_on_a_cpu_run_is_refused_before_loading(tiny_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(8))
-    cfg = load_config(None, tiny_overrides(tiny_dir, data, tmp_path / "run", **{"model.attn_implementation": "flash_attention_2"}))
+    cfg = load_config(
+        None, tiny_overrides(tiny_dir, data, tmp_path / "run", **{"model.attn_implementation": "flash_attention_2"})
+    )
     with pytest.raises(UserError, match="flash_attention_2 runs on CUDA only"):
         run_training(cfg)
     assert not (tmp_path / "run").exists()

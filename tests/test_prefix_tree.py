@@ -17,6 +17,7 @@ def _alone(model, examples, pad_id):
     """Each example in its own batch, the plain next-token path (no tree, no padding)."""
     from fulltune.data.loader import collate
     from fulltune.loss import target_logprobs
+
     with torch.no_grad():
         return [float(target_logprobs(model, collate([e], pad_id))[0].double().sum()) for e in examples]
 
@@ -35,7 +36,9 @@ def _branches_per_row(monkeypatch) -> list[int]:
     """Spy on score_sequences: the most branches in each batch it scores."""
     seen: list[int] = []
     real = classify.collate_tree
-    monkeypatch.setattr(classify, "collate_tree", lambda rows, *a: seen.append(max(max(r.branch) for r in rows)) or real(rows, *a))
+    monkeypatch.setattr(
+        classify, "collate_tree", lambda rows, *a: seen.append(max(max(r.branch) for r in rows)) or real(rows, *a)
+    )
     return seen
 
 
@@ -46,9 +49,13 @@ def test_tree_scores_equal_each_candidate_alone(attn, monkeypatch):
     model = make_model(len(tok)).eval()
     model.config._attn_implementation = attn
     examples = _candidates(tok, sentiment_records(7, seed=5))
-    examples += [Example([5, 6, 7, 8, 9], [0, 0, 1, 1, 1]), Example([5, 6, 7, 10], [0, 0, 1, 1]),  # context [5, 6]:
-                 Example([5, 6, 7, 8, 9, 11, 12], [0, 0, 1, 1, 1, 1, 1]),                          # three branches
-                 Example([5, 6, 7, 8], [0, 0, 0, 1]), Example([4, 3], [0, 1])]  # other contexts: alone
+    examples += [
+        Example([5, 6, 7, 8, 9], [0, 0, 1, 1, 1]),
+        Example([5, 6, 7, 10], [0, 0, 1, 1]),  # context [5, 6]:
+        Example([5, 6, 7, 8, 9, 11, 12], [0, 0, 1, 1, 1, 1, 1]),  # three branches
+        Example([5, 6, 7, 8], [0, 0, 0, 1]),
+        Example([4, 3], [0, 1]),
+    ]  # other contexts: alone
     assert groups(examples)[:7] == [[2 * i, 2 * i + 1] for i in range(7)]
     assert groups(examples)[7:] == [[14, 15, 16], [17], [18]]
     tree = score_sequences(model, examples, tok.pad_token_id, 3, contextlib.nullcontext)
@@ -73,6 +80,7 @@ def test_an_attention_that_ignores_the_tree_mask_is_caught_and_scored_alone(caps
 
     def causal_only(module, query, key, value, attention_mask, **kwargs):  # drops the mask: plain causal
         return sdpa_attention_forward(module, query, key, value, None, **{**kwargs, "is_causal": True})
+
     AttentionInterface.register("causal_only_test", causal_only)
     tok = make_tokenizer()
     model = make_model(len(tok)).eval()

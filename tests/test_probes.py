@@ -17,8 +17,14 @@ from fulltune.model import load_theta0
 from fulltune.train import run_training
 import contextlib
 
-MC = [{"context": "Question: what is the capital of france?\nAnswer:", "choices": [" paris", " the movie", " good"], "gold": 0},
-      {"context": "the plot was", "choices": [" dull", " great fun and good"], "gold": 1}]
+MC = [
+    {
+        "context": "Question: what is the capital of france?\nAnswer:",
+        "choices": [" paris", " the movie", " good"],
+        "gold": 0,
+    },
+    {"context": "the plot was", "choices": [" dull", " great fun and good"], "gold": 1},
+]
 TEXT = [{"context": "the movie was", "continuation": " great fun"}, {"text": "positive review of the film"}]
 
 
@@ -48,18 +54,25 @@ def test_text_probe_nll_and_bits_per_byte_by_hand(tiny_dir, tmp_path):
     probe = load_probe(f"text:{write_jsonl(tmp_path / 't.jsonl', TEXT)}", n=0)
     examples = probe_examples(probe, tok)
     summary = summarise(probe, examples, score_sequences(model, examples, tok.pad_token_id, 4, contextlib.nullcontext))
-    hand = [_by_hand(model, tok, "the movie was", " great fun"), _by_hand(model, tok, "", "positive review of the film")]
-    n_tokens = len(tok(" great fun", add_special_tokens=False)["input_ids"]) + \
-        len(tok("positive review of the film", add_special_tokens=False)["input_ids"])
+    hand = [
+        _by_hand(model, tok, "the movie was", " great fun"),
+        _by_hand(model, tok, "", "positive review of the film"),
+    ]
+    n_tokens = len(tok(" great fun", add_special_tokens=False)["input_ids"]) + len(
+        tok("positive review of the film", add_special_tokens=False)["input_ids"]
+    )
     assert summary["nll_per_token"] == pytest.approx(-sum(hand) / n_tokens, rel=1e-5)
-    assert summary["bits_per_byte"] == pytest.approx(-sum(hand) / math.log(2) / len(" great funpositive review of the film"), rel=1e-5)
+    assert summary["bits_per_byte"] == pytest.approx(
+        -sum(hand) / math.log(2) / len(" great funpositive review of the film"), rel=1e-5
+    )
 
 
 def test_per_token_normalisation_can_change_the_answer():
     probe = load_probe.__globals__["Probe"]("p", "mc", [{"context": "c", "choices": ["a", "b"], "gold": 1}])
     from fulltune.data.formats import Example
+
     examples = [Example([1, 2], [0, 1]), Example([1, 2, 3, 4], [0, 1, 1, 1])]  # 1 vs 3 continuation tokens
-    summary = summarise(probe, examples, [-2.0, -3.0])   # raw picks a; per token (-2 vs -1) picks b
+    summary = summarise(probe, examples, [-2.0, -3.0])  # raw picks a; per token (-2 vs -1) picks b
     assert summary["acc"] == 0.0 and summary["acc_per_token"] == 1.0
 
 
@@ -68,7 +81,7 @@ def test_builtin_probes_are_fixed_subsets_of_the_real_files():
     assert len(arc.items) == 5 and all(len(it["choices"]) == 4 and 0 <= it["gold"] < 4 for it in arc.items)
     assert arc.items == load_probe("arc_easy", 5).items
     assert all(it["context"].startswith("Question:") for it in arc.items)
-    assert len(load_probe("piqa", 0).items) == 1838          # unconditioned doc_id ≥ 1e6 requests skipped
+    assert len(load_probe("piqa", 0).items) == 1838  # unconditioned doc_id ≥ 1e6 requests skipped
     code = load_probe("humaneval", 3)
     assert all(it["context"].lstrip().startswith(("def ", "from", "import")) for it in code.items)
     assert all(it["continuation"].startswith("    ") for it in code.items)
@@ -76,6 +89,7 @@ def test_builtin_probes_are_fixed_subsets_of_the_real_files():
 
 def test_unknown_probe_and_bad_item_are_clear_errors(tmp_path):
     from fulltune.errors import UserError
+
     with pytest.raises(UserError, match="unknown probe 'trivia'"):
         load_probe("trivia", 5)
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"context": "x", "choices": ["a"], "gold": 3}])
@@ -84,10 +98,14 @@ def test_unknown_probe_and_bad_item_are_clear_errors(tmp_path):
 
 
 def test_forgetting_report_retention_and_change():
-    before = {"arc": {"kind": "mc", "acc": 0.5, "acc_stderr": 0.05, "n": 100},
-              "code": {"kind": "text", "nll_per_token": 2.0, "bits_per_byte": 1.0, "n": 10}}
-    after = {"arc": {"kind": "mc", "acc": 0.4, "acc_stderr": 0.049, "n": 100},
-             "code": {"kind": "text", "nll_per_token": 2.5, "bits_per_byte": 1.25, "n": 10}}
+    before = {
+        "arc": {"kind": "mc", "acc": 0.5, "acc_stderr": 0.05, "n": 100},
+        "code": {"kind": "text", "nll_per_token": 2.0, "bits_per_byte": 1.0, "n": 10},
+    }
+    after = {
+        "arc": {"kind": "mc", "acc": 0.4, "acc_stderr": 0.049, "n": 100},
+        "code": {"kind": "text", "nll_per_token": 2.5, "bits_per_byte": 1.25, "n": 10},
+    }
     rows = forgetting_report(before, after)["probes"]
     assert rows["arc"]["retention"] == pytest.approx(0.8) and rows["arc"]["change"] == pytest.approx(-0.1)
     assert rows["code"]["relative_change"] == pytest.approx(0.25)
@@ -98,9 +116,23 @@ def test_training_runs_probes_before_during_after(tiny_dir, tmp_path):
     text = write_jsonl(tmp_path / "t.jsonl", TEXT)
     task = write_jsonl(tmp_path / "task.jsonl", sentiment_records(6, seed=3))
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(16))
-    run_training(load_config(None, tiny_overrides(tiny_dir, data, tmp_path / "r", **{
-        "train.max_steps": 4, "eval.probes": f"[mc:{mc}, text:{text}]", "eval.probe_interval": 2,
-        "eval.task_file": str(task), "eval.labels": "[positive, negative]"})))
+    run_training(
+        load_config(
+            None,
+            tiny_overrides(
+                tiny_dir,
+                data,
+                tmp_path / "r",
+                **{
+                    "train.max_steps": 4,
+                    "eval.probes": f"[mc:{mc}, text:{text}]",
+                    "eval.probe_interval": 2,
+                    "eval.task_file": str(task),
+                    "eval.labels": "[positive, negative]",
+                },
+            ),
+        )
+    )
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     report = results["forgetting"]
     assert set(report["probes"]) == {"mc", "t"} and "task" in report
@@ -115,8 +147,22 @@ def test_eval_command_compares_two_models(capsys, tiny_dir, tmp_path):
     out = tmp_path / "e.json"
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(16))
     run_training(load_config(None, tiny_overrides(tiny_dir, data, tmp_path / "r", **{"train.max_steps": 2})))
-    assert main(["eval", str(tiny_dir), str(tmp_path / "r" / "final"), "--probes", f"mc:{mc}", "--out", str(out),
-                 "--precision", "fp32"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(tiny_dir),
+                str(tmp_path / "r" / "final"),
+                "--probes",
+                f"mc:{mc}",
+                "--out",
+                str(out),
+                "--precision",
+                "fp32",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "change" in text and "mc " in text
     saved = json.loads(out.read_text())

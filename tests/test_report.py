@@ -15,8 +15,10 @@ from conftest import QUICKSTART, sentiment_records, tiny_overrides, write_jsonl
 from fulltune.cli import main
 from fulltune.report import forgetting_figures, memory_figure, read_run, training_figures
 
-MC = [{"context": "the movie was", "choices": [" great fun", " dull"], "gold": 0},
-      {"context": "the plot was", "choices": [" dull", " good"], "gold": 1}]
+MC = [
+    {"context": "the movie was", "choices": [" great fun", " dull"], "gold": 0},
+    {"context": "the plot was", "choices": [" dull", " good"], "gold": 1},
+]
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +26,31 @@ def finished(tiny_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     data = write_jsonl(tmp / "chat.jsonl", sentiment_records(24))
     out = tmp / "run"
-    assert main(["train", QUICKSTART, *tiny_overrides(tiny_dir, data, out, **{
-        "train.max_steps": 4, "train.report": True, "optim.layer_lr_decay": 1.5, "data.val_fraction": 0.2,
-        "train.val_interval": 2, "eval.task_file": write_jsonl(tmp / "task.jsonl", sentiment_records(6, seed=3)),
-        "eval.labels": "[positive, negative]", "eval.probes": f"[mc:{write_jsonl(tmp / 'mc.jsonl', MC)}]",
-        "eval.probe_interval": 2})]) == 0
+    assert (
+        main(
+            [
+                "train",
+                QUICKSTART,
+                *tiny_overrides(
+                    tiny_dir,
+                    data,
+                    out,
+                    **{
+                        "train.max_steps": 4,
+                        "train.report": True,
+                        "optim.layer_lr_decay": 1.5,
+                        "data.val_fraction": 0.2,
+                        "train.val_interval": 2,
+                        "eval.task_file": write_jsonl(tmp / "task.jsonl", sentiment_records(6, seed=3)),
+                        "eval.labels": "[positive, negative]",
+                        "eval.probes": f"[mc:{write_jsonl(tmp / 'mc.jsonl', MC)}]",
+                        "eval.probe_interval": 2,
+                    },
+                ),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -51,9 +73,11 @@ def test_the_charts_hold_the_runs_numbers(finished):
     results = run["results"]
     mem = memory_figure(results)
     assert sum(b.y[0] for b in mem.data if b.x[0] == "predicted") == pytest.approx(
-        sum(results["memory"]["predicted_terms_gb"].values()))
+        sum(results["memory"]["predicted_terms_gb"].values())
+    )
     assert sum(b.y[0] for b in mem.data if b.x[0] == "measured") == pytest.approx(
-        max(results["memory"]["measured_peak_gb"], sum(results["state_memory"]["measured_per_rank_gb"][0].values())))
+        max(results["memory"]["measured_peak_gb"], sum(results["state_memory"]["measured_per_rank_gb"][0].values()))
+    )
     during, change = forgetting_figures(run)
     assert list(during.data[0].x) == [0, 2, 4]  # θ0, the probe interval, θ*
     task = 100 * (results["task_accuracy_final"]["accuracy"] - results["task_accuracy_theta0"]["accuracy"])
@@ -64,9 +88,22 @@ def test_the_charts_hold_the_runs_numbers(finished):
 def test_chromium_renders_every_chart_without_a_console_message(finished, tmp_path):
     chromium = shutil.which("chromium")
     assert chromium, "chromium is not installed: scripts/test.sh installs it (apt-get install chromium)"
-    proc = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
-                           "--virtual-time-budget=10000", "--dump-dom", (finished / "report.html").as_uri()],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            (finished / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert ":CONSOLE" not in proc.stderr, [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
     charts = re.split(r'id="chart-\d+"', proc.stdout)[1:]
@@ -84,11 +121,15 @@ def test_an_interrupted_run_gets_a_partial_report_and_a_non_run_one_line(capsys,
     page = (partial / "report.html").read_text()
     assert "Partial report: the run is in progress or was interrupted" in page and 'id="chart-3"' in page
     assert main(["report", str(tmp_path / "nothing")]) == 2
-    assert capsys.readouterr().err.strip() == f"fulltune: error: {tmp_path / 'nothing'}: not a fulltune run directory (no config.yaml)"
+    assert (
+        capsys.readouterr().err.strip()
+        == f"fulltune: error: {tmp_path / 'nothing'}: not a fulltune run directory (no config.yaml)"
+    )
 
 
 def test_the_run_ends_with_a_summary(capsys, finished, tiny_dir, chat_file, tmp_path):
     from fulltune.report import summary_lines
+
     results = json.loads((finished / "results.json").read_text())
     lines = summary_lines(results)
     t0, t1 = results["task_accuracy_theta0"]["accuracy"], results["task_accuracy_final"]["accuracy"]
@@ -98,8 +139,18 @@ def test_the_run_ends_with_a_summary(capsys, finished, tiny_dir, chat_file, tmp_
     assert f"mc {100 * p['change']:+.1f} points (±" in lines[4]
     capsys.readouterr()
     out = tmp_path / "run"
-    assert main(["train", QUICKSTART, *tiny_overrides(tiny_dir, chat_file, out, **{"train.max_steps": 1}),
-                 "eval.task_file=", "data.val_fraction=0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                QUICKSTART,
+                *tiny_overrides(tiny_dir, chat_file, out, **{"train.max_steps": 1}),
+                "eval.task_file=",
+                "data.val_fraction=0",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out.splitlines()
     start = printed.index("[train] summary")
-    assert printed[start + 1:] == summary_lines(json.loads((out / "results.json").read_text()))
+    assert printed[start + 1 :] == summary_lines(json.loads((out / "results.json").read_text()))

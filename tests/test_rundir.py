@@ -13,8 +13,13 @@ from fulltune.rundir import MARKER
 
 
 def _args(tiny_dir, data, out, **extra):
-    return ["train", QUICKSTART, *tiny_overrides(tiny_dir, data, out, **{"train.max_steps": 2, **extra}),
-            "eval.task_file=", "data.val_fraction=0"]
+    return [
+        "train",
+        QUICKSTART,
+        *tiny_overrides(tiny_dir, data, out, **{"train.max_steps": 2, **extra}),
+        "eval.task_file=",
+        "data.val_fraction=0",
+    ]
 
 
 def _refused(capsys, args) -> str:
@@ -32,8 +37,10 @@ def test_a_directory_that_is_not_a_run_is_never_cleared(capsys, tiny_dir, chat_f
     (out / "final" / "NOTES.txt").write_text("x")
     for extra in ({}, {"train.overwrite": "true"}, {"train.resume": "auto"}):
         err = _refused(capsys, _args(tiny_dir, chat_file, out, **extra))
-        assert err == (f"fulltune: error: train.output_dir: {out} holds files that no fulltune run wrote (final); "
-                       "a run only clears its own directory: pick a new or empty train.output_dir")
+        assert err == (
+            f"fulltune: error: train.output_dir: {out} holds files that no fulltune run wrote (final); "
+            "a run only clears its own directory: pick a new or empty train.output_dir"
+        )
     assert (out / "final" / "NOTES.txt").read_text() == "x"
     assert sorted(p.name for p in out.rglob("*")) == ["NOTES.txt", "final"]
 
@@ -44,7 +51,10 @@ def test_empty_output_dir_and_a_file_are_config_errors(capsys, tiny_dir, chat_fi
     assert "train.output_dir: empty; name the run's directory" in capsys.readouterr().err  # the config's problem list
     assert [p.name for p in tmp_path.iterdir()] == ["chat.jsonl"]  # nothing written
     (tmp_path / "f").write_text("mine")
-    assert _refused(capsys, _args(tiny_dir, chat_file, tmp_path / "f")) == f"fulltune: error: train.output_dir: {tmp_path / 'f'} is a file, not a directory"
+    assert (
+        _refused(capsys, _args(tiny_dir, chat_file, tmp_path / "f"))
+        == f"fulltune: error: train.output_dir: {tmp_path / 'f'} is a file, not a directory"
+    )
     assert (tmp_path / "f").read_text() == "mine"
 
 
@@ -99,7 +109,10 @@ def test_interrupted_checkpoint_writes_are_cleaned_or_put_back(capsys, tiny_dir,
     (out / ".final.tmp-x").mkdir()
     assert main(_args(tiny_dir, chat_file, out, **{**extra, "train.resume": "auto"})) == 0
     printed = capsys.readouterr().out
-    assert f"restored {ckpts / 'step-0000002'}" in printed and f"resumed from {ckpts / 'step-0000002'} at step 2" in printed
+    assert (
+        f"restored {ckpts / 'step-0000002'}" in printed
+        and f"resumed from {ckpts / 'step-0000002'} at step 2" in printed
+    )
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000001", "step-0000002", "step-0000003"]
     assert not (out / ".final.tmp-x").exists()
 

@@ -18,16 +18,25 @@ from fulltune.evals.during_run import task_accuracy
 def _cfg(tiny_dir, tmp_path, **extra):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(24))
     task = write_jsonl(tmp_path / "task.jsonl", sentiment_records(6, seed=3))
-    return load_config(None, tiny_overrides(tiny_dir, data, tmp_path / "run", **{
-        "train.max_steps": 3, "eval.task_file": str(task), "eval.labels": "[positive, negative]", **extra}))
+    return load_config(
+        None,
+        tiny_overrides(
+            tiny_dir,
+            data,
+            tmp_path / "run",
+            **{"train.max_steps": 3, "eval.task_file": str(task), "eval.labels": "[positive, negative]", **extra},
+        ),
+    )
 
 
 def _signal_during(monkeypatch, tag: str, sig=signal.SIGTERM):
     """task_accuracy(run, tag) receives `sig` half-way, as from SLURM or kill."""
+
     def evaluate(run, this_tag):
         if this_tag == tag:
             os.kill(os.getpid(), sig)
         return task_accuracy(run, this_tag)
+
     monkeypatch.setattr(train, "task_accuracy", evaluate)
 
 
@@ -55,8 +64,11 @@ def test_sigterm_during_the_final_evaluation_keeps_the_trained_steps(monkeypatch
     run = train.run_training(_cfg(tiny_dir, tmp_path, **{"train.resume": "auto"}))
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert run.state["step"] == 3 and "task_accuracy_final" in results and "task_accuracy_theta0" in results
-    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-             if '"loss"' in line]
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line
+    ]
     assert steps == [1, 2, 3]  # no step trained twice
 
 
@@ -69,6 +81,7 @@ def test_sigint_during_a_step_lets_it_finish_and_checkpoints(monkeypatch, tiny_d
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGINT)  # arrives inside step 2
         return real(*args, **kwargs)
+
     monkeypatch.setattr(train, "train_step", step)
     with pytest.raises(Interrupted, match="stopped at step 2; checkpoint .*step-0000002; continue with") as exc:
         train.run_training(_cfg(tiny_dir, tmp_path, **{"train.max_steps": 5}))
@@ -87,6 +100,7 @@ def test_a_repeated_sigterm_still_checkpoints_a_second_ctrl_c_aborts(monkeypatch
             os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), second)
         return real(*args, **kwargs)
+
     monkeypatch.setattr(train, "train_step", step)
     with pytest.raises(Interrupted) as exc:
         train.run_training(_cfg(tiny_dir, tmp_path, **{"train.max_steps": 5, "eval.task_file": ""}))
@@ -95,4 +109,6 @@ def test_a_repeated_sigterm_still_checkpoints_a_second_ctrl_c_aborts(monkeypatch
     if aborts:
         assert "a second Ctrl-C during a step; the last checkpoint is intact" in str(exc.value) and saved == []
     else:
-        assert str(exc.value).startswith("stopped at step 2; checkpoint") and [p.name for p in saved] == ["step-0000002"]
+        assert str(exc.value).startswith("stopped at step 2; checkpoint") and [p.name for p in saved] == [
+            "step-0000002"
+        ]

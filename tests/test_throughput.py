@@ -41,8 +41,9 @@ def test_the_peak_probe_divides_a_matmuls_flops_by_its_best_time(monkeypatch):
 
 def test_a_run_logs_useful_tokens_padding_flops_mfu_and_memory(tiny_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(16))
-    cfg = load_config(None, tiny_overrides(tiny_dir, data, tmp_path / "run", **{"train.max_steps": 2,
-                                                                                "train.peak_probe_s": 0.05}))
+    cfg = load_config(
+        None, tiny_overrides(tiny_dir, data, tmp_path / "run", **{"train.max_steps": 2, "train.peak_probe_s": 0.05})
+    )
     run = run_training(cfg)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     first = rows[0]
@@ -53,7 +54,10 @@ def test_a_run_logs_useful_tokens_padding_flops_mfu_and_memory(tiny_dir, tmp_pat
     padded = len(examples) * max(len(e.input_ids) for e in examples)
     dt = tokens / first["tokens_per_s"]
     assert abs(first["padding_fraction"] - (1 - tokens / padded)) < 1e-12 and first["padding_fraction"] > 0
-    assert abs(first["flops_per_s"] * dt - run.flops.step_flops([len(e.input_ids) for e in examples], targets)) < 1e-3 * first["flops_per_s"] * dt
+    assert (
+        abs(first["flops_per_s"] * dt - run.flops.step_flops([len(e.input_ids) for e in examples], targets))
+        < 1e-3 * first["flops_per_s"] * dt
+    )
     assert abs(first["mfu"] - first["flops_per_s"] / run.peak_flops) < 1e-12 and 0 < first["mfu"] < 1
     assert first["peak_memory_gb"] > 0.1  # the process's resident peak: torch alone is more than this
     assert 0.1 < first["memory_gb"] <= first["peak_memory_gb"]  # the resident set after the step
@@ -61,8 +65,9 @@ def test_a_run_logs_useful_tokens_padding_flops_mfu_and_memory(tiny_dir, tmp_pat
 
 def test_the_progress_bar_shows_eta_throughput_and_memory_now_and_at_peak(tiny_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(16))
-    cfg = load_config(None, tiny_overrides(tiny_dir, data, tmp_path / "run", **{"train.max_steps": 3,
-                                                                                "train.progress": True}))
+    cfg = load_config(
+        None, tiny_overrides(tiny_dir, data, tmp_path / "run", **{"train.max_steps": 3, "train.progress": True})
+    )
     run_training(cfg)
     bar = [line for line in re.split(r"[\r\n]", capsys.readouterr().err) if line.startswith("train:")][-1]
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])

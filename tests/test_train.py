@@ -44,7 +44,7 @@ def test_grad_accumulation_2x4_equals_8x1():
     opt_a, opt_b = build_optimizer(a, cfg), build_optimizer(b, cfg)
     ex = _examples(8)
     big = [collate(ex, pad_id=2)]
-    small = [collate(ex[i: i + 2], pad_id=2) for i in range(0, 8, 2)]
+    small = [collate(ex[i : i + 2], pad_id=2) for i in range(0, 8, 2)]
     loss_a, norm_a = train_step(a, opt_a, big, NOCAST, grad_clip=1.0)
     loss_b, norm_b = train_step(b, opt_b, small, NOCAST, grad_clip=1.0)
     assert loss_a == pytest.approx(loss_b, rel=1e-6, abs=1e-6)
@@ -84,7 +84,7 @@ def test_prompt_tokens_contribute_nothing_to_the_loss():
     e0 = ex[0]
     t = e0.target_mask.index(1) - 1
     assert t >= 1
-    opened = [Example(e0.input_ids, e0.target_mask[:t] + [1] + e0.target_mask[t + 1:])] + ex[1:]
+    opened = [Example(e0.input_ids, e0.target_mask[:t] + [1] + e0.target_mask[t + 1 :])] + ex[1:]
     extra = -F.log_softmax(logits[0, t - 1].double(), -1)[e0.input_ids[t]]
     assert float(loss_sum(model, collate(opened, pad_id=2)).detach()) == pytest.approx(float(total + extra), rel=1e-5)
 
@@ -103,6 +103,7 @@ def test_missing_weights_are_an_error(tiny_dir, tmp_path):
     from safetensors.torch import save_file
     from fulltune.errors import UserError
     import shutil
+
     broken = tmp_path / "broken"
     shutil.copytree(tiny_dir, broken)
     state = load_file(str(broken / "model.safetensors"))
@@ -118,6 +119,7 @@ def _run(tiny_dir, data, out, **extra):
 
 def test_final_reloads_with_identical_logits(tiny_dir, chat_file, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     run = _run(tiny_dir, chat_file, tmp_path / "run", **{"train.max_steps": 2})
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
     tok = AutoTokenizer.from_pretrained(tmp_path / "run" / "final")
@@ -133,8 +135,13 @@ def test_final_reloads_with_identical_logits(tiny_dir, chat_file, tmp_path):
 
 def test_two_steps_resume_two_steps_equals_four_straight(tiny_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(40))
-    extra = {"train.max_steps": 4, "train.grad_accum_steps": 2, "optim.weight_decay": 0.1,
-             "optim.layer_lr_decay": 1.5, "train.save_interval": 2}
+    extra = {
+        "train.max_steps": 4,
+        "train.grad_accum_steps": 2,
+        "optim.weight_decay": 0.1,
+        "optim.layer_lr_decay": 1.5,
+        "train.save_interval": 2,
+    }
     _run(tiny_dir, data, tmp_path / "straight", **extra)
     resumed_from = tmp_path / "straight" / "checkpoints" / "step-0000002"
     _run(tiny_dir, data, tmp_path / "resumed", **extra, **{"train.resume": str(resumed_from)})
@@ -146,7 +153,7 @@ def test_two_steps_resume_two_steps_equals_four_straight(tiny_dir, tmp_path):
     losses = lambda p: [json.loads(l)["loss"] for l in (p / "metrics.jsonl").read_text().splitlines() if "loss" in l]
     assert losses(tmp_path / "straight")[2:] == losses(tmp_path / "resumed")
     state = json.loads((tmp_path / "resumed" / "checkpoints" / "step-0000004" / "trainer_state.json").read_text())
-    assert state["sampler"]["pos"] == 32 and state["step"] == 4   # 4 steps × 2 × 4 examples, no replay
+    assert state["sampler"]["pos"] == 32 and state["step"] == 4  # 4 steps × 2 × 4 examples, no replay
 
 
 def test_resume_auto_after_interruption_continues(tiny_dir, chat_file, tmp_path):
@@ -154,6 +161,7 @@ def test_resume_auto_after_interruption_continues(tiny_dir, chat_file, tmp_path)
     _run(tiny_dir, chat_file, tmp_path / "a", **extra)
     # Simulate a crash after step 2: drop the last checkpoint and the final export.
     import shutil
+
     shutil.rmtree(tmp_path / "a" / "checkpoints" / "step-0000004")
     shutil.rmtree(tmp_path / "a" / "final")
     before = load_file(str(tmp_path / "a" / "checkpoints" / "step-0000002" / "model.safetensors"))
@@ -167,8 +175,17 @@ def test_resume_auto_after_interruption_continues(tiny_dir, chat_file, tmp_path)
 def test_task_accuracy_before_and_after_in_results(tiny_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(32))
     test = write_jsonl(tmp_path / "t.jsonl", sentiment_records(10, seed=1))
-    _run(tiny_dir, data, tmp_path / "r", **{"train.epochs": 2, "eval.task_file": str(test),
-                                             "eval.labels": "[positive, negative]", "data.val_fraction": 0.1})
+    _run(
+        tiny_dir,
+        data,
+        tmp_path / "r",
+        **{
+            "train.epochs": 2,
+            "eval.task_file": str(test),
+            "eval.labels": "[positive, negative]",
+            "data.val_fraction": 0.1,
+        },
+    )
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     for key in ("task_accuracy_theta0", "task_accuracy_final"):
         r = results[key]
@@ -180,6 +197,7 @@ def test_same_seed_same_run_other_seed_other_order(tiny_dir, chat_file, tmp_path
     def losses(name, seed):
         _run(tiny_dir, chat_file, tmp_path / name, **{"train.max_steps": 3, "train.seed": seed})
         return [json.loads(l)["loss"] for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
     first = losses("a", 0)
     assert losses("b", 0) == first
     assert losses("c", 1) != first

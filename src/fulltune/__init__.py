@@ -12,6 +12,7 @@ def _quiet_known_noise() -> None:
 
     def keep(record: logging.LogRecord) -> bool:
         return not any(text in record.getMessage() for text in noise)
+
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).addFilter(keep)
     # torch.compile's cache notes that torchao's state tensors have no stable hash (it just does not cache them).

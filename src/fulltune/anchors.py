@@ -80,8 +80,9 @@ class Anchor:
         return D.all_sum([mine])[0] ** 0.5
 
 
-def estimate_fisher(model: torch.nn.Module, examples: list, pad_id: int, autocast, progress: bool = False
-                    ) -> list[torch.Tensor]:
+def estimate_fisher(
+    model: torch.nn.Module, examples: list, pad_id: int, autocast, progress: bool = False
+) -> list[torch.Tensor]:
     """Diagonal empirical Fisher: mean over `examples` of (∂ mean-token-NLL / ∂θ)², one sequence at a time."""
     params = list(model.parameters())
     fisher = [torch.zeros_like(D.local(p.detach()), dtype=torch.float32) for p in params]
@@ -122,6 +123,7 @@ def cached_fisher(path: Path, key: dict, compute, reuse: bool = True) -> tuple[l
     if reuse and path.is_file():
         try:
             from safetensors import safe_open
+
             with safe_open(str(path), "pt") as fh:
                 stored = (fh.metadata() or {}).get("key")
             if stored == names_key:
@@ -146,8 +148,9 @@ def normalise(fisher: list[torch.Tensor]) -> list[torch.Tensor]:
     return [f / mean for f in fisher]
 
 
-def anchor_for_run(cfg, run_dir: Path, model: torch.nn.Module, general: list, pad_id: int, autocast,
-                   resuming: bool = False) -> Anchor | None:
+def anchor_for_run(
+    cfg, run_dir: Path, model: torch.nn.Module, general: list, pad_id: int, autocast, resuming: bool = False
+) -> Anchor | None:
     """The run's anchor (None when nothing pulls toward θ0). EWC's Fisher is cached at
     run_dir/fisher.safetensors, keyed on the settings and a hash of the sequences' tokens, and reused
     only when resuming: a fresh start (train.overwrite included) computes it anew."""
@@ -158,18 +161,31 @@ def anchor_for_run(cfg, run_dir: Path, model: torch.nn.Module, general: list, pa
     if a.method == "ewc":
         n = a.fisher_batches * cfg.train.micro_batch_size
         seqs = fisher_sequences(general, n, cfg.train.seed)
-        key = {"model": str(cfg.model.path), "general": list(cfg.data.general), "sequences": n,
-               "max_seq_len": cfg.data.max_seq_len, "seed": cfg.train.seed, "dtype": str(next(model.parameters()).dtype),
-               "tokens_sha256": tokens_hash(seqs)}  # edited general data, or another tokenizer: another Fisher
+        key = {
+            "model": str(cfg.model.path),
+            "general": list(cfg.data.general),
+            "sequences": n,
+            "max_seq_len": cfg.data.max_seq_len,
+            "seed": cfg.train.seed,
+            "dtype": str(next(model.parameters()).dtype),
+            "tokens_sha256": tokens_hash(seqs),
+        }  # edited general data, or another tokenizer: another Fisher
         run_dir.mkdir(parents=True, exist_ok=True)
         name = "fisher.safetensors" if D.world_size() == 1 else f"fisher-rank{D.rank()}-of-{D.world_size()}.safetensors"
-        fisher, reused = cached_fisher(run_dir / name, key,
-                                       lambda: estimate_fisher(model, seqs, pad_id, autocast, cfg.train.progress), resuming)
-        print(f"[anchor] EWC Fisher from {len(seqs)} general sequences "
-              f"({'reused ' if reused else 'computed, cached in '}{run_dir / name})", flush=True)
+        fisher, reused = cached_fisher(
+            run_dir / name, key, lambda: estimate_fisher(model, seqs, pad_id, autocast, cfg.train.progress), resuming
+        )
+        print(
+            f"[anchor] EWC Fisher from {len(seqs)} general sequences "
+            f"({'reused ' if reused else 'computed, cached in '}{run_dir / name})",
+            flush=True,
+        )
         device = D.local(next(model.parameters())).device
         fisher = [f.to(device) for f in (normalise(fisher) if a.fisher_normalize else fisher)]
     anchor = Anchor(model, a.lam if a.method != "none" else 0.0, fisher)
-    print(f"[anchor] {a.method if a.method != 'none' else 'decay toward θ0'} λ={a.lam:g}: θ0 copy"
-          f"{' + Fisher' if fisher else ''} {anchor.nbytes / 1e9:.2f} GB", flush=True)
+    print(
+        f"[anchor] {a.method if a.method != 'none' else 'decay toward θ0'} λ={a.lam:g}: θ0 copy"
+        f"{' + Fisher' if fisher else ''} {anchor.nbytes / 1e9:.2f} GB",
+        flush=True,
+    )
     return anchor

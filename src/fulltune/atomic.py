@@ -50,8 +50,10 @@ def write_failure(exc: BaseException, where: Path, needed: int) -> str | None:
     free = shutil.disk_usage(folder).free
     code = getattr(exc, "errno", None)
     if code == errno.ENOSPC or "No space left" in str(exc) or (needed and free < needed):
-        return (f"{where}: no space left on the device ({free / 1e9:.2f} GB free, about {needed / 1e9:.2f} GB needed); "
-                "the previous checkpoint is intact: free some space, then resume with train.resume=auto")
+        return (
+            f"{where}: no space left on the device ({free / 1e9:.2f} GB free, about {needed / 1e9:.2f} GB needed); "
+            "the previous checkpoint is intact: free some space, then resume with train.resume=auto"
+        )
     if code in (errno.EROFS, errno.EACCES, errno.EPERM) or not os.access(folder, os.W_OK):
         return f"{where}: not writable ({os.strerror(code) if code else 'permission denied'}); the previous checkpoint is intact"
     return None

@@ -56,12 +56,17 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         shutil.copy(run_dir / "config.yaml", tmp / "config.yaml")
+
     previous = list_checkpoints(run_dir)
     needed = _bytes(previous[-1]) if previous else 3 * sum(D.local(p).numel() * 4 for p in model.parameters())
     if D.sharded():
         if D.is_main():
-            write_dir_atomically(final, lambda tmp: _write_sharded(tmp, run_dir, model, optimizer, trainer_state),
-                                 manifest=True, needed=needed)
+            write_dir_atomically(
+                final,
+                lambda tmp: _write_sharded(tmp, run_dir, model, optimizer, trainer_state),
+                manifest=True,
+                needed=needed,
+            )
         else:
             _write_sharded(None, run_dir, model, optimizer, trainer_state)
     else:
@@ -100,7 +105,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     done = [p for p in folder.iterdir() if p.name.startswith(CKPT_PREFIX) and (p / "trainer_state.json").is_file()]
-    return sorted(done, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+    return sorted(done, key=lambda p: int(p.name[len(CKPT_PREFIX) :]))
 
 
 def resolve_resume(spec: str, run_dir: Path) -> Path | None:
@@ -124,7 +129,10 @@ def _resolve_on_main(spec: str, run_dir: Path):
         return None
     path = Path(spec).expanduser()
     if not path.is_dir():
-        return ("error", f"train.resume: {path} does not exist (auto resumes the latest checkpoint in train.output_dir)")
+        return (
+            "error",
+            f"train.resume: {path} does not exist (auto resumes the latest checkpoint in train.output_dir)",
+        )
     if not (path / "trainer_state.json").is_file():
         return ("error", f"train.resume: {path} is not a fulltune checkpoint (no trainer_state.json)")
     problem = checkpoint_problem(path)
@@ -157,10 +165,15 @@ def checkpoint_problem(path: Path) -> str | None:
 
 # Settings that change what the resumed steps compute (the run's length and resolved precision: check_resumed_run).
 # The activation savers recompute or move the same values, so a run that ran out of memory may resume with them.
-RESUME_FIXED = {"model": ("path", "trust_remote_code", "attn_implementation"), "data": None, "optim": None,
-                "schedule": None, "anchor": None, "train": ("seed", "precision", "micro_batch_size", "grad_accum_steps",
-                                                     "optimizer_in_backward"),
-                "eval": ("task_file", "labels", "probes", "probe_items", "probe_code_items")}  # θ0 scores: same items
+RESUME_FIXED = {
+    "model": ("path", "trust_remote_code", "attn_implementation"),
+    "data": None,
+    "optim": None,
+    "schedule": None,
+    "anchor": None,
+    "train": ("seed", "precision", "micro_batch_size", "grad_accum_steps", "optimizer_in_backward"),
+    "eval": ("task_file", "labels", "probes", "probe_items", "probe_code_items"),
+}  # θ0 scores: same items
 
 
 def check_compatible(path: Path, cfg) -> None:
@@ -174,37 +187,56 @@ def check_compatible(path: Path, cfg) -> None:
             if old != now[section][key]:
                 changed.append(f"{section}.{key}: {old!r} → {now[section][key]!r}")
     if changed:
-        raise UserError(f"cannot resume from {path}: the config changed in ways that alter the run ("
-                        + "; ".join(changed) + "); start a new run (another train.output_dir) instead")
+        raise UserError(
+            f"cannot resume from {path}: the config changed in ways that alter the run ("
+            + "; ".join(changed)
+            + "); start a new run (another train.output_dir) instead"
+        )
 
 
 def check_resumed_run(path: Path, state: dict, cfg, total: int, precision: str) -> None:
     """The resumed steps compute what the checkpointed run would have: the same resolved precision,
     and the same length (so the same lr curve) unless train.allow_schedule_change."""
     from fulltune.optim.schedules import schedule_fn
+
     was = state.get("precision", precision)
     if was != precision:
-        raise UserError(f"cannot resume from {path}: it trained in {was}, and train.precision "
-                        f"{cfg.train.precision} resolves to {precision} here; set train.precision={was} "
-                        "(with train.force_precision=true on a device without bf16 units) to continue it as it was")
+        raise UserError(
+            f"cannot resume from {path}: it trained in {was}, and train.precision "
+            f"{cfg.train.precision} resolves to {precision} here; set train.precision={was} "
+            "(with train.force_precision=true on a device without bf16 units) to continue it as it was"
+        )
     step, old = state["step"], state.get("total_steps")
     if old is None:  # a checkpoint from before total_steps was saved: compare the settings that set it
         saved = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
         t = saved.get("train", {})
-        old = total if (t.get("max_steps"), t.get("epochs")) in ((None, None), (cfg.train.max_steps, cfg.train.epochs)) else "?"
+        old = (
+            total
+            if (t.get("max_steps"), t.get("epochs")) in ((None, None), (cfg.train.max_steps, cfg.train.epochs))
+            else "?"
+        )
     if old == total:
         return
     if not cfg.train.allow_schedule_change:
-        raise UserError(f"cannot resume from {path}: the run had {old} steps and now has {total} (train.max_steps / "
-                        f"train.epochs), which re-stretches the lr schedule after step {step}; set "
-                        "train.allow_schedule_change=true to continue on the new curve")
+        raise UserError(
+            f"cannot resume from {path}: the run had {old} steps and now has {total} (train.max_steps / "
+            f"train.epochs), which re-stretches the lr schedule after step {step}; set "
+            "train.allow_schedule_change=true to continue on the new curve"
+        )
     if total < step:
         raise UserError(f"train.max_steps: {total} steps is below the checkpoint's step {step}")
     new_lr = cfg.optim.lr * schedule_fn(cfg.schedule, cfg.optim.lr, total)(step)
-    old_lr = cfg.optim.lr * schedule_fn(cfg.schedule, cfg.optim.lr, old)(step) if isinstance(old, int) and step < old else None
-    print(f"[train] schedule changed (train.allow_schedule_change): {old} → {total} steps; lr at step {step + 1}: "
-          f"{'–' if old_lr is None else f'{old_lr:.3g}'} on the old curve → {new_lr:.3g} on the new one, which ends "
-          f"at step {total}", flush=True)
+    old_lr = (
+        cfg.optim.lr * schedule_fn(cfg.schedule, cfg.optim.lr, old)(step)
+        if isinstance(old, int) and step < old
+        else None
+    )
+    print(
+        f"[train] schedule changed (train.allow_schedule_change): {old} → {total} steps; lr at step {step + 1}: "
+        f"{'–' if old_lr is None else f'{old_lr:.3g}'} on the old curve → {new_lr:.3g} on the new one, which ends "
+        f"at step {total}",
+        flush=True,
+    )
 
 
 def load_checkpoint(path: Path, model, optimizer) -> dict:
@@ -217,14 +249,18 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
         else:
             missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
             if missing or unexpected:
-                raise UserError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+                raise UserError(
+                    f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+                )
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
         mine = path / rng_file(D.rank())  # a rank the checkpoint did not have (more ranks now) takes rank 0's
         set_rng_state(torch.load(mine if mine.is_file() else path / "rng.pt", weights_only=True))
         return json.loads((path / "trainer_state.json").read_text())
     except (RuntimeError, ValueError, KeyError, OSError, CheckpointException) as exc:
-        raise UserError(f"{path}: cannot restore this checkpoint into the configured model/optimiser "
-                        f"({type(exc).__name__}: {str(exc)[:200]})") from None
+        raise UserError(
+            f"{path}: cannot restore this checkpoint into the configured model/optimiser "
+            f"({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
 
 
 def _load_sharded(path: Path, model, optimizer) -> None:
@@ -262,6 +298,7 @@ def _load_full_into_shards(path: Path, model, optimizer) -> None:
 def _read_full_checkpoint(path: Path, model, optimizer) -> tuple[dict, dict]:
     """model.safetensors (tied aliases filled in) and optimizer.pt keyed by parameter name."""
     from safetensors.torch import load_file
+
     full = load_file(str(path / "model.safetensors"))
     names_of: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -276,8 +313,10 @@ def _read_full_checkpoint(path: Path, model, optimizer) -> tuple[dict, dict]:
     names = {id(p): n for n, p in model.named_parameters()}
     order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
     saved = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-    by_name = {"state": {order[i]: v for i, v in saved["state"].items()},
-               "param_groups": [dict(g, params=[order[i] for i in g["params"]]) for g in saved["param_groups"]]}
+    by_name = {
+        "state": {order[i]: v for i, v in saved["state"].items()},
+        "param_groups": [dict(g, params=[order[i] for i in g["params"]]) for g in saved["param_groups"]],
+    }
     return full, by_name
 
 
@@ -288,7 +327,7 @@ def _tied_aliases(model) -> set[str]:
 
 def drop_later_checkpoints(run_dir: Path, step: int) -> None:
     for path in list_checkpoints(run_dir):
-        if int(path.name[len(CKPT_PREFIX):]) > step:
+        if int(path.name[len(CKPT_PREFIX) :]) > step:
             shutil.rmtree(path)
 
 
@@ -302,6 +341,7 @@ def export_hf(model, tokenizer, dest: Path) -> Path:
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+
     try:
         if not D.sharded():
             return write_dir_atomically(dest, write, manifest=True, needed=needed)

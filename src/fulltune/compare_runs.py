@@ -18,10 +18,16 @@ from fulltune.report import read_run
 
 
 def add_parser(sub) -> None:
-    c = sub.add_parser("compare", help="finished runs side by side: a markdown table and an HTML page with the "
-                                       "task-gain vs forgetting Pareto plot")
-    c.add_argument("runs", nargs="+", help="run directories (train.output_dir), or `fulltune interpolate` "
-                                           "output directories (one row per α)")
+    c = sub.add_parser(
+        "compare",
+        help="finished runs side by side: a markdown table and an HTML page with the "
+        "task-gain vs forgetting Pareto plot",
+    )
+    c.add_argument(
+        "runs",
+        nargs="+",
+        help="run directories (train.output_dir), or `fulltune interpolate` output directories (one row per α)",
+    )
     c.add_argument("--out", default="compare.html", help="HTML page to write (default compare.html)")
 
 
@@ -30,6 +36,7 @@ def distance_to_theta0(final_dir: Path, model_path: str) -> float | None:
     from safetensors import safe_open
 
     from fulltune.model import resolve_model_path
+
     try:
         theta0 = resolve_model_path(model_path)
     except UserError:
@@ -57,21 +64,31 @@ def run_row(run_dir: Path) -> dict:
     if r is None:
         raise UserError(f"{run_dir}: not finished (no results.json); compare takes finished runs")
     cfg = yaml.safe_load(run["config"]) or {}
-    return _row(str(run_dir), r.get("task_accuracy_final"), r.get("task_accuracy_theta0"),
-                (r.get("forgetting") or {}).get("probes") or {},
-                val_loss=r.get("final_val_loss"),
-                distance=distance_to_theta0(run_dir / "final", str((cfg.get("model") or {}).get("path", "default"))),
-                peak_gb=(r.get("memory") or {}).get("measured_peak_gb"), time_s=r.get("train_time_s"))
+    return _row(
+        str(run_dir),
+        r.get("task_accuracy_final"),
+        r.get("task_accuracy_theta0"),
+        (r.get("forgetting") or {}).get("probes") or {},
+        val_loss=r.get("final_val_loss"),
+        distance=distance_to_theta0(run_dir / "final", str((cfg.get("model") or {}).get("path", "default"))),
+        peak_gb=(r.get("memory") or {}).get("measured_peak_gb"),
+        time_s=r.get("train_time_s"),
+    )
 
 
 def _row(name: str, task: dict | None, task0: dict | None, forgetting: dict, **rest) -> dict:
     """A table row: task accuracy and gain in points; each probe's change from its forgetting-report
     row (up = better: accuracy points, or −% NLL) with its unit; the worst probe's loss."""
     probes = {probe: gain(p)[0] for probe, p in forgetting.items()}
-    return {"run": name, "task": 100 * task["accuracy"] if task else None,
-            "task_gain": 100 * (task["accuracy"] - task0["accuracy"]) if task and task0 else None,
-            "probes": probes, "units": {probe: "points" if p["metric"] == "acc" else "−% NLL" for probe, p in forgetting.items()},
-            "forgetting": -min(probes.values()) if probes else None, **rest}
+    return {
+        "run": name,
+        "task": 100 * task["accuracy"] if task else None,
+        "task_gain": 100 * (task["accuracy"] - task0["accuracy"]) if task and task0 else None,
+        "probes": probes,
+        "units": {probe: "points" if p["metric"] == "acc" else "−% NLL" for probe, p in forgetting.items()},
+        "forgetting": -min(probes.values()) if probes else None,
+        **rest,
+    }
 
 
 def interpolation_rows(out_dir: Path) -> list[dict]:
@@ -95,15 +112,26 @@ def interpolation_rows(out_dir: Path) -> list[dict]:
         except (ValueError, AttributeError) as exc:
             raise UserError(f"{run_results}: not a run's results.json ({type(exc).__name__}: {exc})") from None
     else:
-        raise UserError(f"{path}: no α = 0 row, and {finetuned} is not a run's final/ with "
-                        "θ0's scores; rerun interpolate with 0 among --alphas")
+        raise UserError(
+            f"{path}: no α = 0 row, and {finetuned} is not a run's final/ with "
+            "θ0's scores; rerun interpolate with 0 among --alphas"
+        )
     full = distance_to_theta0(finetuned, theta0)
     out = []
     for r in rows:
         changes = forgetting_report(probes0 or {}, r.get("probes") or {})["probes"]
-        out.append(_row(f"{out_dir} α={r['alpha']:g}", r.get("task"), task0, changes, val_loss=None,
-                        distance=r["alpha"] * full if full is not None else None,  # θ(α) − θ0 = α(θ* − θ0)
-                        peak_gb=None, time_s=None))  # no training: blending and scoring only
+        out.append(
+            _row(
+                f"{out_dir} α={r['alpha']:g}",
+                r.get("task"),
+                task0,
+                changes,
+                val_loss=None,
+                distance=r["alpha"] * full if full is not None else None,  # θ(α) − θ0 = α(θ* − θ0)
+                peak_gb=None,
+                time_s=None,
+            )
+        )  # no training: blending and scoring only
     return out
 
 
@@ -120,47 +148,80 @@ def cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """The table's header and one row of text cells per run."""
     units = {p: u for r in rows for p, u in r["units"].items()}
     probes = sorted(units)
-    head = ["run", "task acc %", "task gain", "val loss"] + [f"Δ {p} ({units[p]})" for p in probes] + ["‖θ−θ0‖", "peak GB", "time s"]
-    body = [[r["run"], _fmt(r["task"], ".1f"), _fmt(r["task_gain"], "+.1f"), _fmt(r["val_loss"], ".4f")]
-            + [_fmt(r["probes"].get(p), "+.1f") for p in probes]
-            + [_fmt(r["distance"], ".3g"), _fmt(r["peak_gb"], ".2f"), _fmt(r["time_s"], ".0f")] for r in rows]
+    head = (
+        ["run", "task acc %", "task gain", "val loss"]
+        + [f"Δ {p} ({units[p]})" for p in probes]
+        + ["‖θ−θ0‖", "peak GB", "time s"]
+    )
+    body = [
+        [r["run"], _fmt(r["task"], ".1f"), _fmt(r["task_gain"], "+.1f"), _fmt(r["val_loss"], ".4f")]
+        + [_fmt(r["probes"].get(p), "+.1f") for p in probes]
+        + [_fmt(r["distance"], ".3g"), _fmt(r["peak_gb"], ".2f"), _fmt(r["time_s"], ".0f")]
+        for r in rows
+    ]
     return head, body
 
 
 def markdown(rows: list[dict]) -> str:
     head, body = cells(rows)
-    return "\n".join(["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-                     + ["| " + " | ".join(row) + " |" for row in body])
+    return "\n".join(
+        ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)] + ["| " + " | ".join(row) + " |" for row in body]
+    )
 
 
 def pareto(rows: list[dict]) -> list[str]:
     """Runs no other run beats on both task gain (higher) and forgetting (lower)."""
     ok = [r for r in rows if r["task_gain"] is not None and r["forgetting"] is not None]
-    return [r["run"] for r in ok if not any(o["task_gain"] >= r["task_gain"] and o["forgetting"] <= r["forgetting"]
-                                            and (o["task_gain"], o["forgetting"]) != (r["task_gain"], r["forgetting"])
-                                            for o in ok)]
+    return [
+        r["run"]
+        for r in ok
+        if not any(
+            o["task_gain"] >= r["task_gain"]
+            and o["forgetting"] <= r["forgetting"]
+            and (o["task_gain"], o["forgetting"]) != (r["task_gain"], r["forgetting"])
+            for o in ok
+        )
+    ]
 
 
 def page(rows: list[dict]) -> str:
     import plotly.graph_objects as go
     import plotly.io as pio
+
     front = set(pareto(rows))
     ok = [r for r in rows if r["task_gain"] is not None and r["forgetting"] is not None]
     colours = ["#d62728" if r["run"] in front else "#1f77b4" for r in ok]
-    fig = go.Figure(go.Scatter(x=[r["forgetting"] for r in ok], y=[r["task_gain"] for r in ok], mode="markers+text",
-                               text=[Path(r["run"]).name + (" ★" if r["run"] in front else "") for r in ok],
-                               textposition=[("top", "bottom")[i % 2] + " center" for i in range(len(ok))],  # near points
-                               marker=dict(size=12, color=colours)))
-    fig.update_layout(title="Task gain vs forgetting (★: on the Pareto front)",
-                      xaxis_title="forgetting: the worst probe's loss (accuracy points or % NLL)",
-                      yaxis_title="task gain (accuracy points)")
+    fig = go.Figure(
+        go.Scatter(
+            x=[r["forgetting"] for r in ok],
+            y=[r["task_gain"] for r in ok],
+            mode="markers+text",
+            text=[Path(r["run"]).name + (" ★" if r["run"] in front else "") for r in ok],
+            textposition=[("top", "bottom")[i % 2] + " center" for i in range(len(ok))],  # near points
+            marker=dict(size=12, color=colours),
+        )
+    )
+    fig.update_layout(
+        title="Task gain vs forgetting (★: on the Pareto front)",
+        xaxis_title="forgetting: the worst probe's loss (accuracy points or % NLL)",
+        yaxis_title="task gain (accuracy points)",
+    )
     head, body = cells(rows)
-    table = ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
-             + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body) + "</table>")
-    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>fulltune compare</title><style>"
-            "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-            "th,td{border:1px solid #ccc;padding:4px 8px}</style></head><body><h1>fulltune compare</h1>" + table
-            + pio.to_html(fig, include_plotlyjs=True, full_html=False, div_id="pareto") + "</body></html>")
+    table = (
+        "<table><tr>"
+        + "".join(f"<th>{html.escape(h)}</th>" for h in head)
+        + "</tr>"
+        + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+        + "</table>"
+    )
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>fulltune compare</title><style>"
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+        "th,td{border:1px solid #ccc;padding:4px 8px}</style></head><body><h1>fulltune compare</h1>"
+        + table
+        + pio.to_html(fig, include_plotlyjs=True, full_html=False, div_id="pareto")
+        + "</body></html>"
+    )
 
 
 def run_compare_command(args) -> None:
@@ -169,5 +230,7 @@ def run_compare_command(args) -> None:
     out = Path(args.out).expanduser()
     out.write_text(page(rows), encoding="utf-8")
     front = pareto(rows)
-    print(f"\n[compare] Pareto front (task gain vs forgetting): {', '.join(front) if front else 'no run has both'}; "
-          f"page: {out}")
+    print(
+        f"\n[compare] Pareto front (task gain vs forgetting): {', '.join(front) if front else 'no run has both'}; "
+        f"page: {out}"
+    )

@@ -19,8 +19,15 @@ import yaml
 from fulltune.errors import UserError
 
 
-def opt(default: Any, doc: str, *, choices: tuple | None = None, lo: float | None = None,
-        hi: float | None = None, lo_open: bool = False) -> Any:
+def opt(
+    default: Any,
+    doc: str,
+    *,
+    choices: tuple | None = None,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+) -> Any:
     """A config field with its one-line doc and its valid range or choices."""
     meta = {"doc": doc, "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open}
     if isinstance(default, (list, dict)):
@@ -30,60 +37,112 @@ def opt(default: Any, doc: str, *, choices: tuple | None = None, lo: float | Non
 
 @dataclass
 class ModelConfig:
-    path: str = opt("default", "θ0: an HF model directory (safetensors), a .gguf file, or 'default' (SmolLM2-135M-Instruct)")
-    trust_remote_code: bool = opt(False, "allow the model directory's own Python code to run (off: only transformers' built-in architectures)")
-    activation_checkpointing: bool = opt(False, "recompute each decoder layer's activations in the backward pass (less memory, one more forward per layer)")
-    activation_offload: bool = opt(False, "CUDA: keep the activations saved for backward in pinned CPU memory "
-                                          "(torch.autograd.graph.save_on_cpu) instead of on the GPU")
-    attn_implementation: str = opt("sdpa", "attention kernel passed to transformers; flash_attention_2: CUDA with the "
-                                           "flash-attn package (packed rows then take its varlen path)",
-                                   choices=("sdpa", "eager", "flash_attention_2"))
+    path: str = opt(
+        "default", "θ0: an HF model directory (safetensors), a .gguf file, or 'default' (SmolLM2-135M-Instruct)"
+    )
+    trust_remote_code: bool = opt(
+        False, "allow the model directory's own Python code to run (off: only transformers' built-in architectures)"
+    )
+    activation_checkpointing: bool = opt(
+        False,
+        "recompute each decoder layer's activations in the backward pass (less memory, one more forward per layer)",
+    )
+    activation_offload: bool = opt(
+        False,
+        "CUDA: keep the activations saved for backward in pinned CPU memory "
+        "(torch.autograd.graph.save_on_cpu) instead of on the GPU",
+    )
+    attn_implementation: str = opt(
+        "sdpa",
+        "attention kernel passed to transformers; flash_attention_2: CUDA with the "
+        "flash-attn package (packed rows then take its varlen path)",
+        choices=("sdpa", "eager", "flash_attention_2"),
+    )
 
 
 @dataclass
 class DataConfig:
-    train: str = opt("builtin:sst2/train", "training data: a .jsonl/.json/.csv/.parquet file, a datasets save_to_disk directory, "
-                                          "or builtin:sst2/train (SST-2 reviews, the instruction in the user turn) / "
-                                          "builtin:sst2-short/train (the same, the instruction as a short system prompt)")
+    train: str = opt(
+        "builtin:sst2/train",
+        "training data: a .jsonl/.json/.csv/.parquet file, a datasets save_to_disk directory, "
+        "or builtin:sst2/train (SST-2 reviews, the instruction in the user turn) / "
+        "builtin:sst2-short/train (the same, the instruction as a short system prompt)",
+    )
     validation: str = opt("", "validation data (same kinds as train); empty: hold out val_fraction of train")
-    val_fraction: float = opt(0.0, "fraction of train held out for validation loss when no validation file is given", lo=0.0, hi=0.5)
-    format: str = opt("auto", "record format; auto picks messages, prompt+completion or text from the columns",
-                      choices=("auto", "text", "prompt_completion", "messages"))
+    val_fraction: float = opt(
+        0.0, "fraction of train held out for validation loss when no validation file is given", lo=0.0, hi=0.5
+    )
+    format: str = opt(
+        "auto",
+        "record format; auto picks messages, prompt+completion or text from the columns",
+        choices=("auto", "text", "prompt_completion", "messages"),
+    )
     max_seq_len: int = opt(512, "longest sequence in tokens; longer ones are handled by `overlong`", lo=8)
     overlong: str = opt("truncate", "what to do with sequences longer than max_seq_len", choices=("truncate", "drop"))
-    loss_on: str = opt("completion", "which tokens carry loss: completion/assistant tokens only, or all tokens", choices=("completion", "all"))
-    general: list = opt([], "general data for data mixing and the EWC Fisher (loss on all its tokens): files like "
-                            "data.train, or builtin:lambada (5,153 passages of book text)")
-    mix_ratio: float = opt(0.0, "share of each step's sequences drawn from data.general, added to the task's "
-                                "(e.g. 0.05-0.10); 0: task data only", lo=0.0, hi=0.9)
-    packing: bool = opt(False, "pack several training sequences into each row of max_seq_len tokens, each attending "
-                               "only to itself (position ids restart per sequence); micro_batch_size then counts rows")
-    group_by_length: bool = opt(False, "without packing: put sequences of similar length in the same micro-batch "
-                                       "(less padding), in a seeded order")
+    loss_on: str = opt(
+        "completion",
+        "which tokens carry loss: completion/assistant tokens only, or all tokens",
+        choices=("completion", "all"),
+    )
+    general: list = opt(
+        [],
+        "general data for data mixing and the EWC Fisher (loss on all its tokens): files like "
+        "data.train, or builtin:lambada (5,153 passages of book text)",
+    )
+    mix_ratio: float = opt(
+        0.0,
+        "share of each step's sequences drawn from data.general, added to the task's "
+        "(e.g. 0.05-0.10); 0: task data only",
+        lo=0.0,
+        hi=0.9,
+    )
+    packing: bool = opt(
+        False,
+        "pack several training sequences into each row of max_seq_len tokens, each attending "
+        "only to itself (position ids restart per sequence); micro_batch_size then counts rows",
+    )
+    group_by_length: bool = opt(
+        False,
+        "without packing: put sequences of similar length in the same micro-batch (less padding), in a seeded order",
+    )
 
 
 @dataclass
 class OptimConfig:
-    name: str = opt("adamw", "optimiser: adamw (8 B/param of state in fp32), adamw8bit (≈2), adamw4bit (≈1; both torchao), "
-                             "adafactor (factored second moment; lr is a relative step), sgd (0, or 4 with momentum)",
-                    choices=("adamw", "sgd", "adafactor", "adamw8bit", "adamw4bit"))
+    name: str = opt(
+        "adamw",
+        "optimiser: adamw (8 B/param of state in fp32), adamw8bit (≈2), adamw4bit (≈1; both torchao), "
+        "adafactor (factored second moment; lr is a relative step), sgd (0, or 4 with momentum)",
+        choices=("adamw", "sgd", "adafactor", "adamw8bit", "adamw4bit"),
+    )
     lr: float = opt(5e-5, "peak learning rate (the top layer's rate with layer_lr_decay)", lo=0.0, lo_open=True)
     weight_decay: float = opt(0.0, "decoupled weight decay, never applied to biases and norm weights", lo=0.0)
     betas: list = opt([0.9, 0.999], "AdamW (beta1, beta2)")
     eps: float = opt(1e-8, "AdamW epsilon", lo=0.0, lo_open=True)
     momentum: float = opt(0.0, "SGD momentum", lo=0.0, hi=1.0)
     grad_clip: float = opt(1.0, "clip the global gradient norm to this value (0: off)", lo=0.0)
-    cpu_offload: bool = opt(False, "CUDA: keep the optimiser state in CPU memory and step it there "
-                                   "(torchao CPUOffloadOptimizer, gradients offloaded too)")
-    decay_toward: str = opt("zero", "weight decay pulls toward zero (plain AdamW) or toward θ0: "
-                                     "θ ← θ − lr·wd·(θ − θ0), keeping a copy of θ0", choices=("zero", "theta0"))
-    layer_lr_decay: float = opt(1.0, "ULMFiT ξ: decoder layer l (0 = last) gets lr·ξ^-l; embeddings the lowest rate", lo=1.0)
+    cpu_offload: bool = opt(
+        False,
+        "CUDA: keep the optimiser state in CPU memory and step it there "
+        "(torchao CPUOffloadOptimizer, gradients offloaded too)",
+    )
+    decay_toward: str = opt(
+        "zero",
+        "weight decay pulls toward zero (plain AdamW) or toward θ0: θ ← θ − lr·wd·(θ − θ0), keeping a copy of θ0",
+        choices=("zero", "theta0"),
+    )
+    layer_lr_decay: float = opt(
+        1.0, "ULMFiT ξ: decoder layer l (0 = last) gets lr·ξ^-l; embeddings the lowest rate", lo=1.0
+    )
 
 
 @dataclass
 class ScheduleConfig:
-    name: str = opt("cosine", "warmup then cosine to min_lr, warmup then constant, or warmup then linear to min_lr",
-                    choices=("cosine", "constant", "linear"))
+    name: str = opt(
+        "cosine",
+        "warmup then cosine to min_lr, warmup then constant, or warmup then linear to min_lr",
+        choices=("cosine", "constant", "linear"),
+    )
     warmup_steps: int = opt(-1, "linear warmup steps (-1: use warmup_ratio)", lo=-1)
     warmup_ratio: float = opt(0.05, "warmup as a fraction of all steps when warmup_steps is -1", lo=0.0, hi=1.0)
     min_lr: float = opt(0.0, "learning rate at the end of cosine/linear decay", lo=0.0)
@@ -93,70 +152,125 @@ class ScheduleConfig:
 class TrainConfig:
     output_dir: str = opt("runs/quickstart", "run directory: config, metrics, checkpoints, final model")
     seed: int = opt(0, "seed for data order, held-out split and initial RNG; same seed, same run", lo=0, hi=2**31 - 1)
-    precision: str = opt("auto", "fp32; bf16-mixed: fp32 weights + bf16 autocast; bf16: pure bf16 weights and gradients, "
-                                 "no fp32 copy, stochastically rounded updates; auto: bf16-mixed where the hardware has "
-                                 "bf16 units, else fp32 (auto never picks pure bf16)",
-                         choices=("auto", "fp32", "bf16-mixed", "bf16"))
-    force_precision: bool = opt(False, "train in the precision asked for even where it is slow (pure bf16 on a CPU "
-                                       "without bf16 units); a warning instead of an error")
-    optimizer_in_backward: bool = opt(False, "update each parameter as soon as its gradient is complete and free that "
-                                             "gradient (no whole-model gradients); needs grad_accum_steps 1 and "
-                                             "optim.grad_clip 0")
-    memory: str = opt("default", "lean: the measured lowest-memory setup for this device (printed at the start); "
-                                 "it replaces the config file's values, key=value overrides on the command line win "
-                                 "over it", choices=("default", "lean"))
-    micro_batch_size: int = opt(8, "sequences per forward/backward pass (under FSDP2: at most this many per rank)", lo=1)
-    grad_accum_steps: int = opt(1, "micro-batches per optimiser step (loss normalised by all their target tokens); "
-                                   "the step's micro_batch_size × grad_accum_steps sequences are split over the ranks", lo=1)
+    precision: str = opt(
+        "auto",
+        "fp32; bf16-mixed: fp32 weights + bf16 autocast; bf16: pure bf16 weights and gradients, "
+        "no fp32 copy, stochastically rounded updates; auto: bf16-mixed where the hardware has "
+        "bf16 units, else fp32 (auto never picks pure bf16)",
+        choices=("auto", "fp32", "bf16-mixed", "bf16"),
+    )
+    force_precision: bool = opt(
+        False,
+        "train in the precision asked for even where it is slow (pure bf16 on a CPU "
+        "without bf16 units); a warning instead of an error",
+    )
+    optimizer_in_backward: bool = opt(
+        False,
+        "update each parameter as soon as its gradient is complete and free that "
+        "gradient (no whole-model gradients); needs grad_accum_steps 1 and "
+        "optim.grad_clip 0",
+    )
+    memory: str = opt(
+        "default",
+        "lean: the measured lowest-memory setup for this device (printed at the start); "
+        "it replaces the config file's values, key=value overrides on the command line win "
+        "over it",
+        choices=("default", "lean"),
+    )
+    micro_batch_size: int = opt(
+        8, "sequences per forward/backward pass (under FSDP2: at most this many per rank)", lo=1
+    )
+    grad_accum_steps: int = opt(
+        1,
+        "micro-batches per optimiser step (loss normalised by all their target tokens); "
+        "the step's micro_batch_size × grad_accum_steps sequences are split over the ranks",
+        lo=1,
+    )
     epochs: float = opt(1.0, "passes over the training data (ignored when max_steps > 0)", lo=0.0, lo_open=True)
     max_steps: int = opt(0, "optimiser steps to run; 0: derive from epochs", lo=0)
     log_interval: int = opt(1, "write a metrics.jsonl line every N steps", lo=1)
     report: bool = opt(True, "write RUN/report.html when the run ends (fulltune report RUN_DIR writes it any time)")
-    tensorboard: bool = opt(False, "also write metrics.jsonl's numbers as TensorBoard scalars in RUN/tensorboard/ "
-                                   "(tensorboard --logdir runs/)")
+    tensorboard: bool = opt(
+        False,
+        "also write metrics.jsonl's numbers as TensorBoard scalars in RUN/tensorboard/ (tensorboard --logdir runs/)",
+    )
     val_interval: int = opt(0, "validation loss every N steps (0: only at the end)", lo=0)
     save_interval: int = opt(0, "checkpoint every N steps (0: only at the end)", lo=0)
     keep_checkpoints: int = opt(2, "how many periodic checkpoints to keep (oldest removed first)", lo=1)
     resume: str = opt("", "resume from a checkpoint: auto (latest in output_dir/checkpoints) or a checkpoint path")
-    allow_schedule_change: bool = opt(False, "on resume, accept a changed max_steps / epochs (the lr curve is "
-                                             "re-stretched from the checkpoint's step on; the log shows old and new)")
-    max_bad_steps: int = opt(3, "stop after this many non-finite steps in a row (each one's update is skipped); "
-                                "the last good checkpoint is kept", lo=1)
+    allow_schedule_change: bool = opt(
+        False,
+        "on resume, accept a changed max_steps / epochs (the lr curve is "
+        "re-stretched from the checkpoint's step on; the log shows old and new)",
+    )
+    max_bad_steps: int = opt(
+        3,
+        "stop after this many non-finite steps in a row (each one's update is skipped); "
+        "the last good checkpoint is kept",
+        lo=1,
+    )
     overwrite: bool = opt(False, "allow starting a fresh run in an output_dir that already holds one")
-    compile: bool = opt(False, "torch.compile each decoder layer (the first steps include the compile time, "
-                               "printed on its own)")
-    compile_fallback: bool = opt(False, "with train.compile: if compiling fails, run that code uncompiled (torch "
-                                        "prints a warning) instead of stopping with an error")
-    peak_probe_s: float = opt(1.0, "seconds spent at the start measuring the device's matmul peak in the run's dtype "
-                                   "(the denominator of MFU in metrics.jsonl); 0: no MFU", lo=0.0)
+    compile: bool = opt(
+        False, "torch.compile each decoder layer (the first steps include the compile time, printed on its own)"
+    )
+    compile_fallback: bool = opt(
+        False,
+        "with train.compile: if compiling fails, run that code uncompiled (torch "
+        "prints a warning) instead of stopping with an error",
+    )
+    peak_probe_s: float = opt(
+        1.0,
+        "seconds spent at the start measuring the device's matmul peak in the run's dtype "
+        "(the denominator of MFU in metrics.jsonl); 0: no MFU",
+        lo=0.0,
+    )
     device: str = opt("auto", "where to train; auto: cuda when available", choices=("auto", "cpu", "cuda"))
     progress: bool = opt(True, "show a progress bar")
-    memory_steps: int = opt(3, "CPU: measure the memory peak exactly over the first N steps (glibc made to free at once, "
-                               "slower steps), then train at full speed; CUDA measures every step", lo=0)
+    memory_steps: int = opt(
+        3,
+        "CPU: measure the memory peak exactly over the first N steps (glibc made to free at once, "
+        "slower steps), then train at full speed; CUDA measures every step",
+        lo=0,
+    )
 
 
 @dataclass
 class EvalConfig:
     task_file: str = opt("", "records scored for task accuracy (their last answer is the gold label); empty: off")
     labels: list = opt([], "the fixed label set compared by log-likelihood, e.g. [positive, negative]")
-    batch_size: int = opt(16, "rows per forward pass when scoring; a row holds one context with all its candidates (labels, choices)", lo=1)
-    probes: list = opt([], "general-skill probes run on θ0, during and after training: arc_easy, piqa, sciq, "
-                           "humaneval, mbpp, or mc:FILE.jsonl / text:FILE.jsonl")
+    batch_size: int = opt(
+        16,
+        "rows per forward pass when scoring; a row holds one context with all its candidates (labels, choices)",
+        lo=1,
+    )
+    probes: list = opt(
+        [],
+        "general-skill probes run on θ0, during and after training: arc_easy, piqa, sciq, "
+        "humaneval, mbpp, or mc:FILE.jsonl / text:FILE.jsonl",
+    )
     probe_items: int = opt(50, "items per multiple-choice probe (a fixed seeded subset)", lo=1)
     probe_code_items: int = opt(30, "items per code / text probe", lo=1)
     probe_interval: int = opt(0, "also run the probes every N steps (0: only before and after)", lo=0)
-    forgetting_budget: dict = opt({}, "the most each probe may lose from θ0, e.g. {arc_easy: 2, humaneval: 5}: accuracy "
-                                      "points (multiple choice) or % of NLL (code / text); the best task score inside it "
-                                      "among the probed steps is kept in RUN/best-in-budget/")
+    forgetting_budget: dict = opt(
+        {},
+        "the most each probe may lose from θ0, e.g. {arc_easy: 2, humaneval: 5}: accuracy "
+        "points (multiple choice) or % of NLL (code / text); the best task score inside it "
+        "among the probed steps is kept in RUN/best-in-budget/",
+    )
 
 
 @dataclass
 class AnchorConfig:
-    method: str = opt("none", "regularise toward θ0: L2-SP adds λ/2·‖θ − θ0‖²; EWC adds λ/2·Σ F·(θ − θ0)² with a "
-                              "diagonal Fisher F from data.general", choices=("none", "l2sp", "ewc"))
+    method: str = opt(
+        "none",
+        "regularise toward θ0: L2-SP adds λ/2·‖θ − θ0‖²; EWC adds λ/2·Σ F·(θ − θ0)² with a "
+        "diagonal Fisher F from data.general",
+        choices=("none", "l2sp", "ewc"),
+    )
     lam: float = opt(0.0, "λ, the penalty's strength (0: no penalty, exactly the unregularised run)", lo=0.0)
-    fisher_batches: int = opt(16, "EWC: batches of data.general (micro_batch_size sequences each) for the Fisher, "
-                                  "cached beside the run", lo=1)
+    fisher_batches: int = opt(
+        16, "EWC: batches of data.general (micro_batch_size sequences each) for the Fisher, cached beside the run", lo=1
+    )
     fisher_normalize: bool = opt(True, "EWC: divide F by its mean, so λ has the same scale as in L2-SP")
 
 
@@ -254,6 +368,7 @@ def _apply_preset(raw: dict, pairs: list[tuple[str, Any]]) -> None:
     if not (isinstance(train, dict) and train.get("memory") == "lean"):
         return
     from fulltune.runtime import lean_settings
+
     for key, value in lean_settings(final).items():
         _set_dotted(raw, key, value)
 
@@ -289,11 +404,19 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     errors += _cross_checks(cfg) if not errors else []  # cross-checks compare values of the right types only
     if errors:
         overridden = {key for key, _ in pairs}
-        errors = [e + (" (set on the command line)" if any(e.split(":")[0] == k or e.startswith(k + ".") for k in overridden)
-                       else "") for e in errors]
+        errors = [
+            e
+            + (
+                " (set on the command line)"
+                if any(e.split(":")[0] == k or e.startswith(k + ".") for k in overridden)
+                else ""
+            )
+            for e in errors
+        ]
         where = f" in {path}" if path and not all(e.endswith("(set on the command line)") for e in errors) else ""
-        raise UserError(f"invalid config{where} ({len(errors)} problem{'s' * (len(errors) > 1)}):\n  "
-                        + "\n  ".join(errors))
+        raise UserError(
+            f"invalid config{where} ({len(errors)} problem{'s' * (len(errors) > 1)}):\n  " + "\n  ".join(errors)
+        )
     return cfg
 
 
@@ -324,22 +447,30 @@ def _cross_checks(cfg: RunConfig) -> list[str]:
     if 0 < cfg.optim.lr < cfg.schedule.min_lr:
         errors.append(f"schedule.min_lr: {cfg.schedule.min_lr} is above optim.lr {cfg.optim.lr}")
     if cfg.data.packing and cfg.data.group_by_length:
-        errors.append("data.group_by_length: packed rows are already near max_seq_len; use one of data.packing "
-                      "and data.group_by_length")
+        errors.append(
+            "data.group_by_length: packed rows are already near max_seq_len; use one of data.packing "
+            "and data.group_by_length"
+        )
     return errors + _memory_checks(cfg)
 
 
 def _budget_checks(e) -> list[str]:
     """eval.forgetting_budget names probes the run has, with limits ≥ 0, and needs the task to rank steps."""
     from fulltune.evals.probes import probe_name
+
     if not e.forgetting_budget:
         return []
     names = [probe_name(p) for p in e.probes if isinstance(p, str)]
-    errors = [f"eval.forgetting_budget.{k}: not a probe of this run (eval.probes: {', '.join(names) or 'none'})"
-              for k in e.forgetting_budget if k not in names]
-    errors += [f"eval.forgetting_budget.{k}: expected a number ≥ 0 (accuracy points or % of NLL), got {v!r}"
-               for k, v in e.forgetting_budget.items()
-               if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf")]
+    errors = [
+        f"eval.forgetting_budget.{k}: not a probe of this run (eval.probes: {', '.join(names) or 'none'})"
+        for k in e.forgetting_budget
+        if k not in names
+    ]
+    errors += [
+        f"eval.forgetting_budget.{k}: expected a number ≥ 0 (accuracy points or % of NLL), got {v!r}"
+        for k, v in e.forgetting_budget.items()
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf")
+    ]
     if not e.task_file:
         errors.append("eval.forgetting_budget: ranking the steps inside the budget needs eval.task_file")
     return errors
@@ -351,20 +482,30 @@ def _memory_checks(cfg: RunConfig) -> list[str]:
     if t.optimizer_in_backward:
         why = "train.optimizer_in_backward updates each parameter inside backward"
         if t.grad_accum_steps > 1:
-            errors.append(f"train.grad_accum_steps: {t.grad_accum_steps} with {why}, i.e. once per micro-batch; "
-                          "use grad_accum_steps 1 (and a larger micro_batch_size) or turn it off")
+            errors.append(
+                f"train.grad_accum_steps: {t.grad_accum_steps} with {why}, i.e. once per micro-batch; "
+                "use grad_accum_steps 1 (and a larger micro_batch_size) or turn it off"
+            )
         if cfg.optim.grad_clip > 0:
-            errors.append(f"optim.grad_clip: {cfg.optim.grad_clip} needs the global gradient norm before any update, "
-                          f"but {why}; set optim.grad_clip=0 or turn it off")
+            errors.append(
+                f"optim.grad_clip: {cfg.optim.grad_clip} needs the global gradient norm before any update, "
+                f"but {why}; set optim.grad_clip=0 or turn it off"
+            )
         if cfg.optim.cpu_offload:
-            errors.append("optim.cpu_offload: torchao's CPU offload already steps each parameter from a backward hook; "
-                          "use one of the two with train.optimizer_in_backward")
+            errors.append(
+                "optim.cpu_offload: torchao's CPU offload already steps each parameter from a backward hook; "
+                "use one of the two with train.optimizer_in_backward"
+            )
         if cfg.anchor.lam > 0 or cfg.optim.decay_toward == "theta0":
-            errors.append("anchor / optim.decay_toward: the pulls toward θ0 are applied after backward; this version "
-                          "does not combine them with train.optimizer_in_backward")
+            errors.append(
+                "anchor / optim.decay_toward: the pulls toward θ0 are applied after backward; this version "
+                "does not combine them with train.optimizer_in_backward"
+            )
     if t.precision == "bf16" and cfg.optim.name not in ("adamw", "adamw8bit", "adamw4bit"):
-        errors.append(f"optim.name: {cfg.optim.name} has no stochastic rounding, so in train.precision bf16 its small "
-                      "updates would round away; use adamw, adamw8bit or adamw4bit, or train.precision bf16-mixed")
+        errors.append(
+            f"optim.name: {cfg.optim.name} has no stochastic rounding, so in train.precision bf16 its small "
+            "updates would round away; use adamw, adamw8bit or adamw4bit, or train.precision bf16-mixed"
+        )
     return errors
 
 

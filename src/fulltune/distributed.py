@@ -65,8 +65,10 @@ def init(device_name: str) -> torch.device | None:
     if cuda and not torch.cuda.is_available():
         raise UserError("train.device=cuda but no CUDA device is visible")
     if cuda and local >= torch.cuda.device_count():
-        exc = UserError(f"local rank {local} has no GPU: {torch.cuda.device_count()} visible on this node; "
-                        "launch at most that many processes per node (--nproc / --nproc-per-node)")
+        exc = UserError(
+            f"local rank {local} has no GPU: {torch.cuda.device_count()} visible on this node; "
+            "launch at most that many processes per node (--nproc / --nproc-per-node)"
+        )
         exc.every_rank = True  # rank 0 may not hit it: this rank reports it itself
         raise exc
     if cuda:
@@ -76,6 +78,7 @@ def init(device_name: str) -> torch.device | None:
         sys.stdout = open(os.devnull, "w")
         import datasets
         import transformers
+
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
     return torch.device("cuda", local) if cuda else torch.device("cpu")
@@ -92,6 +95,7 @@ def mixed_precision_policy():
     gradients in it; bf16-mixed computes through the same autocast as one process
     (runtime.autocast_factory), so norms and the residual stream stay fp32 on any number of ranks."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
+
     return MixedPrecisionPolicy(param_dtype=None, reduce_dtype=None)
 
 
@@ -101,6 +105,7 @@ def shard(model: torch.nn.Module, device: torch.device) -> None:
     from torch.distributed.fsdp import fully_shard
 
     from fulltune.model import decoder_layers
+
     mesh = init_device_mesh(device.type, (world_size(),))  # CPU ranks stay on CPU on a GPU machine too
     mp = mixed_precision_policy()
     for layer in decoder_layers(model):  # each unit moves to the device as it is sharded: 1/G of it stays
@@ -115,6 +120,7 @@ def reshard(model: torch.nn.Module) -> None:
     if not sharded():
         return
     from torch.distributed.fsdp import FSDPModule
+
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
@@ -130,6 +136,7 @@ def load_sharded(model_cfg, precision: str, device: torch.device):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     from fulltune.model import load_theta0
+
     model, tokenizer, _ = load_theta0(model_cfg, weights=is_main())
     if precision == "bf16":
         model.to(torch.bfloat16)  # pure bf16: the shards are bf16 (on every rank, meta ones too)
@@ -147,6 +154,7 @@ def load_sharded(model_cfg, precision: str, device: torch.device):
 
 def _is_dtensor(t) -> bool:
     from torch.distributed.tensor import DTensor
+
     return isinstance(t, DTensor)
 
 
@@ -210,7 +218,7 @@ def my_share(step: list[list[int]], micro_batch: int) -> list[list[int]]:
         return step
     flat = [i for b in step for i in b]
     bounds = [len(flat) * r // g for r in range(g + 1)]
-    parts = [flat[bounds[r]: bounds[r + 1]] for r in range(g)]
+    parts = [flat[bounds[r] : bounds[r + 1]] for r in range(g)]
     count = max(1, max(-(-len(p) // micro_batch) for p in parts))
     mine = parts[rank()]
     n = max(1, -(-len(mine) // micro_batch)) if mine else 0
@@ -225,14 +233,21 @@ def my_share(step: list[list[int]], micro_batch: int) -> list[list[int]]:
 
 def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """This rank's bytes of parameters, gradients and optimiser state (local shards only)."""
+
     def nbytes(t):
         t = local(t)
         return t.numel() * t.element_size()
+
     params = sum(nbytes(p) for p in model.parameters())
     grads = sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None)
     from fulltune.optim.optimizers import state_tensor_bytes  # torchao's quantised states: their codes and scales
-    opt = sum(state_tensor_bytes(local(v)) for s in optimizer.state.values() for v in s.values()
-              if torch.is_tensor(v) and v.ndim > 0)
+
+    opt = sum(
+        state_tensor_bytes(local(v))
+        for s in optimizer.state.values()
+        for v in s.values()
+        if torch.is_tensor(v) and v.ndim > 0
+    )
     return {"rank": rank(), "params": params, "grads": grads, "optimizer": opt}
 
 
@@ -252,9 +267,17 @@ def launch(nproc: int, argv: list[str]) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed")]:
         logging.getLogger(name).setLevel(logging.CRITICAL)  # the workers report, not the launcher
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-                          monitor_interval=0.5, shutdown_timeout=900)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=uuid.uuid4().hex,
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.5,
+        shutdown_timeout=900,
+    )
     try:
         elastic_launch(config, sys.executable)("-m", "fulltune", *argv)
     except ChildFailedError as exc:

@@ -18,11 +18,15 @@ from fulltune.errors import UserError
 
 
 def add_parser(sub) -> None:
-    for name, text in (("chat", "talk to a model in the terminal, with its chat template and streamed tokens"),
-                       ("generate", "generate answers for prompts (--prompt or --file), JSONL out")):
+    for name, text in (
+        ("chat", "talk to a model in the terminal, with its chat template and streamed tokens"),
+        ("generate", "generate answers for prompts (--prompt or --file), JSONL out"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("model", help="default, an HF model directory, a .gguf file, a run's final/ or a run directory")
-        p.add_argument("--compare", metavar="MODEL", help="also answer with this model (e.g. default: θ0), side by side")
+        p.add_argument(
+            "--compare", metavar="MODEL", help="also answer with this model (e.g. default: θ0), side by side"
+        )
         p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
         p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
         p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
@@ -30,7 +34,7 @@ def add_parser(sub) -> None:
         p.add_argument("--system", help="a system message before each conversation")
         if name == "generate":
             p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-            p.add_argument("--file", help="JSONL: one {\"prompt\": ...} or {\"messages\": [...]} per line")
+            p.add_argument("--file", help='JSONL: one {"prompt": ...} or {"messages": [...]} per line')
             p.add_argument("--out", help="JSONL file to write (default: standard output)")
 
 
@@ -54,6 +58,7 @@ def load_for_generation(spec: str, device: torch.device):
     """(model in eval mode, tokenizer, label) for `spec`; a run directory means its final/."""
     from fulltune.config import ModelConfig
     from fulltune.model import load_theta0
+
     path = Path(spec).expanduser()
     if spec != "default" and path.is_dir() and not (path / "config.json").exists() and (path / "final").is_dir():
         path = path / "final"
@@ -75,15 +80,19 @@ def prompt_ids(tokenizer, messages: list[dict]) -> torch.Tensor:
 @torch.no_grad()
 def answer(model, tokenizer, messages: list[dict], sampling: Sampling, streamer=None) -> str:
     ids = prompt_ids(tokenizer, messages).to(next(model.parameters()).device)
-    kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.pad_token_id, streamer=streamer,
-                  attention_mask=torch.ones_like(ids))
+    kwargs = dict(
+        max_new_tokens=sampling.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        streamer=streamer,
+        attention_mask=torch.ones_like(ids),
+    )
     if sampling.temperature > 0:
         torch.manual_seed(sampling.seed)
         kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     out = model.generate(ids, **kwargs)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def _models(args) -> list[tuple]:
@@ -93,14 +102,18 @@ def _models(args) -> list[tuple]:
         models.append(load_for_generation(args.compare, device))
     for _, tokenizer, label in models:
         if tokenizer.chat_template is None:
-            print(f"[generate] {label}: the tokenizer has no chat template: plain completion of the prompt text",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[generate] {label}: the tokenizer has no chat template: plain completion of the prompt text",
+                file=sys.stderr,
+                flush=True,
+            )
     return models
 
 
 def read_prompts(args) -> list[list[dict]]:
     """Each prompt as a conversation (the --system message first, when given)."""
     from fulltune.data.sources import iter_jsonl
+
     conversations = [[{"role": "user", "content": p}] for p in args.prompt]
     if args.file:
         path = Path(args.file).expanduser()
@@ -109,12 +122,15 @@ def read_prompts(args) -> list[list[dict]]:
         for lineno, row in iter_jsonl(path):
             if isinstance(row.get("prompt"), str):
                 conversations.append([{"role": "user", "content": row["prompt"]}])
-            elif isinstance(row.get("messages"), list) and all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                                                and m.get("role") in ("system", "user", "assistant")
-                                                                for m in row["messages"]):
+            elif isinstance(row.get("messages"), list) and all(
+                isinstance(m, dict)
+                and isinstance(m.get("content"), str)
+                and m.get("role") in ("system", "user", "assistant")
+                for m in row["messages"]
+            ):
                 conversations.append(row["messages"])
             else:
-                raise UserError(f"{path}:{lineno}: expected a string \"prompt\" or a \"messages\" list of role/content")
+                raise UserError(f'{path}:{lineno}: expected a string "prompt" or a "messages" list of role/content')
     if not conversations:
         raise UserError("no prompts: give --prompt TEXT or --file prompts.jsonl")
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -141,11 +157,15 @@ def run_chat_command(args, read=input) -> list[list[dict]]:
     """One conversation per model; /reset starts over, /exit (or end of input) leaves. Returns the
     first model's conversations, each as it went."""
     from transformers import TextStreamer
+
     sampling, models = Sampling.from_args(args), _models(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     histories, said = [list(system) for _ in models], []
-    print("[chat] /reset starts a new conversation, /exit leaves" + (f"; answers from {args.model}, then "
-          f"{args.compare}" if args.compare else ""), flush=True)
+    print(
+        "[chat] /reset starts a new conversation, /exit leaves"
+        + (f"; answers from {args.model}, then {args.compare}" if args.compare else ""),
+        flush=True,
+    )
     while True:
         try:
             line = read("you> ")
@@ -160,7 +180,8 @@ def run_chat_command(args, read=input) -> list[list[dict]]:
         for (model, tokenizer, label), history in zip(models, histories):
             history.append({"role": "user", "content": line})
             print(f"{label}> ", end="", flush=True)
-            reply = answer(model, tokenizer, history, sampling, TextStreamer(tokenizer, skip_prompt=True,
-                                                                            skip_special_tokens=True))
+            reply = answer(
+                model, tokenizer, history, sampling, TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            )
             history.append({"role": "assistant", "content": reply})
     return said + [histories[0]] if len(histories[0]) > len(system) else said

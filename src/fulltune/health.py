@@ -33,15 +33,18 @@ def weights_finite(model) -> bool:
 
 def refuse_nonfinite_weights(model, what) -> None:
     if not weights_finite(model):
-        raise UserError(f"{what}: not written, the weights hold NaN or inf; the previous checkpoint is kept "
-                        "(lower optim.lr, set optim.grad_clip, or check the data)")
+        raise UserError(
+            f"{what}: not written, the weights hold NaN or inf; the previous checkpoint is kept "
+            "(lower optim.lr, set optim.grad_clip, or check the data)"
+        )
 
 
 def check_step(state: dict, loss: float, norm: float, max_bad: int, in_backward: bool, last_good) -> str | None:
     """Tally the step just taken (state["step"] already counts it). Returns a warning line, or None;
     raises once the run must stop. `last_good()`: the latest checkpoint, for that message only."""
-    h = state.setdefault("health", {"skipped_steps": 0, "bad_in_a_row": 0, "reference": None,
-                                    "diverging_in_a_row": 0, "diverged": None})
+    h = state.setdefault(
+        "health", {"skipped_steps": 0, "bad_in_a_row": 0, "reference": None, "diverging_in_a_row": 0, "diverged": None}
+    )
     step = state["step"]
     if not (math.isfinite(loss) and math.isfinite(norm)):
         h["skipped_steps"] += 1
@@ -49,13 +52,19 @@ def check_step(state: dict, loss: float, norm: float, max_bad: int, in_backward:
         good = last_good()
         kept = f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"
         if in_backward:
-            raise UserError(f"step {step}: loss {loss}, grad norm {norm}; with train.optimizer_in_backward the update "
-                            f"was already applied, so the run stops here; {kept}. Lower optim.lr or check the data")
+            raise UserError(
+                f"step {step}: loss {loss}, grad norm {norm}; with train.optimizer_in_backward the update "
+                f"was already applied, so the run stops here; {kept}. Lower optim.lr or check the data"
+            )
         if h["bad_in_a_row"] >= max_bad:
-            raise UserError(f"step {step}: {h['bad_in_a_row']} non-finite steps in a row (train.max_bad_steps "
-                            f"{max_bad}); stopped, {kept}. Lower optim.lr, set optim.grad_clip, or check the data")
-        return (f"step {step}: loss {loss}, grad norm {norm}: not finite, the update was skipped "
-                f"({h['bad_in_a_row']} in a row; the run stops at {max_bad})")
+            raise UserError(
+                f"step {step}: {h['bad_in_a_row']} non-finite steps in a row (train.max_bad_steps "
+                f"{max_bad}); stopped, {kept}. Lower optim.lr, set optim.grad_clip, or check the data"
+            )
+        return (
+            f"step {step}: loss {loss}, grad norm {norm}: not finite, the update was skipped "
+            f"({h['bad_in_a_row']} in a row; the run stops at {max_bad})"
+        )
     h["bad_in_a_row"] = 0
     if h["reference"] is None:
         h["reference"] = {"step": step, "loss": loss, "grad_norm": norm}
@@ -71,6 +80,8 @@ def check_step(state: dict, loss: float, norm: float, max_bad: int, in_backward:
 
 def divergence_line(d: dict) -> str:
     ref = d["reference"]
-    return (f"diverging since step {d['step'] - PATIENCE + 1}: loss {d['loss']:.4g} (step {ref['step']}: "
-            f"{ref['loss']:.4g}), grad norm {d['grad_norm']:.3g} (step {ref['step']}: {ref['grad_norm']:.3g}); "
-            "lower optim.lr or set optim.grad_clip")
+    return (
+        f"diverging since step {d['step'] - PATIENCE + 1}: loss {d['loss']:.4g} (step {ref['step']}: "
+        f"{ref['loss']:.4g}), grad norm {d['grad_norm']:.3g} (step {ref['step']}: {ref['grad_norm']:.3g}); "
+        "lower optim.lr or set optim.grad_clip"
+    )

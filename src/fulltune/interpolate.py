@@ -20,7 +20,9 @@ def add_parser(sub) -> None:
     i = sub.add_parser("interpolate", help="WiSE-FT: blend θ0 and a fine-tuned model, score task and probes per α")
     i.add_argument("theta0", help="θ0: HF model dir, .gguf or 'default'")
     i.add_argument("finetuned", help="the fine-tuned model (e.g. runs/NAME/final)")
-    i.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="comma-separated α in [0, 1] (default 0,0.25,0.5,0.75,1)")
+    i.add_argument(
+        "--alphas", default="0,0.25,0.5,0.75,1", help="comma-separated α in [0, 1] (default 0,0.25,0.5,0.75,1)"
+    )
     i.add_argument("--config", help="run config for the task and probe settings (default: FINETUNED/../config.yaml)")
     i.add_argument("--task-file", help="task records scored for accuracy (overrides the config's eval.task_file)")
     i.add_argument("--labels", help="comma-separated label set (overrides eval.labels)")
@@ -30,9 +32,14 @@ def add_parser(sub) -> None:
     i.add_argument("--precision", choices=("auto", "bf16-mixed", "fp32"), default="auto")
     i.add_argument("--out", default="interpolate", help="output directory (table, JSON, PNG)")
     i.add_argument("--save-models", action="store_true", help="also save each blended model as OUT/alpha-A")
-    i.add_argument("--budget", help="a forgetting budget, e.g. '{arc_easy: 2, humaneval: 5}' (points / % NLL lost "
-                                    "from θ0; default: the run's eval.forgetting_budget): find the largest α inside it")
-    i.add_argument("--search-steps", type=int, default=3, help="bisections past the grid toward the budget's edge (default 3)")
+    i.add_argument(
+        "--budget",
+        help="a forgetting budget, e.g. '{arc_easy: 2, humaneval: 5}' (points / % NLL lost "
+        "from θ0; default: the run's eval.forgetting_budget): find the largest α inside it",
+    )
+    i.add_argument(
+        "--search-steps", type=int, default=3, help="bisections past the grid toward the budget's edge (default 3)"
+    )
 
 
 def parse_alphas(text: str) -> list[float]:
@@ -57,13 +64,16 @@ def endpoint_weights(theta0_model: torch.nn.Module, ft_model: torch.nn.Module) -
     b = {n: p.detach().clone() for n, p in ft_model.named_parameters()}
     if a.keys() != b.keys() or any(a[n].shape != b[n].shape for n in a):
         diff = sorted(set(a) ^ set(b)) or [n for n in a if a[n].shape != b[n].shape]
-        raise UserError(f"θ0 and the fine-tuned model have different parameters (e.g. {diff[:3]}): "
-                        "interpolation needs the same architecture")
+        raise UserError(
+            f"θ0 and the fine-tuned model have different parameters (e.g. {diff[:3]}): "
+            "interpolation needs the same architecture"
+        )
     return a, b
 
 
 def _settings(args):
     from fulltune.config import load_config
+
     path = args.config or Path(args.finetuned).expanduser().parent / "config.yaml"
     cfg = load_config(path) if args.config or Path(path).is_file() else load_config(None)
     ev = cfg.eval
@@ -85,6 +95,7 @@ def _budget(args, probe_names: list[str]) -> dict:
 
     from fulltune.config import load_config
     from fulltune.evals.probes import probe_name
+
     if args.budget is None:
         path = args.config or Path(args.finetuned).expanduser().parent / "config.yaml"
         return dict(load_config(path).eval.forgetting_budget) if Path(path).is_file() else {}
@@ -92,12 +103,15 @@ def _budget(args, probe_names: list[str]) -> dict:
         limits = yaml.safe_load(args.budget)
     except yaml.YAMLError:
         limits = None
-    if not isinstance(limits, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
-                                               for v in limits.values()):
+    if not isinstance(limits, dict) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in limits.values()
+    ):
         raise UserError(f"--budget {args.budget!r}: expected a mapping of probe to limit ≥ 0, e.g. '{{arc_easy: 2}}'")
     missing = sorted(set(limits) - {probe_name(p) for p in probe_names})
     if missing:
-        raise UserError(f"--budget: {', '.join(missing)} not among the probes scored ({', '.join(probe_names) or 'none'})")
+        raise UserError(
+            f"--budget: {', '.join(missing)} not among the probes scored ({', '.join(probe_names) or 'none'})"
+        )
     if args.search_steps < 0:
         raise UserError("--search-steps must be ≥ 0")
     return limits
@@ -109,13 +123,16 @@ def _record_in_run(run_dir: Path, found: dict) -> None:
     if not results.is_file():
         return
     from fulltune.report import write_report
+
     data = json.loads(results.read_text())
     data["wise_budget"] = found
     results.write_text(json.dumps(data, indent=1))
     if (run_dir / "report.html").exists():
         write_report(run_dir)
-    print(f"[interpolate] recorded in {results}" + (" and report.html" if (run_dir / "report.html").exists() else ""),
-          flush=True)
+    print(
+        f"[interpolate] recorded in {results}" + (" and report.html" if (run_dir / "report.html").exists() else ""),
+        flush=True,
+    )
 
 
 def budget_search(score, rows: list[dict], limits: dict, steps: int) -> dict:
@@ -123,10 +140,12 @@ def budget_search(score, rows: list[dict], limits: dict, steps: int) -> dict:
     outside it. Losses are from the α = 0 row (θ0)."""
     from fulltune.evals.budget import losses, within
     from fulltune.evals.forgetting import headline
+
     theta0 = next(r for r in rows if r["alpha"] == 0)["probes"]
 
     def lost(row):
         return losses(theta0, {n: headline(s)[1] for n, s in row["probes"].items() if not n.startswith("_")})
+
     ordered = sorted(rows, key=lambda r: r["alpha"])
     inside = [r for r in ordered if within(limits, lost(r))]
     best = inside[-1]
@@ -135,12 +154,20 @@ def budget_search(score, rows: list[dict], limits: dict, steps: int) -> dict:
         row = score((best["alpha"] + outside[0]["alpha"]) / 2)
         rows.append(row)
         best, outside = (row, outside) if within(limits, lost(row)) else (best, [row])
-    found = {"limits": limits, "alpha": best["alpha"], "losses": lost(best),
-             "task_accuracy": best["task"]["accuracy"] if "task" in best else None}
-    print(f"[interpolate] largest α inside the budget: {best['alpha']:.3f}"
-          + (f" (task {100 * found['task_accuracy']:.1f}%" if found["task_accuracy"] is not None else " (")
-          + "; lost, in points or % NLL: " + ", ".join(f"{k} {v:+.1f}" for k, v in found["losses"].items()) + ")",
-          flush=True)
+    found = {
+        "limits": limits,
+        "alpha": best["alpha"],
+        "losses": lost(best),
+        "task_accuracy": best["task"]["accuracy"] if "task" in best else None,
+    }
+    print(
+        f"[interpolate] largest α inside the budget: {best['alpha']:.3f}"
+        + (f" (task {100 * found['task_accuracy']:.1f}%" if found["task_accuracy"] is not None else " (")
+        + "; lost, in points or % NLL: "
+        + ", ".join(f"{k} {v:+.1f}" for k, v in found["losses"].items())
+        + ")",
+        flush=True,
+    )
     return found
 
 
@@ -194,6 +221,7 @@ def run_interpolate_command(args) -> None:
         if args.save_models:
             export_hf(model, tokenizer, out / f"alpha-{alpha:.2f}")
         return row
+
     rows = [score(alpha) for alpha in sorted(set(alphas) | ({0.0} if limits else set()))]
     result = {"theta0": args.theta0, "finetuned": args.finetuned, "task_file": task_file, "rows": rows}
     if limits:
@@ -205,8 +233,11 @@ def run_interpolate_command(args) -> None:
     print(table(rows))
     if records is not None and probes is not None:
         plot(rows, out / "interpolate.png")
-    print(f"[interpolate] wrote {out / 'interpolate.md'}, interpolate.json"
-          + (", interpolate.png" if records is not None and probes is not None else ""), flush=True)
+    print(
+        f"[interpolate] wrote {out / 'interpolate.md'}, interpolate.json"
+        + (", interpolate.png" if records is not None and probes is not None else ""),
+        flush=True,
+    )
 
 
 def _row_line(row: dict) -> str:
@@ -224,8 +255,8 @@ def table(rows: list[dict]) -> str:
     """Markdown: α, task accuracy, each probe's headline number, general means."""
     names = [n for n in rows[0].get("probes", {}) if not n.startswith("_")]
     head = ["α"] + (["task acc"] if "task" in rows[0] else []) + names
-    head += (["mean MC acc"] if rows[0].get("general_acc") is not None else [])
-    head += (["mean NLL"] if rows[0].get("text_nll") is not None else [])
+    head += ["mean MC acc"] if rows[0].get("general_acc") is not None else []
+    head += ["mean NLL"] if rows[0].get("text_nll") is not None else []
     lines = ["| " + " | ".join(head) + " |", "|" + " ---: |" * len(head)]
     for r in rows:
         cells = [f"{r['alpha']:.2f}"] + ([f"{100 * r['task']['accuracy']:.1f}%"] if "task" in r else [])
@@ -241,12 +272,18 @@ def table(rows: list[dict]) -> str:
 def plot(rows: list[dict], path: Path) -> None:
     """Task accuracy against general skill (mean MC accuracy; mean code/text NLL), one point per α."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(k, label) for k, label in (("general_acc", "general skill: mean multiple-choice accuracy (%)"),
-                                          ("text_nll", "code/text NLL per token (lower is better)"))
-              if rows[0].get(k) is not None]
+    panels = [
+        (k, label)
+        for k, label in (
+            ("general_acc", "general skill: mean multiple-choice accuracy (%)"),
+            ("text_nll", "code/text NLL per token (lower is better)"),
+        )
+        if rows[0].get(k) is not None
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     task = [100 * r["task"]["accuracy"] for r in rows]
     for ax, (key, label) in zip(axes[0], panels):

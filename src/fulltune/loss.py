@@ -38,6 +38,7 @@ def target_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         # the LM head's input cut down to the target positions by a pre-hook: logits for N rows, not b·s.
         def only_targets(module, args):
             return (args[0][rows, positions],)
+
         handle = model.get_output_embeddings().register_forward_pre_hook(only_targets)
         try:
             logits = model(**_inputs(batch), use_cache=False).logits

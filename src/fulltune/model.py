@@ -29,19 +29,38 @@ def _load_hf_dir(path: Path, cfg: ModelConfig):
         raise UserError(f"{path}: not an HF model directory (no config.json)")
     if not any(path.glob("*.safetensors")):
         pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
-        raise UserError(f"{path}: no *.safetensors weights (fulltune loads safetensors only, never pickles"
-                        + (f"; {', '.join(pickles[:3])} would be one: convert it to safetensors with code you trust"
-                           if pickles else "") + ")")
+        raise UserError(
+            f"{path}: no *.safetensors weights (fulltune loads safetensors only, never pickles"
+            + (
+                f"; {', '.join(pickles[:3])} would be one: convert it to safetensors with code you trust"
+                if pickles
+                else ""
+            )
+            + ")"
+        )
     check_hf_dir(path, cfg.trust_remote_code)
-    model, info = _with_attention(cfg, lambda attn: AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, use_safetensors=True, output_loading_info=True,
-        trust_remote_code=cfg.trust_remote_code, attn_implementation=attn))
+    model, info = _with_attention(
+        cfg,
+        lambda attn: AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=torch.float32,
+            use_safetensors=True,
+            output_loading_info=True,
+            trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=attn,
+        ),
+    )
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if problems:
-        detail = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, sorted(v)[:5]))}"
-                           + (f" (+{len(v) - 5} more)" if len(v) > 5 else "") for k, v in problems.items())
-        raise UserError(f"{path}: the checkpoint does not match the architecture, some weights would be "
-                        f"randomly initialised or dropped ({detail})")
+        detail = "; ".join(
+            f"{k.replace('_', ' ')}: {', '.join(map(str, sorted(v)[:5]))}"
+            + (f" (+{len(v) - 5} more)" if len(v) > 5 else "")
+            for k, v in problems.items()
+        )
+        raise UserError(
+            f"{path}: the checkpoint does not match the architecture, some weights would be "
+            f"randomly initialised or dropped ({detail})"
+        )
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     return model, tokenizer
 
@@ -54,7 +73,9 @@ def _with_attention(cfg: ModelConfig, build):
     except ValueError as exc:
         if cfg.attn_implementation != "sdpa" or "does not support an attention implementation" not in str(exc):
             raise
-    print("[model] this architecture has no SDPA attention in transformers: using attn_implementation=eager", flush=True)
+    print(
+        "[model] this architecture has no SDPA attention in transformers: using attn_implementation=eager", flush=True
+    )
     return build("eager")
 
 
@@ -65,28 +86,44 @@ def check_hf_dir(path: Path, trust_remote_code: bool) -> None:
 
     from safetensors import SafetensorError, safe_open
     from transformers import CONFIG_MAPPING, __version__
+
     try:
         config = json.loads((path / "config.json").read_text())
     except (ValueError, UnicodeDecodeError) as exc:
         raise UserError(f"{path / 'config.json'}: not valid JSON ({exc})") from None
     if not isinstance(config, dict) or not config.get("model_type"):
-        raise UserError(f"{path / 'config.json'}: no model_type (is this a transformers model directory? its "
-                        "config.json names the architecture, e.g. \"model_type\": \"llama\")")
+        raise UserError(
+            f"{path / 'config.json'}: no model_type (is this a transformers model directory? its "
+            'config.json names the architecture, e.g. "model_type": "llama")'
+        )
     kind = config["model_type"]
     if kind not in CONFIG_MAPPING and not trust_remote_code:
         code = (config.get("auto_map") or {}).get("AutoModelForCausalLM")
-        raise UserError(f"{path / 'config.json'}: model_type {kind!r} is not an architecture transformers {__version__} "
-                        "knows" + (f"; its auto_map names the directory's own code ({code}), which runs only with "
-                                   "model.trust_remote_code=true (no code was run)" if code else ""))
-    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")):
-        raise UserError(f"{path}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json); copy them from "
-                        "the base model's directory")
+        raise UserError(
+            f"{path / 'config.json'}: model_type {kind!r} is not an architecture transformers {__version__} "
+            "knows"
+            + (
+                f"; its auto_map names the directory's own code ({code}), which runs only with "
+                "model.trust_remote_code=true (no code was run)"
+                if code
+                else ""
+            )
+        )
+    if not any(
+        (path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+    ):
+        raise UserError(
+            f"{path}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json); copy them from "
+            "the base model's directory"
+        )
     for file in sorted(path.glob("*.safetensors")):
         try:
             with safe_open(str(file), "pt"):
                 pass
         except (SafetensorError, OSError) as exc:
-            raise UserError(f"{file}: not a valid safetensors file ({exc}); it may be truncated or still downloading") from None
+            raise UserError(
+                f"{file}: not a valid safetensors file ({exc}); it may be truncated or still downloading"
+            ) from None
 
 
 def _meta_hf_model(path: Path, cfg: ModelConfig):
@@ -95,8 +132,12 @@ def _meta_hf_model(path: Path, cfg: ModelConfig):
     check_hf_dir(path, cfg.trust_remote_code)
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     with torch.device("meta"):
-        model = _with_attention(cfg, lambda attn: AutoModelForCausalLM.from_config(
-            config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code, attn_implementation=attn))
+        model = _with_attention(
+            cfg,
+            lambda attn: AutoModelForCausalLM.from_config(
+                config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code, attn_implementation=attn
+            ),
+        )
     return model, AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
 
 
@@ -142,10 +183,14 @@ def verify_trainable(model: nn.Module) -> str:
     if n_train != n_total:
         raise UserError(f"only {n_train}/{n_total} parameters are trainable; full fine-tuning trains all")
     dtypes = sorted({str(p.dtype).replace("torch.", "") for p in params})
-    tied = model.get_output_embeddings() is not None and \
-        model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    return (f"{type(model).__name__}, {n_total:,} parameters in {len(params)} tensors, "
-            f"trainable {n_train:,} (100.00%), dtype {'/'.join(dtypes)}, tied embeddings: {'yes' if tied else 'no'}")
+    tied = (
+        model.get_output_embeddings() is not None
+        and model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    )
+    return (
+        f"{type(model).__name__}, {n_total:,} parameters in {len(params)} tensors, "
+        f"trainable {n_train:,} (100.00%), dtype {'/'.join(dtypes)}, tied embeddings: {'yes' if tied else 'no'}"
+    )
 
 
 def compile_layers(model: nn.Module, fallback: bool, device_type: str = "cpu") -> int:
@@ -164,8 +209,11 @@ def compile_layers(model: nn.Module, fallback: bool, device_type: str = "cpu") -
     note = ""
     if options.get("pattern_matcher") is False:
         note = "; inductor vectorises for AVX2 here: its pattern rewrites are off (they gave NaN in training steps)"
-    print(f"[model] torch.compile: {len(layers)} decoder layers (compiled at the first forward passes; step 1's time "
-          f"is printed){note}", flush=True)
+    print(
+        f"[model] torch.compile: {len(layers)} decoder layers (compiled at the first forward passes; step 1's time "
+        f"is printed){note}",
+        flush=True,
+    )
     return len(layers)
 
 
@@ -179,12 +227,14 @@ def inductor_options(device_type: str, isa: str) -> dict:
 
 def _compiled(forward, options: dict, fallback: bool):
     import torch._dynamo
+
     compiled = torch.compile(forward, options=options or None)
 
     @functools.wraps(forward)
     def run(*args, **kwargs):
         with torch._dynamo.config.patch(suppress_errors=fallback):
             return compiled(*args, **kwargs)
+
     run.inductor_options = dict(options)  # what it was compiled with (tests, the log)
     return run
 
@@ -193,6 +243,7 @@ def inductor_cpu_isa() -> str:
     """The vector instruction set inductor generates CPU code for ("avx2", "avx512", "amx", ...)."""
     try:
         from torch._inductor.cpu_vec_isa import pick_vec_isa
+
         return str(pick_vec_isa()).strip().lower()
     except Exception:  # a private API: never let it stop a run
         return "unknown"
@@ -202,10 +253,13 @@ def compile_failure(exc: BaseException) -> str | None:
     """The one-line cause when `exc` is torch.compile failing (dynamo, inductor, the C++ compiler)."""
     import torch._dynamo.exc
     import torch._inductor.exc
+
     if not isinstance(exc, (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError)):
         return None
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    cause = next((line for line in lines if "Error" in line or "error" in line), lines[0] if lines else type(exc).__name__)
+    cause = next(
+        (line for line in lines if "Error" in line or "error" in line), lines[0] if lines else type(exc).__name__
+    )
     return f"{type(exc).__name__}: {cause[:240]}"
 
 

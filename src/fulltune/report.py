@@ -16,7 +16,6 @@ from fulltune.errors import UserError
 from fulltune.evals.forgetting import gain
 
 
-
 def add_parser(sub) -> None:
     r = sub.add_parser("report", help="write RUN/report.html: losses, rates, memory, forgetting, data, config")
     r.add_argument("run_dir", help="a run directory (train.output_dir)")
@@ -37,8 +36,12 @@ def read_run(run_dir: Path) -> dict:
             if i != len(lines) - 1:
                 raise UserError(f"{path}:{i + 1}: malformed JSON line") from None
     results = run_dir / "results.json"
-    return {"dir": run_dir, "config": (run_dir / "config.yaml").read_text(encoding="utf-8"), "metrics": metrics,
-            "results": json.loads(results.read_text()) if results.is_file() else None}
+    return {
+        "dir": run_dir,
+        "config": (run_dir / "config.yaml").read_text(encoding="utf-8"),
+        "metrics": metrics,
+        "results": json.loads(results.read_text()) if results.is_file() else None,
+    }
 
 
 def _series(metrics: list[dict], key: str) -> tuple[list, list]:
@@ -49,15 +52,29 @@ def _series(metrics: list[dict], key: str) -> tuple[list, list]:
 def training_figures(run: dict) -> list:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
+
     m = run["metrics"]
     losses, vals, norms, toks, mfu = (_series(m, k) for k in ("loss", "val_loss", "grad_norm", "tokens_per_s", "mfu"))
-    loss = go.Figure([go.Scatter(x=losses[0], y=losses[1], name="train loss", mode="lines"),
-                      go.Scatter(x=vals[0], y=vals[1], name="validation loss", mode="lines+markers")])
+    loss = go.Figure(
+        [
+            go.Scatter(x=losses[0], y=losses[1], name="train loss", mode="lines"),
+            go.Scatter(x=vals[0], y=vals[1], name="validation loss", mode="lines+markers"),
+        ]
+    )
     loss.update_layout(title="Loss (mean over target tokens)", xaxis_title="step", yaxis_title="loss")
     rates = [r for r in m if isinstance(r.get("lr"), dict)]
     groups = list(dict.fromkeys(g for r in rates for g in r["lr"]))  # in the order they first appear
-    lr = go.Figure([go.Scatter(x=[r["step"] for r in rates if g in r["lr"]], y=[r["lr"][g] for r in rates if g in r["lr"]],
-                               name=g, mode="lines") for g in groups])
+    lr = go.Figure(
+        [
+            go.Scatter(
+                x=[r["step"] for r in rates if g in r["lr"]],
+                y=[r["lr"][g] for r in rates if g in r["lr"]],
+                name=g,
+                mode="lines",
+            )
+            for g in groups
+        ]
+    )
     lr.update_layout(title="Learning rate per parameter group", xaxis_title="step", yaxis_title="lr")
     norm = go.Figure(go.Scatter(x=norms[0], y=norms[1], name="grad norm", mode="lines"))
     norm.update_layout(title="Gradient norm (before clipping)", xaxis_title="step", yaxis_title="‖g‖")
@@ -72,6 +89,7 @@ def training_figures(run: dict) -> list:
 def memory_figure(results: dict | None):
     """Predicted terms stacked against the measured peak (model state measured, the rest beside it)."""
     import plotly.graph_objects as go
+
     mem = (results or {}).get("memory") or {}
     terms = mem.get("predicted_terms_gb") or {}
     if not terms:
@@ -80,12 +98,21 @@ def memory_figure(results: dict | None):
     state = ((results.get("state_memory") or {}).get("measured_per_rank_gb") or [{}])[0]
     measured = mem.get("measured_peak_gb") or 0.0
     bars += [go.Bar(name=f"measured: {name}", x=["measured"], y=[gb]) for name, gb in state.items()]
-    bars.append(go.Bar(name="measured: the rest (activations, logits, temporaries)", x=["measured"],
-                       y=[max(0.0, measured - sum(state.values()))]))
+    bars.append(
+        go.Bar(
+            name="measured: the rest (activations, logits, temporaries)",
+            x=["measured"],
+            y=[max(0.0, measured - sum(state.values()))],
+        )
+    )
     fig = go.Figure(bars)
-    fig.update_layout(barmode="stack", yaxis_title="GB", title=f"Memory peak for the largest micro-batch: predicted "
-                      f"{mem.get('predicted_peak_gb', 0):.3g} GB, measured {measured:.3g} GB "
-                      f"({mem.get('error_pct', 0):+.1f}%) on {mem.get('device', '?')}")
+    fig.update_layout(
+        barmode="stack",
+        yaxis_title="GB",
+        title=f"Memory peak for the largest micro-batch: predicted "
+        f"{mem.get('predicted_peak_gb', 0):.3g} GB, measured {measured:.3g} GB "
+        f"({mem.get('error_pct', 0):+.1f}%) on {mem.get('device', '?')}",
+    )
     return fig
 
 
@@ -94,18 +121,27 @@ def forgetting_figures(run: dict) -> list:
     beside the task gain."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
+
     results = run["results"] or {}
     during = [r for r in run["metrics"] if isinstance(r.get("probes"), dict)]
     out = []
     if during:
-        kinds = {name: (results.get("forgetting") or {}).get("probes", {}).get(name, {}).get("metric", "acc")
-                 for name in during[0]["probes"]}
-        fig = make_subplots(rows=1, cols=2, subplot_titles=("accuracy probes (higher is better)",
-                                                            "NLL probes (lower is better)"))
+        kinds = {
+            name: (results.get("forgetting") or {}).get("probes", {}).get(name, {}).get("metric", "acc")
+            for name in during[0]["probes"]
+        }
+        fig = make_subplots(
+            rows=1, cols=2, subplot_titles=("accuracy probes (higher is better)", "NLL probes (lower is better)")
+        )
         for name, kind in kinds.items():
             xs = [r["step"] for r in during if name in r["probes"]]
-            fig.add_trace(go.Scatter(x=xs, y=[r["probes"][name] for r in during if name in r["probes"]], name=name,
-                                     mode="lines+markers"), row=1, col=1 if kind == "acc" else 2)
+            fig.add_trace(
+                go.Scatter(
+                    x=xs, y=[r["probes"][name] for r in during if name in r["probes"]], name=name, mode="lines+markers"
+                ),
+                row=1,
+                col=1 if kind == "acc" else 2,
+            )
         fig.update_layout(title="General skills before, during and after training", xaxis_title="step")
         out.append(fig)
     probes = (results.get("forgetting") or {}).get("probes") or {}
@@ -118,8 +154,11 @@ def forgetting_figures(run: dict) -> list:
             change.insert(0, 100 * (task1["accuracy"] - task0["accuracy"]))
             err.insert(0, 100 * math.hypot(task0.get("stderr") or 0, task1.get("stderr") or 0))
         fig = go.Figure(go.Bar(x=names, y=change, error_y=dict(type="data", array=err), name="change"))
-        fig.update_layout(title="Change from θ0 to θ*: task gain and each probe (points for accuracy, % for NLL; "
-                          "±1 standard error of the difference)", yaxis_title="change (up is better)")
+        fig.update_layout(
+            title="Change from θ0 to θ*: task gain and each probe (points for accuracy, % for NLL; "
+            "±1 standard error of the difference)",
+            yaxis_title="change (up is better)",
+        )
         out.append(fig)
     return out
 
@@ -127,36 +166,60 @@ def forgetting_figures(run: dict) -> list:
 def summary_rows(run: dict) -> list[tuple[str, str]]:
     r, m = run["results"], run["metrics"]
     steps = [x["step"] for x in m if "loss" in x]
-    rows = [("status", "finished" if r else "in progress or interrupted: a partial report (no results.json yet)"),
-            ("steps logged", f"{len(steps)} (last {steps[-1]})" if steps else "none")]
+    rows = [
+        ("status", "finished" if r else "in progress or interrupted: a partial report (no results.json yet)"),
+        ("steps logged", f"{len(steps)} (last {steps[-1]})" if steps else "none"),
+    ]
     if not r:
         return rows
-    rows += [("tokens seen", f"{r.get('tokens_seen', 0):,} ({r.get('target_tokens_seen', 0):,} with loss)"),
-             ("training time", f"{r.get('train_time_s', 0):.0f} s")]
+    rows += [
+        ("tokens seen", f"{r.get('tokens_seen', 0):,} ({r.get('target_tokens_seen', 0):,} with loss)"),
+        ("training time", f"{r.get('train_time_s', 0):.0f} s"),
+    ]
     if r.get("final_val_loss") is not None:
         rows.append(("final validation loss", f"{r['final_val_loss']:.4f}"))
     t0, t1 = r.get("task_accuracy_theta0"), r.get("task_accuracy_final")
     if t0 and t1:
-        rows.append(("task accuracy θ0 → θ*", f"{100 * t0['accuracy']:.1f}% → {100 * t1['accuracy']:.1f}% "
-                                                f"(n={t1['n']}, ±{100 * t1.get('stderr', 0):.1f})"))
+        rows.append(
+            (
+                "task accuracy θ0 → θ*",
+                f"{100 * t0['accuracy']:.1f}% → {100 * t1['accuracy']:.1f}% "
+                f"(n={t1['n']}, ±{100 * t1.get('stderr', 0):.1f})",
+            )
+        )
     if r.get("memory"):
-        rows.append(("memory peak", f"{r['memory']['measured_peak_gb']:.3g} GB measured, "
-                                    f"{r['memory']['predicted_peak_gb']:.3g} GB predicted"))
+        rows.append(
+            (
+                "memory peak",
+                f"{r['memory']['measured_peak_gb']:.3g} GB measured, "
+                f"{r['memory']['predicted_peak_gb']:.3g} GB predicted",
+            )
+        )
     if r.get("budget"):
         rows.append(("forgetting budget", budget_verdict(r["budget"])))
     if r.get("wise_budget"):
         w = r["wise_budget"]
-        rows.append(("WiSE-FT inside the budget", f"largest α {w['alpha']:.3f}" + (
-            f", task {100 * w['task_accuracy']:.1f}%" if w.get("task_accuracy") is not None else "")
-            + " (fulltune interpolate)"))
-    rows += [("skipped steps (non-finite)", str(r.get("skipped_steps", 0))),
-             ("diverged", json.dumps(r["diverged"]) if r.get("diverged") else "no")]
+        rows.append(
+            (
+                "WiSE-FT inside the budget",
+                f"largest α {w['alpha']:.3f}"
+                + (f", task {100 * w['task_accuracy']:.1f}%" if w.get("task_accuracy") is not None else "")
+                + " (fulltune interpolate)",
+            )
+        )
+    rows += [
+        ("skipped steps (non-finite)", str(r.get("skipped_steps", 0))),
+        ("diverged", json.dumps(r["diverged"]) if r.get("diverged") else "no"),
+    ]
     return rows
 
 
 def _table(rows) -> str:
-    return "<table>" + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
-                               for k, v in rows) + "</table>"
+    return (
+        "<table>"
+        + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+        + "</table>"
+    )
 
 
 def _flat(d: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -168,21 +231,35 @@ def _flat(d: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 def page(run: dict) -> str:
     import plotly.io as pio
+
     figures = training_figures(run) + [f for f in [memory_figure(run["results"])] if f] + forgetting_figures(run)
-    charts = [pio.to_html(f, include_plotlyjs=(i == 0), full_html=False, default_height=420,
-                          div_id=f"chart-{i}") for i, f in enumerate(figures)]
+    charts = [
+        pio.to_html(f, include_plotlyjs=(i == 0), full_html=False, default_height=420, div_id=f"chart-{i}")
+        for i, f in enumerate(figures)
+    ]
     data = (run["results"] or {}).get("data")
     name = html.escape(str(run["dir"]))
-    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>fulltune report: " + name + "</title><style>"
-            "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-            "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}"
-            "pre{background:#f6f6f6;padding:1em;overflow:auto}.partial{background:#fff3cd;padding:.5em}</style>"
-            "</head><body><h1>fulltune run " + name + "</h1>"
-            + ("" if run["results"] else "<p class='partial' id='partial'>Partial report: the run is in progress or "
-               "was interrupted (no results.json yet).</p>")
-            + _table(summary_rows(run)) + "".join(charts)
-            + ("<h2>Data</h2>" + _table(_flat(data)) if data else "")
-            + "<h2>Resolved config</h2><pre>" + html.escape(run["config"]) + "</pre></body></html>")
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>fulltune report: " + name + "</title><style>"
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}"
+        "pre{background:#f6f6f6;padding:1em;overflow:auto}.partial{background:#fff3cd;padding:.5em}</style>"
+        "</head><body><h1>fulltune run "
+        + name
+        + "</h1>"
+        + (
+            ""
+            if run["results"]
+            else "<p class='partial' id='partial'>Partial report: the run is in progress or "
+            "was interrupted (no results.json yet).</p>"
+        )
+        + _table(summary_rows(run))
+        + "".join(charts)
+        + ("<h2>Data</h2>" + _table(_flat(data)) if data else "")
+        + "<h2>Resolved config</h2><pre>"
+        + html.escape(run["config"])
+        + "</pre></body></html>"
+    )
 
 
 def write_report(run_dir: Path, out: Path | None = None) -> Path:
@@ -219,16 +296,24 @@ def budget_verdict(budget: dict) -> str:
 
 def summary_lines(results: dict) -> list[str]:
     """The end of `fulltune train`: time, tokens, peak memory, task gain, largest probe change."""
-    rows = [("time", f"{results.get('train_time_s', 0):.0f} s of training, {results.get('steps', 0)} steps"),
-            ("tokens", f"{results.get('tokens_seen', 0):,} ({results.get('target_tokens_seen', 0):,} with loss)")]
+    rows = [
+        ("time", f"{results.get('train_time_s', 0):.0f} s of training, {results.get('steps', 0)} steps"),
+        ("tokens", f"{results.get('tokens_seen', 0):,} ({results.get('target_tokens_seen', 0):,} with loss)"),
+    ]
     mem = results.get("memory")
     if mem:
-        rows.append(("peak memory", f"{mem['measured_peak_gb']:.2f} GB measured, {mem['predicted_peak_gb']:.2f} GB "
-                                    "predicted"))
+        rows.append(
+            ("peak memory", f"{mem['measured_peak_gb']:.2f} GB measured, {mem['predicted_peak_gb']:.2f} GB predicted")
+        )
     t0, t1 = results.get("task_accuracy_theta0"), results.get("task_accuracy_final")
     if t0 and t1:
-        rows.append(("task accuracy", f"{100 * t0['accuracy']:.1f}% → {100 * t1['accuracy']:.1f}% "
-                                      f"({100 * (t1['accuracy'] - t0['accuracy']):+.1f} points)"))
+        rows.append(
+            (
+                "task accuracy",
+                f"{100 * t0['accuracy']:.1f}% → {100 * t1['accuracy']:.1f}% "
+                f"({100 * (t1['accuracy'] - t0['accuracy']):+.1f} points)",
+            )
+        )
     probe = largest_probe_change(results)
     if probe:
         rows.append(("largest probe change", probe))
@@ -244,6 +329,9 @@ def at_end_of_run(run_dir: Path, results: dict, write_html: bool) -> None:
         try:
             print(f"[train] report: {write_report(run_dir)}", flush=True)
         except Exception as exc:  # noqa: BLE001 — the trained model and results are already written
-            print(f"[train] warning: report.html was not written ({type(exc).__name__}: {exc}); "
-                  f"retry with fulltune report {run_dir}", flush=True)
+            print(
+                f"[train] warning: report.html was not written ({type(exc).__name__}: {exc}); "
+                f"retry with fulltune report {run_dir}",
+                flush=True,
+            )
     print("\n".join(["[train] summary"] + summary_lines(results)), flush=True)

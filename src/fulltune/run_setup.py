@@ -33,6 +33,7 @@ from fulltune.throughput import FlopModel, flop_model, run_peak
 @dataclass
 class Run:
     """Everything the loop touches, built once by `setup`."""
+
     cfg: RunConfig
     run_dir: Path
     model: torch.nn.Module
@@ -46,10 +47,10 @@ class Run:
     precision: str
     device: torch.device
     state: dict
-    memory: RunMemory              # the memory check: peak vs estimate, model-state bytes
-    flops: FlopModel               # model FLOPs of a step (throughput.py)
-    peak_flops: float              # the ranks' measured matmul peak, FLOP/s (0: not measured)
-    anchor: Anchor | None = None   # θ0 copy for L2-SP / EWC / decay toward θ0
+    memory: RunMemory  # the memory check: peak vs estimate, model-state bytes
+    flops: FlopModel  # model FLOPs of a step (throughput.py)
+    peak_flops: float  # the ranks' measured matmul peak, FLOP/s (0: not measured)
+    anchor: Anchor | None = None  # θ0 copy for L2-SP / EWC / decay toward θ0
     tensorboard: object | None = None  # SummaryWriter on rank 0 with train.tensorboard (tblog.py)
 
     def examples(self, indices: list[int]) -> list:
@@ -69,11 +70,15 @@ def setup(cfg: RunConfig) -> Run:
     check_device_settings(cfg, device)
     if D.sharded():  # what this version does not combine with FSDP2, refused before the model loads
         if cfg.train.optimizer_in_backward:
-            raise UserError("train.optimizer_in_backward: not combined with FSDP2 (torchrun) in this version; "
-                            "turn it off or train as one process without torchrun")
+            raise UserError(
+                "train.optimizer_in_backward: not combined with FSDP2 (torchrun) in this version; "
+                "turn it off or train as one process without torchrun"
+            )
         if cfg.optim.name in ("adamw8bit", "adamw4bit"):
-            raise UserError(f"optim.name: {cfg.optim.name} fails on sharded (DTensor) states in torchao 0.18 on CPU "
-                            "and is unmeasured on GPUs; under FSDP2 use adamw, adafactor or sgd")
+            raise UserError(
+                f"optim.name: {cfg.optim.name} fails on sharded (DTensor) states in torchao 0.18 on CPU "
+                "and is unmeasured on GPUs; under FSDP2 use adamw, adafactor or sgd"
+            )
     if D.is_main():
         for line in rundir.clean_interrupted_writes(run_dir):
             print(f"[train] {line}", flush=True)
@@ -113,19 +118,31 @@ def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, s
     if cfg.train.compile:
         compile_layers(model, cfg.train.compile_fallback, device.type)
     lengths = [len(e.input_ids) for e in data.train] if cfg.data.group_by_length else None
-    sampler = StepSampler(len(data.train), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, cfg.train.seed, lengths)
+    sampler = StepSampler(
+        len(data.train), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, cfg.train.seed, lengths
+    )
     if cfg.data.mix_ratio > 0:
         sizes = [len(e.lengths) or 1 for e in data.train]  # packed rows count as their sequences
         sampler = MixedSampler(sampler, len(data.general), cfg.data.mix_ratio, cfg.train.seed, sizes)
     total = cfg.train.max_steps or math.ceil(sampler.steps_per_epoch * cfg.train.epochs)
     if cfg.schedule.warmup_steps > total:
-        print(f"[train] warning: schedule.warmup_steps {cfg.schedule.warmup_steps} is longer than the run ({total} steps): "
-              f"the warmup is cut to {total} and the peak lr is reached only at the last step", flush=True)
+        print(
+            f"[train] warning: schedule.warmup_steps {cfg.schedule.warmup_steps} is longer than the run ({total} steps): "
+            f"the warmup is cut to {total} and the peak lr is reached only at the last step",
+            flush=True,
+        )
     optimizer = build_optimizer(model, cfg.optim, precision, cfg.train.optimizer_in_backward)
     autocast = autocast_factory(precision, device, cfg.model.activation_offload)
     meter.pause()  # θ0 evaluation (and EWC's Fisher) run at full speed; step 1 resumes measuring
-    anchor = anchor_for_run(cfg, run_dir, model, data.general, tokenizer.pad_token_id, autocast,  # before resume: θ0
-                            resuming=resume_from is not None)
+    anchor = anchor_for_run(
+        cfg,
+        run_dir,
+        model,
+        data.general,
+        tokenizer.pad_token_id,
+        autocast,  # before resume: θ0
+        resuming=resume_from is not None,
+    )
     state = {"step": 0, "tokens_seen": 0, "target_tokens_seen": 0, "elapsed_s": 0.0, "results": {}}
     if resume_from is not None:
         state = _resume(resume_from, run_dir, cfg, model, optimizer, sampler, total, precision)
@@ -136,16 +153,38 @@ def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, s
         rundir.start_run_dir(run_dir, resume_from is None, lambda path: save_config(cfg, path))
     D.barrier()
     ranks = f", FSDP2 over {D.world_size()} rank{'s' if D.world_size() > 1 else ''}" if D.sharded() else ""
-    print(f"[train] device {device}{ranks}, precision {precision}, {total} steps "
-          f"({sampler.steps_per_epoch} per epoch, batch {cfg.train.micro_batch_size}×{cfg.train.grad_accum_steps}), "
-          f"{cfg.optim.name}, " + (f"step in backward ({len(optimizer.param_groups)} per-parameter optimisers)"
-                                   if cfg.train.optimizer_in_backward else f"{len(optimizer.param_groups)} parameter groups"),
-          flush=True)
+    print(
+        f"[train] device {device}{ranks}, precision {precision}, {total} steps "
+        f"({sampler.steps_per_epoch} per epoch, batch {cfg.train.micro_batch_size}×{cfg.train.grad_accum_steps}), "
+        f"{cfg.optim.name}, "
+        + (
+            f"step in backward ({len(optimizer.param_groups)} per-parameter optimisers)"
+            if cfg.train.optimizer_in_backward
+            else f"{len(optimizer.param_groups)} parameter groups"
+        ),
+        flush=True,
+    )
     memory = RunMemory(meter, model, cfg, precision, state, anchor.nbytes if anchor else 0)
-    return Run(cfg, run_dir, model, tokenizer, data, optimizer, sampler, total,
-               schedule_fn(cfg.schedule, cfg.optim.lr, total), autocast, precision, device, state, memory,
-               flop_model(model), run_peak(cfg, model, precision, device), anchor,
-               tblog.open_writer(run_dir, state["step"]) if cfg.train.tensorboard and D.is_main() else None)
+    return Run(
+        cfg,
+        run_dir,
+        model,
+        tokenizer,
+        data,
+        optimizer,
+        sampler,
+        total,
+        schedule_fn(cfg.schedule, cfg.optim.lr, total),
+        autocast,
+        precision,
+        device,
+        state,
+        memory,
+        flop_model(model),
+        run_peak(cfg, model, precision, device),
+        anchor,
+        tblog.open_writer(run_dir, state["step"]) if cfg.train.tensorboard and D.is_main() else None,
+    )
 
 
 def _get(cfg: RunConfig, dotted: str):

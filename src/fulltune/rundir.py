@@ -25,8 +25,15 @@ import yaml
 from fulltune.errors import UserError
 
 MARKER = ".fulltune-run"
-OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "results.json", "tensorboard", "report.html",
-           "best-in-budget")  # what a fresh start replaces
+OUTPUTS = (
+    "checkpoints",
+    "final",
+    "metrics.jsonl",
+    "results.json",
+    "tensorboard",
+    "report.html",
+    "best-in-budget",
+)  # what a fresh start replaces
 PREVIOUS = ".previous-run"  # the replaced run's outputs, until the run that replaced it finishes
 
 
@@ -55,11 +62,15 @@ def check_run_dir(output_dir: str, resume: str, overwrite: bool) -> Path:
         return run_dir
     if not is_run_dir(run_dir):
         shown = ", ".join(contents[:3]) + (f" and {len(contents) - 3} more" if len(contents) > 3 else "")
-        raise UserError(f"train.output_dir: {run_dir} holds files that no fulltune run wrote ({shown}); "
-                        "a run only clears its own directory: pick a new or empty train.output_dir")
+        raise UserError(
+            f"train.output_dir: {run_dir} holds files that no fulltune run wrote ({shown}); "
+            "a run only clears its own directory: pick a new or empty train.output_dir"
+        )
     if not resume and not overwrite:
-        raise UserError(f"{run_dir} already holds a run; resume it with train.resume=auto, "
-                        "pick another train.output_dir, or set train.overwrite=true")
+        raise UserError(
+            f"{run_dir} already holds a run; resume it with train.resume=auto, "
+            "pick another train.output_dir, or set train.overwrite=true"
+        )
     if not os.access(run_dir, os.W_OK):
         raise UserError(f"train.output_dir: {run_dir} is not writable")
     return run_dir
@@ -68,9 +79,11 @@ def check_run_dir(output_dir: str, resume: str, overwrite: bool) -> Path:
 def refuse_restart_over_final(run_dir: Path, overwrite: bool) -> None:
     """resume=auto found no checkpoint: starting from θ0 is refused where a final model would be lost."""
     if (run_dir / "final").exists() and not overwrite:
-        raise UserError(f"train.resume=auto: {run_dir} holds a finished run (final/) and no checkpoint to resume "
-                        "from; it is kept. Train again from θ0 with train.overwrite=true, or use another "
-                        "train.output_dir")
+        raise UserError(
+            f"train.resume=auto: {run_dir} holds a finished run (final/) and no checkpoint to resume "
+            "from; it is kept. Train again from θ0 with train.overwrite=true, or use another "
+            "train.output_dir"
+        )
 
 
 def clean_interrupted_writes(run_dir: Path) -> list[str]:
@@ -81,7 +94,7 @@ def clean_interrupted_writes(run_dir: Path) -> list[str]:
         if not folder.is_dir():
             continue
         for path in sorted(folder.glob(".*.old")):
-            target = path.with_name(path.name[1:-len(".old")])
+            target = path.with_name(path.name[1 : -len(".old")])
             if target.exists():
                 shutil.rmtree(path, ignore_errors=True)
                 done.append(f"removed {path}")
@@ -113,6 +126,9 @@ def start_run_dir(run_dir: Path, fresh: bool, write_config) -> None:
             else:
                 target.unlink(missing_ok=True)
         if keep:
-            print(f"[train] the previous run's outputs are kept in {run_dir / PREVIOUS} until this run finishes", flush=True)
+            print(
+                f"[train] the previous run's outputs are kept in {run_dir / PREVIOUS} until this run finishes",
+                flush=True,
+            )
     (run_dir / MARKER).write_text(json.dumps({"written_by": "fulltune", "note": "a fulltune run directory"}) + "\n")
     write_config(run_dir / "config.yaml")

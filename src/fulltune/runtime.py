@@ -51,9 +51,11 @@ def has_bf16_units(device_type: str) -> bool:
     return cpu_has_bf16_units()
 
 
-SLOW_BF16 = ("this CPU has no bf16 units (no AMX-bf16 or AVX512-bf16 in /proc/cpuinfo, or ONEDNN_MAX_CPU_ISA "
-             "caps them off): bf16 matmuls run in "
-             "software there, ~100× slower than fp32 (measured on an AVX2-only EPYC: 0.9 vs ~100 GFLOP/s)")
+SLOW_BF16 = (
+    "this CPU has no bf16 units (no AMX-bf16 or AVX512-bf16 in /proc/cpuinfo, or ONEDNN_MAX_CPU_ISA "
+    "caps them off): bf16 matmuls run in "
+    "software there, ~100× slower than fp32 (measured on an AVX2-only EPYC: 0.9 vs ~100 GFLOP/s)"
+)
 
 
 def resolve_precision(precision: str, device: torch.device, force: bool = False) -> str:
@@ -73,14 +75,20 @@ def check_device_settings(cfg, device: torch.device) -> None:
     """The CUDA-only settings, refused on a CPU run before any model loads."""
     if cfg.model.attn_implementation == "flash_attention_2":
         import importlib.util
+
         if device.type != "cuda":
             raise UserError("model.attn_implementation: flash_attention_2 runs on CUDA only; use sdpa on the CPU")
         if importlib.util.find_spec("flash_attn") is None:
-            raise UserError("model.attn_implementation: flash_attention_2 needs the flash-attn package "
-                            "(pip install flash-attn), or use sdpa")
+            raise UserError(
+                "model.attn_implementation: flash_attention_2 needs the flash-attn package "
+                "(pip install flash-attn), or use sdpa"
+            )
     if device.type == "cuda":
         return
-    for key, on in (("model.activation_offload", cfg.model.activation_offload), ("optim.cpu_offload", cfg.optim.cpu_offload)):
+    for key, on in (
+        ("model.activation_offload", cfg.model.activation_offload),
+        ("optim.cpu_offload", cfg.optim.cpu_offload),
+    ):
         if on:
             raise UserError(f"{key}: offloads GPU memory to the CPU; this run is on the CPU already (set it to false)")
 
@@ -93,8 +101,11 @@ def lean_settings(raw: dict) -> dict[str, object]:
     train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
     name = train.get("device", "auto")  # an invalid name is reported by the config check afterwards
     device_type = "cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu"
-    settings: dict[str, object] = {"train.precision": "bf16" if has_bf16_units(device_type) else "fp32",
-                                   "optim.name": "adamw4bit", "model.activation_checkpointing": True}
+    settings: dict[str, object] = {
+        "train.precision": "bf16" if has_bf16_units(device_type) else "fp32",
+        "optim.name": "adamw4bit",
+        "model.activation_checkpointing": True,
+    }
     if train.get("grad_accum_steps", 1) == 1:
         settings.update({"train.optimizer_in_backward": True, "optim.grad_clip": 0.0})
     return settings
@@ -118,6 +129,7 @@ def autocast_factory(precision: str, device: torch.device, offload_activations: 
     def cast_and_offload():
         with cast(), torch.autograd.graph.save_on_cpu(pin_memory=True):
             yield
+
     return cast_and_offload
 
 
@@ -125,18 +137,22 @@ def machine_line() -> str:
     """What this machine is, as the CI log and benchmark tables name it: the CPU model, its bf16/AVX
     flags, the ISA inductor generates code for, and what `precision: auto` picks here."""
     from fulltune.model import inductor_cpu_isa
+
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         info = ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                 "unknown CPU")
+    model = next(
+        (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU"
+    )
     present = set(info.split())
     flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in present]
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
-    return (f"[machine] {model}, {os.cpu_count()} cores; flags {' '.join(flags) or 'none of avx2/avx512/amx'}"
-            f"{f' (ONEDNN_MAX_CPU_ISA={cap})' if cap else ''}; inductor ISA {inductor_cpu_isa()}; "
-            f"precision auto → {resolve_precision('auto', torch.device('cpu'))}; torch {torch.__version__}")
+    return (
+        f"[machine] {model}, {os.cpu_count()} cores; flags {' '.join(flags) or 'none of avx2/avx512/amx'}"
+        f"{f' (ONEDNN_MAX_CPU_ISA={cap})' if cap else ''}; inductor ISA {inductor_cpu_isa()}; "
+        f"precision auto → {resolve_precision('auto', torch.device('cpu'))}; torch {torch.__version__}"
+    )
 
 
 if __name__ == "__main__":  # python -m fulltune.runtime: the line scripts/test.sh prints before the tests

@@ -21,8 +21,10 @@ def planned_steps(cfg: RunConfig) -> tuple[int, str]:
     if not cfg.data.validation and cfg.data.val_fraction > 0:
         n -= max(1, round(cfg.data.val_fraction * n))
     per_epoch = math.ceil(n / (t.micro_batch_size * t.grad_accum_steps))
-    return math.ceil(per_epoch * t.epochs), (f"{n} records / ({t.micro_batch_size}×{t.grad_accum_steps}) × {t.epochs} epochs; "
-                                              "sequences dropped as overlong would make it slightly fewer")
+    return math.ceil(per_epoch * t.epochs), (
+        f"{n} records / ({t.micro_batch_size}×{t.grad_accum_steps}) × {t.epochs} epochs; "
+        "sequences dropped as overlong would make it slightly fewer"
+    )
 
 
 def schedule_table(cfg: RunConfig, total: int) -> list[tuple[int, float]]:
@@ -34,6 +36,7 @@ def schedule_table(cfg: RunConfig, total: int) -> list[tuple[int, float]]:
 
 def plot_schedules(cfg: RunConfig, total: int, out: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -43,8 +46,13 @@ def plot_schedules(cfg: RunConfig, total: int, out: Path) -> None:
     for name in names:
         fn = schedule_fn(replace(cfg.schedule, name=name), cfg.optim.lr, total)
         mine = name == cfg.schedule.name
-        ax.plot(steps, [cfg.optim.lr * fn(s) for s in steps], lw=2.2 if mine else 1.2, ls="-" if mine else "--",
-                label=f"warmup + {name}" + (" (this config)" if mine else ""))
+        ax.plot(
+            steps,
+            [cfg.optim.lr * fn(s) for s in steps],
+            lw=2.2 if mine else 1.2,
+            ls="-" if mine else "--",
+            label=f"warmup + {name}" + (" (this config)" if mine else ""),
+        )
     warm = warmup_steps(cfg.schedule, total)
     ax.axvline(warm, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("optimiser step")
@@ -61,8 +69,10 @@ def run_schedule(cfg: RunConfig, out: Path) -> None:
     total, how = planned_steps(cfg)
     print(f"{cfg.schedule.name} schedule over {total} steps ({how})")
     if cfg.optim.layer_lr_decay != 1.0:
-        print(f"layer_lr_decay {cfg.optim.layer_lr_decay}: rates below are the top layer's; layer l (0 = last) "
-              f"gets them × {cfg.optim.layer_lr_decay}^-l")
+        print(
+            f"layer_lr_decay {cfg.optim.layer_lr_decay}: rates below are the top layer's; layer l (0 = last) "
+            f"gets them × {cfg.optim.layer_lr_decay}^-l"
+        )
     print(f"{'step':>8}  {'lr':>10}")
     for step, lr in schedule_table(cfg, total):
         print(f"{step:>8}  {lr:>10.3e}")

@@ -37,8 +37,11 @@ class StopRequest:
             return
         if self.defer and signum == signal.SIGTERM:  # the same request again (scheduler + launcher)
             return
-        why = ("a second Ctrl-C during a step; the last checkpoint is intact" if self.requested
-               else "outside the training steps; no step was lost")
+        why = (
+            "a second Ctrl-C during a step; the last checkpoint is intact"
+            if self.requested
+            else "outside the training steps; no step was lost"
+        )
         self.signum = self.signum or signum
         raise Interrupted(f"stopped by {name}, {why}: continue with train.resume=auto", exit_code=128 + signum)
 

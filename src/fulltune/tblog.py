@@ -10,6 +10,7 @@ from pathlib import Path
 
 def open_writer(run_dir: Path, resumed_step: int):
     from torch.utils.tensorboard import SummaryWriter
+
     return SummaryWriter(str(run_dir / "tensorboard"), purge_step=resumed_step + 1 if resumed_step else None)
 
 

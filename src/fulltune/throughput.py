@@ -28,32 +28,38 @@ import torch
 
 from fulltune import distributed as D
 
-GB = 1024 ** 3
+GB = 1024**3
 
 
 @dataclass(frozen=True)
 class FlopModel:
-    body_params: int      # N_body: every weight matrix except the embedding and the LM head
-    hidden: int           # d
-    vocab: int            # V
-    layers: int           # L
-    attn_width: int       # heads × head_dim
+    body_params: int  # N_body: every weight matrix except the embedding and the LM head
+    hidden: int  # d
+    vocab: int  # V
+    layers: int  # L
+    attn_width: int  # heads × head_dim
     head_on_targets: bool  # the LM head runs on target positions only
 
     def step_flops(self, lengths: list[int], targets: int) -> float:
         tokens = sum(lengths)
         head_rows = targets if self.head_on_targets else tokens
-        return (6.0 * self.body_params * tokens + 6.0 * self.hidden * self.vocab * head_rows
-                + 12.0 * self.layers * self.attn_width * sum(s * s for s in lengths))
+        return (
+            6.0 * self.body_params * tokens
+            + 6.0 * self.hidden * self.vocab * head_rows
+            + 12.0 * self.layers * self.attn_width * sum(s * s for s in lengths)
+        )
 
 
 def flop_model(model) -> FlopModel:
     from fulltune.loss import _plain_head
+
     cfg = model.config
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
     skip = {id(embed), id(head)}
-    body = sum(p.numel() for p in model.parameters() if id(p) not in skip and p.ndim >= 2)  # matmul weights (norms: no matmul)
+    body = sum(
+        p.numel() for p in model.parameters() if id(p) not in skip and p.ndim >= 2
+    )  # matmul weights (norms: no matmul)
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     return FlopModel(body, cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers, heads * head_dim, _plain_head(model))
@@ -68,8 +74,9 @@ def compute_dtype(precision: str) -> torch.dtype:
     return torch.float32 if precision == "fp32" else torch.bfloat16
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, rows: int, hidden: int, inner: int,
-                seconds: float = 1.0) -> float:
+def matmul_peak(
+    device: torch.device, dtype: torch.dtype, rows: int, hidden: int, inner: int, seconds: float = 1.0
+) -> float:
     """FLOP/s of the best timed (rows × hidden) @ (hidden × inner) matmul, repeated for ~`seconds`."""
     g = torch.Generator(device).manual_seed(0)  # its own generator: the run's RNG stream is not touched
     a = torch.randn(rows, hidden, device=device, dtype=dtype, generator=g)
@@ -120,6 +127,9 @@ def run_peak(cfg, model, precision: str, device: torch.device) -> float:
     rows = min(cfg.train.micro_batch_size * cfg.data.max_seq_len, 4096)
     hidden, inner = model.config.hidden_size, getattr(model.config, "intermediate_size", 4 * model.config.hidden_size)
     peak = D.all_sum([matmul_peak(device, dtype, rows, hidden, inner, cfg.train.peak_probe_s)])[0]
-    print(f"[train] matmul peak {peak / 1e12:.3f} TFLOP/s ({str(dtype).removeprefix('torch.')}, {rows}×{hidden} @ "
-          f"{hidden}×{inner}{f', {D.world_size()} ranks' if D.sharded() else ''}): the denominator of MFU", flush=True)
+    print(
+        f"[train] matmul peak {peak / 1e12:.3f} TFLOP/s ({str(dtype).removeprefix('torch.')}, {rows}×{hidden} @ "
+        f"{hidden}×{inner}{f', {D.world_size()} ranks' if D.sharded() else ''}): the denominator of MFU",
+        flush=True,
+    )
     return peak

@@ -47,9 +47,16 @@ from fulltune.stop import StopRequest
 from fulltune.throughput import memory_gb, peak_memory_gb, sequence_lengths
 
 
-def train_step(model, optimizer, micro_batches: list[dict], autocast, grad_clip: float,
-               anchor: Anchor | None = None, n_targets: int | None = None, memory: RunMemory | None = None
-               ) -> tuple[float, float]:
+def train_step(
+    model,
+    optimizer,
+    micro_batches: list[dict],
+    autocast,
+    grad_clip: float,
+    anchor: Anchor | None = None,
+    n_targets: int | None = None,
+    memory: RunMemory | None = None,
+) -> tuple[float, float]:
     """One optimiser step over micro-batches; returns (mean token loss, grad norm before clipping).
 
     `n_targets`: the step's target tokens over every rank (default: counted here and summed). FSDP
@@ -72,8 +79,14 @@ def train_step(model, optimizer, micro_batches: list[dict], autocast, grad_clip:
     else:
         if anchor is not None:
             anchor.last_penalty = anchor.add_penalty_grad()
-        norm = float(D.full_value(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))))
-        applied = math.isfinite(total) and math.isfinite(norm)  # a non-finite step never reaches the weights (health.py)
+        norm = float(
+            D.full_value(
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+            )
+        )
+        applied = math.isfinite(total) and math.isfinite(
+            norm
+        )  # a non-finite step never reaches the weights (health.py)
         if applied:
             if anchor is not None:
                 anchor.decay_toward_theta0(optimizer)
@@ -114,7 +127,9 @@ def _collate_or_null(run: Run, examples: list, fallback) -> dict:
 def _my_batches(run: Run, indices: list[list[int]]) -> list[dict]:
     """This rank's micro-batches of the step (all of them on one device)."""
     first = run.examples(indices[0][:1])[0]
-    return [_collate_or_null(run, run.examples(idx), first) for idx in D.my_share(indices, run.cfg.train.micro_batch_size)]
+    return [
+        _collate_or_null(run, run.examples(idx), first) for idx in D.my_share(indices, run.cfg.train.micro_batch_size)
+    ]
 
 
 def _log(run: Run, record: dict) -> None:
@@ -126,21 +141,25 @@ def _log(run: Run, record: dict) -> None:
             fh.write(json.dumps(finite) + "\n")  # strict JSON: NaN and inf as null
         tblog.write(run.tensorboard, record)
     except OSError as exc:
-        raise UserError(write_failure(exc, run.run_dir / "metrics.jsonl", 1 << 20) or
-                        f"{run.run_dir / 'metrics.jsonl'}: cannot write ({exc})") from None
+        raise UserError(
+            write_failure(exc, run.run_dir / "metrics.jsonl", 1 << 20)
+            or f"{run.run_dir / 'metrics.jsonl'}: cannot write ({exc})"
+        ) from None
 
 
 def _save(run: Run) -> Path:
     run.state["sampler"] = run.sampler.state_dict()
-    return checkpoint.save_checkpoint(run.run_dir, run.state["step"], run.model, run.optimizer,
-                                      run.state, run.cfg.train.keep_checkpoints)
+    return checkpoint.save_checkpoint(
+        run.run_dir, run.state["step"], run.model, run.optimizer, run.state, run.cfg.train.keep_checkpoints
+    )
 
 
 def loop(run: Run, stop: StopRequest) -> None:
     """Every optimiser step, top to bottom: rates, micro-batches, update, then the step's bookkeeping."""
     cfg = run.cfg.train
-    bar = tqdm(total=run.total_steps, initial=run.state["step"], desc="train", disable=not cfg.progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=run.total_steps, initial=run.state["step"], desc="train", disable=not cfg.progress, dynamic_ncols=True
+    )
     while run.state["step"] < run.total_steps:
         for group in run.optimizer.param_groups:
             set_lr(group, group["initial_lr"] * run.lr_multiplier(run.state["step"]))
@@ -149,21 +168,37 @@ def loop(run: Run, stop: StopRequest) -> None:
         flat = [i for idx in indices for i in idx]
         t0 = time.perf_counter()
         with run.memory.step(batches):
-            loss, norm = train_step(run.model, run.optimizer, batches, run.autocast, run.cfg.optim.grad_clip,
-                                    run.anchor, _targets(run.examples(flat)), run.memory)
+            loss, norm = train_step(
+                run.model,
+                run.optimizer,
+                batches,
+                run.autocast,
+                run.cfg.optim.grad_clip,
+                run.anchor,
+                _targets(run.examples(flat)),
+                run.memory,
+            )
         dt = time.perf_counter() - t0
         (padded,) = D.all_sum([sum(b["input_ids"].numel() for b in batches)])  # null micro-batches count too
         rec = _record(run, flat, loss, norm, dt, padded)
-        warning = health.check_step(run.state, loss, norm, cfg.max_bad_steps, cfg.optimizer_in_backward,
-                                    lambda: (checkpoint.list_checkpoints(run.run_dir) or [None])[-1])
+        warning = health.check_step(
+            run.state,
+            loss,
+            norm,
+            cfg.max_bad_steps,
+            cfg.optimizer_in_backward,
+            lambda: (checkpoint.list_checkpoints(run.run_dir) or [None])[-1],
+        )
         if warning:
             tqdm.write(f"[train] warning: {warning}")
         saved = _after_step(run, rec, bar)
         if D.any_rank(stop.requested) and run.state["step"] < run.total_steps:  # every rank stops together
             bar.close()
             path = saved or _save(run)
-            raise Interrupted(f"stopped at step {run.state['step']}; checkpoint {path}; "
-                              "continue with train.resume=auto", stop.exit_code)
+            raise Interrupted(
+                f"stopped at step {run.state['step']}; checkpoint {path}; continue with train.resume=auto",
+                stop.exit_code,
+            )
     bar.close()
 
 
@@ -176,14 +211,30 @@ def _record(run: Run, flat: list[int], loss: float, norm: float, dt: float, padd
     its micro-batches computed over every rank); its metrics.jsonl record, throughput included."""
     s, every = run.state, run.examples(flat)
     tokens, targets = sum(len(e.input_ids) for e in every), _targets(every)
-    s["step"], s["tokens_seen"], s["target_tokens_seen"] = s["step"] + 1, s["tokens_seen"] + tokens, s["target_tokens_seen"] + targets
+    s["step"], s["tokens_seen"], s["target_tokens_seen"] = (
+        s["step"] + 1,
+        s["tokens_seen"] + tokens,
+        s["target_tokens_seen"] + targets,
+    )
     s["elapsed_s"] += dt
-    rec = {"step": s["step"], "epoch": run.sampler.epoch, "loss": loss, "lr": lrs_by_name(run.optimizer),
-           "grad_norm": norm, "tokens_seen": s["tokens_seen"], "target_tokens_seen": s["target_tokens_seen"],
-           "tokens_per_s": tokens / dt, "elapsed_s": s["elapsed_s"]}
+    rec = {
+        "step": s["step"],
+        "epoch": run.sampler.epoch,
+        "loss": loss,
+        "lr": lrs_by_name(run.optimizer),
+        "grad_norm": norm,
+        "tokens_seen": s["tokens_seen"],
+        "target_tokens_seen": s["target_tokens_seen"],
+        "tokens_per_s": tokens / dt,
+        "elapsed_s": s["elapsed_s"],
+    }
     flops = run.flops.step_flops(sequence_lengths(every), targets)
-    rec.update(padding_fraction=1 - tokens / padded, flops_per_s=flops / dt, memory_gb=memory_gb(run.device),
-               peak_memory_gb=peak_memory_gb(run.device))
+    rec.update(
+        padding_fraction=1 - tokens / padded,
+        flops_per_s=flops / dt,
+        memory_gb=memory_gb(run.device),
+        peak_memory_gb=peak_memory_gb(run.device),
+    )
     if run.peak_flops:
         rec["mfu"] = flops / dt / run.peak_flops
     if isinstance(run.sampler, MixedSampler):
@@ -214,8 +265,13 @@ def _after_step(run: Run, rec: dict, bar) -> Path | None:
     if step % cfg.log_interval == 0 or "val_loss" in rec or "probes" in rec or step == run.total_steps:
         _log(run, rec)
     top_lr = max(rec["lr"].values())
-    shown = dict(loss=f"{rec['loss']:.4f}", lr=f"{top_lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}",
-                 pad=f"{100 * rec['padding_fraction']:.0f}%", mem=f"{rec['memory_gb']:.1f}/{rec['peak_memory_gb']:.1f}G")
+    shown = dict(
+        loss=f"{rec['loss']:.4f}",
+        lr=f"{top_lr:.2e}",
+        tok_s=f"{rec['tokens_per_s']:.0f}",
+        pad=f"{100 * rec['padding_fraction']:.0f}%",
+        mem=f"{rec['memory_gb']:.1f}/{rec['peak_memory_gb']:.1f}G",
+    )
     if "mfu" in rec:
         shown["mfu"] = f"{100 * rec['mfu']:.0f}%"
     bar.set_postfix(shown, refresh=False)
@@ -241,19 +297,29 @@ def finish(run: Run) -> dict:
         budget.finish(run, results)
     if isinstance(run.sampler, MixedSampler):
         st = run.state
-        results["mixing"] = {"task_sequences": run.sampler.task_seen, "general_sequences": run.sampler.general_seen,
-                             "general_share": run.sampler.general_seen / max(1, run.sampler.task_seen + run.sampler.general_seen),
-                             "general_target_token_share": st.get("general_target_tokens", 0) / max(1, st["target_tokens_seen"])}
-        print(f"[data] mixing: {run.sampler.general_seen} general sequences of "
-              f"{run.sampler.task_seen + run.sampler.general_seen} ({100 * results['mixing']['general_share']:.1f}%), "
-              f"{100 * results['mixing']['general_target_token_share']:.1f}% of the loss tokens", flush=True)
+        results["mixing"] = {
+            "task_sequences": run.sampler.task_seen,
+            "general_sequences": run.sampler.general_seen,
+            "general_share": run.sampler.general_seen / max(1, run.sampler.task_seen + run.sampler.general_seen),
+            "general_target_token_share": st.get("general_target_tokens", 0) / max(1, st["target_tokens_seen"]),
+        }
+        print(
+            f"[data] mixing: {run.sampler.general_seen} general sequences of "
+            f"{run.sampler.task_seen + run.sampler.general_seen} ({100 * results['mixing']['general_share']:.1f}%), "
+            f"{100 * results['mixing']['general_target_token_share']:.1f}% of the loss tokens",
+            flush=True,
+        )
     h = run.state.get("health", {})
     results.update(skipped_steps=h.get("skipped_steps", 0), diverged=h.get("diverged"))
     if results["diverged"]:
         print(f"[train] warning: this run diverged: {health.divergence_line(results['diverged'])}", flush=True)
-    results.update(steps=run.state["step"], tokens_seen=run.state["tokens_seen"],
-                   target_tokens_seen=run.state["target_tokens_seen"], train_time_s=run.state["elapsed_s"],
-                   data=run.data.stats)
+    results.update(
+        steps=run.state["step"],
+        tokens_seen=run.state["tokens_seen"],
+        target_tokens_seen=run.state["target_tokens_seen"],
+        train_time_s=run.state["elapsed_s"],
+        data=run.data.stats,
+    )
     if run.tensorboard is not None:
         run.tensorboard.close()
     if D.is_main():
@@ -278,16 +344,29 @@ def run_training(cfg: RunConfig) -> Run:
         try:
             loop(run, stop)
         except (torch.OutOfMemoryError, MemoryError):
-            raise OutOfMemory(out_of_memory_line(run.model, cfg, run.precision, run.device, run.state["step"] + 1,
-                                                 (checkpoint.list_checkpoints(run.run_dir) or [None])[-1])) from None
+            raise OutOfMemory(
+                out_of_memory_line(
+                    run.model,
+                    cfg,
+                    run.precision,
+                    run.device,
+                    run.state["step"] + 1,
+                    (checkpoint.list_checkpoints(run.run_dir) or [None])[-1],
+                )
+            ) from None
         run.memory.close()
         saved = _save(run)  # the trained weights, before the final evaluation
         stop.defer = False
         if D.any_rank(stop.requested):
-            raise Interrupted(f"stopped after the last step ({run.state['step']}); checkpoint {saved}; "
-                              "continue with train.resume=auto", stop.exit_code)
+            raise Interrupted(
+                f"stopped after the last step ({run.state['step']}); checkpoint {saved}; "
+                "continue with train.resume=auto",
+                stop.exit_code,
+            )
         finish(run)
-    print(f"[train] done: {run.state['step']} steps in {time.perf_counter() - started:.0f} s → {run.run_dir}", flush=True)
+    print(
+        f"[train] done: {run.state['step']} steps in {time.perf_counter() - started:.0f} s → {run.run_dir}", flush=True
+    )
     if D.is_main():
         report.at_end_of_run(run.run_dir, run.state["results"], run.cfg.train.report)
     return run

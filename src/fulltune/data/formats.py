@@ -37,22 +37,28 @@ class EncodeStats:
     longest: int = 0
 
     def line(self) -> str:
-        return (f"{self.kept}/{self.records} sequences kept, {self.tokens:,} tokens ({self.target_tokens:,} with loss), "
-                f"longest {self.longest}; truncated {self.truncated}, dropped {self.dropped_overlong} overlong, "
-                f"{self.dropped_no_target} with no target tokens")
+        return (
+            f"{self.kept}/{self.records} sequences kept, {self.tokens:,} tokens ({self.target_tokens:,} with loss), "
+            f"longest {self.longest}; truncated {self.truncated}, dropped {self.dropped_overlong} overlong, "
+            f"{self.dropped_no_target} with no target tokens"
+        )
 
 
 def detect_format(columns: list[str], requested: str, source: str) -> str:
     if requested != "auto":
         missing = [c for c in FORMAT_COLUMNS[requested] if c not in columns]
         if missing:
-            raise UserError(f"{source}: format {requested} needs column(s) {', '.join(missing)}; found {', '.join(columns)}")
+            raise UserError(
+                f"{source}: format {requested} needs column(s) {', '.join(missing)}; found {', '.join(columns)}"
+            )
         return requested
     for name, needed in FORMAT_COLUMNS.items():
         if all(c in columns for c in needed):
             return name
-    raise UserError(f"{source}: cannot tell the format from columns {', '.join(columns)} "
-                    "(expected messages, prompt+completion, or text)")
+    raise UserError(
+        f"{source}: cannot tell the format from columns {', '.join(columns)} "
+        "(expected messages, prompt+completion, or text)"
+    )
 
 
 def _tokens(tokenizer, text: str, special: bool) -> list[int]:
@@ -82,9 +88,12 @@ def encode_messages(tokenizer, messages: list[dict], loss_on: str, where: str = 
     except UserError:
         raise
     except Exception as exc:  # the template itself may refuse a conversation (jinja2 raise_exception)
-        hint = ("; this template has no system turn: put the system text at the start of the first user message "
-                "(Gemma-3's template does just that)" if messages[0]["role"] == "system" and "system" in str(exc).lower()
-                else "")
+        hint = (
+            "; this template has no system turn: put the system text at the start of the first user message "
+            "(Gemma-3's template does just that)"
+            if messages[0]["role"] == "system" and "system" in str(exc).lower()
+            else ""
+        )
         raise UserError(f"{where}: the chat template rejected this conversation: {exc}{hint}") from None
 
 
@@ -113,8 +122,11 @@ def _assistant_turns(tokenizer, messages: list[dict]):
     """(message, tokens of the conversation up to it with the generation prompt, tokens including it)."""
     for i, msg in enumerate(messages):
         if msg["role"] == "assistant":
-            yield (msg, _tokens(tokenizer, _render(tokenizer, messages[:i], True), False),
-                   _tokens(tokenizer, _render(tokenizer, messages[: i + 1], False), False))
+            yield (
+                msg,
+                _tokens(tokenizer, _render(tokenizer, messages[:i], True), False),
+                _tokens(tokenizer, _render(tokenizer, messages[: i + 1], False), False),
+            )
 
 
 def _spans_in_whole(tokenizer, messages: list[dict], whole: str, ids: list[int], where: str) -> list[tuple[int, int]]:
@@ -128,13 +140,13 @@ def _spans_in_whole(tokenizer, messages: list[dict], whole: str, ids: list[int],
     for msg, prompt, turn in _assistant_turns(tokenizer, messages):
         if ids[: len(prompt)] != prompt or turn[: len(prompt)] != prompt:
             raise UserError(_not_a_prefix(messages, whole, where))
-        start, turn = len(prompt), "".join(map(chr, turn[len(prompt):]))
+        start, turn = len(prompt), "".join(map(chr, turn[len(prompt) :]))
         lo, hi = 0, min(len(turn), len(ids) - start)  # the longest run of `ids` from start found in `turn`
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if as_text[start: start + mid] in turn else (lo, mid - 1)
+            lo, hi = (mid, hi) if as_text[start : start + mid] in turn else (lo, mid - 1)
         answer = msg["content"].split("</think>")[-1].strip()
-        if answer not in tokenizer.decode(ids[start: start + lo], clean_up_tokenization_spaces=False):
+        if answer not in tokenizer.decode(ids[start : start + lo], clean_up_tokenization_spaces=False):
             raise UserError(_not_a_prefix(messages, whole, where))
         spans.append((start, start + lo))
     return spans
@@ -142,11 +154,15 @@ def _spans_in_whole(tokenizer, messages: list[dict], whole: str, ids: list[int],
 
 def _not_a_prefix(messages: list[dict], whole: str, where: str) -> str:
     if messages[0]["role"] == "system" and messages[0]["content"].strip() not in whole:
-        return (f"{where}: the chat template leaves the system message out of the whole conversation (Mistral's "
-                "v0.3 template shows it only with a final user turn), so it would not be trained on; put the system "
-                "text at the start of the first user message")
-    return (f"{where}: the chat template does not render conversations as a prefix of their continuation (cannot "
-            "locate assistant tokens); use prompt+completion data")
+        return (
+            f"{where}: the chat template leaves the system message out of the whole conversation (Mistral's "
+            "v0.3 template shows it only with a final user turn), so it would not be trained on; put the system "
+            "text at the start of the first user message"
+        )
+    return (
+        f"{where}: the chat template does not render conversations as a prefix of their continuation (cannot "
+        "locate assistant tokens); use prompt+completion data"
+    )
 
 
 def _check_messages(messages, where: str) -> None:
@@ -212,9 +228,14 @@ def encode_dataset(ds, tokenizer, cfg: DataConfig, source: str) -> tuple[list[Ex
         stats.longest = max(stats.longest, len(ex.input_ids))
     stats.kept = len(examples)
     if empty:
-        shown = ", ".join(row_location(source, i) for i in empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
-        print(f"[data] warning: {len(empty)} record{'s' * (len(empty) > 1)} with an empty answer ({shown}): they train "
-              "the model to answer nothing (a CSV row with a missing column reads as empty)", flush=True)
+        shown = ", ".join(row_location(source, i) for i in empty[:3]) + (
+            f" and {len(empty) - 3} more" if len(empty) > 3 else ""
+        )
+        print(
+            f"[data] warning: {len(empty)} record{'s' * (len(empty) > 1)} with an empty answer ({shown}): they train "
+            "the model to answer nothing (a CSV row with a missing column reads as empty)",
+            flush=True,
+        )
     if not examples:
         raise UserError(f"{source}: no usable sequences ({stats.line()})")
     return examples, stats

@@ -24,6 +24,7 @@ class StepSampler:
     steps' sequences are sorted by length and cut into micro-batches, whose order within the pool is
     shuffled again, so a micro-batch holds similar lengths (little padding) and the order stays seeded.
     """
+
     POOL_STEPS = 16
 
     def __init__(self, n_examples: int, micro_batch: int, grad_accum: int, seed: int, lengths: list[int] | None = None):
@@ -49,29 +50,39 @@ class StepSampler:
         pool = self.micro_batch * self.grad_accum * self.POOL_STEPS
         out: list[int] = []
         for start in range(0, len(perm), pool):
-            members = sorted(perm[start: start + pool], key=lambda i: -self.lengths[i])
-            batches = [members[i: i + self.micro_batch] for i in range(0, len(members), self.micro_batch)]
+            members = sorted(perm[start : start + pool], key=lambda i: -self.lengths[i])
+            batches = [members[i : i + self.micro_batch] for i in range(0, len(members), self.micro_batch)]
             out += [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]]
         return out
 
     def next_step(self) -> list[list[int]]:
         if self.pos >= self.n:
             self.epoch, self.pos = self.epoch + 1, 0
-        chunk = self._permutation()[self.pos: self.pos + self.micro_batch * self.grad_accum]
+        chunk = self._permutation()[self.pos : self.pos + self.micro_batch * self.grad_accum]
         self.pos += len(chunk)
-        return [chunk[i: i + self.micro_batch] for i in range(0, len(chunk), self.micro_batch)]
+        return [chunk[i : i + self.micro_batch] for i in range(0, len(chunk), self.micro_batch)]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "n": self.n, "seed": self.seed,
-                "micro_batch": self.micro_batch, "grad_accum": self.grad_accum, "grouped": self.lengths is not None}
+        return {
+            "epoch": self.epoch,
+            "pos": self.pos,
+            "n": self.n,
+            "seed": self.seed,
+            "micro_batch": self.micro_batch,
+            "grad_accum": self.grad_accum,
+            "grouped": self.lengths is not None,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
         state = {"grouped": False, **state}  # checkpoints from before group_by_length
         changed = [k for k in ("n", "seed", "micro_batch", "grad_accum", "grouped") if state[k] != mine[k]]
         if changed:
-            raise UserError("cannot resume: the data order changed since the checkpoint ("
-                            + ", ".join(f"{k} {state[k]} → {mine[k]}" for k in changed) + ")")
+            raise UserError(
+                "cannot resume: the data order changed since the checkpoint ("
+                + ", ".join(f"{k} {state[k]} → {mine[k]}" for k in changed)
+                + ")"
+            )
         self.epoch, self.pos = state["epoch"], state["pos"]
 
 
@@ -94,6 +105,7 @@ def collate(examples: list[Example], pad_id: int, device: torch.device | str = "
     labels[:, 0] = IGNORE  # nothing predicts the first token
     if any(e.lengths for e in examples):
         from fulltune.data.packing import position_ids
+
         positions = torch.tensor([position_ids(e.lengths or (len(e.input_ids),), longest) for e in examples])
         return {"input_ids": ids.to(device), "position_ids": positions.to(device), "labels": labels.to(device)}
     return {"input_ids": ids.to(device), "attention_mask": attention.to(device), "labels": labels.to(device)}

@@ -54,8 +54,13 @@ class MixedSampler:
         return out
 
     def state_dict(self) -> dict:
-        return {"task": self.task.state_dict(), "general": self.general.state_dict(), "ratio": self.ratio,
-                "task_seen": self.task_seen, "general_seen": self.general_seen}
+        return {
+            "task": self.task.state_dict(),
+            "general": self.general.state_dict(),
+            "ratio": self.ratio,
+            "task_seen": self.task_seen,
+            "general_seen": self.general_seen,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if "general" not in state:

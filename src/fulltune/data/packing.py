@@ -84,7 +84,9 @@ def check_isolation(model, device, vocab: int) -> float:
     tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
     if not gap <= tolerance * scale:  # NaN fails too
         attn = getattr(model.config, "_attn_implementation", "?")
-        raise UserError(f"data.packing: {type(model).__name__} with attention '{attn}' does not keep packed sequences "
-                        f"apart (a packed sequence's logits moved by {gap:.3g}, {gap / scale:.1%} of their scale, when "
-                        "another was packed before it); set data.packing=false")
+        raise UserError(
+            f"data.packing: {type(model).__name__} with attention '{attn}' does not keep packed sequences "
+            f"apart (a packed sequence's logits moved by {gap:.3g}, {gap / scale:.1%} of their scale, when "
+            "another was packed before it); set data.packing=false"
+        )
     return gap

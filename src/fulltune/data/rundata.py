@@ -21,7 +21,7 @@ from fulltune.evals.forgetting import ProbeSet
 class TaskData:
     train: list[Example]
     val: list[Example]
-    task: object | None   # datasets.Dataset of records scored for task accuracy
+    task: object | None  # datasets.Dataset of records scored for task accuracy
     task_source: str
     stats: dict
     probes: ProbeSet | None = None
@@ -32,8 +32,10 @@ def read_sources(cfg: RunConfig) -> dict[str, tuple[str, object]]:
     """Every data file the run needs, read and checked before the model is loaded."""
     named = {"train": cfg.data.train, "validation": cfg.data.validation, "task": cfg.eval.task_file}
     named.update({f"general:{i}": spec for i, spec in enumerate(cfg.data.general)})
-    return {role: (path, load_records(path)) for role, path in
-            ((role, resolve_data_path(spec)) for role, spec in named.items() if spec)}
+    return {
+        role: (path, load_records(path))
+        for role, path in ((role, resolve_data_path(spec)) for role, spec in named.items() if spec)
+    }
 
 
 def load_task_data(cfg: RunConfig, tokenizer, sources: dict) -> TaskData:
@@ -53,19 +55,24 @@ def load_task_data(cfg: RunConfig, tokenizer, sources: dict) -> TaskData:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.train.seed)).tolist()
         n_val = max(1, round(d.val_fraction * len(train)))
         if n_val >= len(train):
-            raise UserError(f"{train_path}: data.val_fraction={d.val_fraction} leaves no training sequences "
-                            f"({len(train)} usable)")
+            raise UserError(
+                f"{train_path}: data.val_fraction={d.val_fraction} leaves no training sequences ({len(train)} usable)"
+            )
         val = [train[i] for i in sorted(order[:n_val])]
         train = [train[i] for i in sorted(order[n_val:])]
         print(f"[data] held out {len(val)} of the training sequences for validation", flush=True)
     stats["n_train"], stats["n_val"] = len(train), len(val)
     if d.packing:
         from fulltune.data.packing import fill, pack
+
         sequences = len(train)
         train = pack(train, d.max_seq_len, cfg.train.seed)
         stats["packing"] = {"sequences": sequences, "rows": len(train), "fill": fill(train, d.max_seq_len)}
-        print(f"[data] packed {sequences} training sequences into {len(train)} rows of ≤ {d.max_seq_len} tokens "
-              f"({100 * stats['packing']['fill']:.1f}% filled)", flush=True)
+        print(
+            f"[data] packed {sequences} training sequences into {len(train)} rows of ≤ {d.max_seq_len} tokens "
+            f"({100 * stats['packing']['fill']:.1f}% filled)",
+            flush=True,
+        )
     task_source, task = sources.get("task", ("", None))
     if task is not None:
         gold_labels(task, task_source, list(cfg.eval.labels))  # a bad task file fails before training starts

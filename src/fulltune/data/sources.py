@@ -7,8 +7,7 @@ from pathlib import Path
 
 from fulltune.errors import UserError
 
-SUFFIX_BUILDER = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet",
-                  ".arrow": "arrow"}
+SUFFIX_BUILDER = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 
 
 def iter_jsonl(path: Path):
@@ -63,6 +62,7 @@ def _csv_as_strings(path: Path) -> dict:
     import csv
 
     from datasets import Features, Value
+
     with open(path, newline="", encoding="utf-8") as fh:
         header = next(csv.reader(fh), [])
     return {"features": Features({name: Value("string") for name in header}), "keep_default_na": False}
@@ -71,6 +71,7 @@ def _csv_as_strings(path: Path) -> dict:
 def _quietly(read):
     """read() with datasets' own error log off: a parser error is reported once, as our one line."""
     from datasets.utils import logging as ds_logging
+
     level = ds_logging.get_verbosity()
     ds_logging.set_verbosity(ds_logging.CRITICAL)
     try:

@@ -33,14 +33,19 @@ def within(budget: dict, lost: dict) -> bool:
 
 def better(entry: dict, best: dict | None) -> bool:
     """Inside the budget and a higher task score; on a tie, the one that lost less on its worst probe."""
+
     def key(e):
         return e["task_accuracy"], -max(e["losses"].values(), default=0.0)
+
     return entry["in_budget"] and (best is None or key(entry) > key(best))
 
 
 def _describe(entry: dict, budget: dict) -> str:
-    parts = [f"{name} {entry['losses'][name]:+.1f} (limit {limit:g})" for name, limit in budget.items()
-             if name in entry["losses"]]
+    parts = [
+        f"{name} {entry['losses'][name]:+.1f} (limit {limit:g})"
+        for name, limit in budget.items()
+        if name in entry["losses"]
+    ]
     return f"task {100 * entry['task_accuracy']:.1f}%; lost, in points or % NLL: " + ", ".join(parts)
 
 
@@ -49,15 +54,22 @@ def check_step(run, step: int, probes_now: dict, export) -> dict:
     so far — the model exported to RUN/best-in-budget/ with `export(model, tokenizer, dest)`."""
     budget = run.cfg.eval.forgetting_budget
     lost = losses(run.state["results"].get("probes_theta0", {}), probes_now)
-    entry = {"step": step, "task_accuracy": task_accuracy(run, f"step {step}")["accuracy"], "losses": lost,
-             "in_budget": within(budget, lost)}
+    entry = {
+        "step": step,
+        "task_accuracy": task_accuracy(run, f"step {step}")["accuracy"],
+        "losses": lost,
+        "in_budget": within(budget, lost),
+    }
     state = run.state.setdefault("budget", {"checked": [], "best": None})
     state["checked"].append(entry)
     best = state["best"]
     if better(entry, best):
         state["best"] = dict(entry, path=str(export(run.model, run.tokenizer, run.run_dir / BEST)))
-        print(f"[budget] step {step} is the best inside the budget so far ({_describe(entry, budget)}): "
-              f"{state['best']['path']}", flush=True)
+        print(
+            f"[budget] step {step} is the best inside the budget so far ({_describe(entry, budget)}): "
+            f"{state['best']['path']}",
+            flush=True,
+        )
     elif not entry["in_budget"]:
         print(f"[budget] step {step} is outside the budget ({_describe(entry, budget)})", flush=True)
     return {"task_accuracy": entry["task_accuracy"], "in_budget": entry["in_budget"]}
@@ -70,15 +82,22 @@ def finish(run, results: dict) -> None:
         return
     now = {n: headline(s)[1] for n, s in results["probes_final"].items() if not n.startswith("_")}
     lost = losses(results.get("probes_theta0", {}), now)
-    final = {"step": run.state["step"], "task_accuracy": results["task_accuracy_final"]["accuracy"], "losses": lost,
-             "in_budget": within(budget, lost), "path": str(run.run_dir / "final")}
+    final = {
+        "step": run.state["step"],
+        "task_accuracy": results["task_accuracy_final"]["accuracy"],
+        "losses": lost,
+        "in_budget": within(budget, lost),
+        "path": str(run.run_dir / "final"),
+    }
     state = run.state.setdefault("budget", {"checked": [], "best": None})
     checked, best = state["checked"] + [final], state["best"]
     if better(final, best):
         best = final
     results["budget"] = {"limits": dict(budget), "best": best, "checked": checked}
     if best is None:
-        print(f"[budget] no checked step stays inside the budget (θ*: {_describe(final, budget)}); only θ0 does",
-              flush=True)
+        print(
+            f"[budget] no checked step stays inside the budget (θ*: {_describe(final, budget)}); only θ0 does",
+            flush=True,
+        )
     else:
         print(f"[budget] kept: step {best['step']} ({_describe(best, budget)}) → {best['path']}", flush=True)

@@ -53,7 +53,7 @@ def score_sequences(model, examples, pad_id: int, batch_size: int, autocast, des
     if len(rows) < len(examples) and not tree_is_exact(model, mask, max(len(r.input_ids) for r in rows)):
         mask, rows = "2d", [tree_row(examples, [i]) for i in range(len(examples))]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
-    batches = [order[start: start + batch_size] for start in range(0, len(order), batch_size)]
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     # Under FSDP2 rank r scores batches r, r+G, ...; a rank with one batch fewer runs a forward it
     # discards (every rank joins every gather). The batches themselves are those of one process.
     g, r = D.world_size(), D.rank()
@@ -100,8 +100,11 @@ def tree_is_exact(model, mask: str, longest: int) -> bool:
     tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
     exact = bool(((tree - alone).abs() <= tolerance * (1 + alone.abs())).all())
     if not exact:
-        print(f"[eval] {type(model).__name__}'s attention does not honour a prefix-tree mask: scoring each "
-              "candidate on its own (slower, same scores)", flush=True)
+        print(
+            f"[eval] {type(model).__name__}'s attention does not honour a prefix-tree mask: scoring each "
+            "candidate on its own (slower, same scores)",
+            flush=True,
+        )
     _TREE_CHECKED[model] = exact
     return exact
 
@@ -126,19 +129,22 @@ def gold_labels(ds, source: str, labels: list[str]) -> tuple[str, list[int]]:
     return fmt, golds
 
 
-def label_accuracy(model, tokenizer, ds, source: str, labels: list[str], batch_size: int, autocast,
-                   desc: str = "") -> dict:
+def label_accuracy(
+    model, tokenizer, ds, source: str, labels: list[str], batch_size: int, autocast, desc: str = ""
+) -> dict:
     """{"accuracy", "correct", "n", "stderr"} over the records of `ds`."""
     fmt, golds = gold_labels(ds, source, labels)
     candidates = []
     for index, record in enumerate(ds):
         for label in labels:
-            candidates.append(encode_record(tokenizer, _with_answer(record, fmt, label), fmt, "completion",
-                                            f"{source} (record {index})"))
+            candidates.append(
+                encode_record(
+                    tokenizer, _with_answer(record, fmt, label), fmt, "completion", f"{source} (record {index})"
+                )
+            )
     scores = score_sequences(model, candidates, tokenizer.pad_token_id, batch_size, autocast, desc)
     k = len(labels)
     preds = [max(range(k), key=lambda j: scores[i * k + j]) for i in range(len(golds))]
     correct = sum(int(p == g) for p, g in zip(preds, golds))
     acc = correct / len(golds)
-    return {"accuracy": acc, "correct": correct, "n": len(golds),
-            "stderr": math.sqrt(acc * (1 - acc) / len(golds))}
+    return {"accuracy": acc, "correct": correct, "n": len(golds), "stderr": math.sqrt(acc * (1 - acc) / len(golds))}

@@ -11,8 +11,11 @@ DEFAULT_PROBES = "arc_easy,piqa,sciq,humaneval,mbpp"
 def add_parser(sub) -> None:
     e = sub.add_parser("eval", help="score general-skill probes on a model, or compare two models")
     e.add_argument("models", nargs="+", metavar="MODEL", help="HF model dir, .gguf or 'default'; two to compare")
-    e.add_argument("--probes", default=DEFAULT_PROBES, help=f"comma-separated (default {DEFAULT_PROBES}); "
-                   "mc:FILE.jsonl / text:FILE.jsonl for your own")
+    e.add_argument(
+        "--probes",
+        default=DEFAULT_PROBES,
+        help=f"comma-separated (default {DEFAULT_PROBES}); mc:FILE.jsonl / text:FILE.jsonl for your own",
+    )
     e.add_argument("--items", type=int, default=50, help="items per multiple-choice probe")
     e.add_argument("--code-items", type=int, default=30, help="items per code / text probe")
     e.add_argument("--batch-size", type=int, default=16)

@@ -10,10 +10,21 @@ from fulltune.evals.forgetting import forgetting_report, headline, render_report
 def task_accuracy(run, tag: str) -> dict:
     """Accuracy of the model as it is now on the task records (printed and returned)."""
     cfg = run.cfg.eval
-    result = label_accuracy(run.model, run.tokenizer, run.data.task, run.data.task_source, list(cfg.labels),
-                            cfg.batch_size, run.autocast, desc=f"task eval {tag}" if run.cfg.train.progress else "")
-    print(f"[eval] {tag} task accuracy {100 * result['accuracy']:.1f}% "
-          f"({result['correct']}/{result['n']}, ±{100 * result['stderr']:.1f} s.e.)", flush=True)
+    result = label_accuracy(
+        run.model,
+        run.tokenizer,
+        run.data.task,
+        run.data.task_source,
+        list(cfg.labels),
+        cfg.batch_size,
+        run.autocast,
+        desc=f"task eval {tag}" if run.cfg.train.progress else "",
+    )
+    print(
+        f"[eval] {tag} task accuracy {100 * result['accuracy']:.1f}% "
+        f"({result['correct']}/{result['n']}, ±{100 * result['stderr']:.1f} s.e.)",
+        flush=True,
+    )
     return result
 
 
@@ -42,7 +53,10 @@ def finish_probes(run, results: dict, log) -> None:
         return
     task = None
     if "task_accuracy_theta0" in results and "task_accuracy_final" in results:
-        task = {"before": results["task_accuracy_theta0"]["accuracy"], "after": results["task_accuracy_final"]["accuracy"]}
+        task = {
+            "before": results["task_accuracy_theta0"]["accuracy"],
+            "after": results["task_accuracy_final"]["accuracy"],
+        }
     results["forgetting"] = forgetting_report(results["probes_theta0"], results["probes_final"], task)
     print(render_report(results["forgetting"]), flush=True)
 
@@ -52,6 +66,9 @@ def report_task(results: dict) -> None:
         print("[eval] no θ0 task accuracy for this run (task eval was off when it started)", flush=True)
         return
     before, after = results["task_accuracy_theta0"], results["task_accuracy_final"]
-    print(f"[eval] task accuracy: θ0 {100 * before['accuracy']:.1f}% → fine-tuned {100 * after['accuracy']:.1f}% "
-          f"({100 * (after['accuracy'] - before['accuracy']):+.1f} points, n={after['n']}, "
-          f"±{100 * after['stderr']:.1f} s.e.)", flush=True)
+    print(
+        f"[eval] task accuracy: θ0 {100 * before['accuracy']:.1f}% → fine-tuned {100 * after['accuracy']:.1f}% "
+        f"({100 * (after['accuracy'] - before['accuracy']):+.1f} points, n={after['n']}, "
+        f"±{100 * after['stderr']:.1f} s.e.)",
+        flush=True,
+    )

@@ -25,8 +25,9 @@ class ProbeSet:
         start = time.perf_counter()
         for probe in self.probes:
             examples = self.examples[probe.name]
-            scores = score_sequences(model, examples, self.pad_id, batch_size, autocast,
-                                     desc=f"probe {probe.name}" if progress else "")
+            scores = score_sequences(
+                model, examples, self.pad_id, batch_size, autocast, desc=f"probe {probe.name}" if progress else ""
+            )
             out[probe.name] = summarise(probe, examples, scores)
         out["_seconds"] = time.perf_counter() - start
         return out
@@ -53,15 +54,27 @@ def forgetting_report(before: dict, after: dict, task: dict | None = None) -> di
             continue
         a = after[name]
         if b["kind"] == "mc":
-            rows[name] = {"metric": "acc", "before": b["acc"], "after": a["acc"], "change": a["acc"] - b["acc"],
-                          "retention": a["acc"] / b["acc"] if b["acc"] else None,
-                          "stderr_before": b["acc_stderr"], "stderr_after": a["acc_stderr"], "n": b["n"]}
+            rows[name] = {
+                "metric": "acc",
+                "before": b["acc"],
+                "after": a["acc"],
+                "change": a["acc"] - b["acc"],
+                "retention": a["acc"] / b["acc"] if b["acc"] else None,
+                "stderr_before": b["acc_stderr"],
+                "stderr_after": a["acc_stderr"],
+                "n": b["n"],
+            }
         else:
-            rows[name] = {"metric": "nll_per_token", "before": b["nll_per_token"], "after": a["nll_per_token"],
-                          "change": a["nll_per_token"] - b["nll_per_token"],
-                          "relative_change": a["nll_per_token"] / b["nll_per_token"] - 1,
-                          "bits_per_byte_before": b["bits_per_byte"], "bits_per_byte_after": a["bits_per_byte"],
-                          "n": b["n"]}
+            rows[name] = {
+                "metric": "nll_per_token",
+                "before": b["nll_per_token"],
+                "after": a["nll_per_token"],
+                "change": a["nll_per_token"] - b["nll_per_token"],
+                "relative_change": a["nll_per_token"] / b["nll_per_token"] - 1,
+                "bits_per_byte_before": b["bits_per_byte"],
+                "bits_per_byte_after": a["bits_per_byte"],
+                "n": b["n"],
+            }
     report = {"probes": rows}
     if task:
         report["task"] = task
@@ -73,14 +86,20 @@ def render_report(report: dict) -> str:
     for name, r in report["probes"].items():
         if r["metric"] == "acc":
             retention = "n/a" if r["retention"] is None else f"{r['retention']:.3f}"
-            lines.append(f"  {name:<12} acc {100 * r['before']:5.1f}% → {100 * r['after']:5.1f}% "
-                         f"({100 * r['change']:+.1f} points, retention {retention}, "
-                         f"s.e. ±{100 * r['stderr_after']:.1f}, n={r['n']})")
+            lines.append(
+                f"  {name:<12} acc {100 * r['before']:5.1f}% → {100 * r['after']:5.1f}% "
+                f"({100 * r['change']:+.1f} points, retention {retention}, "
+                f"s.e. ±{100 * r['stderr_after']:.1f}, n={r['n']})"
+            )
         else:
-            lines.append(f"  {name:<12} NLL/token {r['before']:.3f} → {r['after']:.3f} ({100 * r['relative_change']:+.1f}%), "
-                         f"bits/byte {r['bits_per_byte_before']:.3f} → {r['bits_per_byte_after']:.3f}, n={r['n']}")
+            lines.append(
+                f"  {name:<12} NLL/token {r['before']:.3f} → {r['after']:.3f} ({100 * r['relative_change']:+.1f}%), "
+                f"bits/byte {r['bits_per_byte_before']:.3f} → {r['bits_per_byte_after']:.3f}, n={r['n']}"
+            )
     if "task" in report:
         t = report["task"]
-        lines.append(f"  {'task':<12} acc {100 * t['before']:5.1f}% → {100 * t['after']:5.1f}% "
-                     f"({100 * (t['after'] - t['before']):+.1f} points): what was learned")
+        lines.append(
+            f"  {'task':<12} acc {100 * t['before']:5.1f}% → {100 * t['after']:5.1f}% "
+            f"({100 * (t['after'] - t['before']):+.1f} points): what was learned"
+        )
     return "\n".join(lines)

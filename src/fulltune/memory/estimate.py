@@ -38,21 +38,21 @@ CUDA_CONTEXT = 0.5 * GB  # 287–667 MB measured by PyTorch (PR #86509); 0.5 GB 
 class TrainSetup:
     micro_batch: int = 1
     seq_len: int = 2048
-    precision: str = "bf16-mixed"   # fp32 weights + bf16 autocast (see the module doc for the others)
+    precision: str = "bf16-mixed"  # fp32 weights + bf16 autocast (see the module doc for the others)
     optimizer: str = "adamw"
-    fp32_grads: bool = False        # mixed precision with fp32 gradient accumulation
+    fp32_grads: bool = False  # mixed precision with fp32 gradient accumulation
     activation_checkpointing: bool = False
     gpus: int = 1
     zero_stage: int = 0
     method: str = "full"
     lora_rank: int = 16
-    loss_fraction: float = 1.0      # share of positions with loss; fulltune runs the LM head only there
+    loss_fraction: float = 1.0  # share of positions with loss; fulltune runs the LM head only there
     device: str = "cuda"
-    anchor: str = "none"            # regularisation toward θ0 keeps θ0 (and EWC's F) beside the weights
-    grad_accum: int = 1             # micro-batches per step: after the first, every gradient is alive
+    anchor: str = "none"  # regularisation toward θ0 keeps θ0 (and EWC's F) beside the weights
+    grad_accum: int = 1  # micro-batches per step: after the first, every gradient is alive
     optimizer_in_backward: bool = False  # each parameter updated in backward, its gradient freed at once
-    activation_offload: bool = False     # CUDA: saved activations in pinned CPU memory
-    cpu_offload: bool = False            # CUDA: optimiser state (and gradients) in CPU memory, stepped there
+    activation_offload: bool = False  # CUDA: saved activations in pinned CPU memory
+    cpu_offload: bool = False  # CUDA: optimiser state (and gradients) in CPU memory, stepped there
 
     def __post_init__(self):
         assert self.precision in PRECISIONS and self.optimizer in OPTIMIZERS and self.method in METHODS
@@ -65,7 +65,7 @@ class Term:
     name: str
     bytes: float
     note: str
-    group: str          # "states" (kept all run) or "transient" (alive in forward/backward)
+    group: str  # "states" (kept all run) or "transient" (alive in forward/backward)
 
 
 @dataclass
@@ -111,7 +111,7 @@ def _low_bit_state(numel: int, optimizer: str, state: int) -> float:
     """One torchao state tensor (m or v): codes, an fp32 scale per block and its 2^bits-entry fp32 code map."""
     bits, block = LOW_BIT[optimizer]
     if numel >= 4096 and numel % block == 0:
-        return numel * bits / 8 + 4 * numel / block + 4 * 2 ** bits
+        return numel * bits / 8 + 4 * numel / block + 4 * 2**bits
     return numel * state
 
 
@@ -159,7 +159,9 @@ def activations(spec: ModelSpec, s: TrainSetup) -> tuple[float, str]:
         kept = weight_bytes(s.precision) * spec.hidden  # each layer keeps only its input
         total = tokens * (spec.layers * kept + per_layer + outside)
         return total, f"checkpointing: {kept} B/token/layer kept + one layer recomputed ({per_layer} B/token)"
-    return tokens * (spec.layers * per_layer + outside), f"{per_layer:,} B/token/layer saved for backward (SDPA, no s² term)"
+    return tokens * (
+        spec.layers * per_layer + outside
+    ), f"{per_layer:,} B/token/layer saved for backward (SDPA, no s² term)"
 
 
 def logits_bytes(spec: ModelSpec, s: TrainSetup) -> tuple[float, str]:
@@ -189,45 +191,97 @@ def state_terms(spec: ModelSpec, s: TrainSetup) -> list[Term]:
     w_div, g_div, o_div = _sharded(s.zero_stage, 3, g), _sharded(s.zero_stage, 2, g), _sharded(s.zero_stage, 1, g)
     wb, gb, mb = weight_bytes(s.precision), grad_bytes(s.precision, s.fp32_grads), master_bytes(s.precision)
     zero = f", ZeRO-{s.zero_stage} over {g}" if s.zero_stage else ""
-    terms = [Term("weights", wb * n / w_div, f"{wb} B/param ({'fp32' if wb == 4 else 'bf16'}){zero if w_div > 1 else ''}", "states")]
+    terms = [
+        Term(
+            "weights",
+            wb * n / w_div,
+            f"{wb} B/param ({'fp32' if wb == 4 else 'bf16'}){zero if w_div > 1 else ''}",
+            "states",
+        )
+    ]
     if s.optimizer_in_backward or s.cpu_offload:
         largest = max(r * c for r, c in _matrix_shapes(spec))
         how = "updated in backward" if s.optimizer_in_backward else "offloaded to the CPU"
-        terms.append(Term("gradients", gb * largest, f"{how}: one parameter's gradient at a time (largest "
-                          f"{largest:,} values, {gb} B each)", "grads"))
+        terms.append(
+            Term(
+                "gradients",
+                gb * largest,
+                f"{how}: one parameter's gradient at a time (largest {largest:,} values, {gb} B each)",
+                "grads",
+            )
+        )
     else:
         terms.append(Term("gradients", gb * n / g_div, f"{gb} B/param{zero if g_div > 1 else ''}", "grads"))
     if mb:
-        terms.append(Term("master weights", mb * n / o_div, f"fp32 copy in the optimiser{zero if o_div > 1 else ''}", "states"))
+        terms.append(
+            Term("master weights", mb * n / o_div, f"fp32 copy in the optimiser{zero if o_div > 1 else ''}", "states")
+        )
     opt = optimizer_state_bytes(spec, s.optimizer, s.precision)
     if s.cpu_offload:
-        terms.append(Term("optimizer state", 0.0, f"{s.optimizer}: {opt / n:.2f} B/param in CPU memory "
-                          f"({opt / GB:.1f} GB of host RAM), none on the GPU", "states"))
+        terms.append(
+            Term(
+                "optimizer state",
+                0.0,
+                f"{s.optimizer}: {opt / n:.2f} B/param in CPU memory ({opt / GB:.1f} GB of host RAM), none on the GPU",
+                "states",
+            )
+        )
     else:
-        terms.append(Term("optimizer state", opt / o_div, f"{s.optimizer}: {opt / n:.2f} B/param{zero if o_div > 1 else ''}", "states"))
+        terms.append(
+            Term(
+                "optimizer state",
+                opt / o_div,
+                f"{s.optimizer}: {opt / n:.2f} B/param{zero if o_div > 1 else ''}",
+                "states",
+            )
+        )
     if s.optimizer in LOW_BIT and not s.cpu_offload:
         largest = max(r * c for r, c in _matrix_shapes(spec))
         per = LOW_BIT_STEP_BYTES[s.optimizer]
-        terms.append(Term("optimizer step temporaries", per * largest, f"{s.optimizer} dequantises one tensor at a time: "
-                          f"{per} B per value of the largest ({largest:,}); measured on CPU", "step"))
+        terms.append(
+            Term(
+                "optimizer step temporaries",
+                per * largest,
+                f"{s.optimizer} dequantises one tensor at a time: "
+                f"{per} B per value of the largest ({largest:,}); measured on CPU",
+                "step",
+            )
+        )
     if s.anchor != "none":
         copies = 2 if s.anchor == "ewc" else 1
         ab = 2 if s.precision == "bf16" else 4  # θ0 in the dtype of the weights the update applies to (fp32 master)
         what = "θ0 copy + diagonal Fisher" if copies == 2 else "frozen θ0 copy"
-        terms.append(Term("θ0 anchor", copies * ab * n / o_div, f"{s.anchor}: {what}, {copies * ab} B/param"
-                          f"{zero if o_div > 1 else ''}", "states"))
+        terms.append(
+            Term(
+                "θ0 anchor",
+                copies * ab * n / o_div,
+                f"{s.anchor}: {what}, {copies * ab} B/param{zero if o_div > 1 else ''}",
+                "states",
+            )
+        )
     if s.zero_stage == 3:  # FSDP2, one rank under torchrun included
         terms += _fsdp2_terms(spec, s, wb, gb)
     if s.precision == "bf16-mixed":
         # Autocast's bf16 copies of the (gathered) weights are saved for backward: never sharded
         # (the same numerics on 1 and G devices: distributed.mixed_precision_policy).
         if s.activation_offload:
-            terms.append(Term("bf16 weight copies", 2 * 2 * spec.largest_layer_params,
-                              "autocast's bf16 weight copies are saved tensors too: offloaded, two layers' on the GPU",
-                              "transient"))
+            terms.append(
+                Term(
+                    "bf16 weight copies",
+                    2 * 2 * spec.largest_layer_params,
+                    "autocast's bf16 weight copies are saved tensors too: offloaded, two layers' on the GPU",
+                    "transient",
+                )
+            )
         else:
-            terms.append(Term("bf16 weight copies", 2 * spec.n_matmul_params,
-                              "autocast casts each matmul weight to bf16 and saves it for backward", "transient"))
+            terms.append(
+                Term(
+                    "bf16 weight copies",
+                    2 * spec.n_matmul_params,
+                    "autocast casts each matmul weight to bf16 and saves it for backward",
+                    "transient",
+                )
+            )
     return terms
 
 
@@ -238,11 +292,21 @@ def _fsdp2_terms(spec: ModelSpec, s: TrainSetup, wb: int, gb: int) -> list[Term]
     stays gathered through the step, and its gradient is unsharded until the end of backward."""
     gathered = wb
     root = spec.n_embed_params * (1 if spec.tied else 2) + spec.hidden
-    return [Term("gathered layer", 2 * gathered * spec.largest_layer_params,
-                 "ZeRO-3: current + prefetched layer unsharded", "transient"),
-            Term("gathered root unit", gathered * root, "FSDP2 root unit (embeddings, head, final norm) gathered "
-                 "for the whole step", "transient"),
-            Term("root unit gradient", gb * root, "the root unit's gradient, unsharded until backward ends", "transient")]
+    return [
+        Term(
+            "gathered layer",
+            2 * gathered * spec.largest_layer_params,
+            "ZeRO-3: current + prefetched layer unsharded",
+            "transient",
+        ),
+        Term(
+            "gathered root unit",
+            gathered * root,
+            "FSDP2 root unit (embeddings, head, final norm) gathered for the whole step",
+            "transient",
+        ),
+        Term("root unit gradient", gb * root, "the root unit's gradient, unsharded until backward ends", "transient"),
+    ]
 
 
 def _adapter_terms(spec: ModelSpec, s: TrainSetup) -> list[Term]:
@@ -252,12 +316,22 @@ def _adapter_terms(spec: ModelSpec, s: TrainSetup) -> list[Term]:
     else:
         quantized = spec.n_matmul_params - (spec.vocab * spec.hidden)
         rest = spec.n_params - quantized
-        base = Term("weights", quantized * (0.5 + 0.127 / 8) + 2 * rest,
-                    "NF4 4-bit decoder matrices + double-quantised constants (0.127 bit/param); embeddings, head, norms bf16",
-                    "states")
-    return [base,
-            Term("gradients", 4 * adapters, f"fp32 grads of {adapters:,} adapter params (rank {s.lora_rank}, all linear layers)", "grads"),
-            Term("optimizer state", 12 * adapters, "fp32 adapter weights + AdamW m, v", "states")]
+        base = Term(
+            "weights",
+            quantized * (0.5 + 0.127 / 8) + 2 * rest,
+            "NF4 4-bit decoder matrices + double-quantised constants (0.127 bit/param); embeddings, head, norms bf16",
+            "states",
+        )
+    return [
+        base,
+        Term(
+            "gradients",
+            4 * adapters,
+            f"fp32 grads of {adapters:,} adapter params (rank {s.lora_rank}, all linear layers)",
+            "grads",
+        ),
+        Term("optimizer state", 12 * adapters, "fp32 adapter weights + AdamW m, v", "states"),
+    ]
 
 
 def estimate(spec: ModelSpec, s: TrainSetup) -> Estimate:
@@ -268,7 +342,9 @@ def estimate(spec: ModelSpec, s: TrainSetup) -> Estimate:
     est.terms.append(Term("activations", acts, acts_note, "transient"))
     est.terms.append(Term("logits + loss", logits, logits_note, "transient"))
     if s.device == "cuda":
-        est.terms.append(Term("CUDA context", CUDA_CONTEXT, "CUDA/cuBLAS context, allocator reserve not included", "states"))
+        est.terms.append(
+            Term("CUDA context", CUDA_CONTEXT, "CUDA/cuBLAS context, allocator reserve not included", "states")
+        )
     states, grads = est.states, est.get("gradients")
     transient = sum(t.bytes for t in est.terms if t.group == "transient")
     # The head's gradient (V×h) appears first in backward, while all activations are still saved.
@@ -288,6 +364,7 @@ def estimate(spec: ModelSpec, s: TrainSetup) -> Estimate:
 
 def _bf16(s: TrainSetup) -> TrainSetup:
     from dataclasses import replace
+
     return replace(s, precision="bf16")
 
 

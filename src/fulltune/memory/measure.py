@@ -88,6 +88,7 @@ def make_resident(model) -> None:
     Measured without it: an fp32 run with no evaluation before training over-measured by the 0.54 GB
     of SmolLM2-135M's weights (3.53 GB vs 3.01 with it)."""
     import torch
+
     with torch.no_grad():
         for p in model.parameters():
             p.sum()
@@ -116,6 +117,7 @@ class PeakMeter:
     def start(self) -> "PeakMeter":
         if self.device_type == "cuda":
             import torch
+
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.baseline = torch.cuda.memory_allocated()
@@ -144,12 +146,14 @@ class PeakMeter:
             self.resume()
         if self.device_type == "cuda":
             import torch
+
             torch.cuda.reset_peak_memory_stats()
             yield
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()
-            self.sections[name + "_reserved"] = max(self.sections.get(name + "_reserved", 0),
-                                                    torch.cuda.max_memory_reserved())
+            self.sections[name + "_reserved"] = max(
+                self.sections.get(name + "_reserved", 0), torch.cuda.max_memory_reserved()
+            )
         else:
             self._max = rss_bytes()
             yield

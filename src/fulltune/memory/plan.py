@@ -18,39 +18,74 @@ from fulltune.memory.spec import ModelSpec
 @dataclass(frozen=True)
 class Saver:
     label: str
-    change: dict          # TrainSetup fields
-    overrides: dict       # the fulltune train keys that run it
+    change: dict  # TrainSetup fields
+    overrides: dict  # the fulltune train keys that run it
     cost: str
     one_process_only: bool = False  # not combined with FSDP2 in this version
-    drops: tuple = ()               # override keys of an earlier saver this one replaces
+    drops: tuple = ()  # override keys of an earlier saver this one replaces
 
 
 # Cheapest first. Costs are rules of thumb or measured on CPU (docs/memory.md); GPU costs unmeasured.
 SAVERS = (
-    Saver("activation checkpointing", {"activation_checkpointing": True}, {"model.activation_checkpointing": "true"},
-          "≈ +33% compute (one more forward per layer)"),
-    Saver("pure bf16 weights and gradients", {"precision": "bf16"}, {"train.precision": "bf16"},
-          "no fp32 copy; updates stochastically rounded (quality: docs/memory.md)"),
-    Saver("optimizer step in backward", {"optimizer_in_backward": True},
-          {"train.optimizer_in_backward": "true", "optim.grad_clip": "0", "train.grad_accum_steps": "1"},
-          "no gradient clipping and no accumulation", one_process_only=True),
-    Saver("8-bit AdamW", {"optimizer": "adamw8bit"}, {"optim.name": "adamw8bit"}, "≈2 instead of 8 B/param of state",
-          one_process_only=True),
-    Saver("4-bit AdamW", {"optimizer": "adamw4bit"}, {"optim.name": "adamw4bit"}, "≈1 B/param of state",
-          one_process_only=True),
-    Saver("activation offload to CPU", {"activation_offload": True}, {"model.activation_offload": "true"},
-          "saved activations cross PCIe twice per step"),
-    Saver("optimizer state offloaded to CPU (instead of the step in backward)", {"cpu_offload": True, "optimizer_in_backward": False},
-          {"optim.cpu_offload": "true"}, "the optimizer steps on the CPU; needs host RAM for the state",
-          one_process_only=True, drops=("train.optimizer_in_backward", "optim.grad_clip", "train.grad_accum_steps")),
-    Saver("micro-batch 1", {"micro_batch": 1}, {"train.micro_batch_size": "1"},
-          "fewer sequences per step (raise grad_accum_steps where the step is not in backward)"),
+    Saver(
+        "activation checkpointing",
+        {"activation_checkpointing": True},
+        {"model.activation_checkpointing": "true"},
+        "≈ +33% compute (one more forward per layer)",
+    ),
+    Saver(
+        "pure bf16 weights and gradients",
+        {"precision": "bf16"},
+        {"train.precision": "bf16"},
+        "no fp32 copy; updates stochastically rounded (quality: docs/memory.md)",
+    ),
+    Saver(
+        "optimizer step in backward",
+        {"optimizer_in_backward": True},
+        {"train.optimizer_in_backward": "true", "optim.grad_clip": "0", "train.grad_accum_steps": "1"},
+        "no gradient clipping and no accumulation",
+        one_process_only=True,
+    ),
+    Saver(
+        "8-bit AdamW",
+        {"optimizer": "adamw8bit"},
+        {"optim.name": "adamw8bit"},
+        "≈2 instead of 8 B/param of state",
+        one_process_only=True,
+    ),
+    Saver(
+        "4-bit AdamW",
+        {"optimizer": "adamw4bit"},
+        {"optim.name": "adamw4bit"},
+        "≈1 B/param of state",
+        one_process_only=True,
+    ),
+    Saver(
+        "activation offload to CPU",
+        {"activation_offload": True},
+        {"model.activation_offload": "true"},
+        "saved activations cross PCIe twice per step",
+    ),
+    Saver(
+        "optimizer state offloaded to CPU (instead of the step in backward)",
+        {"cpu_offload": True, "optimizer_in_backward": False},
+        {"optim.cpu_offload": "true"},
+        "the optimizer steps on the CPU; needs host RAM for the state",
+        one_process_only=True,
+        drops=("train.optimizer_in_backward", "optim.grad_clip", "train.grad_accum_steps"),
+    ),
+    Saver(
+        "micro-batch 1",
+        {"micro_batch": 1},
+        {"train.micro_batch_size": "1"},
+        "fewer sequences per step (raise grad_accum_steps where the step is not in backward)",
+    ),
 )
 
 
 @dataclass
 class Plan:
-    branch: str                  # full | full-zero3 | full-savers | none (lora / qlora: for comparison only)
+    branch: str  # full | full-zero3 | full-savers | none (lora / qlora: for comparison only)
     summary: str
     evidence: list[str]
     notes: list[str]
@@ -74,6 +109,7 @@ def command(overrides: dict, n_gpus: int = 1) -> str:
 def _on_cpu(saver: Saver) -> bool:
     """What a CPU run can take: no CUDA offload, and pure bf16 only where the CPU has bf16 units."""
     from fulltune.runtime import cpu_has_bf16_units
+
     if saver.change.keys() & {"activation_offload", "cpu_offload"}:
         return False
     return saver.change.get("precision") != "bf16" or cpu_has_bf16_units()
@@ -113,8 +149,13 @@ def plan(spec: ModelSpec, gpu: str, n_gpus: int, base: TrainSetup, device: tuple
         evidence.append(_line(f"full fine-tuning, FSDP2/ZeRO-3 over {n_gpus} GPUs", peak, capacity))
         if ok:
             notes.append(_zero3_command(n_gpus))
-            return Plan("full-zero3", f"full fine-tuning with FSDP2 (ZeRO-3) over {n_gpus}× {name}: "
-                        f"{command({}, n_gpus)}", evidence, notes, {})
+            return Plan(
+                "full-zero3",
+                f"full fine-tuning with FSDP2 (ZeRO-3) over {n_gpus}× {name}: {command({}, n_gpus)}",
+                evidence,
+                notes,
+                {},
+            )
     evidence.append("memory savers, added one at a time:")
     saved = _savers(spec, sharded if n_gpus > 1 else one, capacity, evidence, n_gpus)
     if saved is not None:
@@ -122,35 +163,54 @@ def plan(spec: ModelSpec, gpu: str, n_gpus: int, base: TrainSetup, device: tuple
         if n_gpus > 1:
             notes.append(_zero3_command(n_gpus))
         notes.append("with: " + "; ".join(used))
-        return Plan("full-savers", f"full fine-tuning fits on {n_gpus}× {name}: {command(overrides, n_gpus)}",
-                    evidence, notes, overrides)
+        return Plan(
+            "full-savers",
+            f"full fine-tuning fits on {n_gpus}× {name}: {command(overrides, n_gpus)}",
+            evidence,
+            notes,
+            overrides,
+        )
     for method in ("lora", "qlora"):
         adapter = replace(one, method=method, activation_checkpointing=method == "qlora")
         ok, peak = _fits(spec, adapter, capacity)
         evidence.append(_line(f"for comparison: {method.upper()} (rank {base.lora_rank}) on 1 GPU", peak, capacity))
         if ok:
-            return Plan("none", f"full fine-tuning does not fit on {n_gpus}× {name}, not even with every saver fulltune "
-                        f"trains; more GPUs, or {method.upper()} with another tool (fulltune trains every weight)",
-                        evidence, notes)
+            return Plan(
+                "none",
+                f"full fine-tuning does not fit on {n_gpus}× {name}, not even with every saver fulltune "
+                f"trains; more GPUs, or {method.upper()} with another tool (fulltune trains every weight)",
+                evidence,
+                notes,
+            )
     return Plan("none", f"nothing fits on {n_gpus}× {name}, not even QLoRA; more or bigger GPUs", evidence, notes)
 
 
 def _zero3_command(n_gpus: int) -> str:
-    return (f"run it: fulltune train CONFIG --nproc {n_gpus} (one node), or on each node: torchrun --nnodes=NODES "
-            "--nproc-per-node=GPUS --rdzv-backend=c10d --rdzv-endpoint=HOST:29400 --rdzv-id=RUN --shutdown-timeout=900 "
-            "-m fulltune train "
-            "CONFIG; the global batch stays micro_batch_size × grad_accum_steps (README: Many GPUs and nodes)")
+    return (
+        f"run it: fulltune train CONFIG --nproc {n_gpus} (one node), or on each node: torchrun --nnodes=NODES "
+        "--nproc-per-node=GPUS --rdzv-backend=c10d --rdzv-endpoint=HOST:29400 --rdzv-id=RUN --shutdown-timeout=900 "
+        "-m fulltune train "
+        "CONFIG; the global batch stays micro_batch_size × grad_accum_steps (README: Many GPUs and nodes)"
+    )
 
 
 def _notes(spec: ModelSpec) -> list[str]:
     notes = []
     if spec.n_params < 1e9:
-        notes.append(f"{spec.n_params / 1e6:.0f}M parameters (< 1B): full fine-tuning is cheap and the quality baseline")
-    notes.append("full fine-tuning wins for maximum quality and single-task deployment (one model, no adapters); "
-                 "it forgets more: measure general skills before and after")
+        notes.append(
+            f"{spec.n_params / 1e6:.0f}M parameters (< 1B): full fine-tuning is cheap and the quality baseline"
+        )
+    notes.append(
+        "full fine-tuning wins for maximum quality and single-task deployment (one model, no adapters); "
+        "it forgets more: measure general skills before and after"
+    )
     return notes
 
 
 def render(p: Plan) -> str:
-    return "\n".join([f"plan: {p.summary}", "", "evidence:"] + [f"  {e}" for e in p.evidence]
-                     + ["", "notes:"] + [f"  - {n}" for n in p.notes])
+    return "\n".join(
+        [f"plan: {p.summary}", "", "evidence:"]
+        + [f"  {e}" for e in p.evidence]
+        + ["", "notes:"]
+        + [f"  - {n}" for n in p.notes]
+    )

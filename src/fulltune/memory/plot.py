@@ -14,12 +14,23 @@ DEFAULT_SETUPS = (
     ("QLoRA 7B", "llama-7b", TrainSetup(method="qlora", activation_checkpointing=True)),
     ("QLoRA 70B", "llama-70b", TrainSetup(method="qlora", activation_checkpointing=True)),
 )
-ORDER = ("weights", "gradients", "master weights", "optimizer state", "θ0 anchor", "bf16 weight copies", "gathered layer",
-         "activations", "logits + loss", "CUDA context")
+ORDER = (
+    "weights",
+    "gradients",
+    "master weights",
+    "optimizer state",
+    "θ0 anchor",
+    "bf16 weight copies",
+    "gathered layer",
+    "activations",
+    "logits + loss",
+    "CUDA context",
+)
 
 
 def plot_setups(out: Path, setups=DEFAULT_SETUPS, gpus=("rtx4090", "a100-40gb", "a100-80gb", "h200")) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -36,8 +47,9 @@ def plot_setups(out: Path, setups=DEFAULT_SETUPS, gpus=("rtx4090", "a100-40gb", 
     for gpu in gpus:
         name, cap = GPUS[gpu]
         ax.axhline(cap, ls="--", lw=0.9, color="grey")
-        ax.text(1.005, cap, name, transform=ax.get_yaxis_transform(), va="center", ha="left", fontsize=8,
-                color="dimgrey")
+        ax.text(
+            1.005, cap, name, transform=ax.get_yaxis_transform(), va="center", ha="left", fontsize=8, color="dimgrey"
+        )
     ax.set_ylabel("GB (sum of components, micro-batch 1 × 2048 tokens)")
     ax.set_title("Training memory by component")
     ax.legend(fontsize=8, loc="upper center")

@@ -8,9 +8,17 @@ from fulltune.memory.estimate import GB, Estimate, estimate
 from fulltune.memory.spec import load_spec
 
 # Marketed capacities in GB (1e9 bytes): a conservative reading (an "80 GB" A100 holds 80 GiB).
-GPUS = {"rtx4090": ("RTX 4090 24GB", 24), "l4": ("L4 24GB", 24), "a10g": ("A10G 24GB", 24),
-        "a6000": ("A6000 48GB", 48), "a100-40gb": ("A100-40GB", 40), "a100-80gb": ("A100-80GB", 80),
-        "h100": ("H100 80GB", 80), "h200": ("H200 141GB", 141), "b200": ("B200 180GB", 180)}
+GPUS = {
+    "rtx4090": ("RTX 4090 24GB", 24),
+    "l4": ("L4 24GB", 24),
+    "a10g": ("A10G 24GB", 24),
+    "a6000": ("A6000 48GB", 48),
+    "a100-40gb": ("A100-40GB", 40),
+    "a100-80gb": ("A100-80GB", 80),
+    "h100": ("H100 80GB", 80),
+    "h200": ("H200 141GB", 141),
+    "b200": ("B200 180GB", 180),
+}
 
 SEED_MODELS = (("LLaMA-7B", "llama-7b"), ("LLaMA-13B", "llama-13b"), ("LLaMA-70B", "llama-70b"))
 SEED_K, SEED_S, SEED_B = 12, 2048, 1
@@ -26,9 +34,12 @@ def seed_row(label: str, preset: str, gpu_gb: int = 80) -> dict:
 
 
 def seed_table() -> str:
-    lines = [f"Seed formula: 16N (bf16 weights + bf16 grads + fp32 master, m, v) + s·b·d·L·k activations "
-             f"(s = {SEED_S}, b = {SEED_B}, k = {SEED_K}); GPUs = ceil(int(total) / 80)", "",
-             f"{'model':<10} {'16N (GB)':>9} {'act. (GB)':>10} {'total (GB)':>11}  A100-80GB"]
+    lines = [
+        f"Seed formula: 16N (bf16 weights + bf16 grads + fp32 master, m, v) + s·b·d·L·k activations "
+        f"(s = {SEED_S}, b = {SEED_B}, k = {SEED_K}); GPUs = ceil(int(total) / 80)",
+        "",
+        f"{'model':<10} {'16N (GB)':>9} {'act. (GB)':>10} {'total (GB)':>11}  A100-80GB",
+    ]
     for label, preset in SEED_MODELS:
         r = seed_row(label, preset)
         lines.append(f"{label:<10} {r['states']:>9.1f} {r['acts']:>10.1f} {r['total']:>11.1f}  {r['gpus']}×")
@@ -41,14 +52,19 @@ def seed_table() -> str:
 
 def breakdown(est: Estimate) -> str:
     s, spec = est.setup, est.spec
-    head = (f"{spec.name}: {spec.n_params:,} parameters ({spec.layers} layers, hidden {spec.hidden}, "
-            f"vocab {spec.vocab}{', tied' if spec.tied else ''})\n"
-            f"setup: {s.method} fine-tuning, {s.precision}, {s.optimizer}, micro-batch {s.micro_batch} × seq {s.seq_len}, "
-            f"checkpointing {'on' if s.activation_checkpointing else 'off'}, {s.gpus} GPU(s)"
-            + (f", ZeRO-{s.zero_stage}" if s.zero_stage else "") + f", device {s.device}\n")
+    head = (
+        f"{spec.name}: {spec.n_params:,} parameters ({spec.layers} layers, hidden {spec.hidden}, "
+        f"vocab {spec.vocab}{', tied' if spec.tied else ''})\n"
+        f"setup: {s.method} fine-tuning, {s.precision}, {s.optimizer}, micro-batch {s.micro_batch} × seq {s.seq_len}, "
+        f"checkpointing {'on' if s.activation_checkpointing else 'off'}, {s.gpus} GPU(s)"
+        + (f", ZeRO-{s.zero_stage}" if s.zero_stage else "")
+        + f", device {s.device}\n"
+    )
     rows = [f"  {t.name:<20} {t.bytes / GB:>9.2f} GB   {t.note}" for t in est.terms]
-    tail = (f"  {'peak per GPU':<20} {est.peak / GB:>9.2f} GB   at the {est.peak_when}: what is alive together, "
-            "not the sum of the rows")
+    tail = (
+        f"  {'peak per GPU':<20} {est.peak / GB:>9.2f} GB   at the {est.peak_when}: what is alive together, "
+        "not the sum of the rows"
+    )
     return head + "\n".join(rows) + "\n" + tail
 
 
@@ -63,6 +79,7 @@ def min_gpus_zero3(spec, setup, gpu: str) -> int | None:
     from dataclasses import replace
 
     from fulltune.memory.estimate import gpus_needed
+
     capacity = GPUS[gpu][1] * GB
     return gpus_needed(lambda g: estimate(spec, replace(setup, gpus=g, zero_stage=3 if g > 1 else 0)).peak, capacity)
 
@@ -75,6 +92,7 @@ def run_memory_command(args) -> None:
         from pathlib import Path
 
         from fulltune.memory.plot import plot_setups
+
         plot_setups(Path(args.plot))
         print(f"wrote {args.plot}")
         return
@@ -84,12 +102,24 @@ def run_memory_command(args) -> None:
     if args.batch < 1 or args.seq < 1 or args.gpus < 1 or not 0 < args.loss_fraction <= 1:
         raise UserError("--batch, --seq and --gpus must be ≥ 1 and --loss-fraction in (0, 1]")
     spec = load_spec(args.model)
-    setup = TrainSetup(micro_batch=args.batch, seq_len=args.seq, precision=args.precision, optimizer=args.optimizer,
-                       fp32_grads=args.fp32_grads, activation_checkpointing=args.checkpointing, gpus=args.gpus,
-                       zero_stage=args.zero, method=args.method, lora_rank=args.rank,
-                       loss_fraction=args.loss_fraction, device=args.device, anchor=args.anchor,
-                       optimizer_in_backward=args.in_backward, activation_offload=args.activation_offload,
-                       cpu_offload=args.cpu_offload)
+    setup = TrainSetup(
+        micro_batch=args.batch,
+        seq_len=args.seq,
+        precision=args.precision,
+        optimizer=args.optimizer,
+        fp32_grads=args.fp32_grads,
+        activation_checkpointing=args.checkpointing,
+        gpus=args.gpus,
+        zero_stage=args.zero,
+        method=args.method,
+        lora_rank=args.rank,
+        loss_fraction=args.loss_fraction,
+        device=args.device,
+        anchor=args.anchor,
+        optimizer_in_backward=args.in_backward,
+        activation_offload=args.activation_offload,
+        cpu_offload=args.cpu_offload,
+    )
     est = estimate(spec, setup)
     print(breakdown(est))
     print(fits_line(est, args.gpu))

@@ -53,21 +53,31 @@ class RunMemory:
             return
         self._measure_state = False
         per_rank = D.gather(D.state_bytes(model, optimizer))
-        self.results["state_memory"] = state_memory(self.model, self.cfg, self.precision, self.meter.device_type,
-                                                    per_rank, self.anchor_bytes)
+        self.results["state_memory"] = state_memory(
+            self.model, self.cfg, self.precision, self.meter.device_type, per_rank, self.anchor_bytes
+        )
         print(state_memory_line(self.results["state_memory"]), flush=True)
 
     def _track_largest(self, batches: list[dict]) -> None:
-        candidates = [{"rows": b["input_ids"].shape[0], "length": b["input_ids"].shape[1], "targets": count_targets(b),
-                       "grads_alive": i > 0} for i, b in enumerate(batches)]
-        self.state["largest_micro_batch"] = heaviest(self.model, self.cfg, self.precision, self.meter.device_type,
-                                                     self.state["largest_micro_batch"], candidates)
+        candidates = [
+            {
+                "rows": b["input_ids"].shape[0],
+                "length": b["input_ids"].shape[1],
+                "targets": count_targets(b),
+                "grads_alive": i > 0,
+            }
+            for i, b in enumerate(batches)
+        ]
+        self.state["largest_micro_batch"] = heaviest(
+            self.model, self.cfg, self.precision, self.meter.device_type, self.state["largest_micro_batch"], candidates
+        )
 
     def close(self) -> None:
         """Stop measuring; store predicted vs measured peak (once per run, kept across resumes)."""
         was_active = self.meter.active
         self.meter.stop()
         if was_active and self.state["largest_micro_batch"]["rows"] and self.meter.sections.get("train"):
-            self.results["memory"] = compare(self.model, self.cfg, self.precision, self.meter,
-                                             self.state["largest_micro_batch"], self.anchor_bytes)
+            self.results["memory"] = compare(
+                self.model, self.cfg, self.precision, self.meter, self.state["largest_micro_batch"], self.anchor_bytes
+            )
             print(line(self.results["memory"]), flush=True)

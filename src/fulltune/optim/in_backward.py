@@ -28,14 +28,16 @@ class InBackward:
             for p in group["params"]:
                 self.optimizers[names[id(p)]] = make([{**group, "params": [p]}])
         self._squares: list[torch.Tensor] = []  # each gradient's ‖g‖², on its device (no sync per parameter)
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook(self.optimizers[names[id(p)]]))
-                         for p in model.parameters()]
+        self._handles = [
+            p.register_post_accumulate_grad_hook(self._hook(self.optimizers[names[id(p)]])) for p in model.parameters()
+        ]
 
     def _hook(self, optimizer: torch.optim.Optimizer):
         def step_now(p: torch.Tensor) -> None:
             self._squares.append(p.grad.detach().double().pow(2).sum())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)  # freed now: no two layers' gradients wait together
+
         return step_now
 
     @property

@@ -29,8 +29,10 @@ def torchao_optim():
     try:
         import torchao.optim as ao
     except Exception as exc:  # ImportError, or a torchao built against another torch
-        raise UserError(f"optim.name needs torchao for the 8-bit / 4-bit / bf16 AdamW: pip install "
-                        f"torchao=={TORCHAO_VERSION} (scripts/setup.sh installs it); import failed: {exc}") from None
+        raise UserError(
+            f"optim.name needs torchao for the 8-bit / 4-bit / bf16 AdamW: pip install "
+            f"torchao=={TORCHAO_VERSION} (scripts/setup.sh installs it); import failed: {exc}"
+        ) from None
     return ao
 
 

@@ -47,8 +47,14 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
         if key not in groups:
             wd = cfg.weight_decay if decay else 0.0
             toward_theta0 = cfg.decay_toward == "theta0"  # the loop's Anchor applies it: θ ← θ − lr·wd·(θ − θ0)
-            groups[key] = {"name": label, "params": [], "lr": lr, "initial_lr": lr,
-                           "weight_decay": 0.0 if toward_theta0 else wd, "decay_to_theta0": wd if toward_theta0 else 0.0}
+            groups[key] = {
+                "name": label,
+                "params": [],
+                "lr": lr,
+                "initial_lr": lr,
+                "weight_decay": 0.0 if toward_theta0 else wd,
+                "decay_to_theta0": wd if toward_theta0 else 0.0,
+            }
         groups[key]["params"].append(p)
     out = list(groups.values())
     # Invariant: every trainable parameter in exactly one group.

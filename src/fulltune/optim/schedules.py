@@ -44,4 +44,5 @@ def schedule_fn(cfg: ScheduleConfig, lr: float, total_steps: int):
 
     def multiplier(step: int) -> float:
         return lr_multiplier(step, total_steps, warm, cfg.name, ratio)
+
     return multiplier
