@@ -147,6 +147,7 @@ def make_tiny_model(dest: Path) -> Path:
     """A random-init 2-layer Llama with the default model's tokenizer (its chat template included)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
     from fulltune.assets import ensure_model
 
     tok = AutoTokenizer.from_pretrained(ensure_model())
@@ -215,7 +216,8 @@ def main() -> None:
     kills = [e for r in result["trials"] for e in r["events"]]
     print(
         f"\n{result['equal']}/{args.trials} trials bitwise equal to the uninterrupted run; {len(kills)} kills, "
-        f"{sum(e.get('phase') == 'loading' for e in kills)} during loading, {sum(e.get('phase') == 'steps' for e in kills)} "
+        f"{sum(e.get('phase') == 'loading' for e in kills)} during loading, "
+        f"{sum(e.get('phase') == 'steps' for e in kills)} "
         f"during the steps or after them ({sum(bool(e.get('writes_cut')) for e in kills)} cut a checkpoint or export "
         f"write), {sum('finished_first' in e for e in kills)} too late (the run had finished); "
         f"uninterrupted run {result['timing']['wall_s']:.1f} s, first step at {result['timing']['first_step_s']:.1f} s"

@@ -6,7 +6,9 @@ fp32) and its local shard bytes.
     OMP_NUM_THREADS=1 .venv/bin/torchrun --nproc-per-node=2 bench/fsdp_load_memory.py
 """
 
-import resource, sys, torch, torch.distributed as dist
+import resource
+import sys
+
 from fulltune import distributed as D
 from fulltune.config import ModelConfig
 

@@ -37,6 +37,7 @@ def carry(dest: Path) -> None:
 def models(dest: Path, carried: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     from fulltune.assets import home
 
     cached = home() / "models" / "SmolLM2-135M-Instruct"
@@ -86,7 +87,8 @@ def report(out: Path) -> int:
         rows.append(
             f"| {name} | {mid['tokens_per_s']:.0f} | {100 * mid.get('mfu', 0):.1f}% | "
             f"{100 * mid['padding_fraction']:.1f}% | {mem.get('measured_peak_gb', float('nan')):.2f} GB | "
-            f"{mem.get('predicted_peak_gb', float('nan')):.2f} GB | {mid['tokens_per_s'] and mid['tokens_seen'] / len(_steps(out / name)) / mid['tokens_per_s']:.2f} |"
+            f"{mem.get('predicted_peak_gb', float('nan')):.2f} GB | "
+            f"{mid['tokens_per_s'] and mid['tokens_seen'] / len(_steps(out / name)) / mid['tokens_per_s']:.2f} |"
         )
     print("\n".join(rows))
     return 0 if ok else 1

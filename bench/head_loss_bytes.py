@@ -7,7 +7,12 @@ of F.linear → .float() → cross_entropy(reduction="none") → backward for 20
     .venv/bin/python bench/head_loss_bytes.py amp|fp32
 """
 
-import torch, torch.nn.functional as F, sys, contextlib
+import contextlib
+import sys
+
+import torch
+import torch.nn.functional as F
+
 from fulltune.memory.measure import PeakMeter
 
 N, V, h = 2048, 49152, 256
@@ -24,7 +29,7 @@ def f():
     return -F.cross_entropy(logits.float(), t, reduction="none")
 
 
-for i in range(2):
+for _i in range(2):
     m = PeakMeter("cpu").start()
     with m.section("s"):
         logp = f()

@@ -1,4 +1,4 @@
-"""How fast this CPU multiplies the matrices of a SmolLM2-135M training step, shape by shape.
+r"""How fast this CPU multiplies the matrices of a SmolLM2-135M training step, shape by shape.
 
 MFU divides by one number, the matmul peak the run measures at its start (throughput.py: the MLP's
 up-projection, X[M×576] @ W[576×1536]). A training step multiplies every weight three ways — the
@@ -10,7 +10,8 @@ as a share of the measured peak. No non-matmul work is counted, so real MFU is b
 is the best of repeated calls for ~0.4 s. Without bf16 units (or capped below them) only fp32 runs.
 
     .venv/bin/python bench/matmul_shapes.py
-    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 .venv/bin/python bench/matmul_shapes.py
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        .venv/bin/python bench/matmul_shapes.py
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import time
 
 import torch
-
 from common import cpu_flags, cpu_name
 
 # SmolLM2-135M's per-layer weights as (in, out, how many per layer): q and o 576→576, k and v 576→192,
@@ -60,7 +60,11 @@ def main() -> None:
                     torch.randn(m, n, dtype=dtype),
                 )
                 f = 2.0 * m * k * n
-                rates = [rate(lambda: x @ w.t(), f), rate(lambda: dy @ w, f), rate(lambda: dy.t() @ x, f)]
+                rates = [
+                    rate(lambda x=x, w=w: x @ w.t(), f),
+                    rate(lambda dy=dy, w=w: dy @ w, f),
+                    rate(lambda dy=dy, x=x: dy.t() @ x, f),
+                ]
                 flops += 3 * f * count
                 seconds += sum(f / r for r in rates) * count
                 print(
@@ -73,8 +77,8 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: |")
     for dtype, m, peak, achieved in ceilings:
         print(
-            f"| {str(dtype).removeprefix('torch.')} | {m} | {peak / 1e12:.2f} TFLOP/s | {achieved / 1e12:.2f} TFLOP/s | "
-            f"{100 * achieved / peak:.0f}% |"
+            f"| {str(dtype).removeprefix('torch.')} | {m} | {peak / 1e12:.2f} TFLOP/s | "
+            f"{achieved / 1e12:.2f} TFLOP/s | {100 * achieved / peak:.0f}% |"
         )
 
 

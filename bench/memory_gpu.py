@@ -116,14 +116,15 @@ def main() -> None:
     if device == "cuda":
         print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(
-        "| model | params | micro-batch × seq | predicted (GB) | measured allocated (GB) | reserved (GB) | error | tokens/s |"
+        "| model | params | micro-batch × seq | predicted (GB) | measured allocated (GB) | reserved (GB) | "
+        "error | tokens/s |"
     )
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for name, batch, seq in grid:
         r = measure(name, batch, seq, device, args.steps)
         print(
-            f"| {r['model']} | {r['params'] / 1e9:.2f}B | {batch}×{seq} | {r['predicted_gb']:.2f} | {r['measured_gb']:.2f} | "
-            f"{r['reserved_gb']:.2f} | {r['error_pct']:+.1f}% | {r['tokens_per_s']:.0f} |",
+            f"| {r['model']} | {r['params'] / 1e9:.2f}B | {batch}×{seq} | {r['predicted_gb']:.2f} | "
+            f"{r['measured_gb']:.2f} | {r['reserved_gb']:.2f} | {r['error_pct']:+.1f}% | {r['tokens_per_s']:.0f} |",
             flush=True,
         )
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from fulltune.memory.estimate import GB, TrainSetup
+from fulltune.memory.estimate import TrainSetup
 from fulltune.memory.plan import plan
 from fulltune.memory.report import GPUS
 from fulltune.memory.spec import load_spec

@@ -1,4 +1,4 @@
-"""Prefix-tree scoring against one sequence per row, on what a quickstart run scores twice (θ0, θ*).
+r"""Prefix-tree scoring against one sequence per row, on what a quickstart run scores twice (θ0, θ*).
 
 For the task (200 SST-2 reviews × 2 labels, both prompt formats) and each probe of the quickstart
 (50 multiple-choice items of ARC-Easy, PIQA and SciQ; 30 HumanEval and MBPP solutions), this
@@ -7,7 +7,8 @@ tokens each way computes, the seconds, and the largest difference of a summed lo
 (fp32: rounding only). The code probes have one continuation per context: nothing to share.
 
     .venv/bin/python bench/prefix_tree_scoring.py [--precision fp32|bf16-mixed]
-    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 .venv/bin/python bench/prefix_tree_scoring.py
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        .venv/bin/python bench/prefix_tree_scoring.py
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import json
 import time
 
 import torch
-
 from common import cpu_flags, cpu_name
 
 
@@ -26,20 +26,21 @@ def candidates(tokenizer, test_file: str) -> list:
     from fulltune.data.formats import encode_record
 
     out = []
-    for line in open(resolve_data_path(test_file)):
-        record = json.loads(line)
-        for label in ("positive", "negative"):
-            msgs = [dict(m) for m in record["messages"]]
-            msgs[-1]["content"] = label
-            out.append(encode_record(tokenizer, {"messages": msgs}, "messages", "completion", test_file))
+    with open(resolve_data_path(test_file)) as fh:
+        for line in fh:
+            record = json.loads(line)
+            for label in ("positive", "negative"):
+                msgs = [dict(m) for m in record["messages"]]
+                msgs[-1]["content"] = label
+                out.append(encode_record(tokenizer, {"messages": msgs}, "messages", "completion", test_file))
     return out
 
 
 def main() -> None:
     from fulltune.config import ModelConfig
     from fulltune.evals import classify
-    from fulltune.evals.probes import load_probe, probe_examples
     from fulltune.evals.prefix_tree import groups, tree_row
+    from fulltune.evals.probes import load_probe, probe_examples
     from fulltune.model import load_theta0
     from fulltune.runtime import autocast_factory, resolve_precision
 

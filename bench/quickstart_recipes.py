@@ -125,8 +125,8 @@ def main() -> None:
                 rows.append(run_one(label, overrides, seed, Path(tmp), env, args.probes))
                 r = rows[-1]
                 print(
-                    f"{label} seed {seed} ({r['precision']}): {100 * r['accuracy']:.1f}%, val loss {r['val_loss']:.4f}, "
-                    f"train {r['train_s']:.0f} s, wall {r['wall_s']:.0f} s",
+                    f"{label} seed {seed} ({r['precision']}): {100 * r['accuracy']:.1f}%, "
+                    f"val loss {r['val_loss']:.4f}, train {r['train_s']:.0f} s, wall {r['wall_s']:.0f} s",
                     flush=True,
                 )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -17,10 +17,8 @@ import sys
 import time
 from collections import defaultdict
 
-import torch
-from torch.profiler import ProfilerActivity, profile
-
 from common import OLD_QUICKSTART, cpu_flags, cpu_name
+from torch.profiler import ProfilerActivity, profile
 
 KINDS = [  # (kind, operator name fragments), first match wins
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "mkldnn")),
@@ -99,7 +97,8 @@ def main() -> None:
     whole = sum(totals.values())
     print(f"CPU: {cpu_name()}, flags {' '.join(cpu_flags())}; precision {run.precision}, overrides {sys.argv[1:]}")
     print(
-        f"warm-up steps {', '.join(f'{s:.2f}' for s in warm)} s; profiled steps {', '.join(f'{s:.2f}' for s in timed)} s\n"
+        f"warm-up steps {', '.join(f'{s:.2f}' for s in warm)} s; "
+        f"profiled steps {', '.join(f'{s:.2f}' for s in timed)} s\n"
     )
     print("| kind of work | s per step | share |\n| --- | ---: | ---: |")
     for kind, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):

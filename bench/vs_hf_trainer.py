@@ -4,8 +4,9 @@ Each engine runs in its own subprocess (so peak RSS is its own) on the same toke
 training sequences (assistant-only labels), micro-batch 8, no accumulation, AdamW (fused),
 lr 5e-5 warmup+cosine, grad clip 1.0, bf16 autocast where the CPU has bf16 units, seed 0.
 A third row runs fulltune with the LM head applied at every position (as HF does) to show what
-projecting only the loss positions buys. Reports useful (non-padding) tokens/s over the training call, its wall time, peak RSS and the
-last step's loss, prints a table and appends it to docs/benchmarks.md.
+projecting only the loss positions buys. Reports useful (non-padding) tokens/s over the training
+call, its wall time, peak RSS and the last step's loss, prints a table and appends it to
+docs/benchmarks.md.
 
     .venv/bin/python bench/vs_hf_trainer.py [--steps 30] [--no-write]
 """
@@ -75,9 +76,9 @@ def run_hf(steps: int, out: Path) -> dict:
 
     from fulltune.config import load_config
     from fulltune.data.loader import collate
+    from fulltune.data.rundata import load_task_data, read_sources
     from fulltune.model import load_theta0
     from fulltune.runtime import pick_device, resolve_precision
-    from fulltune.data.rundata import load_task_data, read_sources
 
     cfg = load_config(ROOT / "configs/quickstart-2026-11.yaml", COMMON)
     model, tokenizer, _ = load_theta0(cfg.model)
@@ -143,7 +144,8 @@ def table(rows: list[dict], steps: int) -> str:
         f"fused AdamW, clip 1.0; {os.cpu_count()} CPU cores, "
         f"{platform.processor() or platform.machine()}, torch {_torch_version()}.\n"
         f"Command: `.venv/bin/python bench/vs_hf_trainer.py --steps {steps}`\n\n"
-        "| engine | precision | useful tokens/s | wall time (s) | peak RSS (GB) | final loss | mean loss, last 10 steps |\n"
+        "| engine | precision | useful tokens/s | wall time (s) | peak RSS (GB) | final loss | "
+        "mean loss, last 10 steps |\n"
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |\n"
     )
     return head + "".join(

@@ -306,14 +306,15 @@ def main() -> None:
     for name, d in report["datasets"].items():
         print(
             f"\n{name}: matmul peak {d['matmul_peak_flops'] / 1e12:.3f} TFLOP/s ({d['dtype']})\n"
-            "| engine | useful tok/s | vs HF Trainer | MFU | held-out loss | steps | peak RSS |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+            "| engine | useful tok/s | vs HF Trainer | MFU | held-out loss | steps | peak RSS |\n"
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
         )
         hf = next((r["tokens_per_s"] for r in d["rows"] if r["engine"] == "HF Trainer"), None)
         for r in d["rows"]:
             ratio = f"{r['tokens_per_s'] / hf:.2f}×" if hf else "–"
             print(
-                f"| {r['engine']} | {r['tokens_per_s']:.0f} | {ratio} | {100 * r['mfu']:.1f}% | {r['held_out_loss']:.4f} | "
-                f"{r['steps']} | {r['peak_rss_gb']:.2f} GB |"
+                f"| {r['engine']} | {r['tokens_per_s']:.0f} | {ratio} | {100 * r['mfu']:.1f}% | "
+                f"{r['held_out_loss']:.4f} | {r['steps']} | {r['peak_rss_gb']:.2f} GB |"
             )
 
 

@@ -39,6 +39,7 @@ def global_state() -> dict:
     """The process-wide state a test must leave as it found it, on every CPU kind and in any order."""
     import torch._dynamo.config
     import torch._inductor.config
+
     from fulltune.memory.measure import malloc_settings
 
     state = {"dynamo." + k: v for k, v in _config_values(torch._dynamo.config).items()}
@@ -81,14 +82,43 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-WORDS = (
-    "the movie was great fun and the plot was dull boring slow film actors good bad review "
-    "positive negative classify sentiment answer one word what is capital of france paris"
-).split()
+WORDS = [
+    "the",
+    "movie",
+    "was",
+    "great",
+    "fun",
+    "and",
+    "the",
+    "plot",
+    "was",
+    "dull",
+    "boring",
+    "slow",
+    "film",
+    "actors",
+    "good",
+    "bad",
+    "review",
+    "positive",
+    "negative",
+    "classify",
+    "sentiment",
+    "answer",
+    "one",
+    "word",
+    "what",
+    "is",
+    "capital",
+    "of",
+    "france",
+    "paris",
+]
 
 
 def make_tokenizer():

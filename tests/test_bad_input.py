@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import QUICKSTART, ROOT, sentiment_records, tiny_overrides, write_jsonl
+
 from fulltune.cli import main
 
 CASES: dict[str, tuple[str, object]] = {}  # name: (what kind of input, build(ctx) -> (extra args, expected line))
@@ -133,8 +133,8 @@ case("data", "a prompt that is not a string")(
 case("data", "every record too long, data.overlong=drop")(
     lambda c: (
         _data(_jsonl(c, "o.jsonl", [{"text": "the movie " * 100}] * 3), "data.overlong=drop"),
-        f"{c.tmp / 'o.jsonl'}: no usable sequences (0/3 sequences kept, 0 tokens (0 with loss), longest 0; truncated 0, "
-        "dropped 3 overlong, 0 with no target tokens)",
+        f"{c.tmp / 'o.jsonl'}: no usable sequences (0/3 sequences kept, 0 tokens (0 with loss), longest 0; "
+        "truncated 0, dropped 3 overlong, 0 with no target tokens)",
     )
 )
 case("data", "a directory that is not a saved dataset")(
@@ -143,7 +143,8 @@ case("data", "a directory that is not a saved dataset")(
 case("data", "a CSV row with extra fields")(
     lambda c: (
         _data(_file(c, "r.csv", "prompt,completion\na,b\nc,d,e,f\n")),
-        f"{c.tmp / 'r.csv'}: could not read records: ParserError: Error tokenizing data. C error: Expected 2 fields in line 3, saw 4",
+        f"{c.tmp / 'r.csv'}: could not read records: ParserError: Error tokenizing data. "
+        "C error: Expected 2 fields in line 3, saw 4",
     )
 )
 case("data", "a parquet file that is not parquet")(
@@ -192,8 +193,8 @@ case("config", "an unknown key")(
     lambda c: (
         ["optim.lrr=1"],
         _problem(
-            "optim.lrr: unknown key (valid: name, lr, weight_decay, betas, eps, momentum, grad_clip, cpu_offload, decay_toward, "
-            "layer_lr_decay) (set on the command line)"
+            "optim.lrr: unknown key (valid: name, lr, weight_decay, betas, eps, momentum, grad_clip, cpu_offload, "
+            "decay_toward, layer_lr_decay) (set on the command line)"
         ),
     )
 )
@@ -267,8 +268,8 @@ case("config", "an override that is not YAML")(
 case("config", "a YAML syntax error on line 3")(
     lambda c: (
         ["--config-in-test", str(_file(c, "y.yaml", "optim:\n  lr: 1\n bad: [\n"))],
-        f"fulltune: error: {c.tmp / 'y.yaml'}:3:2: not valid YAML (expected <block end>, but found '<block mapping start>', "
-        "while parsing a block mapping)",
+        f"fulltune: error: {c.tmp / 'y.yaml'}:3:2: not valid YAML (expected <block end>, "
+        "but found '<block mapping start>', while parsing a block mapping)",
     )
 )
 case("config", "a YAML file that is a list")(
@@ -394,7 +395,8 @@ _model_case(
 _model_case(
     "no tokenizer files",
     lambda p: [f.unlink() for f in p.glob("tokenizer*")],
-    "{m}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json); copy them from the base model's directory",
+    "{m}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json); "
+    "copy them from the base model's directory",
 )
 
 
@@ -422,7 +424,8 @@ case("checkpoint", "train.resume that is not a checkpoint")(
 case("checkpoint", "a checkpoint without config.yaml")(
     lambda c: (
         [f"train.resume={(p := _checkpoint_copy(c, lambda p: (p / 'config.yaml').unlink()))}"],
-        f"fulltune: error: train.resume: {p} is damaged (files differ from the manifest (missing ['config.yaml'], unexpected []))",
+        f"fulltune: error: train.resume: {p} is damaged "
+        "(files differ from the manifest (missing ['config.yaml'], unexpected []))",
     )
 )
 case("checkpoint", "a checkpoint with a damaged optimizer state")(
@@ -435,7 +438,8 @@ case("checkpoint", "a checkpoint with a damaged optimizer state")(
 case("checkpoint", "resume with a changed learning rate")(
     lambda c: (
         ["train.resume=auto", "train.overwrite=false", "optim.lr=0.5"],
-        f"fulltune: error: cannot resume from {c.run}/checkpoints/step-0000002: the config changed in ways that alter the run "
+        f"fulltune: error: cannot resume from {c.run}/checkpoints/step-0000002: "
+        "the config changed in ways that alter the run "
         "(optim.lr: 0.001 → 0.5); start a new run (another train.output_dir) instead",
     )
 )
@@ -467,7 +471,8 @@ case("output", "an empty train.output_dir")(
     lambda c: (
         ["train.output_dir="],
         _problem(
-            "train.output_dir: empty; name the run's directory (an empty one would be the current directory) (set on the command line)"
+            "train.output_dir: empty; name the run's directory (an empty one would be the current directory) "
+            "(set on the command line)"
         ),
     )
 )

@@ -8,9 +8,9 @@ import json
 
 import pytest
 import torch
+from conftest import QUICKSTART, sentiment_records, tiny_overrides, write_jsonl
 from safetensors.torch import load_file
 
-from conftest import QUICKSTART, sentiment_records, tiny_overrides, write_jsonl
 from fulltune.cli import main
 from fulltune.evals.budget import losses, within
 
@@ -43,7 +43,10 @@ def _run(tiny_dir, tmp_path, name, limits):
                         "eval.labels": "[positive, negative]",
                         "eval.probe_interval": 2,
                         "data.val_fraction": 0,
-                        "eval.probes": f"[mc:{write_jsonl(tmp_path / 'mc.jsonl', MC)}, text:{write_jsonl(tmp_path / 'gen.jsonl', TEXT)}]",
+                        "eval.probes": (
+                            f"[mc:{write_jsonl(tmp_path / 'mc.jsonl', MC)}, "
+                            f"text:{write_jsonl(tmp_path / 'gen.jsonl', TEXT)}]"
+                        ),
                         "eval.forgetting_budget": limits,
                     },
                 ),

@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
+from conftest import QUICKSTART, sentiment_records, tiny_overrides, write_jsonl
 
-from conftest import QUICKSTART, tiny_overrides, write_jsonl, sentiment_records
 from fulltune.cli import main
 
 

@@ -7,10 +7,9 @@ import json
 import math
 
 import pytest
-import torch
+from conftest import QUICKSTART, sentiment_records, tiny_overrides, write_jsonl
 from safetensors.torch import load_file
 
-from conftest import QUICKSTART, sentiment_records, tiny_overrides, write_jsonl
 from fulltune.cli import main
 from fulltune.compare_runs import _row, markdown, pareto, rows_of, run_row
 
@@ -145,7 +144,7 @@ def test_an_interpolation_directory_adds_a_row_per_alpha(capsys, runs, tiny_dir,
     capsys.readouterr()
     assert main(["compare", str(runs["slow"]), str(wise), "--out", str(tmp_path / "c.html")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [l.split(" | ")[0] for l in lines[2:5]] == [f"| {runs['slow']}", f"| {wise} α=0.5", f"| {wise} α=1"]
+    assert [line.split(" | ")[0] for line in lines[2:5]] == [f"| {runs['slow']}", f"| {wise} α=0.5", f"| {wise} α=1"]
 
 
 def test_an_interpolation_without_theta0s_scores_is_one_line(capsys, tmp_path):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from conftest import sentiment_records, tiny_overrides, write_jsonl
+
 from fulltune.config import load_config
 from fulltune.train import run_training
 
@@ -71,9 +72,11 @@ def test_inductor_avx2_code_runs_without_pattern_rewrites(tiny_dir, capsys):
     as it was (a leaked or deleted inductor key broke a later test's compile: the issue "Green on
     every machine")."""
     import platform
+
     import torch
     import torch._dynamo
     import torch._inductor.config as inductor_config
+
     from fulltune import model as M
     from fulltune.config import ModelConfig
 

@@ -2,8 +2,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_tokenizer, write_jsonl
+
 from fulltune.config import DataConfig
 from fulltune.data.formats import encode_dataset, encode_messages, encode_prompt_completion
 from fulltune.data.loader import IGNORE, StepSampler, collate

@@ -6,9 +6,8 @@ from __future__ import annotations
 import errno
 from collections import namedtuple
 
-import pytest
-
 from conftest import QUICKSTART, tiny_overrides
+
 from fulltune import atomic, checkpoint
 from fulltune.cli import main
 

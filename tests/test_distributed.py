@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import WORDS, sentiment_records, tiny_overrides, write_jsonl
 from safetensors.torch import load_file
 
-from conftest import WORDS, sentiment_records, tiny_overrides, write_jsonl
 from fulltune.config import load_config
 from fulltune.distributed import my_share
 from fulltune.train import run_training

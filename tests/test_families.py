@@ -9,8 +9,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import QUICKSTART, make_tokenizer, sentiment_records, tiny_overrides, write_jsonl
+
 from fulltune.cli import main
 from fulltune.data.formats import encode_record
 from fulltune.data.loader import collate
@@ -48,7 +48,8 @@ TEMPLATES = {  # name: (template, its special tokens)
     "qwen3": (
         "{%- set ns = namespace(last=messages|length - 1, searching=true) %}{%- for m in messages[::-1] %}"
         "{%- if ns.searching and m['role'] == 'user' %}{%- set ns.searching = false %}"
-        "{%- set ns.last = messages|length - 1 - loop.index0 %}{%- endif %}{%- endfor %}{%- for m in messages %}{%- set content = m['content'] %}"
+        "{%- set ns.last = messages|length - 1 - loop.index0 %}{%- endif %}{%- endfor %}"
+        "{%- for m in messages %}{%- set content = m['content'] %}"
         "{%- if m['role'] == 'assistant' %}{%- set reasoning = '' %}{%- if '</think>' in content %}"
         "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\n') %}"
         "{%- set content = content.split('</think>')[-1].lstrip('\n') %}{%- endif %}"
@@ -79,9 +80,11 @@ TEMPLATES = {  # name: (template, its special tokens)
     # Gemma-3: the system text opens the first user turn.
     "gemma3": (
         "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\n\n' %}"
-        "{% set loop_messages = messages[1:] %}{% else %}{% set first = '' %}{% set loop_messages = messages %}{% endif %}"
+        "{% set loop_messages = messages[1:] %}{% else %}{% set first = '' %}"
+        "{% set loop_messages = messages %}{% endif %}"
         "{% for m in loop_messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
-        "{{ '<start_of_turn>' + role + '\n' + (first if loop.first else '') + m['content'] | trim + '<end_of_turn>\n' }}"
+        "{{ '<start_of_turn>' + role + '\n' + (first if loop.first else '') + m['content'] | trim "
+        "+ '<end_of_turn>\n' }}"
         "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}",
         ["<start_of_turn>", "<end_of_turn>"],
     ),
@@ -219,8 +222,9 @@ SYSTEM_REFUSED = {  # with the system message: the line a family's template gets
     "mistral": "x.jsonl:4: the chat template leaves the system message out of the whole conversation (Mistral's v0.3 "
     "template shows it only with a final user turn), so it would not be trained on; put the system text at "
     "the start of the first user message",
-    "gemma2": "x.jsonl:4: the chat template rejected this conversation: System role not supported; this template has no "
-    "system turn: put the system text at the start of the first user message (Gemma-3's template does just that)",
+    "gemma2": "x.jsonl:4: the chat template rejected this conversation: System role not supported; "
+    "this template has no system turn: put the system text at the start of the first user message "
+    "(Gemma-3's template does just that)",
 }
 
 
@@ -248,6 +252,7 @@ def test_two_gloo_ranks_follow_the_one_process_trajectory(family_dirs, name, tmp
     """FSDP2 shards each family's decoder layers; Gemma-2 adds soft-capping, eager attention and a
     sliding window, Qwen3 its q/k norms. Packed rows, accumulation, per-layer rates, clipping."""
     from test_distributed import _assert_same_weights, _close, _losses, _torchrun
+
     from fulltune.config import load_config
     from fulltune.train import run_training
 

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import make_model, make_tokenizer
+
 from fulltune.cli import main
 from fulltune.generate import run_chat_command
 

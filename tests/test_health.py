@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
+from conftest import QUICKSTART, make_model, tiny_overrides
 from safetensors.torch import load_file
 
-from conftest import QUICKSTART, make_model, tiny_overrides
 from fulltune import checkpoint
 from fulltune.cli import main
 from fulltune.errors import UserError

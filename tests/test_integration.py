@@ -5,12 +5,12 @@ import zipfile
 
 import pytest
 import torch
+from conftest import QUICKSTART, write_jsonl
 from safetensors.torch import load_file
 
-from conftest import QUICKSTART, write_jsonl
 from fulltune import assets
-from fulltune.config import ModelConfig, load_config
 from fulltune.cli import main
+from fulltune.config import ModelConfig, load_config
 from fulltune.model import load_theta0
 from fulltune.train import run_training
 
@@ -68,6 +68,7 @@ def test_sst2_split_is_fixed():
 
 def test_prefix_tree_scores_equal_each_alone_on_the_real_model(model_dir):
     import contextlib
+
     from fulltune.evals import classify
     from fulltune.evals.probes import load_probe, probe_examples
 
@@ -100,7 +101,7 @@ def test_a_few_real_steps(tmp_path):
         ],
     )
     run = run_training(cfg)
-    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in lines if "loss" in r]
     assert len(losses) == 3 and all(0 < x < 10 for x in losses)
     first = next(r for r in lines if "loss" in r)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
+from conftest import QUICKSTART, tiny_overrides
 from safetensors.torch import load_file
 
-from conftest import QUICKSTART, tiny_overrides
 from fulltune.atomic import MANIFEST
 from fulltune.cli import main
 

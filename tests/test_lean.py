@@ -7,9 +7,10 @@ import re
 
 import pytest
 import torch
+from conftest import QUICKSTART, tiny_overrides
 from safetensors.torch import load_file
+from test_train import NOCAST, _examples
 
-from conftest import QUICKSTART, make_model, tiny_overrides
 from fulltune import distributed as D
 from fulltune.cli import main
 from fulltune.config import OptimConfig, load_config
@@ -18,7 +19,6 @@ from fulltune.memory.estimate import TrainSetup, estimate, optimizer_state_bytes
 from fulltune.memory.spec import spec_from_config
 from fulltune.optim.param_groups import build_optimizer
 from fulltune.train import run_training, train_step
-from test_train import NOCAST, _examples
 
 OPTIMIZERS = ["adamw", "sgd", "adafactor", "adamw8bit", "adamw4bit"]
 LR = {"adamw": 1e-2, "sgd": 0.5, "adafactor": 1e-2, "adamw8bit": 1e-2, "adamw4bit": 1e-2}
@@ -105,7 +105,11 @@ def test_resume_equals_straight_run_bit_for_bit(tiny_dir, chat_file, tmp_path, n
     common = a.keys() & first.keys()
     assert common and not all(torch.equal(a[k], first[k]) for k in common)  # steps 3-4 changed the weights
     losses = [
-        [json.loads(l)["loss"] for l in (tmp_path / r / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+        [
+            json.loads(line)["loss"]
+            for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in line
+        ]
         for r in "ab"
     ]
     assert losses[0] == losses[1] and len(losses[0]) == 4
@@ -262,7 +266,7 @@ def test_lean_preset_sets_its_keys_and_overrides_win(capsys, monkeypatch, tmp_pa
     assert not accum.train.optimizer_in_backward and accum.optim.grad_clip == 1.0
     monkeypatch.setattr("fulltune.runtime.cpu_has_bf16_units", lambda: True)
     assert load_config(QUICKSTART, ["train.memory=lean", "train.device=cpu"]).train.precision == "bf16"
-    run = run_training(
+    run_training(
         load_config(
             None,
             tiny_overrides(tiny_dir, chat_file, tmp_path / "l", **{"train.memory": "lean", "train.max_steps": 2})

@@ -210,6 +210,7 @@ def test_run_measures_its_first_steps_then_relaxes(tiny_dir, chat_file, tmp_path
     import json
 
     from conftest import tiny_overrides
+
     from fulltune.config import load_config
     from fulltune.train import run_training
 
@@ -277,6 +278,7 @@ def test_zero3_plan_names_the_commands():
 
 def test_a_run_that_will_not_fit_is_warned_before_loading(monkeypatch, capsys, tiny_dir, chat_file, tmp_path):
     from conftest import QUICKSTART, tiny_overrides
+
     from fulltune.memory import runcheck
 
     args = [
@@ -311,8 +313,8 @@ def test_a_run_that_will_not_fit_is_warned_before_loading(monkeypatch, capsys, t
         (
             3.0e9,
             "The estimate fits, so something else holds memory: another process on the device, or the allocator's "
-            "fragmentation (on CUDA: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True); or lower train.micro_batch_size, "
-            "or set model.activation_checkpointing=true",
+            "fragmentation (on CUDA: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True); "
+            "or lower train.micro_batch_size, or set model.activation_checkpointing=true",
         ),
     ],
 )
@@ -322,6 +324,7 @@ def test_out_of_memory_in_a_step_is_one_line_with_the_breakdown(
     """A CUDA OOM (injected: this machine has no GPU) in step 3: exit 3, one line with the estimate's
     terms, the capacity, the planner's answer for it and the step-2 checkpoint, which still verifies."""
     from conftest import QUICKSTART, tiny_overrides
+
     from fulltune import atomic, train
     from fulltune.memory import runcheck
 

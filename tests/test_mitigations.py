@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import WORDS, make_model, sentiment_records, tiny_overrides, write_jsonl
 from safetensors.torch import load_file
 
-from conftest import WORDS, make_model, sentiment_records, tiny_overrides, write_jsonl
 from fulltune.anchors import Anchor, estimate_fisher, normalise
 from fulltune.cli import main
 from fulltune.config import OptimConfig, load_config
@@ -114,7 +114,11 @@ def test_mixed_run_uses_general_data_and_resumes_bit_for_bit(tiny_dir, tmp_path)
     mixing = results["mixing"]
     assert mixing["task_sequences"] == 16 and mixing["general_sequences"] == round(16 * 0.25 / 0.75)
     assert 0 < mixing["general_target_token_share"] < 1
-    lines = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines() if "loss" in l]
+    lines = [
+        json.loads(line)
+        for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+        if "loss" in line
+    ]
     assert all(r["penalty"] >= 0 and r["theta0_distance"] > 0 for r in lines)
     # Mixing changes the run: the same config without general data ends elsewhere.
     _run(

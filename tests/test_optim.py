@@ -2,8 +2,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import make_model
+
 from fulltune.config import OptimConfig, ScheduleConfig
 from fulltune.optim.param_groups import build_optimizer, depth_from_top, param_groups
 from fulltune.optim.schedules import lr_multiplier, schedule_fn

@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
+from conftest import make_model, sentiment_records, tiny_overrides, write_jsonl
 from safetensors.torch import load_file
 
-from conftest import make_model, sentiment_records, tiny_overrides, write_jsonl
 from fulltune.config import load_config
 from fulltune.data.formats import Example
-from fulltune.data.loader import IGNORE, StepSampler, collate, count_targets
+from fulltune.data.loader import StepSampler, collate, count_targets
 from fulltune.data.packing import check_isolation, fill, pack, position_ids
 from fulltune.errors import UserError
 from fulltune.loss import _inputs, loss_sum

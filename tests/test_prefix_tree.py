@@ -5,8 +5,8 @@ import contextlib
 
 import pytest
 import torch
-
 from conftest import make_model, make_tokenizer, sentiment_records
+
 from fulltune.data.formats import Example, encode_record
 from fulltune.evals import classify
 from fulltune.evals.classify import score_sequences, tree_is_exact

@@ -1,21 +1,21 @@
 """General-skill probes: scores equal a hand computation; built-in subsets are fixed; reports add up."""
 
+import contextlib
 import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import sentiment_records, tiny_overrides, write_jsonl
 
-from conftest import QUICKSTART, make_tokenizer, sentiment_records, tiny_overrides, write_jsonl
 from fulltune.cli import main
 from fulltune.config import ModelConfig, load_config
 from fulltune.evals.classify import score_sequences
-from fulltune.evals.forgetting import ProbeSet, forgetting_report
+from fulltune.evals.forgetting import forgetting_report
 from fulltune.evals.probes import load_probe, probe_examples, summarise
 from fulltune.model import load_theta0
 from fulltune.train import run_training
-import contextlib
 
 MC = [
     {
@@ -138,7 +138,7 @@ def test_training_runs_probes_before_during_after(tiny_dir, tmp_path):
     assert set(report["probes"]) == {"mc", "t"} and "task" in report
     assert report["probes"]["mc"]["before"] == results["probes_theta0"]["mc"]["acc"]
     assert report["probes"]["t"]["after"] == results["probes_final"]["t"]["nll_per_token"]
-    lines = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "probes" in r] == [0, 2, 4]
 
 

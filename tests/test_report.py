@@ -10,8 +10,8 @@ import shutil
 import subprocess
 
 import pytest
-
 from conftest import QUICKSTART, sentiment_records, tiny_overrides, write_jsonl
+
 from fulltune.cli import main
 from fulltune.report import forgetting_figures, memory_figure, read_run, training_figures
 

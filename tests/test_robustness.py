@@ -6,11 +6,11 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import QUICKSTART, sentiment_records, tiny_overrides, write_jsonl
+
 from fulltune import atomic
-from fulltune.atomic import write_manifest
 from fulltune.assets import resolve_data_path
+from fulltune.atomic import write_manifest
 from fulltune.cli import main
 from fulltune.config import load_config
 from fulltune.data.sources import load_records
@@ -85,7 +85,8 @@ def test_resume_never_silently_restretches_the_schedule(capsys, tiny_dir, chat_f
         **{"train.max_steps": 8, "train.resume": str(ckpt), "train.allow_schedule_change": True},
     )
     assert run.state["step"] == 8 and run.state["total_steps"] == 8
-    # warmup 1 step, then cosine: at step index 2, ½(1 + cos(π·1/3)) = 0.75 over 4 steps, ½(1 + cos(π·1/7)) = 0.950 over 8.
+    # warmup 1 step, then cosine: at step index 2, ½(1 + cos(π·1/3)) = 0.75 over 4 steps,
+    # ½(1 + cos(π·1/7)) = 0.950 over 8.
     assert (
         "schedule changed (train.allow_schedule_change): 4 → 8 steps; lr at step 3: 0.00075 on the old curve → "
         "0.00095 on the new one, which ends at step 8" in capsys.readouterr().out
@@ -127,7 +128,9 @@ def test_resume_drops_checkpoints_from_an_abandoned_future(tiny_dir, chat_file, 
     )
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000001", "step-0000002"]
     steps = [
-        json.loads(l)["step"] for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l
+        json.loads(line)["step"]
+        for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line
     ]
     assert steps == [1, 2]
 
@@ -185,6 +188,7 @@ def test_hold_out_that_leaves_nothing_to_train(tiny_dir, tmp_path):
 
 def test_chat_template_refusal_is_a_clear_error(tmp_path):
     from conftest import make_tokenizer
+
     from fulltune.config import DataConfig
     from fulltune.data.formats import encode_dataset
 

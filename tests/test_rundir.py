@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 
-import pytest
-
 from conftest import QUICKSTART, tiny_overrides
+
 from fulltune.cli import main
 from fulltune.rundir import MARKER
 

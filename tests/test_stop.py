@@ -7,8 +7,8 @@ import os
 import signal
 
 import pytest
-
 from conftest import sentiment_records, tiny_overrides, write_jsonl
+
 from fulltune import train
 from fulltune.config import load_config
 from fulltune.errors import Interrupted

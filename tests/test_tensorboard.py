@@ -7,6 +7,7 @@ import json
 import shutil
 
 from conftest import QUICKSTART, tiny_overrides
+
 from fulltune.cli import main
 from fulltune.tblog import scalars
 

@@ -5,9 +5,9 @@ import json
 import re
 
 import torch
+from conftest import make_model, sentiment_records, tiny_overrides, write_jsonl
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import make_model, sentiment_records, tiny_overrides, write_jsonl
 from fulltune import throughput
 from fulltune.config import load_config
 from fulltune.data.formats import Example

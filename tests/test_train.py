@@ -1,19 +1,19 @@
+import contextlib
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_model, sentiment_records, tiny_overrides, write_jsonl
 from safetensors.torch import load_file
 
-from conftest import make_model, tiny_overrides, write_jsonl, sentiment_records
 from fulltune.config import ModelConfig, OptimConfig, load_config
-from fulltune.data.formats import Example, encode_messages
+from fulltune.data.formats import Example
 from fulltune.data.loader import collate
 from fulltune.loss import loss_sum
 from fulltune.model import load_theta0
 from fulltune.optim.param_groups import build_optimizer
 from fulltune.train import run_training, train_step
-import contextlib
 
 NOCAST = contextlib.nullcontext
 
@@ -100,9 +100,11 @@ def test_theta0_in_memory_equals_the_file_bit_for_bit(tiny_dir):
 
 
 def test_missing_weights_are_an_error(tiny_dir, tmp_path):
-    from safetensors.torch import save_file
-    from fulltune.errors import UserError
     import shutil
+
+    from safetensors.torch import save_file
+
+    from fulltune.errors import UserError
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_dir, broken)
@@ -150,7 +152,9 @@ def test_two_steps_resume_two_steps_equals_four_straight(tiny_dir, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    losses = lambda p: [json.loads(l)["loss"] for l in (p / "metrics.jsonl").read_text().splitlines() if "loss" in l]
+    losses = lambda p: [
+        json.loads(line)["loss"] for line in (p / "metrics.jsonl").read_text().splitlines() if "loss" in line
+    ]
     assert losses(tmp_path / "straight")[2:] == losses(tmp_path / "resumed")
     state = json.loads((tmp_path / "resumed" / "checkpoints" / "step-0000004" / "trainer_state.json").read_text())
     assert state["sampler"]["pos"] == 32 and state["step"] == 4  # 4 steps × 2 × 4 examples, no replay
@@ -167,7 +171,7 @@ def test_resume_auto_after_interruption_continues(tiny_dir, chat_file, tmp_path)
     before = load_file(str(tmp_path / "a" / "checkpoints" / "step-0000002" / "model.safetensors"))
     run = _run(tiny_dir, chat_file, tmp_path / "a", **extra, **{"train.resume": "auto"})
     assert run.state["step"] == 4
-    lines = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4]
     assert not torch.equal(before["model.norm.weight"], run.model.model.norm.weight)
 
@@ -196,7 +200,7 @@ def test_task_accuracy_before_and_after_in_results(tiny_dir, tmp_path):
 def test_same_seed_same_run_other_seed_other_order(tiny_dir, chat_file, tmp_path):
     def losses(name, seed):
         _run(tiny_dir, chat_file, tmp_path / name, **{"train.max_steps": 3, "train.seed": seed})
-        return [json.loads(l)["loss"] for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
     first = losses("a", 0)
     assert losses("b", 0) == first

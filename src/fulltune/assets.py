@@ -18,7 +18,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from fulltune.atomic import sha256_file as _sha256, write_dir_atomically
+from fulltune.atomic import sha256_file as _sha256
+from fulltune.atomic import write_dir_atomically
 from fulltune.errors import UserError
 
 WHEELS = {

@@ -15,8 +15,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from fulltune.errors import UserError
 
@@ -55,7 +55,10 @@ def write_failure(exc: BaseException, where: Path, needed: int) -> str | None:
             "the previous checkpoint is intact: free some space, then resume with train.resume=auto"
         )
     if code in (errno.EROFS, errno.EACCES, errno.EPERM) or not os.access(folder, os.W_OK):
-        return f"{where}: not writable ({os.strerror(code) if code else 'permission denied'}); the previous checkpoint is intact"
+        return (
+            f"{where}: not writable ({os.strerror(code) if code else 'permission denied'}); "
+            "the previous checkpoint is intact"
+        )
     return None
 
 

@@ -1,4 +1,5 @@
-"""The `fulltune` command: train | report | compare | chat | generate | eval | interpolate | memory | plan | schedule | assets | config | verify."""
+"""The `fulltune` command: train | report | compare | chat | generate | eval | interpolate | memory | plan |
+schedule | assets | config | verify."""
 
 from __future__ import annotations
 

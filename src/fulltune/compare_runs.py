@@ -47,11 +47,12 @@ def distance_to_theta0(final_dir: Path, model_path: str) -> float | None:
     where = {}
     for f in base:
         with safe_open(str(f), "pt") as fh:
-            where.update({k: f for k in fh.keys()})
+            where.update(dict.fromkeys(fh.keys(), f))
     total = 0.0
     for f in final:
         with safe_open(str(f), "pt") as fh:
-            for key in fh.keys():
+            names = fh.keys()  # a safetensors handle is not iterable itself
+            for key in names:
                 if key in where:
                     with safe_open(str(where[key]), "pt") as b:
                         total += float((fh.get_tensor(key).double() - b.get_tensor(key).double()).pow(2).sum())

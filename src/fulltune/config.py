@@ -6,6 +6,7 @@ A config holds plain values only; nothing in it can name code to import.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -293,10 +294,8 @@ def _check_value(key: str, f: dataclasses.Field, kind: type, value: Any, errors:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if kind is float and isinstance(value, str):
-        try:
+        with contextlib.suppress(ValueError):
             value = float(value)  # YAML reads 5e-5 (no dot) as a string
-        except ValueError:
-            pass
     ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
     if not ok:
         errors.append(f"{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")

@@ -75,7 +75,7 @@ def init(device_name: str) -> torch.device | None:
         torch.cuda.set_device(local)
     dist.init_process_group(backend(cuda), timeout=timedelta(minutes=30))
     if rank() != 0:  # one rank reports; errors still reach stderr
-        sys.stdout = open(os.devnull, "w")
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - replaces stdout for the rest of the process
         import datasets
         import transformers
 

@@ -7,6 +7,7 @@ one gets plain completion, said once. Greedy unless --temperature > 0 (then seed
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from dataclasses import dataclass
@@ -140,17 +141,13 @@ def read_prompts(args) -> list[list[dict]]:
 def run_generate_command(args) -> None:
     sampling, conversations = Sampling.from_args(args), read_prompts(args)
     models = _models(args)
-    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
-    try:
+    with open(args.out, "w", encoding="utf-8") if args.out else contextlib.nullcontext(sys.stdout) as out:
         for messages in conversations:
             row = {"messages": messages, "model": args.model, "output": answer(*models[0][:2], messages, sampling)}
             if len(models) > 1:
                 row.update(compare_model=args.compare, compare_output=answer(*models[1][:2], messages, sampling))
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
             out.flush()
-    finally:
-        if out is not sys.stdout:
-            out.close()
 
 
 def run_chat_command(args, read=input) -> list[list[dict]]:

@@ -127,8 +127,8 @@ def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, s
     total = cfg.train.max_steps or math.ceil(sampler.steps_per_epoch * cfg.train.epochs)
     if cfg.schedule.warmup_steps > total:
         print(
-            f"[train] warning: schedule.warmup_steps {cfg.schedule.warmup_steps} is longer than the run ({total} steps): "
-            f"the warmup is cut to {total} and the peak lr is reached only at the last step",
+            f"[train] warning: schedule.warmup_steps {cfg.schedule.warmup_steps} is longer than the run "
+            f"({total} steps): the warmup is cut to {total} and the peak lr is reached only at the last step",
             flush=True,
         )
     optimizer = build_optimizer(model, cfg.optim, precision, cfg.train.optimizer_in_backward)

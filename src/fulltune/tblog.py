@@ -23,9 +23,8 @@ def scalars(record: dict, prefix: str = "") -> dict[str, float]:
             out.update(scalars(value, tag + "/"))
         elif isinstance(value, (list, tuple)):
             out.update(scalars({str(i): v for i, v in enumerate(value)}, tag + "/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-            if math.isfinite(value):
-                out[tag] = float(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step" and math.isfinite(value):
+            out[tag] = float(value)
     return out
 
 

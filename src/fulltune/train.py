@@ -33,15 +33,15 @@ from fulltune.config import RunConfig
 from fulltune.data.loader import IGNORE, collate, count_targets
 from fulltune.data.mixture import MixedSampler
 from fulltune.errors import Interrupted, OutOfMemory, UserError
-from fulltune.loss import loss_sum
 from fulltune.evals import budget
 from fulltune.evals.during_run import finish_probes, headlines, report_task, run_probes, task_accuracy
+from fulltune.loss import loss_sum
 from fulltune.memory.measure import malloc_restored
 from fulltune.memory.runcheck import out_of_memory_line
 from fulltune.memory.runmemory import RunMemory
-from fulltune.optim.param_groups import lrs_by_name
 from fulltune.optim.in_backward import InBackward
 from fulltune.optim.optimizers import set_lr
+from fulltune.optim.param_groups import lrs_by_name
 from fulltune.run_setup import Run, setup
 from fulltune.stop import StopRequest
 from fulltune.throughput import memory_gb, peak_memory_gb, sequence_lengths

@@ -4,8 +4,9 @@ code / text probe (`humaneval: 5`: at most +5 %).
 
 With `eval.probe_interval`, every probed step is checked against it, with the task accuracy at that
 step; the best task score inside the budget is exported to RUN/best-in-budget/ (an HF directory,
-like final/); a tie goes to the one that lost less on its worst probe. θ* is checked at the end too. results.json's `budget` names the step kept, its task
-accuracy and its losses, and every step checked."""
+like final/); a tie goes to the one that lost less on its worst probe. θ* is checked at the end too.
+results.json's `budget` names the step kept, its task accuracy and its losses, and every step
+checked."""
 
 from __future__ import annotations
 

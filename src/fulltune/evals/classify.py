@@ -109,7 +109,7 @@ def tree_is_exact(model, mask: str, longest: int) -> bool:
     return exact
 
 
-_TREE_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_TREE_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def gold_labels(ds, source: str, labels: list[str]) -> tuple[str, list[int]]:

@@ -71,10 +71,8 @@ def make_malloc_honest() -> bool:
 
 def trim_malloc() -> None:
     """Hand every free page glibc holds back to the OS, so RSS is live memory again."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def relax_malloc() -> None:
@@ -114,7 +112,7 @@ class PeakMeter:
         self.paused = False
         self.pre_train: int | None = None  # RSS just before the first measured step (CPU)
 
-    def start(self) -> "PeakMeter":
+    def start(self) -> PeakMeter:
         if self.device_type == "cuda":
             import torch
 

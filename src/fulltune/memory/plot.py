@@ -42,7 +42,7 @@ def plot_setups(out: Path, setups=DEFAULT_SETUPS, gpus=("rtx4090", "a100-40gb", 
         if any(heights):
             ax.bar([label for label, _ in estimates], heights, bottom=bottoms, label=component)
             bottoms = [b + h for b, h in zip(bottoms, heights)]
-    for i, (label, est) in enumerate(estimates):
+    for i, (_label, _est) in enumerate(estimates):
         ax.text(i, bottoms[i], f"{bottoms[i]:.0f} GB", ha="center", va="bottom", fontsize=9)
     for gpu in gpus:
         name, cap = GPUS[gpu]

@@ -135,7 +135,8 @@ PRESETS: dict[str, dict] = {
         tie_word_embeddings=True,
         nominal=3.2e9,
     ),
-    # Other architectures by their own transformers class (exact counts: Qwen2's q/k/v biases, Gemma-2's four norms per layer).
+    # Other architectures by their own transformers class (exact counts: Qwen2's q/k/v biases,
+    # Gemma-2's four norms per layer).
     "qwen2.5-0.5b": dict(
         model_type="qwen2",
         hidden_size=896,
