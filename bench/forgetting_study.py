@@ -59,7 +59,7 @@ def command(name: str) -> list[str]:
 
 def distance_from_theta0(final: Path) -> float:
     """‖θ − θ0‖₂ over every parameter, from the saved weights."""
-    from fulltune.compare_runs import distance_to_theta0
+    from fulltune.commands.compare import distance_to_theta0
 
     return distance_to_theta0(final, "default")
 

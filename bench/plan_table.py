@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 
 from fulltune.memory.estimate import TrainSetup
+from fulltune.memory.gpus import GPUS
 from fulltune.memory.plan import plan
-from fulltune.memory.report import GPUS
 from fulltune.memory.spec import load_spec
 
 MODELS = [

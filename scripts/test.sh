@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh), install Debian's chromium for the report test if missing, and run the
-# whole test suite; fetches the embedded default's assets on first use for the integration tests.
+# Set up (scripts/setup.sh), install Debian's chromium for the report test if missing, check the format and
+# lint (ruff), and run the whole test suite; fetches the embedded default's assets on first use for the integration tests.
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,5 +10,8 @@ if ! command -v chromium >/dev/null 2>&1; then  # tests/test_report.py opens rep
   sudo=$([ "$(id -u)" = 0 ] || echo sudo)
   $sudo apt-get install -y -q chromium >/dev/null 2>&1 || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q chromium >/dev/null; }
 fi
+echo "[test] ruff format --check and ruff check"
+.venv/bin/ruff format --check --quiet . || { echo "[test] not formatted: run .venv/bin/ruff format"; exit 1; }
+.venv/bin/ruff check --quiet .
 .venv/bin/python -m fulltune.runtime  # the CPU, its flags, inductor's ISA and what precision auto picks
 .venv/bin/python -m pytest -q "$@"

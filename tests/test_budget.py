@@ -105,7 +105,7 @@ def test_when_nothing_stays_inside_only_theta0_does(monkeypatch, capsys, tiny_di
 def test_interpolate_finds_the_largest_alpha_inside_the_budget():
     """A code probe whose NLL grows 10 % per unit of α: a budget of 6.5 % puts the edge at α 0.65; the
     grid 0, 0.5, 1 and three bisections (0.75 out, 0.625 in, 0.6875 out) end at 0.625."""
-    from fulltune.interpolate import budget_search
+    from fulltune.commands.interpolate import budget_search
 
     scored = []
 

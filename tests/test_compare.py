@@ -11,7 +11,7 @@ from conftest import QUICKSTART, sentiment_records, tiny_overrides, write_jsonl
 from safetensors.torch import load_file
 
 from fulltune.cli import main
-from fulltune.compare_runs import _row, markdown, pareto, rows_of, run_row
+from fulltune.commands.compare import _row, markdown, pareto, rows_of, run_row
 
 MC = [
     {"context": "the movie was", "choices": [" great fun", " dull"], "gold": 0},

@@ -14,7 +14,7 @@ from conftest import QUICKSTART, make_tokenizer, sentiment_records, tiny_overrid
 from fulltune.cli import main
 from fulltune.data.formats import encode_record
 from fulltune.data.loader import collate
-from fulltune.loss import _plain_head, target_logprobs
+from fulltune.loss import plain_head, target_logprobs
 from fulltune.model import decoder_layers
 
 COMMON = dict(
@@ -165,7 +165,7 @@ def test_the_target_only_head_equals_the_models_own_logits(family_dirs, name):
     expected = torch.log_softmax(logits[:, :-1][select], -1).gather(-1, labels[select][:, None])[:, 0]
     assert torch.allclose(logp, expected, atol=1e-5), (name, (logp - expected).abs().max())
     if name.startswith("gemma"):
-        assert not _plain_head(model)  # soft-capping / scaling: the model's own logits are used
+        assert not plain_head(model)  # soft-capping / scaling: the model's own logits are used
     assert len(decoder_layers(model)) == 3
 
 

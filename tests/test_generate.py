@@ -13,7 +13,7 @@ import torch
 from conftest import make_model, make_tokenizer
 
 from fulltune.cli import main
-from fulltune.generate import run_chat_command
+from fulltune.commands.generate import run_chat_command
 
 
 def _greedy(model_dir, messages, n):

@@ -16,6 +16,7 @@ from fulltune.cli import main
 from fulltune.config import OptimConfig, load_config
 from fulltune.data.loader import collate
 from fulltune.memory.estimate import TrainSetup, estimate, optimizer_state_bytes
+from fulltune.memory.measure import state_bytes
 from fulltune.memory.spec import spec_from_config
 from fulltune.optim.param_groups import build_optimizer
 from fulltune.train import run_training, train_step
@@ -66,7 +67,7 @@ def test_measured_state_bytes_equal_the_estimate(name, precision):
         model.to(torch.bfloat16)
     opt = build_optimizer(model, OptimConfig(name=name, lr=1e-3, momentum=0.9 if name == "sgd" else 0.0), precision)
     train_step(model, opt, [collate(_examples(2, vocab=256), pad_id=2)], NOCAST, grad_clip=0.0)
-    measured = D.state_bytes(model, opt)["optimizer"]
+    measured = state_bytes(model, opt)["optimizer"]
     spec = spec_from_config(model.config, "test")
     assert measured == optimizer_state_bytes(spec, "sgd-momentum" if name == "sgd" else name, precision)
     if name != "sgd":

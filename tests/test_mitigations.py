@@ -11,12 +11,12 @@ from safetensors.torch import load_file
 
 from fulltune.anchors import Anchor, estimate_fisher, normalise
 from fulltune.cli import main
+from fulltune.commands.interpolate import blend, endpoint_weights
 from fulltune.config import OptimConfig, load_config
 from fulltune.data.formats import Example
 from fulltune.data.loader import StepSampler, collate
 from fulltune.data.mixture import MixedSampler
 from fulltune.errors import UserError
-from fulltune.interpolate import blend, endpoint_weights
 from fulltune.memory.estimate import TrainSetup, estimate
 from fulltune.memory.spec import load_spec
 from fulltune.optim.param_groups import build_optimizer

@@ -139,22 +139,6 @@ def _resolve_on_main(spec: str, run_dir: Path):
     return ("error", f"train.resume: {path} is damaged ({problem})") if problem else str(path)
 
 
-def verify_command(paths: list[Path]) -> int:
-    """`fulltune verify DIR ...`: a line per checkpoint / final model; exit 0 if all verify, else 1."""
-    targets = []
-    for p in paths:
-        if not p.is_dir():
-            raise UserError(f"{p}: not a directory")
-        inside = list_checkpoints(p) + ([p / "final"] if (p / "final").is_dir() else [])
-        targets += inside or [p]
-    bad = 0
-    for path in targets:
-        problem = checkpoint_problem(path) if (path / "trainer_state.json").is_file() else verify_dir(path)
-        bad += problem is not None
-        print(f"{path}: {'ok' if problem is None else 'DAMAGED: ' + problem}")
-    return 1 if bad else 0
-
-
 def checkpoint_problem(path: Path) -> str | None:
     """What is wrong with a checkpoint, or None. One written before manifests existed (no manifest
     and no trace of a write in progress: atomic.py renames only after the manifest) is taken as is."""

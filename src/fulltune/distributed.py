@@ -231,26 +231,6 @@ def my_share(step: list[list[int]], micro_batch: int) -> list[list[int]]:
     return out + [[] for _ in range(count - n)]
 
 
-def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """This rank's bytes of parameters, gradients and optimiser state (local shards only)."""
-
-    def nbytes(t):
-        t = local(t)
-        return t.numel() * t.element_size()
-
-    params = sum(nbytes(p) for p in model.parameters())
-    grads = sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None)
-    from fulltune.optim.optimizers import state_tensor_bytes  # torchao's quantised states: their codes and scales
-
-    opt = sum(
-        state_tensor_bytes(local(v))
-        for s in optimizer.state.values()
-        for v in s.values()
-        if torch.is_tensor(v) and v.ndim > 0
-    )
-    return {"rank": rank(), "params": params, "grads": grads, "optimizer": opt}
-
-
 def launch(nproc: int, argv: list[str]) -> int:
     """`fulltune train CONFIG --nproc G`: torchrun's launcher on this host with G processes running
     `python -m fulltune ARGV`; returns their exit status (the first failure's).

@@ -17,7 +17,7 @@ from fulltune.data.loader import IGNORE
 PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2"}
 
 
-def _plain_head(model) -> bool:
+def plain_head(model) -> bool:
     return getattr(model.config, "model_type", None) in PLAIN_HEAD_TYPES
 
 
@@ -33,7 +33,7 @@ def target_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         select = labels != IGNORE
         rows, positions = select.nonzero(as_tuple=True)  # row-major: the order of labels[select]
         targets = labels[select]
-    if _plain_head(model):
+    if plain_head(model):
         # Through the model's own forward (so FSDP2's root hooks gather and reduce its weights), with
         # the LM head's input cut down to the target positions by a pre-hook: logits for N rows, not b·s.
         def only_targets(module, args):

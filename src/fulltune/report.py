@@ -1,4 +1,4 @@
-"""`fulltune report RUN_DIR` (and the end of `fulltune train`): RUN/report.html, one self-contained
+"""RUN/report.html, written at the end of `fulltune train` and by `fulltune report RUN_DIR`:, one self-contained
 page that opens offline — plotly's JavaScript inlined once, every chart interactive. It shows the
 losses, the learning rate per parameter group, the gradient norm, throughput and MFU; memory
 predicted against measured, stacked by term; the probes before, during and after training with
@@ -14,12 +14,6 @@ from pathlib import Path
 
 from fulltune.errors import UserError
 from fulltune.evals.forgetting import gain
-
-
-def add_parser(sub) -> None:
-    r = sub.add_parser("report", help="write RUN/report.html: losses, rates, memory, forgetting, data, config")
-    r.add_argument("run_dir", help="a run directory (train.output_dir)")
-    r.add_argument("--out", help="HTML file to write (default RUN/report.html)")
 
 
 def read_run(run_dir: Path) -> dict:
@@ -270,11 +264,6 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     tmp.write_text(page(run), encoding="utf-8")
     tmp.replace(out)
     return out
-
-
-def run_report_command(args) -> None:
-    out = write_report(Path(args.run_dir).expanduser(), Path(args.out).expanduser() if args.out else None)
-    print(f"[report] {out}")
 
 
 def largest_probe_change(results: dict) -> str | None:

@@ -51,7 +51,7 @@ class FlopModel:
 
 
 def flop_model(model) -> FlopModel:
-    from fulltune.loss import _plain_head
+    from fulltune.loss import plain_head
 
     cfg = model.config
     embed = model.get_input_embeddings().weight
@@ -62,7 +62,7 @@ def flop_model(model) -> FlopModel:
     )  # matmul weights (norms: no matmul)
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return FlopModel(body, cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers, heads * head_dim, _plain_head(model))
+    return FlopModel(body, cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers, heads * head_dim, plain_head(model))
 
 
 def sequence_lengths(examples) -> list[int]:

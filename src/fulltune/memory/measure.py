@@ -187,3 +187,26 @@ class PeakMeter:
 
     def above_baseline(self, name: str) -> int:
         return self.sections.get(name, 0) - self.baseline
+
+
+def state_bytes(model, optimizer) -> dict:
+    """This rank's bytes of parameters, gradients and optimiser state (under FSDP2: its local shards only)."""
+    import torch
+
+    from fulltune.distributed import local, rank
+
+    def nbytes(t):
+        t = local(t)
+        return t.numel() * t.element_size()
+
+    params = sum(nbytes(p) for p in model.parameters())
+    grads = sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None)
+    from fulltune.optim.optimizers import state_tensor_bytes  # torchao's quantised states: their codes and scales
+
+    opt = sum(
+        state_tensor_bytes(local(v))
+        for s in optimizer.state.values()
+        for v in s.values()
+        if torch.is_tensor(v) and v.ndim > 0
+    )
+    return {"rank": rank(), "params": params, "grads": grads, "optimizer": opt}

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from fulltune.memory.estimate import GB, TrainSetup, estimate
-from fulltune.memory.report import GPUS
+from fulltune.memory.gpus import GPUS
 from fulltune.memory.spec import ModelSpec
 
 

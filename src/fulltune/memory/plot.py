@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fulltune.memory.estimate import GB, TrainSetup, estimate
-from fulltune.memory.report import GPUS
+from fulltune.memory.gpus import GPUS
 from fulltune.memory.spec import load_spec
 
 DEFAULT_SETUPS = (

@@ -5,20 +5,8 @@ from __future__ import annotations
 import math
 
 from fulltune.memory.estimate import GB, Estimate, estimate
+from fulltune.memory.gpus import GPUS
 from fulltune.memory.spec import load_spec
-
-# Marketed capacities in GB (1e9 bytes): a conservative reading (an "80 GB" A100 holds 80 GiB).
-GPUS = {
-    "rtx4090": ("RTX 4090 24GB", 24),
-    "l4": ("L4 24GB", 24),
-    "a10g": ("A10G 24GB", 24),
-    "a6000": ("A6000 48GB", 48),
-    "a100-40gb": ("A100-40GB", 40),
-    "a100-80gb": ("A100-80GB", 80),
-    "h100": ("H100 80GB", 80),
-    "h200": ("H200 141GB", 141),
-    "b200": ("B200 180GB", 180),
-}
 
 SEED_MODELS = (("LLaMA-7B", "llama-7b"), ("LLaMA-13B", "llama-13b"), ("LLaMA-70B", "llama-70b"))
 SEED_K, SEED_S, SEED_B = 12, 2048, 1
@@ -82,48 +70,3 @@ def min_gpus_zero3(spec, setup, gpu: str) -> int | None:
 
     capacity = GPUS[gpu][1] * GB
     return gpus_needed(lambda g: estimate(spec, replace(setup, gpus=g, zero_stage=3 if g > 1 else 0)).peak, capacity)
-
-
-def run_memory_command(args) -> None:
-    from fulltune.errors import UserError
-    from fulltune.memory.estimate import TrainSetup
-
-    if args.plot:
-        from pathlib import Path
-
-        from fulltune.memory.plot import plot_setups
-
-        plot_setups(Path(args.plot))
-        print(f"wrote {args.plot}")
-        return
-    if args.formula == "seed":
-        print(seed_table())
-        return
-    if args.batch < 1 or args.seq < 1 or args.gpus < 1 or not 0 < args.loss_fraction <= 1:
-        raise UserError("--batch, --seq and --gpus must be ≥ 1 and --loss-fraction in (0, 1]")
-    spec = load_spec(args.model)
-    setup = TrainSetup(
-        micro_batch=args.batch,
-        seq_len=args.seq,
-        precision=args.precision,
-        optimizer=args.optimizer,
-        fp32_grads=args.fp32_grads,
-        activation_checkpointing=args.checkpointing,
-        gpus=args.gpus,
-        zero_stage=args.zero,
-        method=args.method,
-        lora_rank=args.rank,
-        loss_fraction=args.loss_fraction,
-        device=args.device,
-        anchor=args.anchor,
-        optimizer_in_backward=args.in_backward,
-        activation_offload=args.activation_offload,
-        cpu_offload=args.cpu_offload,
-    )
-    est = estimate(spec, setup)
-    print(breakdown(est))
-    print(fits_line(est, args.gpu))
-    if args.method == "full":
-        needed = min_gpus_zero3(spec, setup, args.gpu)
-        name = GPUS[args.gpu][0]
-        print(f"fewest {name} GPUs for this setup with ZeRO-3: {needed if needed else 'more than 1024'}")

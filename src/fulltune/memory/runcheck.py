@@ -10,7 +10,7 @@ from fulltune.memory.estimate import GB, TrainSetup, estimate
 from fulltune.memory.spec import spec_from_config
 
 
-def run_setup(
+def train_setup_for(
     cfg, precision: str, device_type: str, rows: int, length: int, targets: int, grads_alive: bool = False
 ) -> TrainSetup:
     """The TrainSetup of a fulltune run for a micro-batch of rows × length with `targets` loss positions
@@ -61,7 +61,9 @@ def heaviest(model, cfg, precision: str, device_type: str, current: dict, candid
             return -1.0
         return predicted(
             model,
-            run_setup(cfg, precision, device_type, c["rows"], c["length"], c["targets"], c.get("grads_alive", False)),
+            train_setup_for(
+                cfg, precision, device_type, c["rows"], c["length"], c["targets"], c.get("grads_alive", False)
+            ),
         ).peak
 
     return max([current, *candidates], key=peak)
@@ -69,7 +71,7 @@ def heaviest(model, cfg, precision: str, device_type: str, current: dict, candid
 
 def compare(model, cfg, precision: str, meter, largest: dict, anchor_bytes: int = 0) -> dict:
     """Predicted vs measured peak for the largest micro-batch the run trained on (highest predicted peak)."""
-    setup = run_setup(
+    setup = train_setup_for(
         cfg,
         precision,
         meter.device_type,
@@ -125,7 +127,7 @@ def line(result: dict) -> str:
 def state_memory(model, cfg, precision: str, device_type: str, per_rank: list[dict], anchor_bytes: int = 0) -> dict:
     """Each rank's measured bytes of parameters, gradients and optimiser state (its shards) against the
     estimator's per-GPU figures (ZeRO-3 over the ranks when there are several)."""
-    setup = run_setup(cfg, precision, device_type, 1, 1, 1)
+    setup = train_setup_for(cfg, precision, device_type, 1, 1, 1)
     est = predicted(model, setup)
     freed = setup.optimizer_in_backward or setup.cpu_offload  # no gradient is left once the update is applied
     pred = {
@@ -180,7 +182,7 @@ def warn_if_too_big(cfg, precision: str, device) -> str | None:
     if str(cfg.model.path).endswith(".gguf"):
         return None
     rows, length = cfg.train.micro_batch_size, cfg.data.max_seq_len
-    setup = run_setup(cfg, precision, device.type, rows, length, rows * length)
+    setup = train_setup_for(cfg, precision, device.type, rows, length, rows * length)
     try:
         spec = load_spec(cfg.model.path)
     except Exception:  # noqa: BLE001 — a broken model directory is reported, in one line, when θ0 loads
@@ -203,7 +205,7 @@ def out_of_memory_line(model, cfg, precision: str, device, step: int, checkpoint
     from fulltune.memory.plan import plan
 
     rows, length = cfg.train.micro_batch_size, cfg.data.max_seq_len
-    setup = run_setup(cfg, precision, device.type, rows, length, rows * length, cfg.train.grad_accum_steps > 1)
+    setup = train_setup_for(cfg, precision, device.type, rows, length, rows * length, cfg.train.grad_accum_steps > 1)
     est = predicted(model, setup)
     parts = ", ".join(f"{t.name} {_size(t.bytes)}" for t in est.terms if t.bytes >= 0.01 * est.peak)
     total = __import__("torch").cuda.mem_get_info(device)[1] if device.type == "cuda" else available_bytes(device)

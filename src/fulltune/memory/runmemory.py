@@ -19,7 +19,7 @@ import contextlib
 
 from fulltune import distributed as D
 from fulltune.data.loader import count_targets
-from fulltune.memory.measure import PeakMeter
+from fulltune.memory.measure import PeakMeter, state_bytes
 from fulltune.memory.runcheck import compare, heaviest, line, state_memory, state_memory_line
 
 
@@ -52,7 +52,7 @@ class RunMemory:
         if not self._measure_state:
             return
         self._measure_state = False
-        per_rank = D.gather(D.state_bytes(model, optimizer))
+        per_rank = D.gather(state_bytes(model, optimizer))
         self.results["state_memory"] = state_memory(
             self.model, self.cfg, self.precision, self.meter.device_type, per_rank, self.anchor_bytes
         )

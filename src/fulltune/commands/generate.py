@@ -18,7 +18,7 @@ import torch
 from fulltune.errors import UserError
 
 
-def add_parser(sub) -> None:
+def register(sub) -> None:
     for name, text in (
         ("chat", "talk to a model in the terminal, with its chat template and streamed tokens"),
         ("generate", "generate answers for prompts (--prompt or --file), JSONL out"),
@@ -37,6 +37,7 @@ def add_parser(sub) -> None:
             p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
             p.add_argument("--file", help='JSONL: one {"prompt": ...} or {"messages": [...]} per line')
             p.add_argument("--out", help="JSONL file to write (default: standard output)")
+        p.set_defaults(run=run_chat_command if name == "chat" else run_generate_command)
 
 
 @dataclass

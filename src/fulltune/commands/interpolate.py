@@ -16,7 +16,7 @@ import torch
 from fulltune.errors import UserError
 
 
-def add_parser(sub) -> None:
+def register(sub) -> None:
     i = sub.add_parser("interpolate", help="WiSE-FT: blend θ0 and a fine-tuned model, score task and probes per α")
     i.add_argument("theta0", help="θ0: HF model dir, .gguf or 'default'")
     i.add_argument("finetuned", help="the fine-tuned model (e.g. runs/NAME/final)")
@@ -34,12 +34,13 @@ def add_parser(sub) -> None:
     i.add_argument("--save-models", action="store_true", help="also save each blended model as OUT/alpha-A")
     i.add_argument(
         "--budget",
-        help="a forgetting budget, e.g. '{arc_easy: 2, humaneval: 5}' (points / % NLL lost "
+        help="a forgetting budget, e.g. '{arc_easy: 2, humaneval: 5}' (points / %% NLL lost "
         "from θ0; default: the run's eval.forgetting_budget): find the largest α inside it",
     )
     i.add_argument(
         "--search-steps", type=int, default=3, help="bisections past the grid toward the budget's edge (default 3)"
     )
+    i.set_defaults(run=run)
 
 
 def parse_alphas(text: str) -> list[float]:
@@ -177,7 +178,7 @@ def _general_scores(probes: dict) -> dict:
     return {"general_acc": sum(mc) / len(mc) if mc else None, "text_nll": sum(text) / len(text) if text else None}
 
 
-def run_interpolate_command(args) -> None:
+def run(args) -> None:
     from fulltune.assets import resolve_data_path
     from fulltune.checkpoint import export_hf
     from fulltune.config import ModelConfig

@@ -17,7 +17,7 @@ from fulltune.evals.forgetting import forgetting_report, gain
 from fulltune.report import read_run
 
 
-def add_parser(sub) -> None:
+def register(sub) -> None:
     c = sub.add_parser(
         "compare",
         help="finished runs side by side: a markdown table and an HTML page with the "
@@ -29,6 +29,7 @@ def add_parser(sub) -> None:
         help="run directories (train.output_dir), or `fulltune interpolate` output directories (one row per α)",
     )
     c.add_argument("--out", default="compare.html", help="HTML page to write (default compare.html)")
+    c.set_defaults(run=run)
 
 
 def distance_to_theta0(final_dir: Path, model_path: str) -> float | None:
@@ -225,7 +226,7 @@ def page(rows: list[dict]) -> str:
     )
 
 
-def run_compare_command(args) -> None:
+def run(args) -> None:
     rows = [row for r in args.runs for row in rows_of(Path(r).expanduser())]
     print(markdown(rows))
     out = Path(args.out).expanduser()

@@ -8,7 +8,7 @@ from pathlib import Path
 DEFAULT_PROBES = "arc_easy,piqa,sciq,humaneval,mbpp"
 
 
-def add_parser(sub) -> None:
+def register(sub) -> None:
     e = sub.add_parser("eval", help="score general-skill probes on a model, or compare two models")
     e.add_argument("models", nargs="+", metavar="MODEL", help="HF model dir, .gguf or 'default'; two to compare")
     e.add_argument(
@@ -21,6 +21,7 @@ def add_parser(sub) -> None:
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--precision", choices=("auto", "bf16-mixed", "fp32"), default="auto")
     e.add_argument("--out", default="fulltune-eval.json", help="where to save the scores (JSON)")
+    e.set_defaults(run=run)
 
 
 def _row(name: str, summaries: list[dict]) -> str:
@@ -36,7 +37,7 @@ def _row(name: str, summaries: list[dict]) -> str:
     return f"{name:<12} {metric:<10} " + "  ".join(f"{c:>22}" for c in cells) + f"  {change}"
 
 
-def run_eval_command(args) -> None:
+def run(args) -> None:
     import torch
 
     from fulltune.config import ModelConfig

@@ -65,6 +65,20 @@ def plot_schedules(cfg: RunConfig, total: int, out: Path) -> None:
     plt.close(fig)
 
 
+def register(sub) -> None:
+    s = sub.add_parser("schedule", help="print and plot the learning-rate schedule of a config")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*")
+    s.add_argument("--out", default="schedule.png", help="PNG to write (default: schedule.png)")
+    s.set_defaults(run=run)
+
+
+def run(args) -> None:
+    from fulltune.config import load_config
+
+    run_schedule(load_config(args.config, args.overrides), Path(args.out))
+
+
 def run_schedule(cfg: RunConfig, out: Path) -> None:
     total, how = planned_steps(cfg)
     print(f"{cfg.schedule.name} schedule over {total} steps ({how})")
