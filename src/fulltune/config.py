@@ -285,8 +285,17 @@ class RunConfig:
     anchor: AnchorConfig = field(default_factory=AnchorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        # The keys a preset (train.memory: lean) set when the config was loaded; not a config key itself.
+        self.preset_keys: tuple[str, ...] = ()
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def get(self, dotted: str) -> Any:
+        """The value at a dotted key, e.g. cfg.get("optim.lr")."""
+        section, key = dotted.split(".")
+        return getattr(getattr(self, section), key)
 
 
 def _check_value(key: str, f: dataclasses.Field, kind: type, value: Any, errors: list[str]) -> Any:
@@ -358,18 +367,21 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return pairs
 
 
-def _apply_preset(raw: dict, pairs: list[tuple[str, Any]]) -> None:
-    """train.memory=lean: its settings replace the config file's; key=value overrides still win."""
+def _apply_preset(raw: dict, pairs: list[tuple[str, Any]]) -> tuple[str, ...]:
+    """train.memory=lean: its settings replace the config file's; key=value overrides still win.
+    Returns the keys it set."""
     final = copy.deepcopy(raw)  # the config as it will be, to read train.memory and grad_accum_steps from
     for key, value in pairs:
         _set_dotted(final, key, value)
     train = final.get("train")
     if not (isinstance(train, dict) and train.get("memory") == "lean"):
-        return
+        return ()
     from fulltune.runtime import lean_settings
 
-    for key, value in lean_settings(final).items():
+    settings = lean_settings(final)
+    for key, value in settings.items():
         _set_dotted(raw, key, value)
+    return tuple(settings)
 
 
 def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
@@ -395,7 +407,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         if not isinstance(raw, dict):
             raise UserError(f"{path}: the top level must be a mapping of sections")
     pairs = parse_overrides(list(overrides))
-    _apply_preset(raw, pairs)
+    preset_keys = _apply_preset(raw, pairs)
     for key, value in pairs:
         _set_dotted(raw, key, value)
     errors: list[str] = []
@@ -416,6 +428,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         raise UserError(
             f"invalid config{where} ({len(errors)} problem{'s' * (len(errors) > 1)}):\n  " + "\n  ".join(errors)
         )
+    cfg.preset_keys = preset_keys
     return cfg
 
 

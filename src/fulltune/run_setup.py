@@ -26,7 +26,7 @@ from fulltune.memory.runmemory import RunMemory
 from fulltune.model import compile_layers, load_theta0
 from fulltune.optim.param_groups import build_optimizer
 from fulltune.optim.schedules import schedule_fn
-from fulltune.runtime import autocast_factory, check_device_settings, lean_settings, pick_device, resolve_precision
+from fulltune.runtime import autocast_factory, check_device_settings, pick_device, resolve_precision
 from fulltune.throughput import FlopModel, flop_model, run_peak
 
 
@@ -88,7 +88,7 @@ def setup(cfg: RunConfig) -> Run:
         rundir.refuse_restart_over_final(run_dir, cfg.train.overwrite)
         print(f"[train] no checkpoint in {run_dir / 'checkpoints'}; starting from θ0", flush=True)
     if cfg.train.memory == "lean":
-        chosen = {k: _get(cfg, k) for k in lean_settings(cfg.to_dict())}
+        chosen = {k: cfg.get(k) for k in cfg.preset_keys}
         print("[train] memory lean: " + ", ".join(f"{k}={v}" for k, v in chosen.items()), flush=True)
     sources = read_sources(cfg)  # a missing or malformed file fails before the model loads
     too_big = warn_if_too_big(cfg, precision, device)
@@ -185,11 +185,6 @@ def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, s
         anchor,
         tblog.open_writer(run_dir, state["step"]) if cfg.train.tensorboard and D.is_main() else None,
     )
-
-
-def _get(cfg: RunConfig, dotted: str):
-    section, key = dotted.split(".")
-    return getattr(getattr(cfg, section), key)
 
 
 def _resume(path: Path, run_dir: Path, cfg: RunConfig, model, optimizer, sampler, total: int, precision: str) -> dict:
