@@ -71,7 +71,7 @@ def one(preset: str, mode: str, args, device: torch.device) -> str:
             if step == 1:
                 torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        loss, _ = train_step(model, optimizer, [batch], autocast, m["clip"])
+        loss = train_step(model, optimizer, [batch], autocast, grad_clip=m["clip"]).loss
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)

@@ -50,7 +50,7 @@ def main() -> None:
     for dtype in (
         (torch.bfloat16, torch.float32) if cpu_has_bf16_units() else (torch.float32,)
     ):  # no units: bf16 is software
-        peak = matmul_peak(torch.device("cpu"), dtype, 2048, 576, 1536)
+        peak = matmul_peak(torch.device("cpu"), dtype, rows=2048, hidden=576, inner=1536)
         for m in (1900, 3800):
             flops = seconds = 0.0
             for k, n, count in SHAPES:

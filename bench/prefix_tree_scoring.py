@@ -32,7 +32,9 @@ def candidates(tokenizer, test_file: str) -> list:
             for label in ("positive", "negative"):
                 msgs = [dict(m) for m in record["messages"]]
                 msgs[-1]["content"] = label
-                out.append(encode_record(tokenizer, {"messages": msgs}, "messages", "completion", test_file))
+                out.append(
+                    encode_record(tokenizer, {"messages": msgs}, "messages", loss_on="completion", where=test_file)
+                )
     return out
 
 
@@ -71,7 +73,9 @@ def main() -> None:
         for share in (False, True):
             classify.groups = lambda e, share=True, _s=share: real_groups(e, share=_s and share)
             t0 = time.perf_counter()
-            scores.append(classify.score_sequences(model, examples, tok.pad_token_id, 16, autocast))
+            scores.append(
+                classify.score_sequences(model, examples, pad_id=tok.pad_token_id, batch_size=16, autocast=autocast)
+            )
             seconds.append(time.perf_counter() - t0)
         classify.groups = real_groups
         totals = [totals[0] + seconds[0], totals[1] + seconds[1]]

@@ -58,6 +58,7 @@ def kind_of(name: str) -> str:
 def main() -> None:
     from fulltune import train as T
     from fulltune.config import load_config
+    from fulltune.throughput import targets
 
     over = [
         "train.output_dir=/tmp/fulltune-step-profile",
@@ -74,17 +75,15 @@ def main() -> None:
     run = T.setup(load_config(OLD_QUICKSTART, over))
 
     def step() -> float:
-        indices = run.sampler.next_step()
-        batches = T._my_batches(run, indices)
+        flat, batches = T._next_step(run)
         t0 = time.perf_counter()
         T.train_step(
             run.model,
             run.optimizer,
             batches,
             run.autocast,
-            run.cfg.optim.grad_clip,
-            None,
-            T._targets(run.examples([i for idx in indices for i in idx])),
+            grad_clip=run.cfg.optim.grad_clip,
+            n_targets=targets(run.examples(flat)),
         )
         return time.perf_counter() - t0
 

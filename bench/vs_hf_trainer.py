@@ -63,7 +63,7 @@ def run_fulltune(steps: int, out: Path, full_logits: bool = False) -> dict:
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {
         "engine": "fulltune" + (" (full logits)" if full_logits else ""),
-        "useful_tokens": run.state["tokens_seen"],
+        "useful_tokens": run.state.tokens_seen,
         "wall_s": wall,
         "final_loss": losses[-1],
         "mean_loss_last10": sum(losses[-10:]) / len(losses[-10:]),

@@ -165,9 +165,9 @@ def run_engine(engine: str, name: str, data: dict, out: Path) -> dict:
         loop(run)
         wall = time.perf_counter() - t0
         return {
-            "useful_tokens": run.state["tokens_seen"],
+            "useful_tokens": run.state.tokens_seen,
             "wall_s": wall,
-            "steps": run.state["step"],
+            "steps": run.state.step,
             "held_out_loss": held_out_loss(run.model, run.tokenizer, cfg, data["held"]),
             "precision": run.precision,
         }
@@ -250,7 +250,14 @@ def epoch_flops_and_peak(name: str, data: dict, out: Path) -> tuple[float, float
     )
     precision = resolve_precision("auto", pick_device("cpu"))
     dtype = compute_dtype(precision)
-    peak = matmul_peak(pick_device("cpu"), dtype, 2048, model.config.hidden_size, model.config.intermediate_size, 2.0)
+    peak = matmul_peak(
+        pick_device("cpu"),
+        dtype,
+        rows=2048,
+        hidden=model.config.hidden_size,
+        inner=model.config.intermediate_size,
+        seconds=2.0,
+    )
     return flops, peak, str(dtype).removeprefix("torch.")
 
 

@@ -50,8 +50,7 @@ def test_a_parser_error_is_said_once(tiny_dir, tmp_path):
     bars = re.compile(r"[^\r\n]*(it|examples)/s\]")  # tqdm's bars; a log line may follow one on the same line
     said = [line for line in bars.sub("", proc.stderr.replace("\r", "\n")).splitlines() if line.strip()]
     assert said == [
-        f"fulltune: error: {ragged}: could not read records: ParserError: Error tokenizing data. C error: "
-        "Expected 2 fields in line 3, saw 4"
+        f"fulltune: error: {ragged}:3: 4 fields, but the header has 2; a cell holding a comma must be in double quotes"
     ], said
 
 
@@ -125,5 +124,123 @@ def test_overrides_may_follow_an_option(capsys, tmp_path):
     out = tmp_path / "lr.png"
     assert main(["schedule", QUICKSTART, "--out", str(out), "train.max_steps=77", "schedule.name=constant"]) == 0
     assert "constant schedule over 77 steps" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main(["schedule", QUICKSTART, "--bogus"])
+    assert main(["schedule", QUICKSTART, "--bogus"]) == 2
+    assert capsys.readouterr().err == (
+        "fulltune: error: schedule: unrecognized arguments: --bogus (see fulltune schedule --help)\n"
+    )
+
+
+# ---- every verb's --help, and its usage errors, derived from the real parser --------------------------------------
+def _verbs() -> dict:
+    from fulltune.cli import parser, verb_parsers
+
+    return verb_parsers(parser())
+
+
+def test_the_parser_has_every_verb_module():
+    """chat and generate come from one module (generate); every other verb is its module's name."""
+    from fulltune.commands import VERBS
+
+    assert set(_verbs()) == (set(VERBS) | {"chat"}) and len(_verbs()) == 13
+
+
+def test_help_of_fulltune_itself_as_a_process():
+    proc = subprocess.run([sys.executable, "-m", "fulltune", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout.startswith("usage: fulltune [-h]")
+    for verb in _verbs():
+        assert f"    {verb}" in proc.stdout, verb  # each verb listed with its one-line help
+
+
+@pytest.mark.parametrize("verb", list(_verbs()))
+def test_help_of_every_verb(capsys, verb):
+    assert main([verb, "--help"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"usage: fulltune {verb} [-h]") and err == ""
+    assert not [a.dest for a in _verbs()[verb]._actions if not a.help], "every argument says what it is for"
+
+
+def _usage_errors(verb: str, p) -> list[tuple[list[str], str]]:
+    """(argv, the message after `fulltune: error: VERB: `) for each way to call VERB wrongly: without its
+    required arguments, with an unknown option, a non-number for each numeric option, a value outside each
+    option's choices."""
+    positionals = [a for a in p._actions if not a.option_strings and a.required]
+    fillers = ["x"] * len(positionals)  # parse, never run: every call below fails in the parser
+    cases = [([verb, *fillers, "--no-such-option"], "unrecognized arguments: --no-such-option")]
+    if positionals:
+        names = ", ".join(a.metavar or a.dest for a in positionals)
+        cases.append(([verb], f"the following arguments are required: {names}"))
+    for a in p._actions:
+        if a.option_strings and a.type in (int, float):
+            cases.append(
+                ([verb, *fillers, a.option_strings[0], "abc"], f"argument {a.option_strings[0]}: invalid "
+                 f"{a.type.__name__} value: 'abc'")
+            )  # fmt: skip
+        elif a.option_strings and a.choices:
+            shown = ", ".join(repr(c) for c in a.choices)
+            cases.append(
+                ([verb, *fillers, a.option_strings[0], "nope"], f"argument {a.option_strings[0]}: invalid choice: "
+                 f"'nope' (choose from {shown})")
+            )  # fmt: skip
+    return cases
+
+
+@pytest.mark.parametrize("verb", list(_verbs()))
+def test_every_usage_error_of_every_verb_is_one_line(capsys, verb):
+    cases = _usage_errors(verb, _verbs()[verb])
+    assert len(cases) >= 1
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        out, err = capsys.readouterr()
+        assert out == "" and err == f"fulltune: error: {verb}: {message} (see fulltune {verb} --help)\n", argv
+
+
+def test_usage_errors_without_a_verb(capsys):
+    assert main([]) == 2
+    assert capsys.readouterr().err == (
+        "fulltune: error: no verb given (one of " + ", ".join(_verbs()) + ") (see fulltune --help)\n"
+    )
+    assert main(["trian"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fulltune: error: argument command: invalid choice: 'trian' (choose from 'train', ")
+    assert err.count("\n") == 1
+
+
+def test_a_usage_error_as_a_process_is_one_line(tmp_path):
+    """argparse used to print its usage and then `fulltune train: error: ...`: two lines, no `fulltune: error:`."""
+    proc = subprocess.run([sys.executable, "-m", "fulltune", "train"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == (
+        "fulltune: error: train: the following arguments are required: config (see fulltune train --help)\n"
+    )
+
+
+def test_chat_with_standard_input_closed_ends_cleanly(tiny_dir):
+    """`fulltune chat MODEL < /dev/null`: end of input at the first prompt is the end of the chat."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "fulltune", "chat", str(tiny_dir)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout.splitlines()[-2:] == ["you> ", "[chat] end of input; bye"]
+
+
+def test_schedule_refuses_an_implausible_length_and_plots_a_long_one(capsys, tmp_path, chat_file):
+    out = tmp_path / "lr.png"
+    assert main(["schedule", QUICKSTART, "train.epochs=1e9", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "  train.epochs: 1e+09 epochs is at least 1,000,000,000 optimiser steps (one or more each), more than "
+        "10,000,000; if you mean it, set train.allow_long_run=true (set on the command line)"
+    )
+    assert main(["schedule", QUICKSTART, f"data.train={chat_file}", "train.epochs=2e6", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (  # after datasets' progress bar
+        "fulltune: error: train.epochs: 2e+06 epochs of 24 records at 2×1 sequences a step is about 24,000,000 "
+        "optimiser steps, more than 10,000,000; if you mean it, set train.allow_long_run=true"
+    )
+    assert not out.exists()
+    args = ["train.max_steps=50000000", "train.allow_long_run=true", "--out", str(out)]
+    assert main(["schedule", QUICKSTART, *args]) == 0  # allowed: the plot samples the curve, never 5e7 points
+    assert "cosine schedule over 50000000 steps" in capsys.readouterr().out
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

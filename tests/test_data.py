@@ -117,3 +117,30 @@ def test_collate_masks_padding_by_length_not_by_id():
     assert batch["labels"].tolist() == [[IGNORE, 6, eos], [IGNORE, IGNORE, IGNORE]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert torch.equal(batch["input_ids"][1], torch.tensor([7, eos, eos]))
+
+
+def test_a_byte_order_mark_is_not_data(tmp_path):
+    """Windows editors and Excel's "CSV UTF-8" start a file with a BOM; it is not part of the first key."""
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "d.jsonl").write_bytes(bom + b'{"text": "a"}\n{"text": "b"}\n')
+    (tmp_path / "d.csv").write_bytes(bom + b"prompt,completion\na,b\n")
+    (tmp_path / "d.json").write_bytes(bom + b'[{"text": "a"}]')
+    assert load_records(str(tmp_path / "d.jsonl"))["text"] == ["a", "b"]
+    assert load_records(str(tmp_path / "d.csv"))[0] == {"prompt": "a", "completion": "b"}
+    assert load_records(str(tmp_path / "d.json"))["text"] == ["a"]
+
+
+def test_an_uppercase_suffix_is_read(tmp_path):
+    (tmp_path / "D.JSONL").write_text('{"text": "a"}\n')
+    assert load_records(str(tmp_path / "D.JSONL"))["text"] == ["a"]
+
+
+def test_a_csv_record_is_named_by_the_line_it_starts_on(tmp_path):
+    """Quoted cells may span lines and blank lines are skipped: record N's line is counted, not guessed."""
+    from fulltune.data.sources import row_location
+
+    path = tmp_path / "d.csv"
+    path.write_text('prompt,completion\n"two\nlines",positive\n\nx,negative\n')
+    assert len(load_records(str(path))) == 2
+    assert [row_location(str(path), i) for i in (0, 1)] == [f"{path}:2", f"{path}:5"]
+    assert row_location(str(tmp_path / "d.parquet"), 0) == f"{tmp_path / 'd.parquet'} (record 1)"

@@ -155,7 +155,7 @@ def test_the_target_only_head_equals_the_models_own_logits(family_dirs, name):
 
     model = AutoModelForCausalLM.from_pretrained(family_dirs[name], dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(family_dirs[name])
-    examples = [encode_record(tok, r, "messages", "completion", "x") for r in sentiment_records(3)]
+    examples = [encode_record(tok, r, "messages", loss_on="completion", where="x") for r in sentiment_records(3)]
     batch = collate(examples, tok.pad_token_id)
     with torch.no_grad():
         logp, rows = target_logprobs(model, batch)
@@ -236,10 +236,10 @@ def test_each_familys_template_masks_exactly_the_assistant_turns(name):
     for conversation in (CONVERSATION[1:], CONVERSATION):
         if conversation is CONVERSATION and name in SYSTEM_REFUSED:
             with pytest.raises(UserError) as refused:
-                encode_record(tok, {"messages": conversation}, "messages", "completion", "x.jsonl:4")
+                encode_record(tok, {"messages": conversation}, "messages", loss_on="completion", where="x.jsonl:4")
             assert str(refused.value) == SYSTEM_REFUSED[name]
             continue
-        ex = encode_record(tok, {"messages": conversation}, "messages", "completion", "x.jsonl:4")
+        ex = encode_record(tok, {"messages": conversation}, "messages", loss_on="completion", where="x.jsonl:4")
         whole = tok.apply_chat_template(conversation, tokenize=False)
         assert ex.input_ids == tok(whole, add_special_tokens=False)["input_ids"]  # the one whole rendering
         assert tok.decode([t for t, m in zip(ex.input_ids, ex.target_mask) if m]) == TARGETS[name]

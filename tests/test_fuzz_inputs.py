@@ -88,7 +88,7 @@ def test_any_csv(tokenizer, rows, header):
 @given(st.lists(MESSAGE, max_size=4) | JSON)
 def test_the_chat_formatter_on_any_messages(tokenizer, messages):
     try:
-        ex = encode_record(tokenizer, {"messages": messages}, "messages", "completion", "f.jsonl:1")
+        ex = encode_record(tokenizer, {"messages": messages}, "messages", loss_on="completion", where="f.jsonl:1")
     except UserError as exc:
         assert str(exc).startswith("f.jsonl:1: "), str(exc)
         return
@@ -100,7 +100,7 @@ def test_the_chat_formatter_on_any_messages(tokenizer, messages):
 def test_the_assistant_mask_is_exactly_the_assistant_text(tokenizer, messages, loss_on):
     """For well-formed conversations the targets decode to the assistant turns, each with its end marker."""
     try:
-        ex = encode_record(tokenizer, {"messages": messages}, "messages", loss_on, "f.jsonl:1")
+        ex = encode_record(tokenizer, {"messages": messages}, "messages", loss_on=loss_on, where="f.jsonl:1")
     except UserError as exc:
         assert str(exc).startswith("f.jsonl:1: "), str(exc)
         return

@@ -34,7 +34,9 @@ def test_a_nonfinite_gradient_never_reaches_the_weights():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     hook = model.model.layers[1].mlp.up_proj.weight.register_hook(lambda g: g * float("nan"))
-    loss, norm = train_step(model, optimizer, [_batch(64)], contextlib.nullcontext, grad_clip=1.0)
+    r = train_step(model, optimizer, [_batch(64)], contextlib.nullcontext, grad_clip=1.0)
+    loss, norm = r.loss, r.grad_norm
+    assert not r.applied and not r.finite
     assert loss == pytest.approx(loss) and loss > 0 and norm != norm  # the loss is finite, the norm NaN
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert optimizer.state == {} and all(p.grad is None for p in model.parameters())
@@ -123,5 +125,8 @@ def test_nonfinite_weights_are_never_written(tmp_path):
         checkpoint.export_hf(model, None, tmp_path / "final")
     (tmp_path / "config.yaml").write_text("{}")
     with pytest.raises(UserError, match=f"checkpoint {tmp_path / 'checkpoints' / 'step-0000005'}: not written"):
-        checkpoint.save_checkpoint(tmp_path, 5, model, torch.optim.AdamW(model.parameters()), {"step": 5}, keep=2)
+        checkpoint.save_checkpoint(
+            tmp_path, step=5, model=model, optimizer=torch.optim.AdamW(model.parameters()),
+            trainer_state={"step": 5}, keep=2,
+        )  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]

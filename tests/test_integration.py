@@ -74,9 +74,14 @@ def test_prefix_tree_scores_equal_each_alone_on_the_real_model(model_dir):
 
     model, tok, _ = load_theta0(ModelConfig(path=str(model_dir)), verbose=False)
     examples = probe_examples(load_probe("sciq", 6), tok)  # 4 choices after a long support paragraph
-    tree = classify.score_sequences(model, examples, tok.pad_token_id, 4, contextlib.nullcontext)
+    tree = classify.score_sequences(
+        model, examples, pad_id=tok.pad_token_id, batch_size=4, autocast=contextlib.nullcontext
+    )
     assert classify._TREE_CHECKED[model] is True
-    alone = [classify.score_sequences(model, [e], tok.pad_token_id, 1, contextlib.nullcontext)[0] for e in examples]
+    alone = [
+        classify.score_sequences(model, [e], pad_id=tok.pad_token_id, batch_size=1, autocast=contextlib.nullcontext)[0]
+        for e in examples
+    ]
     assert tree == pytest.approx(alone, rel=1e-5, abs=1e-4)
 
 
@@ -125,7 +130,7 @@ def test_a_few_real_steps(tmp_path):
     assert packed["sequences"] > 2 * packed["rows"] and packed["fill"] > 0.8
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
     assert [p.name for p in sorted((tmp_path / "run" / "checkpoints").iterdir())] == ["step-0000002", "step-0000003"]
-    assert run.state["tokens_seen"] > run.state["target_tokens_seen"] > 0
+    assert run.state.tokens_seen > run.state.target_tokens_seen > 0
     memory = results["memory"]
     assert memory["predicted_peak_gb"] > 1.5 and memory["measured_peak_gb"] > 1.5  # 16N alone is 2.2 GB
     assert abs(memory["error_pct"]) < 25

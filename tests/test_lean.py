@@ -52,7 +52,7 @@ def test_each_optimizer_lowers_the_loss_and_moves_every_parameter(name):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = build_optimizer(model, OptimConfig(name=name, lr=LR[name]))
     batch = [collate(_examples(4, vocab=256), pad_id=2)]
-    losses = [train_step(model, opt, batch, NOCAST, grad_clip=0.0)[0] for _ in range(5)]
+    losses = [train_step(model, opt, batch, NOCAST, grad_clip=0.0).loss for _ in range(5)]
     assert losses[-1] < losses[0] - 0.05, losses
     assert [n for n, p in model.named_parameters() if torch.equal(p, before[n])] == []
 
@@ -124,8 +124,11 @@ def test_step_in_backward_equals_the_ordinary_step(name):
     ordinary, fused = build_optimizer(a, cfg), build_optimizer(b, cfg, in_backward=True)
     for step in range(3):
         batch = [collate(_examples(4, vocab=256, seed=step), pad_id=2)]
-        loss_a, norm_a = train_step(a, ordinary, batch, NOCAST, grad_clip=0.0)
-        loss_b, norm_b = train_step(b, fused, batch, NOCAST, grad_clip=0.0)
+        ra, rb = (
+            train_step(a, ordinary, batch, NOCAST, grad_clip=0.0),
+            train_step(b, fused, batch, NOCAST, grad_clip=0.0),
+        )
+        (loss_a, norm_a), (loss_b, norm_b) = (ra.loss, ra.grad_norm), (rb.loss, rb.grad_norm)
         assert loss_a == pytest.approx(loss_b, rel=1e-6) and norm_a == pytest.approx(norm_b, rel=1e-6)
         assert all(p.grad is None for p in b.parameters())  # freed inside backward
     for pa, pb in zip(a.parameters(), b.parameters()):

@@ -249,8 +249,9 @@ def test_memory_check_picks_the_micro_batch_with_the_highest_predicted_peak(tiny
     wide = {"rows": 8, "length": 40, "targets": 8, "grads_alive": False}
     dense = {"rows": 8, "length": 38, "targets": 8 * 38, "grads_alive": False}  # fewer tokens, all with loss
     later = {**wide, "grads_alive": True}
-    assert heaviest(model, cfg, "fp32", "cpu", {"rows": 0}, [wide, dense]) == dense
-    assert heaviest(model, cfg, "fp32", "cpu", {"rows": 0}, [wide, later]) == later
+    kw = {"precision": "fp32", "device_type": "cpu", "current": {"rows": 0}}
+    assert heaviest(model, cfg, **kw, candidates=[wide, dense]) == dense
+    assert heaviest(model, cfg, **kw, candidates=[wide, later]) == later
 
 
 def test_zero3_terms_follow_fsdp2():

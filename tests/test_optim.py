@@ -11,18 +11,30 @@ from fulltune.optim.schedules import lr_multiplier, schedule_fn
 
 def test_cosine_schedule_values():
     T, W = 100, 10
-    assert lr_multiplier(0, T, W, "cosine", 0.1) == pytest.approx(0.1)  # (0+1)/10
-    assert lr_multiplier(W - 1, T, W, "cosine", 0.1) == pytest.approx(1.0)  # end of warmup
-    assert lr_multiplier(W, T, W, "cosine", 0.1) == pytest.approx(1.0)
-    assert lr_multiplier(55, T, W, "cosine", 0.1) == pytest.approx(0.1 + 0.9 * 0.5)  # middle of decay
-    assert lr_multiplier(T, T, W, "cosine", 0.1) == pytest.approx(0.1)  # end: min_lr
-    assert lr_multiplier(T - 1, T, W, "cosine", 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert lr_multiplier(0, total_steps=T, warmup=W, name="cosine", min_ratio=0.1) == pytest.approx(0.1)  # (0+1)/10
+    assert lr_multiplier(W - 1, total_steps=T, warmup=W, name="cosine", min_ratio=0.1) == pytest.approx(
+        1.0
+    )  # end of warmup
+    assert lr_multiplier(W, total_steps=T, warmup=W, name="cosine", min_ratio=0.1) == pytest.approx(1.0)
+    assert lr_multiplier(55, total_steps=T, warmup=W, name="cosine", min_ratio=0.1) == pytest.approx(
+        0.1 + 0.9 * 0.5
+    )  # middle of decay
+    assert lr_multiplier(T, total_steps=T, warmup=W, name="cosine", min_ratio=0.1) == pytest.approx(0.1)  # end: min_lr
+    assert lr_multiplier(T - 1, total_steps=T, warmup=W, name="cosine", min_ratio=0.0) == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * 89 / 90))
+    )
 
 
 def test_constant_and_linear():
-    assert [lr_multiplier(s, 20, 4, "constant", 0.0) for s in (0, 3, 4, 19, 20)] == [0.25, 1.0, 1.0, 1.0, 1.0]
-    assert lr_multiplier(12, 20, 4, "linear", 0.0) == pytest.approx(0.5)
-    assert lr_multiplier(20, 20, 4, "linear", 0.2) == pytest.approx(0.2)
+    assert [lr_multiplier(s, total_steps=20, warmup=4, name="constant", min_ratio=0.0) for s in (0, 3, 4, 19, 20)] == [
+        0.25,
+        1.0,
+        1.0,
+        1.0,
+        1.0,
+    ]
+    assert lr_multiplier(12, total_steps=20, warmup=4, name="linear", min_ratio=0.0) == pytest.approx(0.5)
+    assert lr_multiplier(20, total_steps=20, warmup=4, name="linear", min_ratio=0.2) == pytest.approx(0.2)
 
 
 def test_schedule_fn_uses_absolute_min_lr_and_ratio_warmup():

@@ -123,19 +123,19 @@ def test_grouped_batches_hold_every_sequence_once_per_epoch_with_less_padding():
                 real += sum(lengths[i] for i in b)
         return 1 - real / pad
 
-    grouped, plain = StepSampler(300, 8, 2, 5, lengths), StepSampler(300, 8, 2, 5)
+    grouped, plain = StepSampler(300, 8, 2, 5, lengths=lengths), StepSampler(300, 8, 2, 5)
     for epoch in range(2):
         seen = [i for _ in range(grouped.steps_per_epoch) for b in grouped.next_step() for i in b]
         assert sorted(seen) == list(range(300)), epoch
-    grouped = StepSampler(300, 8, 2, 5, lengths)
+    grouped = StepSampler(300, 8, 2, 5, lengths=lengths)
     assert padding(grouped) < 0.1 < 0.3 < padding(plain)
-    a, b = StepSampler(300, 8, 2, 5, lengths), StepSampler(300, 8, 2, 5, lengths)
+    a, b = StepSampler(300, 8, 2, 5, lengths=lengths), StepSampler(300, 8, 2, 5, lengths=lengths)
     for _ in range(7):
         a.next_step()
     b.load_state_dict(a.state_dict())  # resumable: the state is (epoch, pos)
     assert [a.next_step() for _ in range(30)] == [b.next_step() for _ in range(30)]
     with pytest.raises(UserError, match="grouped False → True"):
-        StepSampler(300, 8, 2, 5, lengths).load_state_dict(StepSampler(300, 8, 2, 5).state_dict())
+        StepSampler(300, 8, 2, 5, lengths=lengths).load_state_dict(StepSampler(300, 8, 2, 5).state_dict())
 
 
 @pytest.mark.parametrize("key", ["data.packing", "data.group_by_length"])

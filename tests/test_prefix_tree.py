@@ -28,7 +28,7 @@ def _candidates(tok, records, labels=("positive", "negative")):
         for label in labels:
             msgs = [dict(m) for m in r["messages"]]
             msgs[-1]["content"] = label
-            out.append(encode_record(tok, {"messages": msgs}, "messages", "completion", "test"))
+            out.append(encode_record(tok, {"messages": msgs}, "messages", loss_on="completion", where="test"))
     return out
 
 
@@ -58,7 +58,7 @@ def test_tree_scores_equal_each_candidate_alone(attn, monkeypatch):
     ]  # other contexts: alone
     assert groups(examples)[:7] == [[2 * i, 2 * i + 1] for i in range(7)]
     assert groups(examples)[7:] == [[14, 15, 16], [17], [18]]
-    tree = score_sequences(model, examples, tok.pad_token_id, 3, contextlib.nullcontext)
+    tree = score_sequences(model, examples, pad_id=tok.pad_token_id, batch_size=3, autocast=contextlib.nullcontext)
     assert tree == pytest.approx(_alone(model, examples, tok.pad_token_id), rel=1e-5, abs=1e-5)
     assert all(s < 0 for s in tree)
     assert max(seen) == 3  # scored as trees (not the fallback), the three-branch row included
@@ -98,9 +98,9 @@ def test_a_sliding_window_shorter_than_the_row_scores_each_alone(monkeypatch):
     examples = _candidates(tok, sentiment_records(3, seed=1))
     model.config.sliding_window = 4  # shorter than any row: the model's own 2D path must apply it
     seen = _branches_per_row(monkeypatch)
-    score_sequences(model, examples, tok.pad_token_id, 2, contextlib.nullcontext)
+    score_sequences(model, examples, pad_id=tok.pad_token_id, batch_size=2, autocast=contextlib.nullcontext)
     assert seen and max(seen) == 1  # never more than one branch per row
     model.config.sliding_window = None
     seen.clear()
-    score_sequences(model, examples, tok.pad_token_id, 2, contextlib.nullcontext)
+    score_sequences(model, examples, pad_id=tok.pad_token_id, batch_size=2, autocast=contextlib.nullcontext)
     assert max(seen) == 2

@@ -41,7 +41,7 @@ def test_choice_loglikelihood_equals_log_softmax_by_hand(tiny_dir, tmp_path):
     model, tok, _ = load_theta0(ModelConfig(path=str(tiny_dir)), verbose=False)
     probe = load_probe(f"mc:{write_jsonl(tmp_path / 'mc.jsonl', MC)}", n=0)
     examples = probe_examples(probe, tok)
-    scores = score_sequences(model, examples, tok.pad_token_id, 2, contextlib.nullcontext)
+    scores = score_sequences(model, examples, pad_id=tok.pad_token_id, batch_size=2, autocast=contextlib.nullcontext)
     hand = [_by_hand(model, tok, it["context"], c) for it in MC for c in it["choices"]]
     assert scores == pytest.approx(hand, rel=1e-5)
     summary = summarise(probe, examples, scores)
@@ -53,7 +53,11 @@ def test_text_probe_nll_and_bits_per_byte_by_hand(tiny_dir, tmp_path):
     model, tok, _ = load_theta0(ModelConfig(path=str(tiny_dir)), verbose=False)
     probe = load_probe(f"text:{write_jsonl(tmp_path / 't.jsonl', TEXT)}", n=0)
     examples = probe_examples(probe, tok)
-    summary = summarise(probe, examples, score_sequences(model, examples, tok.pad_token_id, 4, contextlib.nullcontext))
+    summary = summarise(
+        probe,
+        examples,
+        score_sequences(model, examples, pad_id=tok.pad_token_id, batch_size=4, autocast=contextlib.nullcontext),
+    )
     hand = [
         _by_hand(model, tok, "the movie was", " great fun"),
         _by_hand(model, tok, "", "positive review of the film"),

@@ -55,7 +55,7 @@ def test_a_resume_may_switch_on_activation_checkpointing(tiny_dir, chat_file, tm
         tmp_path / "r",
         **{"train.max_steps": 4, "train.resume": "auto", "model.activation_checkpointing": True},
     )
-    assert run.state["step"] == 4 and run.cfg.model.activation_checkpointing
+    assert run.state.step == 4 and run.cfg.model.activation_checkpointing
     a, b = (load_file(str(tmp_path / d / "final" / "model.safetensors")) for d in ("straight", "r"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -84,7 +84,7 @@ def test_resume_never_silently_restretches_the_schedule(capsys, tiny_dir, chat_f
         out,
         **{"train.max_steps": 8, "train.resume": str(ckpt), "train.allow_schedule_change": True},
     )
-    assert run.state["step"] == 8 and run.state["total_steps"] == 8
+    assert run.state.step == 8 and run.state.total_steps == 8
     # warmup 1 step, then cosine: at step index 2, ½(1 + cos(π·1/3)) = 0.75 over 4 steps,
     # ½(1 + cos(π·1/7)) = 0.950 over 8.
     assert (
@@ -224,3 +224,38 @@ def test_atomic_dir_restores_the_old_copy_if_interrupted_between_renames(tmp_pat
     monkeypatch.setattr(atomic.os, "replace", real_replace)
     assert (final / "weights").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def test_a_run_longer_than_a_day_at_the_measured_matmul_peak_asks_first(tiny_dir, tmp_path, monkeypatch, capsys):
+    """train.allow_long_run: 50 tiny steps on a machine that measured 1 kFLOP/s is more than a day even
+    at that peak; refused in one line before anything is written, and run when allowed."""
+    from fulltune import run_setup
+
+    monkeypatch.setattr(run_setup, "run_peak", lambda *args: 1e3)
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(24))
+    args = ["train", str(config), *tiny_overrides(tiny_dir, data, tmp_path / "run", **{"train.max_steps": 50})]
+    assert main(args) == 2
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if line.startswith("fulltune")]
+    assert (
+        "Traceback" not in stderr
+        and len(err) == 1
+        and err[0].startswith("fulltune: error: train.epochs / train.max_steps: 50 optimiser steps ")
+    )
+    assert "hours here" in err[0] and err[0].endswith("more than a day; if you mean it, set train.allow_long_run=true")
+    assert not (tmp_path / "run").exists()  # nothing written, and the directory it made for the lock removed
+    assert main([*args, "train.allow_long_run=true", "train.max_steps=2"]) == 0
+
+
+def test_the_time_rule_is_a_lower_bound_at_the_peak():
+    from fulltune.config import load_config
+    from fulltune.config_checks import check_run_time
+
+    cfg = load_config(None)
+    check_run_time(cfg, total_steps=86_400, epoch_flops=10.0, steps_per_epoch=10, peak=1.0)  # exactly a day: runs
+    with pytest.raises(UserError, match="at least 24 hours here"):
+        check_run_time(cfg, total_steps=86_401 * 10, epoch_flops=10.0, steps_per_epoch=10, peak=10.0)
+    cfg.train.allow_long_run = True
+    check_run_time(cfg, total_steps=10**9, epoch_flops=1e12, steps_per_epoch=1, peak=1.0)

@@ -127,3 +127,107 @@ def test_an_overwrite_that_fails_keeps_the_replaced_run(capsys, tiny_dir, chat_f
     assert (out / ".previous-run" / "final" / "model.safetensors").read_bytes() == good
     assert main(_args(tiny_dir, chat_file, out, **{"train.overwrite": "true", "train.max_steps": 3})) == 0
     assert not (out / ".previous-run").exists() and (out / "final" / "model.safetensors").read_bytes() != good
+
+
+# ---- one run at a time in a directory (rundir.claim_run_dir: flock on the directory) -------------------------------
+HOLD = (
+    "import sys, time; from pathlib import Path; from fulltune import rundir; rundir.lock_run_dir(Path(sys.argv[1])); "
+)
+HOLD += "print('locked', flush=True); time.sleep(600)"
+
+
+def _holder(path):
+    """A second process that takes the directory's lock the way a run does, and keeps it."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "locked\n"
+    return proc
+
+
+def _snapshot(path):
+    return {p: p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_a_run_into_a_directory_another_process_holds_is_refused(capsys, tiny_dir, chat_file, tmp_path):
+    out = tmp_path / "r"
+    assert main(_args(tiny_dir, chat_file, out)) == 0
+    before = _snapshot(out)
+    holder = _holder(out)
+    try:
+        for extra in ({"train.overwrite": "true"}, {"train.resume": "auto"}, {}):
+            assert _refused(capsys, _args(tiny_dir, chat_file, out, **extra)) == (
+                f"fulltune: error: train.output_dir: {out} is in use by another fulltune run (PID {holder.pid}); "
+                "wait for it to end or stop it, or pick another train.output_dir"
+            )
+        assert _snapshot(out) == before and not (out / ".previous-run").exists()  # nothing moved or written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(_args(tiny_dir, chat_file, out, **{"train.overwrite": "true"})) == 0  # the kernel freed it
+
+
+def test_a_second_fulltune_train_while_the_first_runs_then_a_killed_runs_lock_is_not_stale(capsys, tiny_dir, tmp_path):
+    """Two real `fulltune train` processes into one directory: the second is refused naming the first's
+    PID; once the first is SIGKILLed (no cleanup of its own), the next run proceeds."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import sentiment_records, write_jsonl
+
+    from fulltune.rundir import lock_holder
+
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(400))
+    out = tmp_path / "r"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "fulltune", *_args(tiny_dir, data, out, **{"train.max_steps": 100000})],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 600
+        while not (out / "metrics.jsonl").exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        assert (out / "metrics.jsonl").exists(), "the first run never started its steps"
+        assert lock_holder(out) == first.pid
+        assert _refused(capsys, _args(tiny_dir, data, out, **{"train.resume": "auto"})) == (
+            f"fulltune: error: train.output_dir: {out} is in use by another fulltune run (PID {first.pid}); "
+            "wait for it to end or stop it, or pick another train.output_dir"
+        )
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert lock_holder(out) is None  # released by the kernel with the killed process: nothing stale to clear
+    assert main(_args(tiny_dir, data, out, **{"train.overwrite": "true"})) == 0
+
+
+def test_the_lock_is_released_when_a_run_ends_or_fails(capsys, tiny_dir, chat_file, tmp_path):
+    from fulltune.rundir import _HELD, lock_holder
+
+    out = tmp_path / "r"
+    assert main(_args(tiny_dir, chat_file, out)) == 0
+    assert lock_holder(out) is None and not _HELD
+    (tmp_path / "bad.jsonl").write_text("{oops\n")
+    assert main(_args(tiny_dir, tmp_path / "bad.jsonl", out, **{"train.overwrite": "true"})) == 2
+    assert lock_holder(out) is None and not _HELD
+    new = tmp_path / "new" / "deeper"  # a failed start into a new directory leaves no directory behind
+    assert main(_args(tiny_dir, tmp_path / "bad.jsonl", new)) == 2
+    assert not (tmp_path / "new").exists() and lock_holder(out) is None
+    capsys.readouterr()
+
+
+def test_only_the_claiming_rank_locks(tmp_path):
+    """Under torchrun only rank 0 takes the lock (lock=D.is_main()); the other ranks only check."""
+    from fulltune import rundir
+
+    assert rundir.claim_run_dir(str(tmp_path / "a"), "", False, lock=False) == tmp_path / "a"
+    assert not (tmp_path / "a").exists() and not rundir._HELD
+    assert rundir.claim_run_dir(str(tmp_path / "a"), "", False) == tmp_path / "a"
+    try:
+        assert (tmp_path / "a").is_dir() and rundir.lock_holder(tmp_path / "a") == __import__("os").getpid()
+    finally:
+        rundir.release_run_dirs()
+    assert not (tmp_path / "a").exists()  # made for the run, never written to: removed

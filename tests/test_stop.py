@@ -12,6 +12,7 @@ from conftest import sentiment_records, tiny_overrides, write_jsonl
 from fulltune import train
 from fulltune.config import load_config
 from fulltune.errors import Interrupted
+from fulltune.evals import during_run
 from fulltune.evals.during_run import task_accuracy
 
 
@@ -37,7 +38,7 @@ def _signal_during(monkeypatch, tag: str, sig=signal.SIGTERM):
             os.kill(os.getpid(), sig)
         return task_accuracy(run, this_tag)
 
-    monkeypatch.setattr(train, "task_accuracy", evaluate)
+    monkeypatch.setattr(during_run, "task_accuracy", evaluate)
 
 
 def test_sigterm_while_evaluating_theta0_stops_at_once(monkeypatch, tiny_dir, tmp_path):
@@ -49,7 +50,7 @@ def test_sigterm_while_evaluating_theta0_stops_at_once(monkeypatch, tiny_dir, tm
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone with the run
     monkeypatch.undo()
     run = train.run_training(_cfg(tiny_dir, tmp_path, **{"train.resume": "auto"}))  # the requeued job
-    assert run.state["step"] == 3
+    assert run.state.step == 3
 
 
 def test_sigterm_during_the_final_evaluation_keeps_the_trained_steps(monkeypatch, tiny_dir, tmp_path):
@@ -63,7 +64,7 @@ def test_sigterm_during_the_final_evaluation_keeps_the_trained_steps(monkeypatch
     monkeypatch.undo()
     run = train.run_training(_cfg(tiny_dir, tmp_path, **{"train.resume": "auto"}))
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert run.state["step"] == 3 and "task_accuracy_final" in results and "task_accuracy_theta0" in results
+    assert run.state.step == 3 and "task_accuracy_final" in results and "task_accuracy_theta0" in results
     steps = [
         json.loads(line)["step"]
         for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()

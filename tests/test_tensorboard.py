@@ -9,7 +9,7 @@ import shutil
 from conftest import QUICKSTART, tiny_overrides
 
 from fulltune.cli import main
-from fulltune.tblog import scalars
+from fulltune.metrics import scalars
 
 
 def _events(run_dir) -> dict[str, list[tuple[int, float]]]:

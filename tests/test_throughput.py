@@ -35,7 +35,7 @@ def test_step_flops_equal_torchs_count_of_a_forward_and_backward():
 def test_the_peak_probe_divides_a_matmuls_flops_by_its_best_time(monkeypatch):
     clock = iter(i * 0.001 for i in range(10**6))  # every perf_counter call 1 ms later: 4 matmuls take 1 ms
     monkeypatch.setattr(throughput.time, "perf_counter", lambda: next(clock))
-    peak = throughput.matmul_peak(torch.device("cpu"), torch.float32, 64, 32, 48, seconds=0.01)
+    peak = throughput.matmul_peak(torch.device("cpu"), torch.float32, rows=64, hidden=32, inner=48, seconds=0.01)
     assert peak == 2 * 64 * 32 * 48 / (0.001 / 4)
 
 

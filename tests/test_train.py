@@ -45,8 +45,9 @@ def test_grad_accumulation_2x4_equals_8x1():
     ex = _examples(8)
     big = [collate(ex, pad_id=2)]
     small = [collate(ex[i : i + 2], pad_id=2) for i in range(0, 8, 2)]
-    loss_a, norm_a = train_step(a, opt_a, big, NOCAST, grad_clip=1.0)
-    loss_b, norm_b = train_step(b, opt_b, small, NOCAST, grad_clip=1.0)
+    ra, rb = train_step(a, opt_a, big, NOCAST, grad_clip=1.0), train_step(b, opt_b, small, NOCAST, grad_clip=1.0)
+    (loss_a, norm_a), (loss_b, norm_b) = (ra.loss, ra.grad_norm), (rb.loss, rb.grad_norm)
+    assert ra.applied and rb.applied
     assert loss_a == pytest.approx(loss_b, rel=1e-6, abs=1e-6)
     assert norm_a == pytest.approx(norm_b, rel=1e-5)
     for pa, pb in zip(a.parameters(), b.parameters()):
@@ -170,7 +171,7 @@ def test_resume_auto_after_interruption_continues(tiny_dir, chat_file, tmp_path)
     shutil.rmtree(tmp_path / "a" / "final")
     before = load_file(str(tmp_path / "a" / "checkpoints" / "step-0000002" / "model.safetensors"))
     run = _run(tiny_dir, chat_file, tmp_path / "a", **extra, **{"train.resume": "auto"})
-    assert run.state["step"] == 4
+    assert run.state.step == 4
     lines = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4]
     assert not torch.equal(before["model.norm.weight"], run.model.model.norm.weight)

@@ -51,7 +51,8 @@ class Anchor:
 
     @torch.no_grad()
     def add_penalty_grad(self) -> float:
-        """Add the penalty's gradient to every .grad; return the penalty's value (λ = 0: nothing added)."""
+        """Add the penalty's gradient to every .grad; record (`last_penalty`) and return the penalty's
+        value (λ = 0: nothing added)."""
         if self.lam == 0:
             return 0.0
         penalty = 0.0
@@ -62,7 +63,8 @@ class Anchor:
             penalty += float(torch.dot(d.flatten(), weighted.flatten()))
             grad = D.local(p.grad)
             grad.add_(weighted.to(grad.dtype), alpha=self.lam)
-        return 0.5 * self.lam * D.all_sum([penalty])[0]
+        self.last_penalty = 0.5 * self.lam * D.all_sum([penalty])[0]
+        return self.last_penalty
 
     @torch.no_grad()
     def decay_toward_theta0(self, optimizer: torch.optim.Optimizer) -> None:
@@ -81,7 +83,7 @@ class Anchor:
 
 
 def estimate_fisher(
-    model: torch.nn.Module, examples: list, pad_id: int, autocast, progress: bool = False
+    model: torch.nn.Module, examples: list, *, pad_id: int, autocast, progress: bool = False
 ) -> list[torch.Tensor]:
     """Diagonal empirical Fisher: mean over `examples` of (∂ mean-token-NLL / ∂θ)², one sequence at a time."""
     params = list(model.parameters())
@@ -149,7 +151,7 @@ def normalise(fisher: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def anchor_for_run(
-    cfg, run_dir: Path, model: torch.nn.Module, general: list, pad_id: int, autocast, resuming: bool = False
+    cfg, run_dir: Path, model: torch.nn.Module, *, general: list, pad_id: int, autocast, resuming: bool, progress: bool
 ) -> Anchor | None:
     """The run's anchor (None when nothing pulls toward θ0). EWC's Fisher is cached at
     run_dir/fisher.safetensors, keyed on the settings and a hash of the sequences' tokens, and reused
@@ -173,7 +175,10 @@ def anchor_for_run(
         run_dir.mkdir(parents=True, exist_ok=True)
         name = "fisher.safetensors" if D.world_size() == 1 else f"fisher-rank{D.rank()}-of-{D.world_size()}.safetensors"
         fisher, reused = cached_fisher(
-            run_dir / name, key, lambda: estimate_fisher(model, seqs, pad_id, autocast, cfg.train.progress), resuming
+            run_dir / name,
+            key,
+            lambda: estimate_fisher(model, seqs, pad_id=pad_id, autocast=autocast, progress=progress),
+            resuming,
         )
         print(
             f"[anchor] EWC Fisher from {len(seqs)} general sequences "

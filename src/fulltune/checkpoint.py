@@ -26,9 +26,24 @@ from torch.distributed.checkpoint import CheckpointException
 from fulltune import distributed as D
 from fulltune.atomic import MANIFEST, verify_dir, write_dir_atomically
 from fulltune.errors import UserError
-from fulltune.health import refuse_nonfinite_weights
+from fulltune.state import TrainerState
 
 CKPT_PREFIX = "step-"
+
+
+def weights_finite(model) -> bool:
+    """Every weight finite, on every rank (under FSDP2 each rank checks its shards)."""
+    bad = any(not bool(torch.isfinite(D.local(p.detach())).all()) for p in model.parameters())
+    return not D.any_rank(bad)
+
+
+def refuse_nonfinite_weights(model, what) -> None:
+    """No checkpoint or export ever holds a non-finite weight (health.py)."""
+    if not weights_finite(model):
+        raise UserError(
+            f"{what}: not written, the weights hold NaN or inf; the previous checkpoint is kept "
+            "(lower optim.lr, set optim.grad_clip, or check the data)"
+        )
 
 
 def rng_state() -> dict:
@@ -46,7 +61,30 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: dict, keep: int) -> Path:
+class Checkpointer:
+    """Says when the run checkpoints (every `train.save_interval` steps before the last; the end of the
+    run and a stop request save too) and writes the checkpoint: RUN/checkpoints/step-NNNNNNN."""
+
+    def __init__(self, run_dir: Path, interval: int, keep: int, total_steps: int):
+        self.run_dir, self.interval, self.keep, self.total_steps = run_dir, interval, keep, total_steps
+
+    def due(self, step: int) -> bool:
+        return bool(self.interval) and step % self.interval == 0 and step < self.total_steps
+
+    def save(self, run) -> Path:
+        """`run`: run_setup.Run; its sampler's position goes into the trainer state first."""
+        run.state.sampler = run.sampler.state_dict()
+        return save_checkpoint(
+            self.run_dir,
+            step=run.state.step,
+            model=run.model,
+            optimizer=run.optimizer,
+            trainer_state=run.state.state_dict(),
+            keep=self.keep,
+        )
+
+
+def save_checkpoint(run_dir: Path, *, step: int, model, optimizer, trainer_state: dict, keep: int) -> Path:
     final = run_dir / "checkpoints" / f"{CKPT_PREFIX}{step:07d}"
     refuse_nonfinite_weights(model, f"checkpoint {final}")
 
@@ -63,12 +101,12 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
         if D.is_main():
             write_dir_atomically(
                 final,
-                lambda tmp: _write_sharded(tmp, run_dir, model, optimizer, trainer_state),
+                lambda tmp: _write_sharded(tmp, run_dir, model=model, optimizer=optimizer, trainer_state=trainer_state),
                 manifest=True,
                 needed=needed,
             )
         else:
-            _write_sharded(None, run_dir, model, optimizer, trainer_state)
+            _write_sharded(None, run_dir, model=model, optimizer=optimizer, trainer_state=trainer_state)
     else:
         write_dir_atomically(final, write, manifest=True, needed=needed)
     if D.is_main():
@@ -78,7 +116,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
     return final
 
 
-def _write_sharded(tmp: Path | None, run_dir: Path, model, optimizer, trainer_state: dict) -> None:
+def _write_sharded(tmp: Path | None, run_dir: Path, *, model, optimizer, trainer_state: dict) -> None:
     """Every rank writes its shards into rank 0's temporary directory; rank 0 adds the small files."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -178,19 +216,19 @@ def check_compatible(path: Path, cfg) -> None:
         )
 
 
-def check_resumed_run(path: Path, state: dict, cfg, total: int, precision: str) -> None:
+def check_resumed_run(path: Path, state: TrainerState, cfg, *, total: int, precision: str) -> None:
     """The resumed steps compute what the checkpointed run would have: the same resolved precision,
     and the same length (so the same lr curve) unless train.allow_schedule_change."""
     from fulltune.optim.schedules import schedule_fn
 
-    was = state.get("precision", precision)
+    was = state.precision or precision
     if was != precision:
         raise UserError(
             f"cannot resume from {path}: it trained in {was}, and train.precision "
             f"{cfg.train.precision} resolves to {precision} here; set train.precision={was} "
             "(with train.force_precision=true on a device without bf16 units) to continue it as it was"
         )
-    step, old = state["step"], state.get("total_steps")
+    step, old = state.step, state.total_steps
     if old is None:  # a checkpoint from before total_steps was saved: compare the settings that set it
         saved = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
         t = saved.get("train", {})
@@ -223,7 +261,7 @@ def check_resumed_run(path: Path, state: dict, cfg, total: int, precision: str) 
     )
 
 
-def load_checkpoint(path: Path, model, optimizer) -> dict:
+def load_checkpoint(path: Path, model, optimizer) -> TrainerState:
     """Restore weights, optimiser and RNG in place; return the trainer state."""
     try:
         if (path / "dcp").is_dir():
@@ -239,7 +277,7 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
         mine = path / rng_file(D.rank())  # a rank the checkpoint did not have (more ranks now) takes rank 0's
         set_rng_state(torch.load(mine if mine.is_file() else path / "rng.pt", weights_only=True))
-        return json.loads((path / "trainer_state.json").read_text())
+        return TrainerState.from_dict(json.loads((path / "trainer_state.json").read_text()))
     except (RuntimeError, ValueError, KeyError, OSError, CheckpointException) as exc:
         raise UserError(
             f"{path}: cannot restore this checkpoint into the configured model/optimiser "
@@ -360,16 +398,3 @@ def _export_sharded(tmp: Path | None, model, tokenizer) -> None:
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past the resumed step (and its closing val line): they will be written again."""
-    if path.exists():
-        lines = path.read_text().splitlines()
-        try:
-            json.loads(lines[-1]) if lines else None
-        except ValueError:
-            lines = lines[:-1]  # torn by a kill while it was written; that step is redone
-        rows = [json.loads(line) for line in lines]
-        keep = [r for r in rows if r.get("step", 0) < step or (r.get("step") == step and "loss" in r)]
-        path.write_text("".join(json.dumps(r) + "\n" for r in keep))

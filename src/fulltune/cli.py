@@ -7,17 +7,49 @@ import argparse
 import importlib
 import os
 import sys
+import typing
 
 from fulltune.commands import VERBS
 from fulltune.errors import Interrupted, OutOfMemory, UserError
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fulltune", description="Full fine-tuning of pre-trained causal LMs.")
+class Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors said as one `fulltune: error:` line naming the verb (argparse
+    prints the usage, then "fulltune train: error: ..."); --help is argparse's own. The verbs'
+    parsers are made by add_subparsers, which uses this class too."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        verb = self.prog.removeprefix("fulltune").strip()
+        if message == "the following arguments are required: command":
+            message = "no verb given (one of " + ", ".join(verb_parsers(self)) + ")"
+        self.exit(
+            2,
+            f"fulltune: error: {verb + ': ' if verb else ''}{message} (see fulltune {verb + ' ' * bool(verb)}--help)\n",
+        )
+
+
+def parser() -> Parser:
+    """The whole command line: `fulltune VERB ...`, one subparser per verb module."""
+    p = Parser(prog="fulltune", description="Full fine-tuning of pre-trained causal LMs.")
     sub = p.add_subparsers(dest="command", required=True)
     for verb in VERBS:
         importlib.import_module(f"fulltune.commands.{verb}").register(sub)
     return p
+
+
+def verb_parsers(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """Each verb's parser by name (chat and generate come from one module)."""
+    action = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def _parse(p: Parser, argv: list[str] | None) -> argparse.Namespace:
+    args, extra = p.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
+        args.overrides += extra  # key=value overrides after an option (e.g. after --nproc 2)
+    elif extra:
+        verb_parsers(p)[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -39,12 +71,10 @@ def _lost_peers(exc: BaseException) -> bool:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights and data are local; never stall on a hub
-    parser = _parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
-        args.overrides += extra  # key=value overrides after an option (e.g. after --nproc 2)
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        args = _parse(parser(), argv)
+    except SystemExit as exc:  # --help (0) or a usage error, already said in one line (2)
+        return exc.code if isinstance(exc.code, int) else 2
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 reports what every rank hit
     try:
         return dispatch(args)

@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from fulltune.errors import UserError
+from fulltune.config_yaml import parse_overrides, read_yaml
+from fulltune.errors import UserError, short
 
 
 def opt(
@@ -211,6 +212,9 @@ class TrainConfig:
         lo=1,
     )
     overwrite: bool = opt(False, "allow starting a fresh run in an output_dir that already holds one")
+    allow_long_run: bool = opt(
+        False, "allow a run of more than 10,000,000 optimiser steps (without it such a length is refused as a typo)"
+    )
     compile: bool = opt(
         False, "torch.compile each decoder layer (the first steps include the compile time, printed on its own)"
     )
@@ -298,7 +302,7 @@ class RunConfig:
         return getattr(getattr(self, section), key)
 
 
-def _check_value(key: str, f: dataclasses.Field, kind: type, value: Any, errors: list[str]) -> Any:
+def _check_value(key: str, f: dataclasses.Field, kind: type, value: Any, *, errors: list[str]) -> Any:
     """Coerce `value` to the field's type and check its range; append problems to `errors`."""
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -307,18 +311,18 @@ def _check_value(key: str, f: dataclasses.Field, kind: type, value: Any, errors:
             value = float(value)  # YAML reads 5e-5 (no dot) as a string
     ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
     if not ok:
-        errors.append(f"{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+        errors.append(f"{key}: expected {kind.__name__}, got {type(value).__name__} {short(value)}")
         return value
     if kind is float and not math.isfinite(value):
-        errors.append(f"{key}: {value!r} must be a finite number")
+        errors.append(f"{key}: {short(value)} must be a finite number")
         return value
     m = f.metadata
     if m.get("choices") and value not in m["choices"]:
-        errors.append(f"{key}: {value!r} is not one of {', '.join(map(str, m['choices']))}")
+        errors.append(f"{key}: {short(value)} is not one of {', '.join(map(str, m['choices']))}")
     if m.get("lo") is not None and (value < m["lo"] or (m["lo_open"] and value == m["lo"])):
-        errors.append(f"{key}: {value!r} must be {'>' if m['lo_open'] else '>='} {m['lo']}")
+        errors.append(f"{key}: {short(value)} must be {'>' if m['lo_open'] else '>='} {m['lo']}")
     if m.get("hi") is not None and value > m["hi"]:
-        errors.append(f"{key}: {value!r} must be <= {m['hi']}")
+        errors.append(f"{key}: {short(value)} must be <= {m['hi']}")
     return value
 
 
@@ -333,38 +337,29 @@ def _build(cls: type, raw: dict, prefix: str, errors: list[str]) -> Any:
             errors.append(f"{full}: unknown key (valid: {', '.join(fields)})")
             continue
         if dataclasses.is_dataclass(hints[key]):
+            value = {} if value is None else value  # an empty YAML section: its defaults
             if not isinstance(value, dict):
-                errors.append(f"{full}: expected a section (mapping), got {value!r}")
+                errors.append(f"{full}: expected a section (mapping), got {short(value)}")
                 continue
             kwargs[key] = _build(hints[key], value, full + ".", errors)
         else:
-            kwargs[key] = _check_value(full, fields[key], hints[key], value, errors)
+            kwargs[key] = _check_value(full, fields[key], hints[key], value, errors=errors)
     return cls(**kwargs)
 
 
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
     node = raw
     parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
+    for i, part in enumerate(parts[:-1]):
+        if node.get(part) is None:  # absent, or an empty YAML section (`train:` with its keys commented out)
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
-            raise UserError(f"override {dotted}: {part} is not a section")
+            raise UserError(
+                f"{'.'.join(parts[: i + 1])}: expected a section (mapping), got {short(node)}; the override "
+                f"{dotted} sets a key inside it"
+            )
     node[parts[-1]] = value
-
-
-def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """`a.b=1` → ("a.b", 1); values are parsed as YAML scalars/lists."""
-    pairs = []
-    for item in overrides:
-        if "=" not in item:
-            raise UserError(f"override {item!r}: expected key=value, e.g. optim.lr=3e-5")
-        key, text = item.split("=", 1)
-        try:
-            value = yaml.safe_load(text) if text != "" else ""
-        except yaml.YAMLError:
-            raise UserError(f"override {item!r}: the value is not valid YAML (quote it, e.g. {key}='{text}')") from None
-        pairs.append((key.strip(), value))
-    return pairs
 
 
 def _apply_preset(raw: dict, pairs: list[tuple[str, Any]]) -> tuple[str, ...]:
@@ -384,141 +379,37 @@ def _apply_preset(raw: dict, pairs: list[tuple[str, Any]]) -> tuple[str, ...]:
     return tuple(settings)
 
 
-def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
-    """PyYAML's multi-line message as one line at file:line:column."""
-    mark = getattr(exc, "problem_mark", None)
-    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-    what = " ".join(str(getattr(exc, "problem", None) or exc).split())
-    context = getattr(exc, "context", None)
-    return f"{where}: not valid YAML ({what}" + (f", {context}" if context else "") + ")"
+def _from_command_line(error: str, overridden: set[str]) -> bool:
+    """Whether a problem's key was set (or created) by a key=value override: the key itself, a key
+    inside it, or a section the override made (a misspelled `optimm.lr=1` makes `optimm`)."""
+    key = error.split(":")[0]
+    return any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in overridden)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML config, apply overrides, validate everything, and return a RunConfig."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(_yaml_error(path, exc)) from None
-        if not isinstance(raw, dict):
-            raise UserError(f"{path}: the top level must be a mapping of sections")
+    from fulltune.config_checks import cross_checks
+
+    raw: dict = read_yaml(Path(path)) if path is not None else {}
     pairs = parse_overrides(list(overrides))
-    preset_keys = _apply_preset(raw, pairs)
-    for key, value in pairs:
-        _set_dotted(raw, key, value)
+    try:
+        preset_keys = _apply_preset(raw, pairs)
+        for key, value in pairs:
+            _set_dotted(raw, key, value)
+    except UserError as exc:  # a section of the file that is not a mapping, met by an override
+        raise UserError(f"invalid config{f' in {path}' if path else ''} (1 problem):\n  {exc}") from None
     errors: list[str] = []
     cfg = _build(RunConfig, raw, "", errors)
-    errors += _cross_checks(cfg) if not errors else []  # cross-checks compare values of the right types only
+    errors += cross_checks(cfg) if not errors else []  # cross-checks compare values of the right types only
     if errors:
         overridden = {key for key, _ in pairs}
-        errors = [
-            e
-            + (
-                " (set on the command line)"
-                if any(e.split(":")[0] == k or e.startswith(k + ".") for k in overridden)
-                else ""
-            )
-            for e in errors
-        ]
-        where = f" in {path}" if path and not all(e.endswith("(set on the command line)") for e in errors) else ""
+        marked = [e + " (set on the command line)" * _from_command_line(e, overridden) for e in errors]
+        where = f" in {path}" if path and not all(e.endswith("(set on the command line)") for e in marked) else ""
         raise UserError(
-            f"invalid config{where} ({len(errors)} problem{'s' * (len(errors) > 1)}):\n  " + "\n  ".join(errors)
+            f"invalid config{where} ({len(marked)} problem{'s' * (len(marked) > 1)}):\n  " + "\n  ".join(marked)
         )
     cfg.preset_keys = preset_keys
     return cfg
-
-
-def _cross_checks(cfg: RunConfig) -> list[str]:
-    errors = []
-    betas = cfg.optim.betas
-    if not (len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
-        errors.append(f"optim.betas: expected two numbers in [0, 1), got {betas!r}")
-    if not all(isinstance(x, str) for x in cfg.eval.probes):
-        errors.append(f"eval.probes: expected a list of probe names, got {cfg.eval.probes!r}")
-    errors += _budget_checks(cfg.eval)
-    if not all(isinstance(x, str) for x in cfg.eval.labels):
-        errors.append(f"eval.labels: expected a list of strings, got {cfg.eval.labels!r}")
-    if cfg.eval.task_file and len(cfg.eval.labels) < 2:
-        errors.append("eval.labels: task accuracy needs at least two labels")
-    if not all(isinstance(x, str) and x for x in cfg.data.general):
-        errors.append(f"data.general: expected a list of data files, got {cfg.data.general!r}")
-    if cfg.data.mix_ratio > 0 and not cfg.data.general:
-        errors.append("data.mix_ratio: mixing needs general data in data.general (e.g. [builtin:lambada])")
-    if cfg.anchor.method == "ewc" and not cfg.data.general:
-        errors.append("anchor.method: ewc estimates its Fisher on data.general; set it (e.g. [builtin:lambada])")
-    if cfg.anchor.lam > 0 and cfg.anchor.method == "none":
-        errors.append(f"anchor.lam: {cfg.anchor.lam} has no effect with anchor.method none (choose l2sp or ewc)")
-    if cfg.optim.decay_toward == "theta0" and cfg.optim.weight_decay == 0:
-        errors.append("optim.decay_toward: theta0 needs optim.weight_decay > 0 to have any effect")
-    if not cfg.train.output_dir.strip():
-        errors.append("train.output_dir: empty; name the run's directory (an empty one would be the current directory)")
-    if 0 < cfg.optim.lr < cfg.schedule.min_lr:
-        errors.append(f"schedule.min_lr: {cfg.schedule.min_lr} is above optim.lr {cfg.optim.lr}")
-    if cfg.data.packing and cfg.data.group_by_length:
-        errors.append(
-            "data.group_by_length: packed rows are already near max_seq_len; use one of data.packing "
-            "and data.group_by_length"
-        )
-    return errors + _memory_checks(cfg)
-
-
-def _budget_checks(e) -> list[str]:
-    """eval.forgetting_budget names probes the run has, with limits ≥ 0, and needs the task to rank steps."""
-    from fulltune.evals.probes import probe_name
-
-    if not e.forgetting_budget:
-        return []
-    names = [probe_name(p) for p in e.probes if isinstance(p, str)]
-    errors = [
-        f"eval.forgetting_budget.{k}: not a probe of this run (eval.probes: {', '.join(names) or 'none'})"
-        for k in e.forgetting_budget
-        if k not in names
-    ]
-    errors += [
-        f"eval.forgetting_budget.{k}: expected a number ≥ 0 (accuracy points or % of NLL), got {v!r}"
-        for k, v in e.forgetting_budget.items()
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf")
-    ]
-    if not e.task_file:
-        errors.append("eval.forgetting_budget: ranking the steps inside the budget needs eval.task_file")
-    return errors
-
-
-def _memory_checks(cfg: RunConfig) -> list[str]:
-    """Combinations of the memory savers that cannot work, refused before any model loads."""
-    errors, t = [], cfg.train
-    if t.optimizer_in_backward:
-        why = "train.optimizer_in_backward updates each parameter inside backward"
-        if t.grad_accum_steps > 1:
-            errors.append(
-                f"train.grad_accum_steps: {t.grad_accum_steps} with {why}, i.e. once per micro-batch; "
-                "use grad_accum_steps 1 (and a larger micro_batch_size) or turn it off"
-            )
-        if cfg.optim.grad_clip > 0:
-            errors.append(
-                f"optim.grad_clip: {cfg.optim.grad_clip} needs the global gradient norm before any update, "
-                f"but {why}; set optim.grad_clip=0 or turn it off"
-            )
-        if cfg.optim.cpu_offload:
-            errors.append(
-                "optim.cpu_offload: torchao's CPU offload already steps each parameter from a backward hook; "
-                "use one of the two with train.optimizer_in_backward"
-            )
-        if cfg.anchor.lam > 0 or cfg.optim.decay_toward == "theta0":
-            errors.append(
-                "anchor / optim.decay_toward: the pulls toward θ0 are applied after backward; this version "
-                "does not combine them with train.optimizer_in_backward"
-            )
-    if t.precision == "bf16" and cfg.optim.name not in ("adamw", "adamw8bit", "adamw4bit"):
-        errors.append(
-            f"optim.name: {cfg.optim.name} has no stochastic rounding, so in train.precision bf16 its small "
-            "updates would round away; use adamw, adamw8bit or adamw4bit, or train.precision bf16-mixed"
-        )
-    return errors
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

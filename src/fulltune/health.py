@@ -1,5 +1,5 @@
-"""Step health: a non-finite step never reaches the weights, a diverging run is flagged, and no
-checkpoint or export ever holds a non-finite weight.
+"""Step health: a non-finite step never reaches the weights, and a diverging run is flagged (no
+checkpoint or export ever holds a non-finite weight either: checkpoint.refuse_nonfinite_weights).
 
 `train_step` checks the step's loss and gradient norm before the optimiser runs and skips the
 update when either is NaN or inf (the batch is consumed and the step counted, as Megatron counts
@@ -15,66 +15,48 @@ warn once while the run goes on, and `results.json` and the final summary say so
 
 from __future__ import annotations
 
-import math
-
-import torch
-
-from fulltune import distributed as D
+from fulltune.checkpoint import list_checkpoints
 from fulltune.errors import UserError
+from fulltune.state import StepResult
 
 LOSS_FACTOR, NORM_FACTOR, PATIENCE = 3.0, 1e3, 3
 
 
-def weights_finite(model) -> bool:
-    """Every weight finite, on every rank (under FSDP2 each rank checks its shards)."""
-    bad = any(not bool(torch.isfinite(D.local(p.detach())).all()) for p in model.parameters())
-    return not D.any_rank(bad)
-
-
-def refuse_nonfinite_weights(model, what) -> None:
-    if not weights_finite(model):
-        raise UserError(
-            f"{what}: not written, the weights hold NaN or inf; the previous checkpoint is kept "
-            "(lower optim.lr, set optim.grad_clip, or check the data)"
-        )
-
-
-def check_step(state: dict, loss: float, norm: float, max_bad: int, in_backward: bool, last_good) -> str | None:
-    """Tally the step just taken (state["step"] already counts it). Returns a warning line, or None;
-    raises once the run must stop. `last_good()`: the latest checkpoint, for that message only."""
-    h = state.setdefault(
-        "health", {"skipped_steps": 0, "bad_in_a_row": 0, "reference": None, "diverging_in_a_row": 0, "diverged": None}
-    )
-    step = state["step"]
-    if not (math.isfinite(loss) and math.isfinite(norm)):
-        h["skipped_steps"] += 1
-        h["bad_in_a_row"] += 1
-        good = last_good()
+def check_step(run, result: StepResult) -> str | None:
+    """Tally the step just taken (`run`: run_setup.Run, its state already counts the step). Returns a
+    warning line, or None; raises once the run must stop (train.max_bad_steps non-finite steps in a
+    row, or one with the step in backward)."""
+    health, step, cfg = run.state.health, run.state.step, run.cfg.train
+    if not result.finite:
+        health.skipped_steps += 1
+        health.bad_in_a_row += 1
+        good = (list_checkpoints(run.run_dir) or [None])[-1]
         kept = f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"
-        if in_backward:
+        what = f"step {step}: loss {result.loss}, grad norm {result.grad_norm}"
+        if cfg.optimizer_in_backward:
             raise UserError(
-                f"step {step}: loss {loss}, grad norm {norm}; with train.optimizer_in_backward the update "
-                f"was already applied, so the run stops here; {kept}. Lower optim.lr or check the data"
+                f"{what}; with train.optimizer_in_backward the update was already applied, so the run stops here; "
+                f"{kept}. Lower optim.lr or check the data"
             )
-        if h["bad_in_a_row"] >= max_bad:
+        if health.bad_in_a_row >= cfg.max_bad_steps:
             raise UserError(
-                f"step {step}: {h['bad_in_a_row']} non-finite steps in a row (train.max_bad_steps "
-                f"{max_bad}); stopped, {kept}. Lower optim.lr, set optim.grad_clip, or check the data"
+                f"step {step}: {health.bad_in_a_row} non-finite steps in a row (train.max_bad_steps "
+                f"{cfg.max_bad_steps}); stopped, {kept}. Lower optim.lr, set optim.grad_clip, or check the data"
             )
         return (
-            f"step {step}: loss {loss}, grad norm {norm}: not finite, the update was skipped "
-            f"({h['bad_in_a_row']} in a row; the run stops at {max_bad})"
+            f"{what}: not finite, the update was skipped "
+            f"({health.bad_in_a_row} in a row; the run stops at {cfg.max_bad_steps})"
         )
-    h["bad_in_a_row"] = 0
-    if h["reference"] is None:
-        h["reference"] = {"step": step, "loss": loss, "grad_norm": norm}
+    health.bad_in_a_row = 0
+    if health.reference is None:
+        health.reference = {"step": step, "loss": result.loss, "grad_norm": result.grad_norm}
         return None
-    ref = h["reference"]
-    high = loss > LOSS_FACTOR * ref["loss"] or norm > NORM_FACTOR * max(ref["grad_norm"], 1e-12)
-    h["diverging_in_a_row"] = h["diverging_in_a_row"] + 1 if high else 0
-    if h["diverging_in_a_row"] == PATIENCE and h["diverged"] is None:
-        h["diverged"] = {"step": step, "loss": loss, "grad_norm": norm, "reference": ref}
-        return divergence_line(h["diverged"])
+    ref = health.reference
+    high = result.loss > LOSS_FACTOR * ref["loss"] or result.grad_norm > NORM_FACTOR * max(ref["grad_norm"], 1e-12)
+    health.diverging_in_a_row = health.diverging_in_a_row + 1 if high else 0
+    if health.diverging_in_a_row == PATIENCE and health.diverged is None:
+        health.diverged = {"step": step, "loss": result.loss, "grad_norm": result.grad_norm, "reference": ref}
+        return divergence_line(health.diverged)
     return None
 
 

@@ -10,35 +10,20 @@ from torch import nn
 
 from fulltune import assets
 from fulltune.config import ModelConfig
-from fulltune.errors import UserError
+from fulltune.errors import UserError, input_path
+from fulltune.modelcheck import check_model_path
 
 
 def resolve_model_path(path: str) -> Path:
     if path == "default":
         return assets.ensure_model()
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise UserError(f"model.path not found: {p}")
-    return p
+    return input_path(Path(path).expanduser(), "model.path")
 
 
 def _load_hf_dir(path: Path, cfg: ModelConfig):
+    """θ0 from an HF directory that `modelcheck.check_model_dir` has passed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path}: not an HF model directory (no config.json)")
-    if not any(path.glob("*.safetensors")):
-        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
-        raise UserError(
-            f"{path}: no *.safetensors weights (fulltune loads safetensors only, never pickles"
-            + (
-                f"; {', '.join(pickles[:3])} would be one: convert it to safetensors with code you trust"
-                if pickles
-                else ""
-            )
-            + ")"
-        )
-    check_hf_dir(path, cfg.trust_remote_code)
     model, info = _with_attention(
         cfg,
         lambda attn: AutoModelForCausalLM.from_pretrained(
@@ -79,57 +64,9 @@ def _with_attention(cfg: ModelConfig, build):
     return build("eager")
 
 
-def check_hf_dir(path: Path, trust_remote_code: bool) -> None:
-    """What from_pretrained would fail on with a traceback, as one line each: config.json, the
-    architecture, the tokenizer files, every safetensors header (read without loading the weights)."""
-    import json
-
-    from safetensors import SafetensorError, safe_open
-    from transformers import CONFIG_MAPPING, __version__
-
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path / 'config.json'}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict) or not config.get("model_type"):
-        raise UserError(
-            f"{path / 'config.json'}: no model_type (is this a transformers model directory? its "
-            'config.json names the architecture, e.g. "model_type": "llama")'
-        )
-    kind = config["model_type"]
-    if kind not in CONFIG_MAPPING and not trust_remote_code:
-        code = (config.get("auto_map") or {}).get("AutoModelForCausalLM")
-        raise UserError(
-            f"{path / 'config.json'}: model_type {kind!r} is not an architecture transformers {__version__} "
-            "knows"
-            + (
-                f"; its auto_map names the directory's own code ({code}), which runs only with "
-                "model.trust_remote_code=true (no code was run)"
-                if code
-                else ""
-            )
-        )
-    if not any(
-        (path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
-    ):
-        raise UserError(
-            f"{path}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json); copy them from "
-            "the base model's directory"
-        )
-    for file in sorted(path.glob("*.safetensors")):
-        try:
-            with safe_open(str(file), "pt"):
-                pass
-        except (SafetensorError, OSError) as exc:
-            raise UserError(
-                f"{file}: not a valid safetensors file ({exc}); it may be truncated or still downloading"
-            ) from None
-
-
 def _meta_hf_model(path: Path, cfg: ModelConfig):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    check_hf_dir(path, cfg.trust_remote_code)
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     with torch.device("meta"):
         model = _with_attention(
@@ -147,6 +84,7 @@ def load_theta0(cfg: ModelConfig, verbose: bool = True, weights: bool = True):
     weights=False: the same architecture on the meta device, no weights read (an FSDP2 rank that
     receives its shards from rank 0); a .gguf file is always read in full."""
     path = resolve_model_path(cfg.path)
+    check_model_path(str(path), cfg.trust_remote_code)  # one line per fault, before the slow load
     if path.is_file() and path.suffix == ".gguf":
         try:
             model, tokenizer = assets.gguf_to_model(path, cfg.trust_remote_code)

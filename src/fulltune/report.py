@@ -12,28 +12,20 @@ import json
 import math
 from pathlib import Path
 
+from fulltune import metrics
 from fulltune.errors import UserError
 from fulltune.evals.forgetting import gain
 
 
 def read_run(run_dir: Path) -> dict:
-    """config.yaml, metrics.jsonl (a torn last line is skipped) and results.json when present."""
+    """config.yaml, metrics.jsonl (metrics.read: a torn last line is skipped) and results.json when present."""
     if not run_dir.is_dir() or not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir}: not a fulltune run directory (no config.yaml)")
-    metrics = []
-    path = run_dir / "metrics.jsonl"
-    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
-    for i, line in enumerate(lines):
-        try:
-            metrics.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i != len(lines) - 1:
-                raise UserError(f"{path}:{i + 1}: malformed JSON line") from None
     results = run_dir / "results.json"
     return {
         "dir": run_dir,
         "config": (run_dir / "config.yaml").read_text(encoding="utf-8"),
-        "metrics": metrics,
+        "metrics": metrics.read(run_dir),
         "results": json.loads(results.read_text()) if results.is_file() else None,
     }
 

@@ -11,22 +11,28 @@ from pathlib import Path
 
 import torch
 
-from fulltune import checkpoint, rundir, tblog
+from fulltune import checkpoint, rundir
 from fulltune import distributed as D
 from fulltune.anchors import Anchor, anchor_for_run
-from fulltune.config import RunConfig, save_config
+from fulltune.checkpoint import Checkpointer
+from fulltune.config import RunConfig
+from fulltune.config_checks import check_run_length, check_run_time
 from fulltune.data.loader import StepSampler
 from fulltune.data.mixture import MixedSampler
 from fulltune.data.packing import check_isolation
 from fulltune.data.rundata import TaskData, load_task_data, read_sources
 from fulltune.errors import UserError
+from fulltune.evals.during_run import Evaluator
 from fulltune.memory.measure import PeakMeter, make_resident
 from fulltune.memory.runcheck import warn_if_too_big
 from fulltune.memory.runmemory import RunMemory
+from fulltune.metrics import MetricsLog
 from fulltune.model import compile_layers, load_theta0
+from fulltune.modelcheck import check_model_path
 from fulltune.optim.param_groups import build_optimizer
 from fulltune.optim.schedules import schedule_fn
 from fulltune.runtime import autocast_factory, check_device_settings, pick_device, resolve_precision
+from fulltune.state import TrainerState
 from fulltune.throughput import FlopModel, flop_model, run_peak
 
 
@@ -42,16 +48,19 @@ class Run:
     optimizer: torch.optim.Optimizer
     sampler: StepSampler
     total_steps: int
-    lr_multiplier: object
-    autocast: object
+    lr_multiplier: object  # step -> multiplier of each group's initial lr (optim/schedules.py)
+    autocast: object  # () -> the forward's precision context (runtime.py)
     precision: str
     device: torch.device
-    state: dict
+    state: TrainerState  # what a checkpoint restores: counters, sampler, health, results (state.py)
     memory: RunMemory  # the memory check: peak vs estimate, model-state bytes
+    metrics: MetricsLog  # RUN/metrics.jsonl and its TensorBoard mirror
+    checkpointer: Checkpointer  # when and where checkpoints are written
+    evaluator: Evaluator  # when the run validates and probes
     flops: FlopModel  # model FLOPs of a step (throughput.py)
     peak_flops: float  # the ranks' measured matmul peak, FLOP/s (0: not measured)
+    progress: bool  # progress bars: train.progress, on rank 0 only
     anchor: Anchor | None = None  # θ0 copy for L2-SP / EWC / decay toward θ0
-    tensorboard: object | None = None  # SummaryWriter on rank 0 with train.tensorboard (tblog.py)
 
     def examples(self, indices: list[int]) -> list:
         """Task examples, then general ones (index n_task + j) when data mixing is on."""
@@ -61,9 +70,9 @@ class Run:
 
 def setup(cfg: RunConfig) -> Run:
     device = D.init(cfg.train.device) or pick_device(cfg.train.device)  # torchrun: this rank's device
-    if not D.is_main():
-        cfg.train.progress = False  # one progress bar: rank 0's
-    run_dir = rundir.check_run_dir(cfg.train.output_dir, cfg.train.resume, cfg.train.overwrite)
+    rundir.check_output_path(cfg.train.output_dir)  # a file in the way: said at once
+    check_model_path(cfg.model.path, cfg.model.trust_remote_code)  # θ0's files, before anything is written
+    run_dir = rundir.claim_run_dir(cfg.train.output_dir, cfg.train.resume, cfg.train.overwrite, lock=D.is_main())
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     precision = resolve_precision(cfg.train.precision, device, cfg.train.force_precision)
@@ -91,39 +100,91 @@ def setup(cfg: RunConfig) -> Run:
         chosen = {k: cfg.get(k) for k in cfg.preset_keys}
         print("[train] memory lean: " + ", ".join(f"{k}={v}" for k, v in chosen.items()), flush=True)
     sources = read_sources(cfg)  # a missing or malformed file fails before the model loads
+    check_run_length(cfg, len(sources["train"][1]))  # ~1e9 epochs: a typo, asked about first
     too_big = warn_if_too_big(cfg, precision, device)
     if too_big:
         print(too_big, flush=True)
     meter = PeakMeter(device.type).start()  # baseline before θ0 loads
     try:
-        return _build(cfg, run_dir, resume_from, device, precision, sources, meter)
+        return _build(
+            cfg, run_dir, resume_from=resume_from, device=device, precision=precision, sources=sources, meter=meter
+        )
     except BaseException:
         meter.stop()  # never leave glibc in its slow measuring mode behind a failed start
         raise
 
 
-def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, sources, meter: PeakMeter) -> Run:
-    if D.sharded():
-        model, tokenizer = D.load_sharded(cfg.model, precision, device)  # FSDP2: each rank keeps 1/G of every weight
-    else:
-        model, tokenizer, _ = load_theta0(cfg.model)
-        model.to(device, dtype=torch.bfloat16 if precision == "bf16" else None)
-        if precision == "bf16":
-            print("[model] pure bf16: every weight cast to bfloat16, no fp32 copy kept", flush=True)
-        make_resident(model)  # the CPU memory check counts the weights as resident before step 1
+def _build(cfg: RunConfig, run_dir: Path, *, resume_from, device, precision: str, sources, meter: PeakMeter) -> Run:
+    model, tokenizer = _load_model(cfg, precision, device)
     data = load_task_data(cfg, tokenizer, sources)
     if cfg.data.packing:  # eager, before compiling: an attention that mixes packed sequences is refused here
         check_isolation(model, device, model.config.vocab_size)
         D.reshard(model)  # the optimizer below must get the shards, not the root's gathered weights
     if cfg.train.compile:
         compile_layers(model, cfg.train.compile_fallback, device.type)
+    sampler = _sampler(cfg, data)
+    total = _total_steps(cfg, sampler)
+    optimizer = build_optimizer(model, cfg.optim, precision, cfg.train.optimizer_in_backward)
+    autocast = autocast_factory(precision, device, cfg.model.activation_offload)
+    progress = cfg.train.progress and D.is_main()  # one progress bar: rank 0's
+    meter.pause()  # θ0 evaluation (and EWC's Fisher) run at full speed; step 1 resumes measuring
+    anchor = anchor_for_run(  # before the resume: θ0
+        cfg, run_dir, model, general=data.general, pad_id=tokenizer.pad_token_id, autocast=autocast,
+        resuming=resume_from is not None, progress=progress,
+    )  # fmt: skip
+    state = TrainerState()
+    if resume_from is not None:
+        state = _resume(resume_from, run_dir, cfg, model=model, optimizer=optimizer, sampler=sampler,
+                        total=total, precision=precision)  # fmt: skip
+    state.total_steps, state.precision = total, precision
+    if state.results.memory is not None or (device.type == "cpu" and cfg.train.memory_steps == 0):
+        meter.stop()  # measured before the resume, or not wanted
+    flops, peak = flop_model(model), run_peak(cfg, model, precision, device)
+    check_run_time(cfg, total_steps=total - state.step, epoch_flops=_epoch_flops(flops, data),
+                   steps_per_epoch=sampler.steps_per_epoch, peak=peak)  # fmt: skip
+    if D.is_main():  # nothing of an earlier run is moved before this point
+        rundir.start_run_dir(run_dir, resume_from is None, cfg)
+    D.barrier()
+    _describe(cfg, device=device, precision=precision, total=total, sampler=sampler, optimizer=optimizer)
+    return Run(
+        cfg=cfg, run_dir=run_dir, model=model, tokenizer=tokenizer, data=data, optimizer=optimizer,
+        sampler=sampler, total_steps=total, lr_multiplier=schedule_fn(cfg.schedule, cfg.optim.lr, total),
+        autocast=autocast, precision=precision, device=device, state=state,
+        memory=RunMemory(meter, model, cfg, precision=precision, state=state,
+                         anchor_bytes=anchor.nbytes if anchor else 0),
+        metrics=MetricsLog(run_dir, log_interval=cfg.train.log_interval, tensorboard=cfg.train.tensorboard,
+                           resumed_step=state.step, writer=D.is_main()),
+        checkpointer=Checkpointer(run_dir, cfg.train.save_interval, cfg.train.keep_checkpoints, total),
+        evaluator=Evaluator(cfg.train.val_interval, cfg.eval.probe_interval, total,
+                            has_val=bool(data.val), has_probes=data.probes is not None),
+        flops=flops, peak_flops=peak, progress=progress,
+        anchor=anchor,
+    )  # fmt: skip
+
+
+def _load_model(cfg: RunConfig, precision: str, device) -> tuple:
+    """θ0 (or, under FSDP2, this rank's shards of it) on the device, in the run's precision."""
+    if D.sharded():
+        return D.load_sharded(cfg.model, precision, device)  # FSDP2: each rank keeps 1/G of every weight
+    model, tokenizer, _ = load_theta0(cfg.model)
+    model.to(device, dtype=torch.bfloat16 if precision == "bf16" else None)
+    if precision == "bf16":
+        print("[model] pure bf16: every weight cast to bfloat16, no fp32 copy kept", flush=True)
+    make_resident(model)  # the CPU memory check counts the weights as resident before step 1
+    return model, tokenizer
+
+
+def _sampler(cfg: RunConfig, data: TaskData) -> StepSampler:
+    t = cfg.train
     lengths = [len(e.input_ids) for e in data.train] if cfg.data.group_by_length else None
-    sampler = StepSampler(
-        len(data.train), cfg.train.micro_batch_size, cfg.train.grad_accum_steps, cfg.train.seed, lengths
-    )
+    sampler = StepSampler(len(data.train), t.micro_batch_size, t.grad_accum_steps, t.seed, lengths=lengths)
     if cfg.data.mix_ratio > 0:
         sizes = [len(e.lengths) or 1 for e in data.train]  # packed rows count as their sequences
-        sampler = MixedSampler(sampler, len(data.general), cfg.data.mix_ratio, cfg.train.seed, sizes)
+        sampler = MixedSampler(sampler, len(data.general), cfg.data.mix_ratio, t.seed, sizes=sizes)
+    return sampler
+
+
+def _total_steps(cfg: RunConfig, sampler: StepSampler) -> int:
     total = cfg.train.max_steps or math.ceil(sampler.steps_per_epoch * cfg.train.epochs)
     if cfg.schedule.warmup_steps > total:
         print(
@@ -131,70 +192,40 @@ def _build(cfg: RunConfig, run_dir: Path, resume_from, device, precision: str, s
             f"({total} steps): the warmup is cut to {total} and the peak lr is reached only at the last step",
             flush=True,
         )
-    optimizer = build_optimizer(model, cfg.optim, precision, cfg.train.optimizer_in_backward)
-    autocast = autocast_factory(precision, device, cfg.model.activation_offload)
-    meter.pause()  # θ0 evaluation (and EWC's Fisher) run at full speed; step 1 resumes measuring
-    anchor = anchor_for_run(
-        cfg,
-        run_dir,
-        model,
-        data.general,
-        tokenizer.pad_token_id,
-        autocast,  # before resume: θ0
-        resuming=resume_from is not None,
-    )
-    state = {"step": 0, "tokens_seen": 0, "target_tokens_seen": 0, "elapsed_s": 0.0, "results": {}}
-    if resume_from is not None:
-        state = _resume(resume_from, run_dir, cfg, model, optimizer, sampler, total, precision)
-    state.update(total_steps=total, precision=precision)
-    if "memory" in state["results"] or (device.type == "cpu" and cfg.train.memory_steps == 0):
-        meter.stop()  # measured before the resume, or not wanted
-    if D.is_main():
-        rundir.start_run_dir(run_dir, resume_from is None, lambda path: save_config(cfg, path))
-    D.barrier()
+    return total
+
+
+def _epoch_flops(flops: FlopModel, data: TaskData) -> float:
+    """Model FLOPs of one epoch of the task data (throughput.py's formula)."""
+    lengths = [n for e in data.train for n in (e.lengths or (len(e.input_ids),))]
+    return flops.step_flops(lengths, sum(sum(e.target_mask[1:]) for e in data.train))
+
+
+def _describe(cfg: RunConfig, *, device, precision: str, total: int, sampler, optimizer) -> None:
     ranks = f", FSDP2 over {D.world_size()} rank{'s' if D.world_size() > 1 else ''}" if D.sharded() else ""
+    groups = len(optimizer.param_groups)
+    how = (
+        f"step in backward ({groups} per-parameter optimisers)"
+        if cfg.train.optimizer_in_backward
+        else f"{groups} parameter groups"
+    )
     print(
         f"[train] device {device}{ranks}, precision {precision}, {total} steps "
         f"({sampler.steps_per_epoch} per epoch, batch {cfg.train.micro_batch_size}×{cfg.train.grad_accum_steps}), "
-        f"{cfg.optim.name}, "
-        + (
-            f"step in backward ({len(optimizer.param_groups)} per-parameter optimisers)"
-            if cfg.train.optimizer_in_backward
-            else f"{len(optimizer.param_groups)} parameter groups"
-        ),
+        f"{cfg.optim.name}, {how}",
         flush=True,
     )
-    memory = RunMemory(meter, model, cfg, precision, state, anchor.nbytes if anchor else 0)
-    return Run(
-        cfg,
-        run_dir,
-        model,
-        tokenizer,
-        data,
-        optimizer,
-        sampler,
-        total,
-        schedule_fn(cfg.schedule, cfg.optim.lr, total),
-        autocast,
-        precision,
-        device,
-        state,
-        memory,
-        flop_model(model),
-        run_peak(cfg, model, precision, device),
-        anchor,
-        tblog.open_writer(run_dir, state["step"]) if cfg.train.tensorboard and D.is_main() else None,
-    )
 
 
-def _resume(path: Path, run_dir: Path, cfg: RunConfig, model, optimizer, sampler, total: int, precision: str) -> dict:
+def _resume(
+    path: Path, run_dir: Path, cfg: RunConfig, *, model, optimizer, sampler, total: int, precision: str
+) -> TrainerState:
     """Restore a checkpoint; refuse settings that would silently change the resumed run."""
     checkpoint.check_compatible(path, cfg)
     state = checkpoint.load_checkpoint(path, model, optimizer)
-    checkpoint.check_resumed_run(path, state, cfg, total, precision)
-    sampler.load_state_dict(state["sampler"])
-    if D.is_main():
-        checkpoint.trim_metrics(run_dir / "metrics.jsonl", state["step"])
-        checkpoint.drop_later_checkpoints(run_dir, state["step"])  # from an abandoned future of this run
-    print(f"[train] resumed from {path} at step {state['step']}", flush=True)
+    checkpoint.check_resumed_run(path, state, cfg, total=total, precision=precision)
+    sampler.load_state_dict(state.sampler)
+    if D.is_main():  # metrics.jsonl past this step is trimmed by the run's MetricsLog
+        checkpoint.drop_later_checkpoints(run_dir, state.step)  # from an abandoned future of this run
+    print(f"[train] resumed from {path} at step {state.step}", flush=True)
     return state

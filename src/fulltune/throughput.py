@@ -31,7 +31,7 @@ from fulltune import distributed as D
 GB = 1024**3
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FlopModel:
     body_params: int  # N_body: every weight matrix except the embedding and the LM head
     hidden: int  # d
@@ -62,7 +62,14 @@ def flop_model(model) -> FlopModel:
     )  # matmul weights (norms: no matmul)
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return FlopModel(body, cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers, heads * head_dim, plain_head(model))
+    return FlopModel(
+        body_params=body,
+        hidden=cfg.hidden_size,
+        vocab=cfg.vocab_size,
+        layers=cfg.num_hidden_layers,
+        attn_width=heads * head_dim,
+        head_on_targets=plain_head(model),
+    )
 
 
 def sequence_lengths(examples) -> list[int]:
@@ -75,7 +82,7 @@ def compute_dtype(precision: str) -> torch.dtype:
 
 
 def matmul_peak(
-    device: torch.device, dtype: torch.dtype, rows: int, hidden: int, inner: int, seconds: float = 1.0
+    device: torch.device, dtype: torch.dtype, *, rows: int, hidden: int, inner: int, seconds: float = 1.0
 ) -> float:
     """FLOP/s of the best timed (rows × hidden) @ (hidden × inner) matmul, repeated for ~`seconds`."""
     g = torch.Generator(device).manual_seed(0)  # its own generator: the run's RNG stream is not touched
@@ -126,10 +133,48 @@ def run_peak(cfg, model, precision: str, device: torch.device) -> float:
     dtype = compute_dtype(precision)
     rows = min(cfg.train.micro_batch_size * cfg.data.max_seq_len, 4096)
     hidden, inner = model.config.hidden_size, getattr(model.config, "intermediate_size", 4 * model.config.hidden_size)
-    peak = D.all_sum([matmul_peak(device, dtype, rows, hidden, inner, cfg.train.peak_probe_s)])[0]
+    peak = D.all_sum(
+        [matmul_peak(device, dtype, rows=rows, hidden=hidden, inner=inner, seconds=cfg.train.peak_probe_s)]
+    )[0]
     print(
         f"[train] matmul peak {peak / 1e12:.3f} TFLOP/s ({str(dtype).removeprefix('torch.')}, {rows}×{hidden} @ "
         f"{hidden}×{inner}{f', {D.world_size()} ranks' if D.sharded() else ''}): the denominator of MFU",
         flush=True,
     )
     return peak
+
+
+def targets(examples) -> int:
+    """Target (loss) tokens of the examples: every masked-in position after the first token."""
+    return sum(sum(e.target_mask[1:]) for e in examples)
+
+
+def step_record(run, result, *, flat: list[int], batches: list[dict], seconds: float) -> dict:
+    """The metrics.jsonl record of the step just taken and counted (run.state.step), throughput
+    included. `flat`: the step's sequences over every rank; `batches`: this rank's micro-batches."""
+    from fulltune.data.mixture import MixedSampler
+    from fulltune.optim.param_groups import lrs_by_name
+
+    s, every = run.state, run.examples(flat)
+    tokens, n_targets = sum(len(e.input_ids) for e in every), targets(every)
+    (padded,) = D.all_sum([sum(b["input_ids"].numel() for b in batches)])  # null micro-batches count too
+    flops = run.flops.step_flops(sequence_lengths(every), n_targets)
+    rec = {
+        "step": s.step, "epoch": run.sampler.epoch, "loss": result.loss, "lr": lrs_by_name(run.optimizer),
+        "grad_norm": result.grad_norm, "tokens_seen": s.tokens_seen, "target_tokens_seen": s.target_tokens_seen,
+        "tokens_per_s": tokens / seconds, "elapsed_s": s.elapsed_s, "padding_fraction": 1 - tokens / padded,
+        "flops_per_s": flops / seconds, "memory_gb": memory_gb(run.device),
+        "peak_memory_gb": peak_memory_gb(run.device),
+    }  # fmt: skip
+    if run.peak_flops:
+        rec["mfu"] = flops / seconds / run.peak_flops
+    if isinstance(run.sampler, MixedSampler):
+        general = run.examples([i for i in flat if i >= len(run.data.train)])
+        s.general_target_tokens = (s.general_target_tokens or 0) + targets(general)
+    if not result.applied:
+        rec["skipped"] = True  # the update was not applied (health.py)
+    if run.anchor is not None:
+        rec["theta0_distance"] = run.anchor.distance()  # after the update
+        if run.anchor.lam:
+            rec["penalty"] = run.anchor.last_penalty
+    return rec

@@ -6,10 +6,13 @@
         backward(Σ token CE / N) per micro-batch                       (== one big batch)
         clip the global grad norm; optimizer.step(); zero grads
           (train.optimizer_in_backward: each parameter was updated inside backward instead)
-        log; validate; checkpoint
+        count the step; health; validate, probe, log, checkpoint when each is due
 
-The memory check (memory/runmemory.py) is told of the step at two named points: `memory.step`
-around it and `memory.update_applied` between the update and freeing the gradients.
+`run_setup.setup` builds everything the loop touches (`Run`); the components say when they act
+(`run.evaluator`, `run.metrics`, `run.checkpointer`), and the trainer state (`run.state`, state.py) is
+what a checkpoint restores. The memory check (memory/runmemory.py) is told of the step at two named
+points: `memory.step` around it and `memory.update_applied` between the update and freeing the
+gradients.
 
 Under torchrun the same loop runs on every rank with the model sharded by FSDP2 (distributed.py):
 each rank takes its share of the step's micro-batches; losses and counts are summed over ranks.
@@ -18,33 +21,29 @@ each rank takes its share of the step's micro-batches; losses and counts are sum
 from __future__ import annotations
 
 import json
-import math
 import time
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from tqdm import tqdm
 
-from fulltune import checkpoint, health, report, rundir, tblog
+from fulltune import checkpoint, health, report, rundir, throughput
 from fulltune import distributed as D
-from fulltune.anchors import Anchor
-from fulltune.atomic import write_failure
-from fulltune.config import RunConfig
-from fulltune.data.loader import IGNORE, collate, count_targets
-from fulltune.data.mixture import MixedSampler
-from fulltune.errors import Interrupted, OutOfMemory, UserError
-from fulltune.evals import budget
-from fulltune.evals.during_run import finish_probes, headlines, report_task, run_probes, task_accuracy
+from fulltune.data.loader import count_targets
+from fulltune.data.mixture import mixing_summary
+from fulltune.errors import Interrupted, OutOfMemory
+from fulltune.evals import during_run
 from fulltune.loss import loss_sum
 from fulltune.memory.measure import malloc_restored
-from fulltune.memory.runcheck import out_of_memory_line
-from fulltune.memory.runmemory import RunMemory
+from fulltune.metrics import Progress
 from fulltune.optim.in_backward import InBackward
 from fulltune.optim.optimizers import set_lr
-from fulltune.optim.param_groups import lrs_by_name
 from fulltune.run_setup import Run, setup
+from fulltune.state import StepResult
 from fulltune.stop import StopRequest
-from fulltune.throughput import memory_gb, peak_memory_gb, sequence_lengths
+
+if TYPE_CHECKING:  # annotations only
+    from fulltune.anchors import Anchor
+    from fulltune.memory.runmemory import RunMemory
 
 
 def train_step(
@@ -52,321 +51,145 @@ def train_step(
     optimizer,
     micro_batches: list[dict],
     autocast,
+    *,
     grad_clip: float,
     anchor: Anchor | None = None,
     n_targets: int | None = None,
     memory: RunMemory | None = None,
-) -> tuple[float, float]:
-    """One optimiser step over micro-batches; returns (mean token loss, grad norm before clipping).
+) -> StepResult:
+    """One optimiser step over micro-batches: forward, backward, clip, update (only if finite).
 
     `n_targets`: the step's target tokens over every rank (default: counted here and summed). FSDP
     averages gradients over the G ranks, so each rank's loss is scaled by G: Σ CE / N in the end.
     With an anchor: its penalty's gradient joins the loss's before clipping, and decay toward θ0
     is applied just before the optimiser's update (decoupled, as AdamW's own decay).
-    `memory`: the run's memory check, told when the update is applied (gradients still alive).
-    """
+    `memory`: the run's memory check, told when the update is applied (gradients still alive)."""
     n_targets = n_targets or int(D.all_sum([sum(count_targets(b) for b in micro_batches)])[0])
-    scale = D.world_size()
     total = 0.0
     for batch in micro_batches:
         with autocast():
             s = loss_sum(model, batch)
-        (s * scale / n_targets).backward()  # × 1 is exact: one process computes s / N as before
+        (s * D.world_size() / n_targets).backward()  # × 1 is exact: one process computes s / N as before
         total += s.item()
     (total,) = D.all_sum([total])  # the step's loss, the same on every rank
     if isinstance(optimizer, InBackward):  # every parameter was updated, and its gradient freed, in backward
-        norm, applied = float(optimizer.take_grad_norm()), True
+        result = StepResult(total / n_targets, float(optimizer.take_grad_norm()), applied=True)
     else:
         if anchor is not None:
-            anchor.last_penalty = anchor.add_penalty_grad()
-        norm = float(
-            D.full_value(
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-            )
-        )
-        applied = math.isfinite(total) and math.isfinite(
-            norm
-        )  # a non-finite step never reaches the weights (health.py)
-        if applied:
+            anchor.add_penalty_grad()
+        clip = grad_clip if grad_clip > 0 else float("inf")
+        norm = float(D.full_value(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
+        result = StepResult(total / n_targets, norm, applied=False)
+        result.applied = result.finite  # a non-finite step never reaches the weights (health.py)
+        if result.applied:
             if anchor is not None:
                 anchor.decay_toward_theta0(optimizer)
             optimizer.step()
-    if applied and memory is not None:
+    if result.applied and memory is not None:
         memory.update_applied(model, optimizer)
     optimizer.zero_grad(set_to_none=True)
-    return total / n_targets, norm
+    return result
 
 
-@torch.no_grad()
-def validation_loss(run: Run) -> float:
-    examples = run.data.val
-    was_training = run.model.training
-    run.model.eval()
-    total, n = 0.0, 0
-    bs = run.cfg.train.micro_batch_size
-    chunks = [list(range(start, min(start + bs, len(examples)))) for start in range(0, len(examples), bs)]
-    for idx in D.my_share(chunks, bs):  # every chunk when there is one rank
-        batch = _collate_or_null(run, [examples[i] for i in idx], examples[0])
-        with run.autocast():
-            total += float(loss_sum(run.model, batch))
-        n += count_targets(batch)
-    run.model.train(was_training)
-    total, n = D.all_sum([total, n])
-    return total / n
-
-
-def _collate_or_null(run: Run, examples: list, fallback) -> dict:
-    """collate(examples); with none, a null micro-batch (`fallback` with no target tokens): under FSDP2
-    every rank joins every forward's gathers, and this one adds nothing to the loss or the gradients."""
-    batch = collate(examples or [fallback], run.tokenizer.pad_token_id, run.device)
-    if not examples:
-        batch["labels"].fill_(IGNORE)
-    return batch
-
-
-def _my_batches(run: Run, indices: list[list[int]]) -> list[dict]:
-    """This rank's micro-batches of the step (all of them on one device)."""
+def _next_step(run: Run) -> tuple[list[int], list[dict]]:
+    """Set the step's learning rates and draw its sequences: all of them (every rank's), and this
+    rank's micro-batches."""
+    for group in run.optimizer.param_groups:
+        set_lr(group, group["initial_lr"] * run.lr_multiplier(run.state.step))
+    indices = run.sampler.next_step()  # the whole step's sequences, over every rank
     first = run.examples(indices[0][:1])[0]
-    return [
-        _collate_or_null(run, run.examples(idx), first) for idx in D.my_share(indices, run.cfg.train.micro_batch_size)
-    ]
-
-
-def _log(run: Run, record: dict) -> None:
-    if not D.is_main():
-        return
-    finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-    try:
-        with open(run.run_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(finite) + "\n")  # strict JSON: NaN and inf as null
-        tblog.write(run.tensorboard, record)
-    except OSError as exc:
-        raise UserError(
-            write_failure(exc, run.run_dir / "metrics.jsonl", 1 << 20)
-            or f"{run.run_dir / 'metrics.jsonl'}: cannot write ({exc})"
-        ) from None
-
-
-def _save(run: Run) -> Path:
-    run.state["sampler"] = run.sampler.state_dict()
-    return checkpoint.save_checkpoint(
-        run.run_dir, run.state["step"], run.model, run.optimizer, run.state, run.cfg.train.keep_checkpoints
-    )
+    mine = D.my_share(indices, run.cfg.train.micro_batch_size)
+    return [i for idx in indices for i in idx], [during_run.collate_or_null(run, run.examples(i), first) for i in mine]
 
 
 def loop(run: Run, stop: StopRequest) -> None:
-    """Every optimiser step, top to bottom: rates, micro-batches, update, then the step's bookkeeping."""
-    cfg = run.cfg.train
-    bar = tqdm(
-        total=run.total_steps, initial=run.state["step"], desc="train", disable=not cfg.progress, dynamic_ncols=True
-    )
-    while run.state["step"] < run.total_steps:
-        for group in run.optimizer.param_groups:
-            set_lr(group, group["initial_lr"] * run.lr_multiplier(run.state["step"]))
-        indices = run.sampler.next_step()  # the whole step's sequences, over every rank
-        batches = _my_batches(run, indices)
-        flat = [i for idx in indices for i in idx]
+    """Every optimiser step, top to bottom: the update, then each component that acts on this step."""
+    state, cfg = run.state, run.cfg.train
+    progress = Progress(run.total_steps, state.step, run.progress)
+    while state.step < run.total_steps:
+        flat, batches = _next_step(run)
         t0 = time.perf_counter()
         with run.memory.step(batches):
-            loss, norm = train_step(
-                run.model,
-                run.optimizer,
-                batches,
-                run.autocast,
-                run.cfg.optim.grad_clip,
-                run.anchor,
-                _targets(run.examples(flat)),
-                run.memory,
-            )
-        dt = time.perf_counter() - t0
-        (padded,) = D.all_sum([sum(b["input_ids"].numel() for b in batches)])  # null micro-batches count too
-        rec = _record(run, flat, loss, norm, dt, padded)
-        warning = health.check_step(
-            run.state,
-            loss,
-            norm,
-            cfg.max_bad_steps,
-            cfg.optimizer_in_backward,
-            lambda: (checkpoint.list_checkpoints(run.run_dir) or [None])[-1],
-        )
+            result = train_step(
+                run.model, run.optimizer, batches, run.autocast, grad_clip=run.cfg.optim.grad_clip,
+                anchor=run.anchor, n_targets=throughput.targets(run.examples(flat)), memory=run.memory,
+            )  # fmt: skip
+        seconds, every = time.perf_counter() - t0, run.examples(flat)
+        state.advance(tokens=sum(len(e.input_ids) for e in every), targets=throughput.targets(every), seconds=seconds)
+        rec = throughput.step_record(run, result, flat=flat, batches=batches, seconds=seconds)  # metrics.jsonl's
+        warning = health.check_step(run, result)  # the tally of bad and diverging steps; may stop the run
         if warning:
-            tqdm.write(f"[train] warning: {warning}")
-        saved = _after_step(run, rec, bar)
-        if D.any_rank(stop.requested) and run.state["step"] < run.total_steps:  # every rank stops together
-            bar.close()
-            path = saved or _save(run)
+            progress.note(f"[train] warning: {warning}")
+        if state.step == 1 and cfg.compile:
+            progress.note(f"[train] step 1 took {rec['elapsed_s']:.1f} s, torch.compile's warm-up included")
+        if run.evaluator.validation_due(state.step):
+            rec["val_loss"] = during_run.validation_loss(run)
+        if run.evaluator.probes_due(state.step):
+            rec.update(during_run.probe_step(run, state.step))
+        run.metrics.log_step(rec, last=state.step == run.total_steps)
+        progress.show(rec)
+        saved = run.checkpointer.save(run) if run.checkpointer.due(state.step) else None
+        if D.any_rank(stop.requested) and state.step < run.total_steps:  # every rank stops together
+            progress.close()
+            path = saved or run.checkpointer.save(run)
             raise Interrupted(
-                f"stopped at step {run.state['step']}; checkpoint {path}; continue with train.resume=auto",
-                stop.exit_code,
+                f"stopped at step {state.step}; checkpoint {path}; continue with train.resume=auto", stop.exit_code
             )
-    bar.close()
+    progress.close()
 
 
-def _targets(examples: list) -> int:
-    return sum(sum(e.target_mask[1:]) for e in examples)
-
-
-def _record(run: Run, flat: list[int], loss: float, norm: float, dt: float, padded: float) -> dict:
-    """Advance the counters by the step just taken (`flat`: its sequences, `padded`: the token positions
-    its micro-batches computed over every rank); its metrics.jsonl record, throughput included."""
-    s, every = run.state, run.examples(flat)
-    tokens, targets = sum(len(e.input_ids) for e in every), _targets(every)
-    s["step"], s["tokens_seen"], s["target_tokens_seen"] = (
-        s["step"] + 1,
-        s["tokens_seen"] + tokens,
-        s["target_tokens_seen"] + targets,
-    )
-    s["elapsed_s"] += dt
-    rec = {
-        "step": s["step"],
-        "epoch": run.sampler.epoch,
-        "loss": loss,
-        "lr": lrs_by_name(run.optimizer),
-        "grad_norm": norm,
-        "tokens_seen": s["tokens_seen"],
-        "target_tokens_seen": s["target_tokens_seen"],
-        "tokens_per_s": tokens / dt,
-        "elapsed_s": s["elapsed_s"],
-    }
-    flops = run.flops.step_flops(sequence_lengths(every), targets)
-    rec.update(
-        padding_fraction=1 - tokens / padded,
-        flops_per_s=flops / dt,
-        memory_gb=memory_gb(run.device),
-        peak_memory_gb=peak_memory_gb(run.device),
-    )
-    if run.peak_flops:
-        rec["mfu"] = flops / dt / run.peak_flops
-    if isinstance(run.sampler, MixedSampler):
-        general = run.examples([i for i in flat if i >= len(run.data.train)])
-        s["general_target_tokens"] = s.get("general_target_tokens", 0) + _targets(general)
-    if not (math.isfinite(loss) and math.isfinite(norm)):
-        rec["skipped"] = True  # the update was not applied
-    if run.anchor is not None:
-        rec["theta0_distance"] = run.anchor.distance()  # after the update
-        if run.anchor.lam:
-            rec["penalty"] = run.anchor.last_penalty
-    return rec
-
-
-def _after_step(run: Run, rec: dict, bar) -> Path | None:
-    """The step's bookkeeping: validation, probes, metrics line, progress bar, periodic checkpoint."""
-    cfg = run.cfg.train
-    step = rec["step"]
-    if cfg.val_interval and step % cfg.val_interval == 0 and step < run.total_steps and run.data.val:
-        rec["val_loss"] = validation_loss(run)
-    interval = run.cfg.eval.probe_interval
-    if interval and step % interval == 0 and step < run.total_steps and run.data.probes is not None:
-        rec["probes"] = headlines(run_probes(run, f"step {step}"))
-        if run.cfg.eval.forgetting_budget:
-            rec["budget"] = budget.check_step(run, step, rec["probes"], checkpoint.export_hf)
-    if step == 1 and cfg.compile:
-        print(f"[train] step 1 took {rec['elapsed_s']:.1f} s, torch.compile's warm-up included", flush=True)
-    if step % cfg.log_interval == 0 or "val_loss" in rec or "probes" in rec or step == run.total_steps:
-        _log(run, rec)
-    top_lr = max(rec["lr"].values())
-    shown = dict(
-        loss=f"{rec['loss']:.4f}",
-        lr=f"{top_lr:.2e}",
-        tok_s=f"{rec['tokens_per_s']:.0f}",
-        pad=f"{100 * rec['padding_fraction']:.0f}%",
-        mem=f"{rec['memory_gb']:.1f}/{rec['peak_memory_gb']:.1f}G",
-    )
-    if "mfu" in rec:
-        shown["mfu"] = f"{100 * rec['mfu']:.0f}%"
-    bar.set_postfix(shown, refresh=False)
-    bar.update(1)
-    if cfg.save_interval and step % cfg.save_interval == 0 and step < run.total_steps:
-        return _save(run)
-    return None
-
-
-def finish(run: Run) -> dict:
-    results = run.state["results"]
+def finish(run: Run) -> None:
+    """After the last step: validation loss, final/, θ*'s scores and the forgetting report, results.json."""
+    results, state = run.state.results, run.state
     if run.data.val:
-        results["final_val_loss"] = validation_loss(run)
-        _log(run, {"step": run.state["step"], "val_loss": results["final_val_loss"]})
-        print(f"[train] validation loss {results['final_val_loss']:.4f}", flush=True)
+        results.final_val_loss = during_run.validation_loss(run)
+        run.metrics.append({"step": state.step, "val_loss": results.final_val_loss})
+        print(f"[train] validation loss {results.final_val_loss:.4f}", flush=True)
     final = checkpoint.export_hf(run.model, run.tokenizer, run.run_dir / "final")
     print(f"[train] saved the fine-tuned model to {final}", flush=True)
-    if run.data.task is not None:
-        results["task_accuracy_final"] = task_accuracy(run, "θ*")
-        report_task(results)
-    if run.data.probes is not None:
-        finish_probes(run, results, _log)
-        budget.finish(run, results)
-    if isinstance(run.sampler, MixedSampler):
-        st = run.state
-        results["mixing"] = {
-            "task_sequences": run.sampler.task_seen,
-            "general_sequences": run.sampler.general_seen,
-            "general_share": run.sampler.general_seen / max(1, run.sampler.task_seen + run.sampler.general_seen),
-            "general_target_token_share": st.get("general_target_tokens", 0) / max(1, st["target_tokens_seen"]),
-        }
-        print(
-            f"[data] mixing: {run.sampler.general_seen} general sequences of "
-            f"{run.sampler.task_seen + run.sampler.general_seen} ({100 * results['mixing']['general_share']:.1f}%), "
-            f"{100 * results['mixing']['general_target_token_share']:.1f}% of the loss tokens",
-            flush=True,
-        )
-    h = run.state.get("health", {})
-    results.update(skipped_steps=h.get("skipped_steps", 0), diverged=h.get("diverged"))
-    if results["diverged"]:
-        print(f"[train] warning: this run diverged: {health.divergence_line(results['diverged'])}", flush=True)
-    results.update(
-        steps=run.state["step"],
-        tokens_seen=run.state["tokens_seen"],
-        target_tokens_seen=run.state["target_tokens_seen"],
-        train_time_s=run.state["elapsed_s"],
-        data=run.data.stats,
+    during_run.after_training(run)
+    results.mixing = mixing_summary(run.sampler, state.general_target_tokens or 0, state.target_tokens_seen)
+    results.skipped_steps, results.diverged = state.health.skipped_steps, state.health.diverged
+    if results.diverged:
+        print(f"[train] warning: this run diverged: {health.divergence_line(results.diverged)}", flush=True)
+    results.steps, results.tokens_seen, results.target_tokens_seen = (
+        state.step,
+        state.tokens_seen,
+        state.target_tokens_seen,
     )
-    if run.tensorboard is not None:
-        run.tensorboard.close()
+    results.train_time_s, results.data = state.elapsed_s, run.data.stats
+    run.metrics.close()
     if D.is_main():
-        (run.run_dir / "results.json").write_text(json.dumps(results, indent=1))
+        (run.run_dir / "results.json").write_text(json.dumps(results.to_dict(), indent=1))
         rundir.finish_run_dir(run.run_dir)
-    return results
 
 
-def run_training(cfg: RunConfig) -> Run:
+def run_training(cfg) -> Run:
     """setup → task accuracy of θ0 → loop → checkpoint → export, task accuracy of θ*, results.json.
     SIGINT / SIGTERM (stop.py): at once outside the steps; during them, after the step and a checkpoint."""
-    with StopRequest() as stop, malloc_restored():  # glibc's settings as the caller had them, afterwards
+    with StopRequest() as stop, malloc_restored(), rundir.held():  # glibc's settings and the lock: undone after
         run = setup(cfg)
-        if run.state["step"] == 0:
-            if run.data.task is not None:
-                run.state["results"]["task_accuracy_theta0"] = task_accuracy(run, "θ0")
-            if run.data.probes is not None:
-                run.state["results"]["probes_theta0"] = run_probes(run, "θ0")
-                _log(run, {"step": 0, "probes": headlines(run.state["results"]["probes_theta0"])})
+        if run.state.step == 0:
+            during_run.before_training(run)
         started = time.perf_counter()
         stop.defer = True  # from here a signal lets the step finish, then checkpoints
         try:
             loop(run, stop)
         except (torch.OutOfMemoryError, MemoryError):
+            last = (checkpoint.list_checkpoints(run.run_dir) or [None])[-1]
             raise OutOfMemory(
-                out_of_memory_line(
-                    run.model,
-                    cfg,
-                    run.precision,
-                    run.device,
-                    run.state["step"] + 1,
-                    (checkpoint.list_checkpoints(run.run_dir) or [None])[-1],
-                )
+                run.memory.out_of_memory_line(run.device, step=run.state.step + 1, checkpoint=last)
             ) from None
         run.memory.close()
-        saved = _save(run)  # the trained weights, before the final evaluation
+        saved = run.checkpointer.save(run)  # the trained weights, before the final evaluation
         stop.defer = False
         if D.any_rank(stop.requested):
             raise Interrupted(
-                f"stopped after the last step ({run.state['step']}); checkpoint {saved}; "
-                "continue with train.resume=auto",
+                f"stopped after the last step ({run.state.step}); checkpoint {saved}; continue with train.resume=auto",
                 stop.exit_code,
             )
         finish(run)
-    print(
-        f"[train] done: {run.state['step']} steps in {time.perf_counter() - started:.0f} s → {run.run_dir}", flush=True
-    )
+    print(f"[train] done: {run.state.step} steps in {time.perf_counter() - started:.0f} s → {run.run_dir}", flush=True)
     if D.is_main():
-        report.at_end_of_run(run.run_dir, run.state["results"], run.cfg.train.report)
+        report.at_end_of_run(run.run_dir, run.state.results.to_dict(), run.cfg.train.report)
     return run

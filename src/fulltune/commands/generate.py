@@ -80,7 +80,7 @@ def prompt_ids(tokenizer, messages: list[dict]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def answer(model, tokenizer, messages: list[dict], sampling: Sampling, streamer=None) -> str:
+def answer(model, tokenizer, messages: list[dict], sampling: Sampling, *, streamer=None) -> str:
     ids = prompt_ids(tokenizer, messages).to(next(model.parameters()).device)
     kwargs = dict(
         max_new_tokens=sampling.max_new_tokens,
@@ -167,7 +167,8 @@ def run_chat_command(args, read=input) -> list[list[dict]]:
     while True:
         try:
             line = read("you> ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # standard input closed (< /dev/null, Ctrl-D) or Ctrl-C at the prompt
+            print("\n[chat] end of input; bye", flush=True)
             break
         if line.strip() == "/exit":
             break
@@ -179,7 +180,11 @@ def run_chat_command(args, read=input) -> list[list[dict]]:
             history.append({"role": "user", "content": line})
             print(f"{label}> ", end="", flush=True)
             reply = answer(
-                model, tokenizer, history, sampling, TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+                model,
+                tokenizer,
+                history,
+                sampling,
+                streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
             )
             history.append({"role": "assistant", "content": reply})
     return said + [histories[0]] if len(histories[0]) > len(system) else said

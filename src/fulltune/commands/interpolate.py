@@ -29,7 +29,12 @@ def register(sub) -> None:
     i.add_argument("--probes", help="comma-separated probes (overrides eval.probes)")
     i.add_argument("--items", type=int, help="items per multiple-choice probe (overrides eval.probe_items)")
     i.add_argument("--code-items", type=int, help="items per code / text probe (overrides eval.probe_code_items)")
-    i.add_argument("--precision", choices=("auto", "bf16-mixed", "fp32"), default="auto")
+    i.add_argument(
+        "--precision",
+        choices=("auto", "bf16-mixed", "fp32"),
+        default="auto",
+        help="as train.precision (auto: bf16-mixed where there are bf16 units)",
+    )
     i.add_argument("--out", default="interpolate", help="output directory (table, JSON, PNG)")
     i.add_argument("--save-models", action="store_true", help="also save each blended model as OUT/alpha-A")
     i.add_argument(
@@ -189,9 +194,7 @@ def run(args) -> None:
     from fulltune.runtime import autocast_factory, pick_device, resolve_precision
 
     alphas = parse_alphas(args.alphas)
-    if (args.items is not None and args.items < 1) or (args.code_items is not None and args.code_items < 1):
-        raise UserError("--items and --code-items must be ≥ 1")
-    task_file, labels, probe_names, items, code_items, batch = _settings(args)
+    task_file, labels, probe_names, items, code_items, batch = _checked_settings(args)
     limits = _budget(args, probe_names)
     task_path = resolve_data_path(task_file) if task_file else ""
     records = load_records(task_path) if task_file else None
@@ -213,7 +216,9 @@ def run(args) -> None:
         blend(model, theta0_w, ft_w, alpha)
         row = {"alpha": alpha}
         if records is not None:
-            row["task"] = label_accuracy(model, tokenizer, records, task_path, labels, batch, autocast)
+            row["task"] = label_accuracy(
+                model, tokenizer, records, source=task_path, labels=labels, batch_size=batch, autocast=autocast
+            )
         if probes is not None:
             row["probes"] = probes.run(model, autocast, batch)
             row.update(_general_scores(row["probes"]))
@@ -229,16 +234,30 @@ def run(args) -> None:
         result["budget"] = budget_search(score, rows, limits, args.search_steps)
         rows.sort(key=lambda r: r["alpha"])
         _record_in_run(Path(args.finetuned).expanduser().parent, result["budget"])
+    _write_outputs(out, result, with_plot=records is not None and probes is not None)
+
+
+def _write_outputs(out: Path, result: dict, with_plot: bool) -> None:
+    """OUT/interpolate.json, .md (also printed) and, with a task and probes, the trade-off PNG."""
+    rows = result["rows"]
     (out / "interpolate.json").write_text(json.dumps(result, indent=1))
     (out / "interpolate.md").write_text(table(rows) + "\n")
     print(table(rows))
-    if records is not None and probes is not None:
+    if with_plot:
         plot(rows, out / "interpolate.png")
-    print(
-        f"[interpolate] wrote {out / 'interpolate.md'}, interpolate.json"
-        + (", interpolate.png" if records is not None and probes is not None else ""),
-        flush=True,
-    )
+    shown = f"{out / 'interpolate.md'}, interpolate.json" + (", interpolate.png" if with_plot else "")
+    print(f"[interpolate] wrote {shown}", flush=True)
+
+
+def _checked_settings(args):
+    """Both models' files, then the task and probe settings (the run's config, overridden by flags)."""
+    from fulltune.modelcheck import check_model_path
+
+    check_model_path(args.theta0, False, "THETA0")  # before settings are read or θ0 loads
+    check_model_path(args.finetuned, False, "FINETUNED")
+    if (args.items is not None and args.items < 1) or (args.code_items is not None and args.code_items < 1):
+        raise UserError("--items and --code-items must be ≥ 1")
+    return _settings(args)
 
 
 def _row_line(row: dict) -> str:

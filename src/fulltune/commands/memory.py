@@ -35,7 +35,7 @@ def register(sub) -> None:
         "rounding), fp32; bf16-master (bf16 weights + fp32 master: ZeRO/DeepSpeed's 16N layout) "
         "for comparison only",
     )
-    m.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    m.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="optimiser whose state is counted")
     m.add_argument("--fp32-grads", action="store_true", help="mixed precision with fp32 gradients")
     m.add_argument("--checkpointing", action="store_true", help="activation checkpointing per decoder layer")
     m.add_argument(
@@ -43,7 +43,7 @@ def register(sub) -> None:
     )
     m.add_argument("--activation-offload", action="store_true", help="CUDA: saved activations in pinned CPU memory")
     m.add_argument("--cpu-offload", action="store_true", help="CUDA: optimiser state and gradients in CPU memory")
-    m.add_argument("--gpus", type=int, default=1)
+    m.add_argument("--gpus", type=int, default=1, help="GPUs the setup is spread over (with --zero)")
     m.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0, help="ZeRO stage over --gpus")
     m.add_argument("--method", choices=METHODS, default="full", help="full fine-tuning, or LoRA / QLoRA to compare")
     m.add_argument("--rank", type=int, default=16, help="LoRA rank")
@@ -54,7 +54,9 @@ def register(sub) -> None:
         help="regularisation toward θ0: l2sp (or decay toward θ0) keeps a θ0 copy, ewc θ0 + its Fisher",
     )
     m.add_argument("--loss-fraction", type=float, default=1.0, help="share of positions with loss (SFT: < 1)")
-    m.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    m.add_argument(
+        "--device", choices=("cuda", "cpu"), default="cuda", help="where it trains (CUDA-only savers count on cuda)"
+    )
     m.add_argument("--gpu", choices=tuple(GPUS), default="a100-80gb", help="GPU type for the fit / GPU count")
     m.add_argument(
         "--plot", metavar="PNG", help="draw the seed's stacked bars (full FT 7B, LoRA 7B, QLoRA 7B, QLoRA 70B)"

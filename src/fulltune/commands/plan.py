@@ -11,10 +11,10 @@ def register(sub) -> None:
 
     p = sub.add_parser("plan", help="decide: full fine-tuning on one GPU, with ZeRO-3, with savers, or LoRA/QLoRA")
     p.add_argument("model", help="preset (llama-7b, llama-70b, smollm2-135m, ...), HF model dir or config.json")
-    p.add_argument("--gpu", choices=tuple(GPUS), default="a100-80gb")
+    p.add_argument("--gpu", choices=tuple(GPUS), default="a100-80gb", help="the GPU type you have")
     p.add_argument("--gpus", type=int, default=1, help="how many GPUs you have")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=1, help="micro-batch size")
+    p.add_argument("--seq", type=int, default=2048, help="sequence length")
     p.add_argument(
         "--precision",
         choices=("auto", "bf16-mixed", "bf16", "fp32"),

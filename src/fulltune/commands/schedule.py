@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from pathlib import Path
 
+from fulltune import config_checks
 from fulltune.assets import resolve_data_path
 from fulltune.config import RunConfig
+from fulltune.config_checks import check_run_length
 from fulltune.data.sources import load_records
 from fulltune.optim.schedules import schedule_fn, warmup_steps
 
 
 def planned_steps(cfg: RunConfig) -> tuple[int, str]:
-    """Total optimiser steps and how they were derived (records counted, not tokenised)."""
+    """Total optimiser steps and how they were derived (records counted, not tokenised). A length the
+    run would refuse (config_checks.LONG_RUN) is refused here too, before any table or plot is made."""
     t = cfg.train
     if t.max_steps:
         return t.max_steps, "train.max_steps"
-    n = len(load_records(resolve_data_path(cfg.data.train)))
-    if not cfg.data.validation and cfg.data.val_fraction > 0:
-        n -= max(1, round(cfg.data.val_fraction * n))
-    per_epoch = math.ceil(n / (t.micro_batch_size * t.grad_accum_steps))
-    return math.ceil(per_epoch * t.epochs), (
+    records = len(load_records(resolve_data_path(cfg.data.train)))
+    check_run_length(cfg, records)
+    held_out = cfg.data.val_fraction > 0 and not cfg.data.validation
+    n = records - (max(1, round(cfg.data.val_fraction * records)) if held_out else 0)
+    return config_checks.planned_steps(cfg, records), (
         f"{n} records / ({t.micro_batch_size}×{t.grad_accum_steps}) × {t.epochs} epochs; "
         "sequences dropped as overlong would make it slightly fewer"
     )
@@ -41,7 +43,8 @@ def plot_schedules(cfg: RunConfig, total: int, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    steps = list(range(total + 1))
+    stride = max(1, total // 4000)  # a long run is drawn from ≤ ~4,000 points of its curve, never one per step
+    steps = sorted(set(range(0, total + 1, stride)) | {warmup_steps(cfg.schedule, total), total})
     names = [cfg.schedule.name] + [n for n in ("cosine", "constant", "linear") if n != cfg.schedule.name]
     for name in names:
         fn = schedule_fn(replace(cfg.schedule, name=name), cfg.optim.lr, total)
@@ -67,8 +70,8 @@ def plot_schedules(cfg: RunConfig, total: int, out: Path) -> None:
 
 def register(sub) -> None:
     s = sub.add_parser("schedule", help="print and plot the learning-rate schedule of a config")
-    s.add_argument("config")
-    s.add_argument("overrides", nargs="*")
+    s.add_argument("config", help="YAML config (see configs/quickstart.yaml)")
+    s.add_argument("overrides", nargs="*", default=[], help="dotted key=value overrides, e.g. train.epochs=2")
     s.add_argument("--out", default="schedule.png", help="PNG to write (default: schedule.png)")
     s.set_defaults(run=run)
 

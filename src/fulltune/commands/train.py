@@ -8,7 +8,7 @@ from fulltune.errors import UserError
 def register(sub) -> None:
     t = sub.add_parser("train", help="fully fine-tune θ0 on a dataset")
     t.add_argument("config", help="YAML config (see configs/quickstart.yaml)")
-    t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=3e-5")
+    t.add_argument("overrides", nargs="*", default=[], help="dotted key=value overrides, e.g. optim.lr=3e-5")
     t.add_argument("--resume", metavar="auto|PATH", help="same as train.resume=...: continue from a checkpoint")
     t.add_argument(
         "--nproc",
@@ -34,5 +34,5 @@ def run(args) -> int:
         return launch(args.nproc, ["train", args.config, *overrides])
     from fulltune.train import run_training
 
-    run_training(cfg)
+    run_training(cfg)  # the run directory is locked while it runs, and free again however it ends
     return 0

@@ -88,6 +88,16 @@ def encode_messages(tokenizer, messages: list[dict], loss_on: str, where: str = 
     except UserError:
         raise
     except Exception as exc:  # the template itself may refuse a conversation (jinja2 raise_exception)
+        import jinja2
+
+        if isinstance(exc, jinja2.TemplateSyntaxError):  # the template is broken, not this record
+            raise UserError(template_syntax_error(tokenizer, exc)) from None
+        if isinstance(exc, jinja2.TemplateError) and type(exc) is not jinja2.TemplateError:  # not raise_exception
+            what = " ".join(str(exc).split())[:200]
+            raise UserError(
+                f"{where}: the chat template ({template_file(tokenizer)}) fails on this conversation "
+                f"({type(exc).__name__}: {what})"
+            ) from None
         hint = (
             "; this template has no system turn: put the system text at the start of the first user message "
             "(Gemma-3's template does just that)"
@@ -97,11 +107,31 @@ def encode_messages(tokenizer, messages: list[dict], loss_on: str, where: str = 
         raise UserError(f"{where}: the chat template rejected this conversation: {exc}{hint}") from None
 
 
+def template_file(tokenizer) -> str:
+    """The file a tokenizer's chat template came from: MODEL/chat_template.jinja where it exists, else
+    MODEL/tokenizer_config.json (its chat_template entry)."""
+    from pathlib import Path
+
+    folder = Path(str(getattr(tokenizer, "name_or_path", "") or "."))
+    for name in ("chat_template.jinja", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            return str(folder / name)
+    return f"{folder} (chat_template)"
+
+
+def template_syntax_error(tokenizer, exc) -> str:
+    """A Jinja syntax error in the chat template, blamed on the template's file and its own line."""
+    return (
+        f"{template_file(tokenizer)}: the chat template is not valid Jinja (template line {exc.lineno}: "
+        f"{exc.message}); fix it, or copy the template of the model this one was trained from"
+    )
+
+
 def _encode_messages(tokenizer, messages: list[dict], loss_on: str, where: str) -> Example:
     whole = _render(tokenizer, messages, False)
     ids = _tokens(tokenizer, whole, False)
     mask = [int(loss_on == "all")] * len(ids)
-    spans = _spans_by_prefix(tokenizer, messages, ids) or _spans_in_whole(tokenizer, messages, whole, ids, where)
+    spans = _spans_by_prefix(tokenizer, messages, ids) or _spans_in_whole(tokenizer, messages, whole, ids, where=where)
     for start, end in spans:
         mask[start:end] = [1] * (end - start)
     return Example(ids, mask)
@@ -129,7 +159,9 @@ def _assistant_turns(tokenizer, messages: list[dict]):
             )
 
 
-def _spans_in_whole(tokenizer, messages: list[dict], whole: str, ids: list[int], where: str) -> list[tuple[int, int]]:
+def _spans_in_whole(
+    tokenizer, messages: list[dict], whole: str, ids: list[int], *, where: str
+) -> list[tuple[int, int]]:
     """Templates that render earlier turns differently once the conversation goes on (Qwen3 drops the
     thinking block of turns before the last user message; Phi-3 ends a conversation with EOS): each
     assistant turn is located in the one whole rendering. It starts where the conversation up to it,
@@ -175,7 +207,7 @@ def _check_messages(messages, where: str) -> None:
             raise UserError(f"{where}: unknown role {m['role']!r} (system, user, assistant)")
 
 
-def encode_record(tokenizer, record: dict, fmt: str, loss_on: str, where: str) -> Example:
+def encode_record(tokenizer, record: dict, fmt: str, *, loss_on: str, where: str) -> Example:
     """One record → Example; `where` (file:line) names the record in errors."""
     if fmt == "messages":
         _check_messages(record["messages"], where)
@@ -187,8 +219,12 @@ def encode_record(tokenizer, record: dict, fmt: str, loss_on: str, where: str) -
         return encode_prompt_completion(tokenizer, prompt, completion, loss_on)
     text = record["text"]
     if not isinstance(text, str):
-        raise UserError(f"{where}: text must be a string, got {type(text).__name__}")
+        raise UserError(f"{where}: text must be a string, got {_kind(text)}")
     return encode_text(tokenizer, text)
+
+
+def _kind(value) -> str:
+    return "null (a missing value)" if value is None else type(value).__name__
 
 
 def _empty_answer(record: dict, fmt: str) -> bool:
@@ -207,7 +243,7 @@ def encode_dataset(ds, tokenizer, cfg: DataConfig, source: str) -> tuple[list[Ex
     examples, empty = [], []
     for index, record in enumerate(ds):
         try:
-            ex = encode_record(tokenizer, record, fmt, cfg.loss_on, f"{source} (record {index})")
+            ex = encode_record(tokenizer, record, fmt, loss_on=cfg.loss_on, where=f"{source} (record {index})")
         except UserError as exc:
             raise UserError(str(exc).replace(f"{source} (record {index})", row_location(source, index))) from None
         if _empty_answer(record, fmt):

@@ -27,7 +27,9 @@ class StepSampler:
 
     POOL_STEPS = 16
 
-    def __init__(self, n_examples: int, micro_batch: int, grad_accum: int, seed: int, lengths: list[int] | None = None):
+    def __init__(
+        self, n_examples: int, micro_batch: int, grad_accum: int, seed: int, *, lengths: list[int] | None = None
+    ):
         assert n_examples > 0 and micro_batch > 0 and grad_accum > 0
         assert lengths is None or len(lengths) == n_examples
         self.n, self.micro_batch, self.grad_accum, self.seed = n_examples, micro_batch, grad_accum, seed

@@ -19,7 +19,7 @@ class MixedSampler:
     General example j has index `n_task + j`, so one list `task + general` serves both.
     """
 
-    def __init__(self, task: StepSampler, n_general: int, ratio: float, seed: int, sizes: list[int] | None = None):
+    def __init__(self, task: StepSampler, n_general: int, ratio: float, seed: int, *, sizes: list[int] | None = None):
         """`sizes`: sequences in each task example (packed rows hold several; default one each), so the
         ratio is always one of sequences."""
         assert 0 < ratio < 1 and n_general > 0
@@ -70,3 +70,22 @@ class MixedSampler:
         self.task.load_state_dict(state["task"])
         self.general.load_state_dict(state["general"])
         self.task_seen, self.general_seen = state["task_seen"], state["general_seen"]
+
+
+def mixing_summary(sampler, general_target_tokens: int, target_tokens_seen: int) -> dict | None:
+    """results.mixing (printed): how much of the run was general data, in sequences and loss tokens."""
+    if not isinstance(sampler, MixedSampler):
+        return None
+    seen = sampler.task_seen + sampler.general_seen
+    out = {
+        "task_sequences": sampler.task_seen,
+        "general_sequences": sampler.general_seen,
+        "general_share": sampler.general_seen / max(1, seen),
+        "general_target_token_share": general_target_tokens / max(1, target_tokens_seen),
+    }
+    print(
+        f"[data] mixing: {sampler.general_seen} general sequences of {seen} ({100 * out['general_share']:.1f}%), "
+        f"{100 * out['general_target_token_share']:.1f}% of the loss tokens",
+        flush=True,
+    )
+    return out

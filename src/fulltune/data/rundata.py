@@ -17,7 +17,7 @@ from fulltune.evals.classify import gold_labels
 from fulltune.evals.forgetting import ProbeSet
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TaskData:
     train: list[Example]
     val: list[Example]
@@ -81,7 +81,9 @@ def load_task_data(cfg: RunConfig, tokenizer, sources: dict) -> TaskData:
     if cfg.eval.probes:
         probes = ProbeSet(list(cfg.eval.probes), tokenizer, cfg.eval.probe_items, cfg.eval.probe_code_items)
         print(f"[data] probes: {', '.join(f'{p.name} ({len(p.items)})' for p in probes.probes)}", flush=True)
-    return TaskData(train, val, task, task_source, stats, probes, general)
+    return TaskData(
+        train=train, val=val, task=task, task_source=task_source, stats=stats, probes=probes, general=general
+    )
 
 
 def _general_examples(cfg: RunConfig, tokenizer, sources: dict, stats: dict) -> list[Example]:

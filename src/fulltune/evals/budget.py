@@ -10,8 +10,9 @@ checked."""
 
 from __future__ import annotations
 
-from fulltune.evals.during_run import task_accuracy
+from fulltune.checkpoint import export_hf
 from fulltune.evals.forgetting import gain, headline
+from fulltune.state import BudgetTrack
 
 BEST = "best-in-budget"
 
@@ -50,55 +51,49 @@ def _describe(entry: dict, budget: dict) -> str:
     return f"task {100 * entry['task_accuracy']:.1f}%; lost, in points or % NLL: " + ", ".join(parts)
 
 
-def check_step(run, step: int, probes_now: dict, export) -> dict:
-    """A probed step: its losses, its task accuracy, and — when it is inside the budget and the best
-    so far — the model exported to RUN/best-in-budget/ with `export(model, tokenizer, dest)`."""
-    budget = run.cfg.eval.forgetting_budget
-    lost = losses(run.state["results"].get("probes_theta0", {}), probes_now)
-    entry = {
-        "step": step,
-        "task_accuracy": task_accuracy(run, f"step {step}")["accuracy"],
-        "losses": lost,
-        "in_budget": within(budget, lost),
-    }
-    state = run.state.setdefault("budget", {"checked": [], "best": None})
-    state["checked"].append(entry)
-    best = state["best"]
-    if better(entry, best):
-        state["best"] = dict(entry, path=str(export(run.model, run.tokenizer, run.run_dir / BEST)))
+def check_step(run, step: int, probes_now: dict, task_accuracy: float) -> dict:
+    """A probed step: its losses and its task accuracy; when it is inside the budget and the best so
+    far, the model is exported to RUN/best-in-budget/ (an HF directory, like final/)."""
+    limits = run.cfg.eval.forgetting_budget
+    lost = losses(run.state.results.probes_theta0 or {}, probes_now)
+    entry = {"step": step, "task_accuracy": task_accuracy, "losses": lost, "in_budget": within(limits, lost)}
+    track = run.state.budget = run.state.budget or BudgetTrack()
+    track.checked.append(entry)
+    if better(entry, track.best):
+        track.best = dict(entry, path=str(export_hf(run.model, run.tokenizer, run.run_dir / BEST)))
         print(
-            f"[budget] step {step} is the best inside the budget so far ({_describe(entry, budget)}): "
-            f"{state['best']['path']}",
+            f"[budget] step {step} is the best inside the budget so far ({_describe(entry, limits)}): "
+            f"{track.best['path']}",
             flush=True,
         )
     elif not entry["in_budget"]:
-        print(f"[budget] step {step} is outside the budget ({_describe(entry, budget)})", flush=True)
+        print(f"[budget] step {step} is outside the budget ({_describe(entry, limits)})", flush=True)
     return {"task_accuracy": entry["task_accuracy"], "in_budget": entry["in_budget"]}
 
 
-def finish(run, results: dict) -> None:
+def finish(run) -> None:
     """θ* against the budget (it is final/ when it is inside and at least as good), and the verdict."""
-    budget = run.cfg.eval.forgetting_budget
-    if not budget or "probes_final" not in results or "task_accuracy_final" not in results:
+    limits, results = run.cfg.eval.forgetting_budget, run.state.results
+    if not limits or results.probes_final is None or results.task_accuracy_final is None:
         return
-    now = {n: headline(s)[1] for n, s in results["probes_final"].items() if not n.startswith("_")}
-    lost = losses(results.get("probes_theta0", {}), now)
+    now = {n: headline(s)[1] for n, s in results.probes_final.items() if not n.startswith("_")}
+    lost = losses(results.probes_theta0 or {}, now)
     final = {
-        "step": run.state["step"],
-        "task_accuracy": results["task_accuracy_final"]["accuracy"],
+        "step": run.state.step,
+        "task_accuracy": results.task_accuracy_final["accuracy"],
         "losses": lost,
-        "in_budget": within(budget, lost),
+        "in_budget": within(limits, lost),
         "path": str(run.run_dir / "final"),
     }
-    state = run.state.setdefault("budget", {"checked": [], "best": None})
-    checked, best = state["checked"] + [final], state["best"]
+    track = run.state.budget or BudgetTrack()
+    checked, best = [*track.checked, final], track.best
     if better(final, best):
         best = final
-    results["budget"] = {"limits": dict(budget), "best": best, "checked": checked}
+    results.budget = {"limits": dict(limits), "best": best, "checked": checked}
     if best is None:
         print(
-            f"[budget] no checked step stays inside the budget (θ*: {_describe(final, budget)}); only θ0 does",
+            f"[budget] no checked step stays inside the budget (θ*: {_describe(final, limits)}); only θ0 does",
             flush=True,
         )
     else:
-        print(f"[budget] kept: step {best['step']} ({_describe(best, budget)}) → {best['path']}", flush=True)
+        print(f"[budget] kept: step {best['step']} ({_describe(best, limits)}) → {best['path']}", flush=True)

@@ -41,7 +41,7 @@ def _gold(record: dict, fmt: str, where: str) -> str:
 
 
 @torch.no_grad()
-def score_sequences(model, examples, pad_id: int, batch_size: int, autocast, desc: str = "") -> list[float]:
+def score_sequences(model, examples, *, pad_id: int, batch_size: int, autocast, desc: str = "") -> list[float]:
     """Summed target log-likelihood of each example. Consecutive examples with the same context (a
     record's label candidates, an item's choices) share one row (evals/prefix_tree.py); rows are
     batched by length, `batch_size` rows at a time."""
@@ -130,7 +130,7 @@ def gold_labels(ds, source: str, labels: list[str]) -> tuple[str, list[int]]:
 
 
 def label_accuracy(
-    model, tokenizer, ds, source: str, labels: list[str], batch_size: int, autocast, desc: str = ""
+    model, tokenizer, ds, *, source: str, labels: list[str], batch_size: int, autocast, desc: str = ""
 ) -> dict:
     """{"accuracy", "correct", "n", "stderr"} over the records of `ds`."""
     fmt, golds = gold_labels(ds, source, labels)
@@ -139,10 +139,16 @@ def label_accuracy(
         for label in labels:
             candidates.append(
                 encode_record(
-                    tokenizer, _with_answer(record, fmt, label), fmt, "completion", f"{source} (record {index})"
+                    tokenizer,
+                    _with_answer(record, fmt, label),
+                    fmt,
+                    loss_on="completion",
+                    where=f"{source} (record {index})",
                 )
             )
-    scores = score_sequences(model, candidates, tokenizer.pad_token_id, batch_size, autocast, desc)
+    scores = score_sequences(
+        model, candidates, pad_id=tokenizer.pad_token_id, batch_size=batch_size, autocast=autocast, desc=desc
+    )
     k = len(labels)
     preds = [max(range(k), key=lambda j: scores[i * k + j]) for i in range(len(golds))]
     correct = sum(int(p == g) for p, g in zip(preds, golds))

@@ -26,7 +26,12 @@ class ProbeSet:
         for probe in self.probes:
             examples = self.examples[probe.name]
             scores = score_sequences(
-                model, examples, self.pad_id, batch_size, autocast, desc=f"probe {probe.name}" if progress else ""
+                model,
+                examples,
+                pad_id=self.pad_id,
+                batch_size=batch_size,
+                autocast=autocast,
+                desc=f"probe {probe.name}" if progress else "",
             )
             out[probe.name] = summarise(probe, examples, scores)
         out["_seconds"] = time.perf_counter() - start

@@ -191,98 +191,62 @@ def state_terms(spec: ModelSpec, s: TrainSetup) -> list[Term]:
     w_div, g_div, o_div = _sharded(s.zero_stage, 3, g), _sharded(s.zero_stage, 2, g), _sharded(s.zero_stage, 1, g)
     wb, gb, mb = weight_bytes(s.precision), grad_bytes(s.precision, s.fp32_grads), master_bytes(s.precision)
     zero = f", ZeRO-{s.zero_stage} over {g}" if s.zero_stage else ""
-    terms = [
-        Term(
-            "weights",
-            wb * n / w_div,
-            f"{wb} B/param ({'fp32' if wb == 4 else 'bf16'}){zero if w_div > 1 else ''}",
-            "states",
-        )
-    ]
-    if s.optimizer_in_backward or s.cpu_offload:
-        largest = max(r * c for r, c in _matrix_shapes(spec))
-        how = "updated in backward" if s.optimizer_in_backward else "offloaded to the CPU"
-        terms.append(
-            Term(
-                "gradients",
-                gb * largest,
-                f"{how}: one parameter's gradient at a time (largest {largest:,} values, {gb} B each)",
-                "grads",
-            )
-        )
-    else:
-        terms.append(Term("gradients", gb * n / g_div, f"{gb} B/param{zero if g_div > 1 else ''}", "grads"))
+    weights = f"{wb} B/param ({'fp32' if wb == 4 else 'bf16'}){zero if w_div > 1 else ''}"
+    terms = [Term("weights", wb * n / w_div, weights, "states"), _gradient_term(spec, s, gb, g_div=g_div, zero=zero)]
     if mb:
         terms.append(
             Term("master weights", mb * n / o_div, f"fp32 copy in the optimiser{zero if o_div > 1 else ''}", "states")
         )
-    opt = optimizer_state_bytes(spec, s.optimizer, s.precision)
-    if s.cpu_offload:
-        terms.append(
-            Term(
-                "optimizer state",
-                0.0,
-                f"{s.optimizer}: {opt / n:.2f} B/param in CPU memory ({opt / GB:.1f} GB of host RAM), none on the GPU",
-                "states",
-            )
-        )
-    else:
-        terms.append(
-            Term(
-                "optimizer state",
-                opt / o_div,
-                f"{s.optimizer}: {opt / n:.2f} B/param{zero if o_div > 1 else ''}",
-                "states",
-            )
-        )
-    if s.optimizer in LOW_BIT and not s.cpu_offload:
-        largest = max(r * c for r, c in _matrix_shapes(spec))
-        per = LOW_BIT_STEP_BYTES[s.optimizer]
-        terms.append(
-            Term(
-                "optimizer step temporaries",
-                per * largest,
-                f"{s.optimizer} dequantises one tensor at a time: "
-                f"{per} B per value of the largest ({largest:,}); measured on CPU",
-                "step",
-            )
-        )
+    terms += _optimizer_terms(spec, s, o_div, zero)
     if s.anchor != "none":
         copies = 2 if s.anchor == "ewc" else 1
         ab = 2 if s.precision == "bf16" else 4  # θ0 in the dtype of the weights the update applies to (fp32 master)
         what = "θ0 copy + diagonal Fisher" if copies == 2 else "frozen θ0 copy"
-        terms.append(
-            Term(
-                "θ0 anchor",
-                copies * ab * n / o_div,
-                f"{s.anchor}: {what}, {copies * ab} B/param{zero if o_div > 1 else ''}",
-                "states",
-            )
-        )
+        how = f"{s.anchor}: {what}, {copies * ab} B/param{zero if o_div > 1 else ''}"
+        terms.append(Term("θ0 anchor", copies * ab * n / o_div, how, "states"))
     if s.zero_stage == 3:  # FSDP2, one rank under torchrun included
         terms += _fsdp2_terms(spec, s, wb, gb)
     if s.precision == "bf16-mixed":
-        # Autocast's bf16 copies of the (gathered) weights are saved for backward: never sharded
-        # (the same numerics on 1 and G devices: distributed.mixed_precision_policy).
-        if s.activation_offload:
-            terms.append(
-                Term(
-                    "bf16 weight copies",
-                    2 * 2 * spec.largest_layer_params,
-                    "autocast's bf16 weight copies are saved tensors too: offloaded, two layers' on the GPU",
-                    "transient",
-                )
-            )
-        else:
-            terms.append(
-                Term(
-                    "bf16 weight copies",
-                    2 * spec.n_matmul_params,
-                    "autocast casts each matmul weight to bf16 and saves it for backward",
-                    "transient",
-                )
-            )
+        terms.append(_autocast_copies(spec, s))
     return terms
+
+
+def _gradient_term(spec: ModelSpec, s: TrainSetup, gb: int, *, g_div: float, zero: str) -> Term:
+    if s.optimizer_in_backward or s.cpu_offload:
+        largest = max(r * c for r, c in _matrix_shapes(spec))
+        how = "updated in backward" if s.optimizer_in_backward else "offloaded to the CPU"
+        what = f"{how}: one parameter's gradient at a time (largest {largest:,} values, {gb} B each)"
+        return Term("gradients", gb * largest, what, "grads")
+    return Term("gradients", gb * spec.n_params / g_div, f"{gb} B/param{zero if g_div > 1 else ''}", "grads")
+
+
+def _optimizer_terms(spec: ModelSpec, s: TrainSetup, o_div: float, zero: str) -> list[Term]:
+    n, opt = spec.n_params, optimizer_state_bytes(spec, s.optimizer, s.precision)
+    if s.cpu_offload:
+        where = f"{s.optimizer}: {opt / n:.2f} B/param in CPU memory ({opt / GB:.1f} GB of host RAM), none on the GPU"
+        return [Term("optimizer state", 0.0, where, "states")]
+    terms = [
+        Term(
+            "optimizer state", opt / o_div, f"{s.optimizer}: {opt / n:.2f} B/param{zero if o_div > 1 else ''}", "states"
+        )
+    ]
+    if s.optimizer in LOW_BIT:
+        largest = max(r * c for r, c in _matrix_shapes(spec))
+        per = LOW_BIT_STEP_BYTES[s.optimizer]
+        what = (f"{s.optimizer} dequantises one tensor at a time: "
+                f"{per} B per value of the largest ({largest:,}); measured on CPU")  # fmt: skip
+        terms.append(Term("optimizer step temporaries", per * largest, what, "step"))
+    return terms
+
+
+def _autocast_copies(spec: ModelSpec, s: TrainSetup) -> Term:
+    """Autocast's bf16 copies of the (gathered) weights are saved for backward: never sharded (the
+    same numerics on 1 and G devices: distributed.mixed_precision_policy)."""
+    if s.activation_offload:
+        what = "autocast's bf16 weight copies are saved tensors too: offloaded, two layers' on the GPU"
+        return Term("bf16 weight copies", 2 * 2 * spec.largest_layer_params, what, "transient")
+    what = "autocast casts each matmul weight to bf16 and saves it for backward"
+    return Term("bf16 weight copies", 2 * spec.n_matmul_params, what, "transient")
 
 
 def _fsdp2_terms(spec: ModelSpec, s: TrainSetup, wb: int, gb: int) -> list[Term]:

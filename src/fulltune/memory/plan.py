@@ -83,7 +83,7 @@ SAVERS = (
 )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Plan:
     branch: str  # full | full-zero3 | full-savers | none (lora / qlora: for comparison only)
     summary: str
@@ -115,7 +115,7 @@ def _on_cpu(saver: Saver) -> bool:
     return saver.change.get("precision") != "bf16" or cpu_has_bf16_units()
 
 
-def _savers(spec, base: TrainSetup, capacity: float, evidence: list[str], n_gpus: int):
+def _savers(spec, base: TrainSetup, *, capacity: float, evidence: list[str], n_gpus: int):
     setup, overrides, used = base, {}, []
     for saver in SAVERS:
         if (saver.one_process_only and n_gpus > 1) or (base.device == "cpu" and not _on_cpu(saver)):
@@ -132,7 +132,7 @@ def _savers(spec, base: TrainSetup, capacity: float, evidence: list[str], n_gpus
     return None
 
 
-def plan(spec: ModelSpec, gpu: str, n_gpus: int, base: TrainSetup, device: tuple[str, float] | None = None) -> Plan:
+def plan(spec: ModelSpec, gpu: str, n_gpus: int, base: TrainSetup, *, device: tuple[str, float] | None = None) -> Plan:
     """What to run on `n_gpus` × `gpu` (or `device`: a (name, GB available) of this machine)."""
     name, cap_gb = device or GPUS[gpu]
     capacity = cap_gb * GB
@@ -142,33 +142,29 @@ def plan(spec: ModelSpec, gpu: str, n_gpus: int, base: TrainSetup, device: tuple
     ok, peak = _fits(spec, one, capacity)
     evidence.append(_line(f"full fine-tuning ({base.precision}, {base.optimizer}) on 1 GPU", peak, capacity))
     if ok:
-        return Plan("full", f"full fine-tuning fits on one {name}: {command({})}", evidence, notes, {})
+        summary = f"full fine-tuning fits on one {name}: {command({})}"
+        return Plan(branch="full", summary=summary, evidence=evidence, notes=notes, overrides={})
     sharded = replace(one, gpus=n_gpus, zero_stage=3)
     if n_gpus > 1:
         ok, peak = _fits(spec, sharded, capacity)
         evidence.append(_line(f"full fine-tuning, FSDP2/ZeRO-3 over {n_gpus} GPUs", peak, capacity))
         if ok:
             notes.append(_zero3_command(n_gpus))
-            return Plan(
-                "full-zero3",
-                f"full fine-tuning with FSDP2 (ZeRO-3) over {n_gpus}× {name}: {command({}, n_gpus)}",
-                evidence,
-                notes,
-                {},
-            )
+            summary = f"full fine-tuning with FSDP2 (ZeRO-3) over {n_gpus}× {name}: {command({}, n_gpus)}"
+            return Plan(branch="full-zero3", summary=summary, evidence=evidence, notes=notes, overrides={})
     evidence.append("memory savers, added one at a time:")
-    saved = _savers(spec, sharded if n_gpus > 1 else one, capacity, evidence, n_gpus)
+    saved = _savers(spec, sharded if n_gpus > 1 else one, capacity=capacity, evidence=evidence, n_gpus=n_gpus)
     if saved is not None:
         overrides, used = saved
         if n_gpus > 1:
             notes.append(_zero3_command(n_gpus))
         notes.append("with: " + "; ".join(used))
         return Plan(
-            "full-savers",
-            f"full fine-tuning fits on {n_gpus}× {name}: {command(overrides, n_gpus)}",
-            evidence,
-            notes,
-            overrides,
+            branch="full-savers",
+            summary=f"full fine-tuning fits on {n_gpus}× {name}: {command(overrides, n_gpus)}",
+            evidence=evidence,
+            notes=notes,
+            overrides=overrides,
         )
     for method in ("lora", "qlora"):
         adapter = replace(one, method=method, activation_checkpointing=method == "qlora")
@@ -176,13 +172,14 @@ def plan(spec: ModelSpec, gpu: str, n_gpus: int, base: TrainSetup, device: tuple
         evidence.append(_line(f"for comparison: {method.upper()} (rank {base.lora_rank}) on 1 GPU", peak, capacity))
         if ok:
             return Plan(
-                "none",
-                f"full fine-tuning does not fit on {n_gpus}× {name}, not even with every saver fulltune "
+                branch="none",
+                summary=f"full fine-tuning does not fit on {n_gpus}× {name}, not even with every saver fulltune "
                 f"trains; more GPUs, or {method.upper()} with another tool (fulltune trains every weight)",
-                evidence,
-                notes,
+                evidence=evidence,
+                notes=notes,
             )
-    return Plan("none", f"nothing fits on {n_gpus}× {name}, not even QLoRA; more or bigger GPUs", evidence, notes)
+    summary = f"nothing fits on {n_gpus}× {name}, not even QLoRA; more or bigger GPUs"
+    return Plan(branch="none", summary=summary, evidence=evidence, notes=notes)
 
 
 def _zero3_command(n_gpus: int) -> str:

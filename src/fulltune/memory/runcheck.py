@@ -11,7 +11,7 @@ from fulltune.memory.spec import spec_from_config
 
 
 def train_setup_for(
-    cfg, precision: str, device_type: str, rows: int, length: int, targets: int, grads_alive: bool = False
+    cfg, *, precision: str, device_type: str, rows: int, length: int, targets: int, grads_alive: bool = False
 ) -> TrainSetup:
     """The TrainSetup of a fulltune run for a micro-batch of rows × length with `targets` loss positions
     (`grads_alive`: not the step's first micro-batch, so the accumulated gradients exist)."""
@@ -52,7 +52,7 @@ def _spec(config_json: str, name: str):
     return spec_from_config(config, name)
 
 
-def heaviest(model, cfg, precision: str, device_type: str, current: dict, candidates: list[dict]) -> dict:
+def heaviest(model, cfg, *, precision: str, device_type: str, current: dict, candidates: list[dict]) -> dict:
     """The micro-batch with the highest predicted peak so far: rows × length alone is not enough, since
     the logits scale with the loss positions and later micro-batches of a step carry the gradients."""
 
@@ -62,23 +62,29 @@ def heaviest(model, cfg, precision: str, device_type: str, current: dict, candid
         return predicted(
             model,
             train_setup_for(
-                cfg, precision, device_type, c["rows"], c["length"], c["targets"], c.get("grads_alive", False)
+                cfg,
+                precision=precision,
+                device_type=device_type,
+                rows=c["rows"],
+                length=c["length"],
+                targets=c["targets"],
+                grads_alive=c.get("grads_alive", False),
             ),
         ).peak
 
     return max([current, *candidates], key=peak)
 
 
-def compare(model, cfg, precision: str, meter, largest: dict, anchor_bytes: int = 0) -> dict:
+def compare(model, cfg, *, precision: str, meter, largest: dict, anchor_bytes: int = 0) -> dict:
     """Predicted vs measured peak for the largest micro-batch the run trained on (highest predicted peak)."""
     setup = train_setup_for(
         cfg,
-        precision,
-        meter.device_type,
-        largest["rows"],
-        largest["length"],
-        largest["targets"],
-        largest.get("grads_alive", False),
+        precision=precision,
+        device_type=meter.device_type,
+        rows=largest["rows"],
+        length=largest["length"],
+        targets=largest["targets"],
+        grads_alive=largest.get("grads_alive", False),
     )
     est = predicted(model, setup)
     measured = meter.above_baseline("train")
@@ -124,10 +130,10 @@ def line(result: dict) -> str:
     )
 
 
-def state_memory(model, cfg, precision: str, device_type: str, per_rank: list[dict], anchor_bytes: int = 0) -> dict:
+def state_memory(model, cfg, *, precision: str, device_type: str, per_rank: list[dict], anchor_bytes: int = 0) -> dict:
     """Each rank's measured bytes of parameters, gradients and optimiser state (its shards) against the
     estimator's per-GPU figures (ZeRO-3 over the ranks when there are several)."""
-    setup = train_setup_for(cfg, precision, device_type, 1, 1, 1)
+    setup = train_setup_for(cfg, precision=precision, device_type=device_type, rows=1, length=1, targets=1)
     est = predicted(model, setup)
     freed = setup.optimizer_in_backward or setup.cpu_offload  # no gradient is left once the update is applied
     pred = {
@@ -182,7 +188,9 @@ def warn_if_too_big(cfg, precision: str, device) -> str | None:
     if str(cfg.model.path).endswith(".gguf"):
         return None
     rows, length = cfg.train.micro_batch_size, cfg.data.max_seq_len
-    setup = train_setup_for(cfg, precision, device.type, rows, length, rows * length)
+    setup = train_setup_for(
+        cfg, precision=precision, device_type=device.type, rows=rows, length=length, targets=rows * length
+    )
     try:
         spec = load_spec(cfg.model.path)
     except Exception:  # noqa: BLE001 — a broken model directory is reported, in one line, when θ0 loads
@@ -191,7 +199,7 @@ def warn_if_too_big(cfg, precision: str, device) -> str | None:
     if peak <= free:
         return None
     where = f"{device.type} ({'free on the GPU' if device.type == 'cuda' else 'MemAvailable'})"
-    advice = plan(spec, "", world_size(), setup, (where, free / GB))
+    advice = plan(spec, "", world_size(), setup, device=(where, free / GB))
     return (
         f"[memory] warning: the estimated peak is {peak / GB:.1f} GB (micro-batch {rows} × {length} tokens, "
         f"{precision}, {cfg.optim.name}) and {free / GB:.1f} GB is available on {where}: the run may run out of "
@@ -199,13 +207,21 @@ def warn_if_too_big(cfg, precision: str, device) -> str | None:
     )
 
 
-def out_of_memory_line(model, cfg, precision: str, device, step: int, checkpoint) -> str:
+def out_of_memory_line(model, cfg, *, precision: str, device, step: int, checkpoint) -> str:
     """A step ran out of memory: where, the estimate's breakdown for a full micro-batch, what the device
     has, the planner's answer for that capacity, and the checkpoint to resume from."""
     from fulltune.memory.plan import plan
 
     rows, length = cfg.train.micro_batch_size, cfg.data.max_seq_len
-    setup = train_setup_for(cfg, precision, device.type, rows, length, rows * length, cfg.train.grad_accum_steps > 1)
+    setup = train_setup_for(
+        cfg,
+        precision=precision,
+        device_type=device.type,
+        rows=rows,
+        length=length,
+        targets=rows * length,
+        grads_alive=cfg.train.grad_accum_steps > 1,
+    )
     est = predicted(model, setup)
     parts = ", ".join(f"{t.name} {_size(t.bytes)}" for t in est.terms if t.bytes >= 0.01 * est.peak)
     total = __import__("torch").cuda.mem_get_info(device)[1] if device.type == "cuda" else available_bytes(device)
@@ -217,7 +233,7 @@ def out_of_memory_line(model, cfg, precision: str, device, step: int, checkpoint
             "train.micro_batch_size, or set model.activation_checkpointing=true"
         )
     else:
-        advice = "the planner: " + plan(est.spec, "", world_size(), setup, (where, total / GB)).summary
+        advice = "the planner: " + plan(est.spec, "", world_size(), setup, device=(where, total / GB)).summary
     resume = (
         f"checkpoint {checkpoint} is intact: train.resume=auto continues from it with "
         "model.activation_checkpointing or model.activation_offload switched on; other changes start a new run"

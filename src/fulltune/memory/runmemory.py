@@ -9,7 +9,7 @@
 Point 1 keeps the micro-batch with the highest predicted peak (what the peak is compared with) and
 on CPU closes the measurement after `train.memory_steps` steps, since glibc's measuring mode is
 slow. Point 2 measures each rank's bytes of parameters, gradients and optimiser state against the
-estimator. Both results live in the trainer state (`results.memory`, `results.state_memory`), so a
+estimator. Both results live in the trainer state (`state.results.memory`, `.state_memory`), so a
 resumed run keeps them.
 """
 
@@ -20,25 +20,21 @@ import contextlib
 from fulltune import distributed as D
 from fulltune.data.loader import count_targets
 from fulltune.memory.measure import PeakMeter, state_bytes
-from fulltune.memory.runcheck import compare, heaviest, line, state_memory, state_memory_line
+from fulltune.memory.runcheck import compare, heaviest, line, out_of_memory_line, state_memory, state_memory_line
+from fulltune.state import TrainerState
 
 
 class RunMemory:
-    def __init__(self, meter: PeakMeter, model, cfg, precision: str, state: dict, anchor_bytes: int = 0):
+    def __init__(self, meter: PeakMeter, model, cfg, *, precision: str, state: TrainerState, anchor_bytes: int = 0):
         self.meter, self.model, self.cfg, self.precision = meter, model, cfg, precision
         self.state, self.anchor_bytes = state, anchor_bytes  # the trainer state: checkpointed with the run
-        self.state.setdefault("largest_micro_batch", {"rows": 0, "length": 0, "targets": 0})
         self.measured_steps = 0
         self._measure_state = False
-
-    @property
-    def results(self) -> dict:
-        return self.state["results"]
 
     @contextlib.contextmanager
     def step(self, batches: list[dict]):
         """Named point 1: around one optimiser step."""
-        self._measure_state = self.results.get("state_memory", {}).get("ranks") != D.world_size()
+        self._measure_state = (self.state.results.state_memory or {}).get("ranks") != D.world_size()
         if self.meter.active:
             self._track_largest(batches)
         with self.meter.section("train"):
@@ -53,10 +49,16 @@ class RunMemory:
             return
         self._measure_state = False
         per_rank = D.gather(state_bytes(model, optimizer))
-        self.results["state_memory"] = state_memory(
-            self.model, self.cfg, self.precision, self.meter.device_type, per_rank, self.anchor_bytes
+        measured = state_memory(
+            self.model,
+            self.cfg,
+            precision=self.precision,
+            device_type=self.meter.device_type,
+            per_rank=per_rank,
+            anchor_bytes=self.anchor_bytes,
         )
-        print(state_memory_line(self.results["state_memory"]), flush=True)
+        self.state.results.state_memory = measured
+        print(state_memory_line(measured), flush=True)
 
     def _track_largest(self, batches: list[dict]) -> None:
         candidates = [
@@ -68,16 +70,33 @@ class RunMemory:
             }
             for i, b in enumerate(batches)
         ]
-        self.state["largest_micro_batch"] = heaviest(
-            self.model, self.cfg, self.precision, self.meter.device_type, self.state["largest_micro_batch"], candidates
+        self.state.largest_micro_batch = heaviest(
+            self.model,
+            self.cfg,
+            precision=self.precision,
+            device_type=self.meter.device_type,
+            current=self.state.largest_micro_batch,
+            candidates=candidates,
         )
 
     def close(self) -> None:
         """Stop measuring; store predicted vs measured peak (once per run, kept across resumes)."""
         was_active = self.meter.active
         self.meter.stop()
-        if was_active and self.state["largest_micro_batch"]["rows"] and self.meter.sections.get("train"):
-            self.results["memory"] = compare(
-                self.model, self.cfg, self.precision, self.meter, self.state["largest_micro_batch"], self.anchor_bytes
+        if was_active and self.state.largest_micro_batch["rows"] and self.meter.sections.get("train"):
+            self.state.results.memory = compare(
+                self.model,
+                self.cfg,
+                precision=self.precision,
+                meter=self.meter,
+                largest=self.state.largest_micro_batch,
+                anchor_bytes=self.anchor_bytes,
             )
-            print(line(self.results["memory"]), flush=True)
+            print(line(self.state.results.memory), flush=True)
+
+    def out_of_memory_line(self, device, *, step: int, checkpoint) -> str:
+        """A step ran out of memory: the estimate's breakdown, the capacity, the planner's answer, and
+        the checkpoint to resume from (memory/runcheck.py)."""
+        return out_of_memory_line(
+            self.model, self.cfg, precision=self.precision, device=device, step=step, checkpoint=checkpoint
+        )

@@ -23,7 +23,7 @@ def warmup_steps(cfg: ScheduleConfig, total_steps: int) -> int:
     return min(total_steps, round(cfg.warmup_ratio * total_steps))
 
 
-def lr_multiplier(step: int, total_steps: int, warmup: int, name: str, min_ratio: float) -> float:
+def lr_multiplier(step: int, *, total_steps: int, warmup: int, name: str, min_ratio: float) -> float:
     assert 0 <= step <= total_steps and 0 <= warmup <= total_steps, (step, total_steps, warmup)
     if step < warmup:
         return (step + 1) / warmup
@@ -43,6 +43,6 @@ def schedule_fn(cfg: ScheduleConfig, lr: float, total_steps: int):
     ratio = cfg.min_lr / lr
 
     def multiplier(step: int) -> float:
-        return lr_multiplier(step, total_steps, warm, cfg.name, ratio)
+        return lr_multiplier(step, total_steps=total_steps, warmup=warm, name=cfg.name, min_ratio=ratio)
 
     return multiplier
