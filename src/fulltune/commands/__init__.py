@@ -18,3 +18,13 @@ VERBS = (
     "config",
     "verify",
 )
+
+
+def add_precision(parser) -> None:
+    """--precision for the verbs that score a model (eval, interpolate), as train.precision names it."""
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "bf16-mixed", "fp32"),
+        default="auto",
+        help="as train.precision (auto: bf16-mixed where there are bf16 units)",
+    )

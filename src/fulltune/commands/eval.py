@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fulltune.commands import add_precision
+
 DEFAULT_PROBES = "arc_easy,piqa,sciq,humaneval,mbpp"
 
 
@@ -19,12 +21,7 @@ def register(sub) -> None:
     e.add_argument("--items", type=int, default=50, help="items per multiple-choice probe")
     e.add_argument("--code-items", type=int, default=30, help="items per code / text probe")
     e.add_argument("--batch-size", type=int, default=16, help="rows per forward pass when scoring")
-    e.add_argument(
-        "--precision",
-        choices=("auto", "bf16-mixed", "fp32"),
-        default="auto",
-        help="as train.precision (auto: bf16-mixed where there are bf16 units)",
-    )
+    add_precision(e)
     e.add_argument("--out", default="fulltune-eval.json", help="where to save the scores (JSON)")
     e.set_defaults(run=run)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from fulltune.commands import add_precision
 from fulltune.errors import UserError
 
 
@@ -29,12 +30,7 @@ def register(sub) -> None:
     i.add_argument("--probes", help="comma-separated probes (overrides eval.probes)")
     i.add_argument("--items", type=int, help="items per multiple-choice probe (overrides eval.probe_items)")
     i.add_argument("--code-items", type=int, help="items per code / text probe (overrides eval.probe_code_items)")
-    i.add_argument(
-        "--precision",
-        choices=("auto", "bf16-mixed", "fp32"),
-        default="auto",
-        help="as train.precision (auto: bf16-mixed where there are bf16 units)",
-    )
+    add_precision(i)
     i.add_argument("--out", default="interpolate", help="output directory (table, JSON, PNG)")
     i.add_argument("--save-models", action="store_true", help="also save each blended model as OUT/alpha-A")
     i.add_argument(
