@@ -28,7 +28,7 @@ import torch
 
 from fulltune import checkpoint, health, report, rundir, throughput
 from fulltune import distributed as D
-from fulltune.data.loader import count_targets
+from fulltune.data.loader import collate_or_null, count_targets
 from fulltune.data.mixture import mixing_summary
 from fulltune.errors import Interrupted, OutOfMemory
 from fulltune.evals import during_run
@@ -97,9 +97,9 @@ def _next_step(run: Run) -> tuple[list[int], list[dict]]:
     for group in run.optimizer.param_groups:
         set_lr(group, group["initial_lr"] * run.lr_multiplier(run.state.step))
     indices = run.sampler.next_step()  # the whole step's sequences, over every rank
-    first = run.examples(indices[0][:1])[0]
+    first, pad = run.examples(indices[0][:1])[0], run.tokenizer.pad_token_id
     mine = D.my_share(indices, run.cfg.train.micro_batch_size)
-    return [i for idx in indices for i in idx], [during_run.collate_or_null(run, run.examples(i), first) for i in mine]
+    return [i for idx in indices for i in idx], [collate_or_null(run.examples(i), first, pad, run.device) for i in mine]
 
 
 def loop(run: Run, stop: StopRequest) -> None:
@@ -108,14 +108,16 @@ def loop(run: Run, stop: StopRequest) -> None:
     progress = Progress(run.total_steps, state.step, run.progress)
     while state.step < run.total_steps:
         flat, batches = _next_step(run)
+        every = run.examples(flat)
+        n_targets = throughput.targets(every)  # N: the step's loss tokens over every rank
         t0 = time.perf_counter()
         with run.memory.step(batches):
             result = train_step(
                 run.model, run.optimizer, batches, run.autocast, grad_clip=run.cfg.optim.grad_clip,
-                anchor=run.anchor, n_targets=throughput.targets(run.examples(flat)), memory=run.memory,
+                anchor=run.anchor, n_targets=n_targets, memory=run.memory,
             )  # fmt: skip
-        seconds, every = time.perf_counter() - t0, run.examples(flat)
-        state.advance(tokens=sum(len(e.input_ids) for e in every), targets=throughput.targets(every), seconds=seconds)
+        seconds = time.perf_counter() - t0
+        state.advance(tokens=sum(len(e.input_ids) for e in every), targets=n_targets, seconds=seconds)
         rec = throughput.step_record(run, result, flat=flat, batches=batches, seconds=seconds)  # metrics.jsonl's
         warning = health.check_step(run, result)  # the tally of bad and diverging steps; may stop the run
         if warning:

@@ -115,3 +115,12 @@ def collate(examples: list[Example], pad_id: int, device: torch.device | str = "
 
 def count_targets(batch: dict) -> int:
     return int((batch["labels"] != IGNORE).sum())
+
+
+def collate_or_null(examples: list[Example], fallback: Example, pad_id: int, device: torch.device | str) -> dict:
+    """collate(examples); with none, a null micro-batch (`fallback` with no target tokens): under FSDP2
+    every rank joins every forward's gathers, and this one adds nothing to the loss or the gradients."""
+    batch = collate(examples or [fallback], pad_id, device)
+    if not examples:
+        batch["labels"].fill_(IGNORE)
+    return batch

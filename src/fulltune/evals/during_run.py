@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from fulltune import distributed as D
-from fulltune.data.loader import IGNORE, collate, count_targets
+from fulltune.data.loader import collate_or_null, count_targets
 from fulltune.evals import budget
 from fulltune.evals.classify import label_accuracy
 from fulltune.evals.forgetting import forgetting_report, headline, render_report
@@ -41,22 +41,13 @@ def validation_loss(run) -> float:
     bs = run.cfg.train.micro_batch_size
     chunks = [list(range(start, min(start + bs, len(examples)))) for start in range(0, len(examples), bs)]
     for idx in D.my_share(chunks, bs):  # every chunk when there is one rank
-        batch = collate_or_null(run, [examples[i] for i in idx], examples[0])
+        batch = collate_or_null([examples[i] for i in idx], examples[0], run.tokenizer.pad_token_id, run.device)
         with run.autocast():
             total += float(loss_sum(run.model, batch))
         n += count_targets(batch)
     run.model.train(was_training)
     total, n = D.all_sum([total, n])
     return total / n
-
-
-def collate_or_null(run, examples: list, fallback) -> dict:
-    """collate(examples); with none, a null micro-batch (`fallback` with no target tokens): under FSDP2
-    every rank joins every forward's gathers, and this one adds nothing to the loss or the gradients."""
-    batch = collate(examples or [fallback], run.tokenizer.pad_token_id, run.device)
-    if not examples:
-        batch["labels"].fill_(IGNORE)
-    return batch
 
 
 def task_accuracy(run, tag: str) -> dict:
