@@ -200,7 +200,7 @@ case("config", "an unknown key")(
 case("config", "an unknown section in the YAML")(
     lambda c: (
         ["--config-in-test", str(_file(c, "s.yaml", "optimizer:\n  lr: 1\n"))],
-        _problem("optimizer: unknown key (valid: model, data, optim, schedule, train, anchor, eval)"),
+        _problem("optimizer: unknown key (valid: model, data, optim, schedule, train, anchor, loss, eval)"),
     )
 )
 case("config", "a value not among the choices")(

@@ -464,7 +464,8 @@ case("config", "a misspelled section on the command line (not blamed on the YAML
     lambda c: (
         ["optimm.lr=1"],
         _problem(
-            "optimm: unknown key (valid: model, data, optim, schedule, train, anchor, eval) (set on the command line)"
+            "optimm: unknown key (valid: model, data, optim, schedule, train, anchor, loss, eval) "
+            "(set on the command line)"
         ),
     )
 )
@@ -504,6 +505,15 @@ case("config", "a YAML alias bomb in eval.labels")(
 )
 case("config", "an empty value for a number")(
     lambda c: (["optim.lr="], _problem("optim.lr: expected float, got str '' (set on the command line)"))
+)
+case("config", "an unknown loss.type")(
+    lambda c: (["loss.type=foo"], _problem("loss.type: 'foo' is not one of ce, dft (set on the command line)"))
+)
+case("config", "a negative loss.kl_to_theta0")(
+    lambda c: (
+        ["loss.kl_to_theta0=-1"],
+        _problem("loss.kl_to_theta0: -1.0 must be >= 0.0 (set on the command line)"),
+    )
 )
 
 # ---- implausible run lengths ---------------------------------------------------------------------

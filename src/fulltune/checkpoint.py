@@ -193,6 +193,7 @@ RESUME_FIXED = {
     "optim": None,
     "schedule": None,
     "anchor": None,
+    "loss": None,
     "train": ("seed", "precision", "micro_batch_size", "grad_accum_steps", "optimizer_in_backward"),
     "eval": ("task_file", "labels", "probes", "probe_items", "probe_code_items"),
 }  # θ0 scores: same items

@@ -5,9 +5,25 @@ fp32 log-softmax (b·s·V) is often the largest activation. For architectures wh
 plain linear map of the final hidden state we project only the target positions (a pre-hook on
 the LM head, inside the model's own forward, so the same call works on an FSDP2-sharded model); for anything
 else (soft-capping, logit scaling) we take the model's own logits, so we are never silently wrong.
+
+The training objective (`loss:` in the config, `Objective`) is a sum over the target tokens, which
+the step divides by N, its target tokens over every micro-batch and rank (train.train_step):
+    ce   (default)   −log p_t                                  `loss_sum`, today's path, untouched
+    dft              −sg(p_t)·log p_t                          DFT, arXiv 2508.05629
+    + β·KL(p_θ0 ‖ p_θ) at each target position (full vocabulary, θ0 frozen)   loss.kl_to_theta0
+dft + β > 0 is ASFT (arXiv 2509.23753). What we matched: TRL's `dft_loss` (trl/trainer/sft_trainer.py)
+weights each token's log-prob by `logprobs.exp().detach()` and divides the masked sum by the batch's
+target count, as here; ASFT's reference (zhuchichi56/ASFT train.py) adds
+`kl_weight · F.kl_div(log_softmax(θ logits), softmax(θ0 logits))` summed over the vocabulary at every
+target position and averages over the target tokens: the forward KL, θ0's distribution first (as in
+RL's Razor, arXiv 2509.04259), which is what `Objective.sums` computes (token-normalised by the step's N).
 """
 
 from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +42,14 @@ def target_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
     `batch["score_at"]` = (rows, positions, tokens), where given: the targets at explicit positions
     (evals/prefix_tree.py: one position may predict several candidates' first tokens)."""
+    logits, targets, rows = target_logits(model, batch)
+    logp = -F.cross_entropy(logits.float(), targets, reduction="none")
+    return logp, rows
+
+
+def target_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the full-vocabulary logits at the target positions [N, V] in the forward's dtype, the target
+    tokens [N], their batch rows [N]), next-token shifted; `score_at` as in `target_logprobs`."""
     if "score_at" in batch:
         rows, positions, targets = batch["score_at"]
     else:
@@ -46,8 +70,7 @@ def target_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
             handle.remove()
     else:
         logits = model(**_inputs(batch), use_cache=False).logits[rows, positions]
-    logp = -F.cross_entropy(logits.float(), targets, reduction="none")
-    return logp, rows
+    return logits, targets, rows
 
 
 def _inputs(batch: dict) -> dict:
@@ -59,3 +82,67 @@ def loss_sum(model, batch: dict) -> torch.Tensor:
     """Sum of the target tokens' cross-entropy (divide by the step's target count outside)."""
     logp, _ = target_logprobs(model, batch)
     return -logp.sum()
+
+
+class LossSums(NamedTuple):
+    """One micro-batch's sums over its target tokens (the step divides each by its N)."""
+
+    objective: torch.Tensor  # what backward runs on: Σ per-token loss (+ β·Σ KL)
+    ce: float  # Σ −log p_t: the step's reported loss whatever the objective (validation loss is CE too)
+    dft: float  # Σ −p_t·log p_t (loss.type dft; else 0)
+    kl: float  # Σ KL(p_θ0 ‖ p_θ) over the target positions (β > 0; else 0)
+
+
+@dataclass
+class Objective:
+    """The run's training loss, built once (`objective_for_run`): its type, β, and θ0 for the KL."""
+
+    type: str = "ce"  # ce | dft
+    kl_beta: float = 0.0  # β ≥ 0
+    theta0: torch.nn.Module | None = None  # frozen θ0 (eval mode, no gradients); only when β > 0
+
+    def __post_init__(self) -> None:
+        assert self.type in ("ce", "dft") and self.kl_beta >= 0
+        assert (self.kl_beta > 0) == (self.theta0 is not None), "θ0 is kept exactly when the KL is on"
+
+    @property
+    def theta0_nbytes(self) -> int:
+        if self.theta0 is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self.theta0.parameters())
+
+    def sums(self, model, batch: dict) -> LossSums:
+        """The micro-batch's objective (a graph to backpropagate) and its parts as numbers."""
+        if self.type == "ce" and self.theta0 is None:  # today's path, bit for bit
+            s = loss_sum(model, batch)
+            return LossSums(s, s.item(), 0.0, 0.0)
+        logits, targets, _ = target_logits(model, batch)
+        logq = F.log_softmax(logits.float(), dim=-1)  # [N, V], fp32 as in `target_logprobs`
+        logp = logq.gather(-1, targets[:, None]).squeeze(-1)
+        ce = float(-logp.detach().sum())
+        if self.type == "dft":
+            total = -(logp.detach().exp() * logp).sum()  # the weight p_t carries no gradient
+            dft = float(total.detach())
+        else:
+            total, dft = -logp.sum(), 0.0
+        kl = 0.0
+        if self.theta0 is not None:
+            with torch.no_grad():
+                p0 = F.softmax(target_logits(self.theta0, batch)[0].float(), dim=-1)
+            kl_sum = F.kl_div(logq, p0, reduction="sum")  # Σ_t Σ_v p0·(log p0 − log q): θ0's distribution first
+            total, kl = total + self.kl_beta * kl_sum, float(kl_sum.detach())
+        return LossSums(total, ce, dft, kl)
+
+
+def objective_for_run(loss_cfg, model: torch.nn.Module) -> Objective:
+    """The run's objective from `cfg.loss`; with β > 0 a frozen copy of `model` as it is now (θ0: call
+    before any update, resume or compile), in the model's own dtype and device."""
+    theta0 = None
+    if loss_cfg.kl_to_theta0 > 0:
+        theta0 = copy.deepcopy(model).eval().requires_grad_(False)
+    objective = Objective(loss_cfg.type, loss_cfg.kl_to_theta0, theta0)
+    if loss_cfg.type != "ce" or theta0 is not None:
+        kl = f", β·KL(θ0 ‖ θ) β={loss_cfg.kl_to_theta0:g}: frozen θ0 copy {objective.theta0_nbytes / 1e9:.2f} GB"
+        asft = " (ASFT)" if loss_cfg.type == "dft" and theta0 is not None else ""
+        print(f"[loss] {loss_cfg.type}{kl if theta0 is not None else ''}{asft}", flush=True)
+    return objective

@@ -1,12 +1,13 @@
 """Everything the training loop touches, built once: `setup(cfg)` → `Run`. The run directory and
 resume checks, θ0 (or this rank's FSDP2 shards), the data, the sampler, the optimiser, the anchor,
-the memory check and the writers; a checkpoint restored and checked against the config."""
+the loss (and its frozen θ0 for a KL term), the memory check and the writers; a checkpoint restored
+and checked against the config."""
 
 from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from fulltune.data.packing import check_isolation
 from fulltune.data.rundata import TaskData, load_task_data, read_sources
 from fulltune.errors import UserError
 from fulltune.evals.during_run import Evaluator
+from fulltune.loss import Objective, objective_for_run
 from fulltune.memory.measure import PeakMeter, make_resident
 from fulltune.memory.runcheck import warn_if_too_big
 from fulltune.memory.runmemory import RunMemory
@@ -61,6 +63,7 @@ class Run:
     peak_flops: float  # the ranks' measured matmul peak, FLOP/s (0: not measured)
     progress: bool  # progress bars: train.progress, on rank 0 only
     anchor: Anchor | None = None  # θ0 copy for L2-SP / EWC / decay toward θ0
+    objective: Objective = field(default_factory=Objective)  # the loss: CE or DFT, + β·KL to a frozen θ0
 
     def examples(self, indices: list[int]) -> list:
         """Task examples, then general ones (index n_task + j) when data mixing is on."""
@@ -77,17 +80,8 @@ def setup(cfg: RunConfig) -> Run:
     random.seed(cfg.train.seed)
     precision = resolve_precision(cfg.train.precision, device, cfg.train.force_precision)
     check_device_settings(cfg, device)
-    if D.sharded():  # what this version does not combine with FSDP2, refused before the model loads
-        if cfg.train.optimizer_in_backward:
-            raise UserError(
-                "train.optimizer_in_backward: not combined with FSDP2 (torchrun) in this version; "
-                "turn it off or train as one process without torchrun"
-            )
-        if cfg.optim.name in ("adamw8bit", "adamw4bit"):
-            raise UserError(
-                f"optim.name: {cfg.optim.name} fails on sharded (DTensor) states in torchao 0.18 on CPU "
-                "and is unmeasured on GPUs; under FSDP2 use adamw, adafactor or sgd"
-            )
+    if D.sharded():
+        _refuse_under_fsdp2(cfg)
     if D.is_main():
         for line in rundir.clean_interrupted_writes(run_dir):
             print(f"[train] {line}", flush=True)
@@ -114,8 +108,28 @@ def setup(cfg: RunConfig) -> Run:
         raise
 
 
+def _refuse_under_fsdp2(cfg: RunConfig) -> None:
+    """What this version does not combine with FSDP2, refused before the model loads."""
+    if cfg.train.optimizer_in_backward:
+        raise UserError(
+            "train.optimizer_in_backward: not combined with FSDP2 (torchrun) in this version; "
+            "turn it off or train as one process without torchrun"
+        )
+    if cfg.optim.name in ("adamw8bit", "adamw4bit"):
+        raise UserError(
+            f"optim.name: {cfg.optim.name} fails on sharded (DTensor) states in torchao 0.18 on CPU "
+            "and is unmeasured on GPUs; under FSDP2 use adamw, adafactor or sgd"
+        )
+    if cfg.loss.kl_to_theta0 > 0:
+        raise UserError(
+            "loss.kl_to_theta0: its frozen θ0 copy is not sharded with FSDP2 (torchrun) in this version; "
+            "set it to 0 or train as one process without torchrun"
+        )
+
+
 def _build(cfg: RunConfig, run_dir: Path, *, resume_from, device, precision: str, sources, meter: PeakMeter) -> Run:
     model, tokenizer = _load_model(cfg, precision, device)
+    objective = objective_for_run(cfg.loss, model)  # θ0 copied before any compile, resume or update
     data = load_task_data(cfg, tokenizer, sources)
     if cfg.data.packing:  # eager, before compiling: an attention that mixes packed sequences is refused here
         check_isolation(model, device, model.config.vocab_size)
@@ -151,14 +165,14 @@ def _build(cfg: RunConfig, run_dir: Path, *, resume_from, device, precision: str
         sampler=sampler, total_steps=total, lr_multiplier=schedule_fn(cfg.schedule, cfg.optim.lr, total),
         autocast=autocast, precision=precision, device=device, state=state,
         memory=RunMemory(meter, model, cfg, precision=precision, state=state,
-                         anchor_bytes=anchor.nbytes if anchor else 0),
+                         anchor_bytes=(anchor.nbytes if anchor else 0) + objective.theta0_nbytes),
         metrics=MetricsLog(run_dir, log_interval=cfg.train.log_interval, tensorboard=cfg.train.tensorboard,
                            resumed_step=state.step, writer=D.is_main()),
         checkpointer=Checkpointer(run_dir, cfg.train.save_interval, cfg.train.keep_checkpoints, total),
         evaluator=Evaluator(cfg.train.val_interval, cfg.eval.probe_interval, total,
                             has_val=bool(data.val), has_probes=data.probes is not None),
         flops=flops, peak_flops=peak, progress=progress,
-        anchor=anchor,
+        anchor=anchor, objective=objective,
     )  # fmt: skip
 
 

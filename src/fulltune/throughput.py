@@ -171,6 +171,10 @@ def step_record(run, result, *, flat: list[int], batches: list[dict], seconds: f
     if isinstance(run.sampler, MixedSampler):
         general = run.examples([i for i in flat if i >= len(run.data.train)])
         s.general_target_tokens = (s.general_target_tokens or 0) + targets(general)
+    if result.dft_loss is not None:
+        rec["dft_loss"] = result.dft_loss  # loss.type dft: what was minimised ("loss" stays the token CE)
+    if result.kl is not None:
+        rec["kl_to_theta0"] = result.kl  # mean KL(p_θ0 ‖ p_θ) per target token, before the update
     if not result.applied:
         rec["skipped"] = True  # the update was not applied (health.py)
     if run.anchor is not None:

@@ -3,7 +3,8 @@
     for each optimiser step:
         set every group's lr = initial_lr · lr_multiplier(step)       (stateless schedule)
         take grad_accum micro-batches; N = their target tokens in total
-        backward(Σ token CE / N) per micro-batch                       (== one big batch)
+        backward(Σ token loss / N) per micro-batch                     (== one big batch)
+          (the loss: CE, or DFT, + β·KL to θ0 where set: loss.Objective)
         clip the global grad norm; optimizer.step(); zero grads
           (train.optimizer_in_backward: each parameter was updated inside backward instead)
         count the step; health; validate, probe, log, checkpoint when each is due
@@ -32,7 +33,7 @@ from fulltune.data.loader import collate_or_null, count_targets
 from fulltune.data.mixture import mixing_summary
 from fulltune.errors import Interrupted, OutOfMemory
 from fulltune.evals import during_run
-from fulltune.loss import loss_sum
+from fulltune.loss import Objective
 from fulltune.memory.measure import malloc_restored
 from fulltune.metrics import Progress
 from fulltune.optim.in_backward import InBackward
@@ -56,30 +57,26 @@ def train_step(
     anchor: Anchor | None = None,
     n_targets: int | None = None,
     memory: RunMemory | None = None,
+    objective: Objective | None = None,
 ) -> StepResult:
     """One optimiser step over micro-batches: forward, backward, clip, update (only if finite).
 
     `n_targets`: the step's target tokens over every rank (default: counted here and summed). FSDP
-    averages gradients over the G ranks, so each rank's loss is scaled by G: Σ CE / N in the end.
+    averages gradients over the G ranks, so each rank's loss is scaled by G: Σ loss / N in the end.
     With an anchor: its penalty's gradient joins the loss's before clipping, and decay toward θ0
     is applied just before the optimiser's update (decoupled, as AdamW's own decay).
-    `memory`: the run's memory check, told when the update is applied (gradients still alive)."""
+    `memory`: the run's memory check, told when the update is applied (gradients still alive).
+    `objective`: the loss (loss.py; default token CE); the result's loss is the mean token CE always."""
     n_targets = n_targets or int(D.all_sum([sum(count_targets(b) for b in micro_batches)])[0])
-    total = 0.0
-    for batch in micro_batches:
-        with autocast():
-            s = loss_sum(model, batch)
-        (s * D.world_size() / n_targets).backward()  # × 1 is exact: one process computes s / N as before
-        total += s.item()
-    (total,) = D.all_sum([total])  # the step's loss, the same on every rank
+    loss, parts = _backward(model, micro_batches, autocast, objective=objective or Objective(), n_targets=n_targets)
     if isinstance(optimizer, InBackward):  # every parameter was updated, and its gradient freed, in backward
-        result = StepResult(total / n_targets, float(optimizer.take_grad_norm()), applied=True)
+        result = StepResult(loss, float(optimizer.take_grad_norm()), applied=True, **parts)
     else:
         if anchor is not None:
             anchor.add_penalty_grad()
         clip = grad_clip if grad_clip > 0 else float("inf")
         norm = float(D.full_value(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
-        result = StepResult(total / n_targets, norm, applied=False)
+        result = StepResult(loss, norm, applied=False, **parts)
         result.applied = result.finite  # a non-finite step never reaches the weights (health.py)
         if result.applied:
             if anchor is not None:
@@ -89,6 +86,23 @@ def train_step(
         memory.update_applied(model, optimizer)
     optimizer.zero_grad(set_to_none=True)
     return result
+
+
+def _backward(model, micro_batches: list[dict], autocast, *, objective: Objective, n_targets: int) -> tuple:
+    """Backpropagate each micro-batch's objective / N. Returns the step's mean token CE over every rank
+    (the same on each) and StepResult's other parts: the mean DFT term and KL per target token, if on."""
+    totals = [0.0, 0.0, 0.0]  # Σ CE, Σ DFT, Σ KL
+    for batch in micro_batches:
+        with autocast():
+            s = objective.sums(model, batch)
+        (s.objective * D.world_size() / n_targets).backward()  # × 1 is exact: one process computes s / N as before
+        totals = [totals[0] + s.ce, totals[1] + s.dft, totals[2] + s.kl]
+    ce, dft, kl = D.all_sum(totals)
+    parts = {
+        "dft_loss": dft / n_targets if objective.type == "dft" else None,
+        "kl": kl / n_targets if objective.theta0 is not None else None,
+    }
+    return ce / n_targets, parts
 
 
 def _next_step(run: Run) -> tuple[list[int], list[dict]]:
@@ -114,7 +128,7 @@ def loop(run: Run, stop: StopRequest) -> None:
         with run.memory.step(batches):
             result = train_step(
                 run.model, run.optimizer, batches, run.autocast, grad_clip=run.cfg.optim.grad_clip,
-                anchor=run.anchor, n_targets=n_targets, memory=run.memory,
+                anchor=run.anchor, n_targets=n_targets, memory=run.memory, objective=run.objective,
             )  # fmt: skip
         seconds = time.perf_counter() - t0
         state.advance(tokens=sum(len(e.input_ids) for e in every), targets=n_targets, seconds=seconds)

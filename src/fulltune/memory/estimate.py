@@ -53,6 +53,7 @@ class TrainSetup:
     optimizer_in_backward: bool = False  # each parameter updated in backward, its gradient freed at once
     activation_offload: bool = False  # CUDA: saved activations in pinned CPU memory
     cpu_offload: bool = False  # CUDA: optimiser state (and gradients) in CPU memory, stepped there
+    kl_theta0: bool = False  # loss.kl_to_theta0 > 0: a frozen θ0 model beside the weights, its logits in the loss
 
     def __post_init__(self):
         assert self.precision in PRECISIONS and self.optimizer in OPTIMIZERS and self.method in METHODS
@@ -170,7 +171,11 @@ def logits_bytes(spec: ModelSpec, s: TrainSetup) -> tuple[float, str]:
     # Measured in isolation on CPU (docs/memory.md): 11.5–11.6 B per position·V for head + loss +
     # backward, with bf16 autocast and in fp32 alike (log-softmax output, exp temporary, gradients).
     per = 12
-    return positions * spec.vocab * per, f"{per}·V B per position with loss ({positions:,.0f} positions)"
+    # loss.kl_to_theta0: θ0's fp32 probabilities, kept for backward, and its logits while they are made
+    # (counted from the tensors, not measured): 8·V more per position.
+    per += 8 if s.kl_theta0 else 0
+    kl = ", θ0's logits and probabilities for the KL included" if s.kl_theta0 else ""
+    return positions * spec.vocab * per, f"{per}·V B per position with loss ({positions:,.0f} positions{kl})"
 
 
 def _sharded(stage: int, needed: int, gpus: int) -> int:
@@ -204,6 +209,9 @@ def state_terms(spec: ModelSpec, s: TrainSetup) -> list[Term]:
         what = "θ0 copy + diagonal Fisher" if copies == 2 else "frozen θ0 copy"
         how = f"{s.anchor}: {what}, {copies * ab} B/param{zero if o_div > 1 else ''}"
         terms.append(Term("θ0 anchor", copies * ab * n / o_div, how, "states"))
+    if s.kl_theta0:  # a second, whole module: refused under FSDP2 in this version, so never sharded
+        how = f"loss.kl_to_theta0: frozen θ0 model for the KL, {wb} B/param (the weights' dtype)"
+        terms.append(Term("θ0 model (KL)", wb * n, how, "states"))
     if s.zero_stage == 3:  # FSDP2, one rank under torchrun included
         terms += _fsdp2_terms(spec, s, wb, gb)
     if s.precision == "bf16-mixed":

@@ -20,6 +20,7 @@ ORDER = (
     "master weights",
     "optimizer state",
     "θ0 anchor",
+    "θ0 model (KL)",
     "bf16 weight copies",
     "gathered layer",
     "activations",

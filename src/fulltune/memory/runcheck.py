@@ -37,6 +37,7 @@ def train_setup_for(
         optimizer_in_backward=cfg.train.optimizer_in_backward,
         activation_offload=cfg.model.activation_offload,
         cpu_offload=cfg.optim.cpu_offload,
+        kl_theta0=cfg.loss.kl_to_theta0 > 0,
     )
 
 
@@ -96,12 +97,12 @@ def compare(model, cfg, *, precision: str, meter, largest: dict, anchor_bytes: i
     if meter.device_type == "cpu" and meter.pre_train is not None:
         # Above the RSS just before step 1, plus the fp32 weights already resident then (exact bytes):
         # evaluation run before training leaves caches and heap history that are not training memory.
-        # The θ0 copy (and EWC's Fisher) are resident before step 1 too: counted the same way.
+        # The θ0 copies (anchor, EWC's Fisher, the KL's θ0 model) are resident before step 1 too: counted the same way.
         weights = sum(local(p).numel() * p.element_size() for p in model.parameters()) + anchor_bytes
         measured = meter.sections["train"] - meter.pre_train + weights
         how = (
             "peak RSS over the measured training steps minus RSS just before step 1, "
-            f"plus the {weights / GB:.2f} GB of weights{' and θ0 anchor' if anchor_bytes else ''} resident then "
+            f"plus the {weights / GB:.2f} GB of weights{' and θ0 copies' if anchor_bytes else ''} resident then "
             "(2 ms sampling, glibc freeing at once)"
         )
     peak = est.peak - est.get("CUDA context")  # the allocator's figures never include the context
