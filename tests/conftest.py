@@ -219,6 +219,7 @@ def tiny_overrides(model_dir: Path, train_file: Path, out: Path, **extra) -> lis
         "optim.lr": 1e-3,
         "schedule.warmup_steps": 1,
         "eval.probes": "[]",
+        "eval.theta0_cache": False,  # every test scores its own θ0 (tests/test_records.py tests the cache)
         "train.peak_probe_s": 0.02,
         "train.report": False,
     }

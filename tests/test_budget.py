@@ -12,7 +12,7 @@ from conftest import QUICKSTART, sentiment_records, tiny_overrides, write_jsonl
 from safetensors.torch import load_file
 
 from fulltune.cli import main
-from fulltune.evals.budget import losses, within
+from fulltune.evals.budget import judge, losses, within
 
 MC = [
     {"context": "the movie was", "choices": [" great fun", " dull"], "gold": 0},
@@ -62,14 +62,17 @@ def test_the_best_step_inside_the_budget_is_kept(tiny_dir, tmp_path, limits):
     out, budget = _run(tiny_dir, tmp_path, "run", limits)
     checked = budget["checked"]
     assert [c["step"] for c in checked] == [2, 4, 6]  # the probed steps, then θ*
-    for c in checked:
-        assert c["in_budget"] == all(c["losses"][k] <= v for k, v in budget["limits"].items())
+    assert budget["rule"] == "significant"
+    for c in checked:  # each loss carries its paired interval, and the rule judges the interval
+        assert all(loss["ci95"][0] <= loss["loss"] <= loss["ci95"][1] for loss in c["losses"].values())
+        each = {k: c["losses"][k]["ci95"][0] <= v for k, v in budget["limits"].items()}
+        assert c["within"] == each and c["in_budget"] == all(each.values())
     inside = [c for c in checked if c["in_budget"]]
     if not inside:
         assert budget["best"] is None and not (out / "best-in-budget").exists()
         return
     best = budget["best"]  # the highest task score; on a tie, the least lost on the worst probe (first such)
-    top = max(inside, key=lambda c: (c["task_accuracy"], -max(c["losses"].values())))
+    top = max(inside, key=lambda c: (c["task_accuracy"], -max(v["loss"] for v in c["losses"].values())))
     assert best["step"] == top["step"] and best["in_budget"]
     if best["step"] == 6:
         assert best["path"] == str(out / "final")
@@ -82,24 +85,48 @@ def test_the_best_step_inside_the_budget_is_kept(tiny_dir, tmp_path, limits):
 
 
 def test_losses_are_points_and_percent():
-    theta0 = {"arc": {"kind": "mc", "acc": 0.5}, "code": {"kind": "text", "nll_per_token": 2.0}}
-    lost = losses(theta0, {"arc": 0.47, "code": 2.1})
-    assert lost == pytest.approx({"arc": 3.0, "code": 5.0})
-    assert within({"arc": 3, "code": 5}, lost) and not within({"arc": 2.9, "code": 5}, lost)
-    assert not within({"missing": 1}, lost)
+    rows = {  # forgetting-report rows: an accuracy probe that lost 3 points, a code probe whose NLL rose 5 %
+        "arc": {"metric": "acc", "unit": "points", "change": -3.0, "ci95": [-5.0, -1.0]},
+        "code": {"metric": "nll_per_token", "unit": "%", "change": 5.0, "ci95": [4.0, 6.0]},
+        "old": {"metric": "acc", "before": 0.5, "after": 0.47, "change": -0.03},  # before per-item records
+    }
+    lost = losses(rows)
+    assert lost["arc"] == {"loss": 3.0, "ci95": [1.0, 5.0]} and lost["code"] == {"loss": 5.0, "ci95": [4.0, 6.0]}
+    assert lost["old"]["loss"] == pytest.approx(3.0) and lost["old"]["ci95"] is None
+
+
+@pytest.mark.parametrize(
+    ("rule", "limit", "inside"),
+    [
+        ("point", 3.0, True),  # the point estimate is at the limit
+        ("point", 2.9, False),
+        ("significant", 2.0, True),  # beyond, but the interval reaches back inside: not significantly beyond
+        ("significant", 0.9, False),  # the whole interval [1, 5] is beyond 0.9
+        ("strict", 5.0, True),  # the whole interval is inside
+        ("strict", 4.9, False),
+    ],
+)
+def test_each_budget_rule_reads_the_interval(rule, limit, inside):
+    loss = {"loss": 3.0, "ci95": [1.0, 5.0]}
+    assert within(limit, loss, rule) is inside
+    assert within(limit, {"loss": 3.0, "ci95": None}, rule) is (limit >= 3.0)  # unpaired: the point estimate
+    assert judge({"arc": limit}, {"arc": loss}, rule) == (inside, {"arc": inside})
+    assert judge({"missing": 100}, {"arc": loss}, rule) == (False, {"missing": False})  # not scored: outside
 
 
 def test_when_nothing_stays_inside_only_theta0_does(monkeypatch, capsys, tiny_dir, tmp_path):
     from fulltune.evals import budget
 
-    monkeypatch.setattr(budget, "losses", lambda theta0, now: {name: 50.0 for name in now})  # every probe lost 50
+    every = {"loss": 50.0, "ci95": [45.0, 55.0]}  # every probe lost 50 points, significantly
+    monkeypatch.setattr(budget, "losses", lambda rows: {name: every for name in rows})
     out, kept = _run(tiny_dir, tmp_path, "run", "{mc: 10}")
     assert kept["best"] is None and [c["in_budget"] for c in kept["checked"]] == [False] * 3
     assert not (out / "best-in-budget").exists()
     printed = capsys.readouterr().out
     assert "[budget] step 2 is outside the budget (task " in printed
-    assert "[budget] no checked step stays inside the budget (θ*: task " in printed
-    assert "\n  forgetting budget     no checked step stays inside (mc 10); only θ0 does\n" in printed  # the summary
+    assert "[budget] no checked step stays inside the budget (rule significant; θ*: task " in printed
+    assert "mc +50.0 [+45.0, +55.0] (limit 10, over)" in printed
+    assert "\n  forgetting budget     no checked step stays inside (mc 10, rule significant); only θ0 does\n" in printed
 
 
 def test_interpolate_finds_the_largest_alpha_inside_the_budget():
@@ -120,7 +147,8 @@ def test_interpolate_finds_the_largest_alpha_inside_the_budget():
     rows = [score(a) for a in (0.0, 0.5, 1.0)]
     found = budget_search(score, rows, {"code": 6.5}, 3)
     assert scored == [0.0, 0.5, 1.0, 0.75, 0.625, 0.6875]
-    assert found["alpha"] == 0.625 and found["losses"]["code"] == pytest.approx(6.25)
+    assert found["alpha"] == 0.625 and found["losses"]["code"]["loss"] == pytest.approx(6.25)
+    assert found["losses"]["code"]["ci95"] is None  # rows without per-item records: the point estimate decides
     assert found["task_accuracy"] == pytest.approx(0.5 + 0.3 * 0.625) and len(rows) == 6
 
 
@@ -146,6 +174,9 @@ def test_interpolate_reads_the_runs_budget_and_refuses_a_bad_one(capsys, tiny_di
     result = json.loads((wise / "interpolate.json").read_text())
     assert [r["alpha"] for r in result["rows"]] == [0.0, 0.5, 1.0]
     assert result["budget"]["limits"] == {"mc": 100, "gen": 1000} and result["budget"]["alpha"] == 1.0  # all inside
+    assert result["budget"]["rule"] == "significant" and len(result["rows"][2]["items"]["probes"]["mc"]["correct"]) == 3
+    mc = result["budget"]["losses"]["mc"]  # paired with the α = 0 row's per-item records
+    assert mc["ci95"][0] <= mc["loss"] <= mc["ci95"][1]
     assert json.loads((out / "results.json").read_text())["wise_budget"] == result["budget"]  # the run keeps it
     assert main(["report", str(out)]) == 0
     assert "WiSE-FT inside the budget</th><td>largest α 1.000, task " in (out / "report.html").read_text()

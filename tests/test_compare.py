@@ -67,9 +67,15 @@ def test_the_table_the_page_and_the_front(capsys, runs, tmp_path):
     out = tmp_path / "c.html"
     assert main(["compare", str(runs["slow"]), str(runs["fast"]), "--out", str(out)]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0] == "| run | task acc % | task gain | val loss | Δ mc (points) | ‖θ−θ0‖ | peak GB | time s |"
+    assert printed[0] == (
+        "| run | task acc % | task gain [95 % CI] | val loss | Δ mc (points) [95 % CI] | ‖θ−θ0‖ | peak GB | time s |"
+    )
     assert printed[2].startswith(f"| {runs['slow']} | ") and printed[3].startswith(f"| {runs['fast']} | ")
     rows = [run_row(runs["slow"]), run_row(runs["fast"])]
+    lo, hi = rows[1]["intervals"]["mc"]  # the paired interval from the run's per-item records, in the cell
+    assert (
+        lo <= rows[1]["probes"]["mc"] <= hi and f"{rows[1]['probes']['mc']:+.1f} [{lo:+.1f}, {hi:+.1f}]" in printed[3]
+    )
     front = pareto(rows)
     assert printed[-1].startswith(f"[compare] Pareto front (task gain vs forgetting): {', '.join(front)}")
     page = out.read_text()
@@ -185,17 +191,26 @@ def test_an_interpolation_without_theta0s_scores_is_one_line(capsys, tmp_path):
 
 
 def test_each_probe_column_names_its_unit():
+    """Rows of a results.json from before per-item records (change as a fraction, no interval)."""
     forgetting = {
         "humaneval": {"metric": "nll_per_token", "before": 1.0, "after": 1.1, "change": 0.1},
         "arc_easy": {"metric": "acc", "before": 0.5, "after": 0.46, "change": -0.04},
     }
     row = _row(
-        "r", {"accuracy": 0.8}, {"accuracy": 0.5}, forgetting, val_loss=None, distance=None, peak_gb=None, time_s=None
+        "r",
+        {"accuracy": 0.8},
+        {"accuracy": 0.5},
+        {"probes": forgetting},
+        val_loss=None,
+        distance=None,
+        peak_gb=None,
+        time_s=None,
     )
     assert row["probes"] == pytest.approx({"humaneval": -10.0, "arc_easy": -4.0}) and row[
         "forgetting"
     ] == pytest.approx(10.0)
     assert markdown([row]).splitlines()[0] == (
-        "| run | task acc % | task gain | val loss | Δ arc_easy (points) | "
-        "Δ humaneval (−% NLL) | ‖θ−θ0‖ | peak GB | time s |"
+        "| run | task acc % | task gain [95 % CI] | val loss | Δ arc_easy (points) [95 % CI] | "
+        "Δ humaneval (−% NLL) [95 % CI] | ‖θ−θ0‖ | peak GB | time s |"
     )
+    assert markdown([row]).splitlines()[2].split(" | ")[4:6] == ["-4.0", "-10.0"]  # no interval to show

@@ -81,7 +81,8 @@ def test_an_override_of_a_yaml_key_is_blamed_on_the_command_line_only(tmp_path):
     assert str(err.value).splitlines() == [
         f"invalid config in {path} (2 problems):",
         "  optim.weight_decay: expected float, got str 'abc'",
-        "  optimm: unknown key (valid: model, data, optim, schedule, train, anchor, eval) (set on the command line)",
+        "  optimm: unknown key (valid: model, data, optim, schedule, train, anchor, loss, eval) "
+        "(set on the command line)",
     ]
     with pytest.raises(UserError) as err:
         load_config(QUICKSTART_PATH, ["optimm.lr=1"])

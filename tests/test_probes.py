@@ -11,6 +11,7 @@ from conftest import sentiment_records, tiny_overrides, write_jsonl
 
 from fulltune.cli import main
 from fulltune.config import ModelConfig, load_config
+from fulltune.evals import paired
 from fulltune.evals.classify import score_sequences
 from fulltune.evals.forgetting import forgetting_report
 from fulltune.evals.probes import load_probe, probe_examples, summarise
@@ -111,8 +112,9 @@ def test_forgetting_report_retention_and_change():
         "code": {"kind": "text", "nll_per_token": 2.5, "bits_per_byte": 1.25, "n": 10},
     }
     rows = forgetting_report(before, after)["probes"]
-    assert rows["arc"]["retention"] == pytest.approx(0.8) and rows["arc"]["change"] == pytest.approx(-0.1)
-    assert rows["code"]["relative_change"] == pytest.approx(0.25)
+    assert rows["arc"]["retention"] == pytest.approx(0.8) and rows["arc"]["change"] == pytest.approx(-10.0)
+    assert rows["code"]["change"] == pytest.approx(25.0) and rows["code"]["unit"] == "%"
+    assert rows["arc"]["ci95"] is None and rows["arc"]["verdict"].startswith("not paired")  # no per-item records
 
 
 def test_training_runs_probes_before_during_after(tiny_dir, tmp_path):
@@ -168,6 +170,10 @@ def test_eval_command_compares_two_models(capsys, tiny_dir, tmp_path):
         == 0
     )
     text = capsys.readouterr().out
-    assert "change" in text and "mc " in text
     saved = json.loads(out.read_text())
     assert set(saved) == {str(tiny_dir), str(tmp_path / "r" / "final")}
+    before, after = (saved[m]["mc"]["items"]["correct"] for m in (str(tiny_dir), str(tmp_path / "r" / "final")))
+    change = paired.accuracy_change(before, after)  # the change column: paired on the saved per-item outcomes
+    line = next(x for x in text.splitlines() if x.startswith("mc "))
+    assert line.endswith(f"{change['change']:+.1f} points [{change['ci95'][0]:+.1f}, {change['ci95'][1]:+.1f}], "
+                         f"p={change['p']:.2f}, {change['verdict']}")  # fmt: skip

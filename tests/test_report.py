@@ -79,10 +79,14 @@ def test_the_charts_hold_the_runs_numbers(finished):
         max(results["memory"]["measured_peak_gb"], sum(results["state_memory"]["measured_per_rank_gb"][0].values()))
     )
     during, change = forgetting_figures(run)
-    assert list(during.data[0].x) == [0, 2, 4]  # θ0, the probe interval, θ*
+    mc = results["forgetting"]["probes"]["mc"]
+    assert list(during.data[0].x) == [2, 4]  # the probe interval, θ*: each paired with θ0's records
+    assert during.data[0].y[-1] == pytest.approx(mc["change"])  # θ*'s change, as in results.json
+    assert during.data[0].error_y.array[-1] == pytest.approx(mc["ci95"][1] - mc["change"])
     task = 100 * (results["task_accuracy_final"]["accuracy"] - results["task_accuracy_theta0"]["accuracy"])
     assert change.data[0].x[0] == "task accuracy" and change.data[0].y[0] == pytest.approx(task)
-    assert change.data[0].y[1] == pytest.approx(100 * results["forgetting"]["probes"]["mc"]["change"])
+    assert change.data[0].y[1] == pytest.approx(mc["change"])
+    assert change.data[0].error_y.arrayminus[1] == pytest.approx(mc["change"] - mc["ci95"][0])
 
 
 def test_chromium_renders_every_chart_without_a_console_message(finished, tmp_path):
@@ -135,8 +139,12 @@ def test_the_run_ends_with_a_summary(capsys, finished, tiny_dir, chat_file, tmp_
     t0, t1 = results["task_accuracy_theta0"]["accuracy"], results["task_accuracy_final"]["accuracy"]
     p = results["forgetting"]["probes"]["mc"]
     assert [line.split()[0] for line in lines] == ["time", "tokens", "peak", "task", "largest"]
-    assert lines[3].endswith(f"{100 * t0:.1f}% → {100 * t1:.1f}% ({100 * (t1 - t0):+.1f} points)")
-    assert f"mc {100 * p['change']:+.1f} points (±" in lines[4]
+    task = results["forgetting"]["task"]
+    assert lines[3].endswith(
+        f"{100 * t0:.1f}% → {100 * t1:.1f}%, {100 * (t1 - t0):+.1f} points "
+        f"[{task['ci95'][0]:+.1f}, {task['ci95'][1]:+.1f}], p={task['p']:.2f}, {task['verdict']} (n={task['n']})"
+    )
+    assert f"mc {p['change']:+.1f} points [{p['ci95'][0]:+.1f}, {p['ci95'][1]:+.1f}], p=" in lines[4]
     capsys.readouterr()
     out = tmp_path / "run"
     assert (

@@ -68,7 +68,8 @@ class DataConfig:
         "builtin:sst2/train",
         "training data: a .jsonl/.json/.csv/.parquet file, a datasets save_to_disk directory, "
         "or builtin:sst2/train (SST-2 reviews, the instruction in the user turn) / "
-        "builtin:sst2-short/train (the same, the instruction as a short system prompt)",
+        "builtin:sst2-short/train (the same, the instruction as a short system prompt) / "
+        "builtin:boolq/train (BoolQ yes/no questions about a short passage, a system turn)",
     )
     validation: str = opt("", "validation data (same kinds as train); empty: hold out val_fraction of train")
     val_fraction: float = opt(
@@ -262,6 +263,18 @@ class EvalConfig:
         "points (multiple choice) or % of NLL (code / text); the best task score inside it "
         "among the probed steps is kept in RUN/best-in-budget/",
     )
+    budget_rule: str = opt(
+        "significant",
+        "how a probe's change is held to its limit, with its paired 95 % interval: significant (over "
+        "only when the whole interval is beyond the limit), strict (within only when the whole "
+        "interval is inside), point (the point estimate alone, noise included)",
+        choices=("significant", "strict", "point"),
+    )
+    theta0_cache: bool = opt(
+        True,
+        "reuse θ0's task and probe scores from an earlier run on the same model, items, precision and "
+        "device ($FULLTUNE_HOME/theta0-scores/)",
+    )
 
 
 @dataclass
@@ -280,6 +293,23 @@ class AnchorConfig:
 
 
 @dataclass
+class LossConfig:
+    type: str = opt(
+        "ce",
+        "the training loss per target token: ce (cross-entropy, −log p) or dft (Dynamic Fine-Tuning: "
+        "−sg(p)·log p, each token's CE weighted by its own probability, gradient stopped)",
+        choices=("ce", "dft"),
+    )
+    kl_to_theta0: float = opt(
+        0.0,
+        "β: add β·KL(p_θ0 ‖ p_θ) over the full vocabulary at each target token, keeping a frozen θ0 copy "
+        "(weight-dtype bytes per parameter) and running its forward each micro-batch; with type dft this is "
+        "ASFT; 0: off, exactly the run without it",
+        lo=0.0,
+    )
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -287,6 +317,7 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     anchor: AnchorConfig = field(default_factory=AnchorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:

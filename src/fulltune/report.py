@@ -1,20 +1,20 @@
 """RUN/report.html, written at the end of `fulltune train` and by `fulltune report RUN_DIR`:, one self-contained
 page that opens offline — plotly's JavaScript inlined once, every chart interactive. It shows the
 losses, the learning rate per parameter group, the gradient norm, throughput and MFU; memory
-predicted against measured, stacked by term; the probes before, during and after training with
-their standard errors next to the task gain; the data statistics and the resolved config. A run
+predicted against measured, stacked by term; each probe's paired change from θ0 during and after
+training, with 95 % intervals, next to the task gain; the data statistics and the resolved config. A run
 still in progress or interrupted (no results.json yet) gets a partial report, marked as such."""
 
 from __future__ import annotations
 
 import html
 import json
-import math
 from pathlib import Path
 
 from fulltune import metrics
 from fulltune.errors import UserError
-from fulltune.evals.forgetting import gain
+from fulltune.evals import records
+from fulltune.evals.forgetting import describe_change, gain, record_changes
 
 
 def read_run(run_dir: Path) -> dict:
@@ -103,50 +103,89 @@ def memory_figure(results: dict | None):
 
 
 def forgetting_figures(run: dict) -> list:
-    """The probes over the steps (θ0, during, θ*) and each probe's change with ±1 standard error
-    beside the task gain."""
+    """Each probe's paired change from θ0 at every scored step, and at θ* beside the task gain, with
+    95 % intervals (RUN/records/; a run without them shows the probes' scores over the steps)."""
+    import plotly.graph_objects as go
+
+    results = run["results"] or {}
+    out = [f for f in [_changes_over_steps(run) or _scores_over_steps(run)] if f]
+    report = results.get("forgetting") or {}
+    rows = {name + ("" if p["metric"] == "acc" else " (−ΔNLL)"): p for name, p in (report.get("probes") or {}).items()}
+    if report.get("task"):
+        rows = {"task accuracy": {"metric": "acc", **report["task"]}, **rows}
+    if rows:
+        gains = [gain(p) for p in rows.values()]
+        change = [g for g, _ in gains]
+        plus = [ci[1] - g if ci else 0 for g, ci in gains]
+        minus = [g - ci[0] if ci else 0 for g, ci in gains]
+        fig = go.Figure(
+            go.Bar(x=list(rows), y=change, error_y=dict(type="data", array=plus, arrayminus=minus), name="change")
+        )
+        fig.update_layout(
+            title="Change from θ0 to θ*: task gain and each probe (points for accuracy, % for NLL; paired "
+            "95 % intervals on the same items)",
+            yaxis_title="change (up is better)",
+        )
+        out.append(fig)
+    return out
+
+
+def _changes_over_steps(run: dict):
+    """Each probe's paired change from θ0 (up is better) at every step with records, ± its 95 % interval."""
+    import plotly.graph_objects as go
+
+    steps = records.steps(run["dir"])
+    first = records.read(run["dir"], 0) if steps and steps[0] == 0 else None
+    if not first or len(steps) < 2:
+        return None
+    series: dict[str, list] = {}
+    for step in steps[1:]:
+        for name, change in record_changes(first, records.read(run["dir"], step) or {}).items():
+            series.setdefault(name, []).append((step, *gain(change)))
+    fig = go.Figure()
+    for name, points in series.items():
+        x, y, ci = zip(*points)
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=y,
+                name=name,
+                mode="lines+markers",
+                error_y=dict(
+                    type="data", array=[c[1] - v for v, c in zip(y, ci)], arrayminus=[v - c[0] for v, c in zip(y, ci)]
+                ),
+            )
+        )
+    fig.update_layout(
+        title="General skills during training: paired change from θ0 (points, or −% NLL), 95 % intervals",
+        xaxis_title="step",
+        yaxis_title="change (up is better)",
+    )
+    return fig
+
+
+def _scores_over_steps(run: dict):
+    """The probes' headline scores over the steps (θ0, during, θ*), from metrics.jsonl."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     results = run["results"] or {}
     during = [r for r in run["metrics"] if isinstance(r.get("probes"), dict)]
-    out = []
-    if during:
-        kinds = {
-            name: (results.get("forgetting") or {}).get("probes", {}).get(name, {}).get("metric", "acc")
-            for name in during[0]["probes"]
-        }
-        fig = make_subplots(
-            rows=1, cols=2, subplot_titles=("accuracy probes (higher is better)", "NLL probes (lower is better)")
-        )
-        for name, kind in kinds.items():
-            xs = [r["step"] for r in during if name in r["probes"]]
-            fig.add_trace(
-                go.Scatter(
-                    x=xs, y=[r["probes"][name] for r in during if name in r["probes"]], name=name, mode="lines+markers"
-                ),
-                row=1,
-                col=1 if kind == "acc" else 2,
-            )
-        fig.update_layout(title="General skills before, during and after training", xaxis_title="step")
-        out.append(fig)
-    probes = (results.get("forgetting") or {}).get("probes") or {}
-    if probes:
-        names = [name + ("" if p["metric"] == "acc" else " (−ΔNLL)") for name, p in probes.items()]
-        change, err = (list(x) for x in zip(*(gain(p) for p in probes.values())))
-        task0, task1 = results.get("task_accuracy_theta0"), results.get("task_accuracy_final")
-        if task0 and task1:
-            names.insert(0, "task accuracy")
-            change.insert(0, 100 * (task1["accuracy"] - task0["accuracy"]))
-            err.insert(0, 100 * math.hypot(task0.get("stderr") or 0, task1.get("stderr") or 0))
-        fig = go.Figure(go.Bar(x=names, y=change, error_y=dict(type="data", array=err), name="change"))
-        fig.update_layout(
-            title="Change from θ0 to θ*: task gain and each probe (points for accuracy, % for NLL; "
-            "±1 standard error of the difference)",
-            yaxis_title="change (up is better)",
-        )
-        out.append(fig)
-    return out
+    if not during:
+        return None
+    kinds = {
+        name: (results.get("forgetting") or {}).get("probes", {}).get(name, {}).get("metric", "acc")
+        for name in during[0]["probes"]
+    }
+    fig = make_subplots(
+        rows=1, cols=2, subplot_titles=("accuracy probes (higher is better)", "NLL probes (lower is better)")
+    )
+    for name, kind in kinds.items():
+        xs = [r["step"] for r in during if name in r["probes"]]
+        ys = [r["probes"][name] for r in during if name in r["probes"]]
+        fig.add_trace(go.Scatter(x=xs, y=ys, name=name, mode="lines+markers"), row=1, col=1 if kind == "acc" else 2)
+    fig.update_layout(title="General skills before, during and after training", xaxis_title="step")
+    return fig
 
 
 def summary_rows(run: dict) -> list[tuple[str, str]]:
@@ -166,13 +205,7 @@ def summary_rows(run: dict) -> list[tuple[str, str]]:
         rows.append(("final validation loss", f"{r['final_val_loss']:.4f}"))
     t0, t1 = r.get("task_accuracy_theta0"), r.get("task_accuracy_final")
     if t0 and t1:
-        rows.append(
-            (
-                "task accuracy θ0 → θ*",
-                f"{100 * t0['accuracy']:.1f}% → {100 * t1['accuracy']:.1f}% "
-                f"(n={t1['n']}, ±{100 * t1.get('stderr', 0):.1f})",
-            )
-        )
+        rows.append(("task accuracy θ0 → θ*", task_change(r)))
     if r.get("memory"):
         rows.append(
             (
@@ -258,21 +291,33 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     return out
 
 
+def task_change(results: dict) -> str:
+    """ "θ0 → θ* accuracy, the paired change [95 % interval], p, verdict (n)"."""
+    t0, t1 = results["task_accuracy_theta0"], results["task_accuracy_final"]
+    task = (results.get("forgetting") or {}).get("task")
+    if not task:  # results.json from before paired records
+        task = {"unit": "points", "change": 100 * (t1["accuracy"] - t0["accuracy"])}
+    return f"{100 * t0['accuracy']:.1f}% → {100 * t1['accuracy']:.1f}%, {describe_change(task)} (n={t1['n']})"
+
+
 def largest_probe_change(results: dict) -> str | None:
-    """The probe that moved most in budget units (accuracy points, or % of NLL), with its sign."""
+    """The probe that moved most in budget units (accuracy points, or % of NLL), with its interval,
+    and how many probes lost or gained."""
     probes = (results.get("forgetting") or {}).get("probes") or {}
-    moves = [(abs(g), name, g, e, p["metric"] == "acc") for name, p in probes.items() for g, e in [gain(p)]]
-    if not moves:
+    if not probes:
         return None
-    _, name, g, e, acc = max(moves)
-    return f"{name} {g:+.1f}{' points' if acc else ' % NLL (−: worse)'}" + (f" (±{e:.1f})" if e else "")
+    name, row = max(probes.items(), key=lambda kv: abs(gain(kv[1])[0]))
+    verdicts = [p.get("verdict") for p in probes.values()]
+    tally = f"; {verdicts.count('lost')} lost, {verdicts.count('gained')} gained of {len(probes)}"
+    return f"{name} {describe_change(row)}{tally if 'ci95' in row else ''}"
 
 
 def budget_verdict(budget: dict) -> str:
     best, limits = budget["best"], ", ".join(f"{k} {v:g}" for k, v in budget["limits"].items())
+    rule = f", rule {budget['rule']}" if budget.get("rule") else ""
     if best is None:
-        return f"no checked step stays inside ({limits}); only θ0 does"
-    return f"step {best['step']} kept (task {100 * best['task_accuracy']:.1f}%, limits {limits}) → {best['path']}"
+        return f"no checked step stays inside ({limits}{rule}); only θ0 does"
+    return f"step {best['step']} kept (task {100 * best['task_accuracy']:.1f}%, limits {limits}{rule}) → {best['path']}"
 
 
 def summary_lines(results: dict) -> list[str]:
@@ -288,13 +333,7 @@ def summary_lines(results: dict) -> list[str]:
         )
     t0, t1 = results.get("task_accuracy_theta0"), results.get("task_accuracy_final")
     if t0 and t1:
-        rows.append(
-            (
-                "task accuracy",
-                f"{100 * t0['accuracy']:.1f}% → {100 * t1['accuracy']:.1f}% "
-                f"({100 * (t1['accuracy'] - t0['accuracy']):+.1f} points)",
-            )
-        )
+        rows.append(("task accuracy", task_change(results)))
     probe = largest_probe_change(results)
     if probe:
         rows.append(("largest probe change", probe))

@@ -20,13 +20,16 @@ from typing import Any
 class StepResult:
     """What one optimiser step did (train.train_step)."""
 
-    loss: float  # mean token loss over the step's target tokens, every rank
+    loss: float  # mean token cross-entropy over the step's target tokens, every rank (whatever loss.type)
     grad_norm: float  # global gradient norm before clipping
     applied: bool  # the update reached the weights: finite, or taken inside backward before any check
+    dft_loss: float | None = None  # loss.type dft: the mean token −sg(p)·log p that was minimised
+    kl: float | None = None  # loss.kl_to_theta0 > 0: the mean KL(p_θ0 ‖ p_θ) per target token
 
     @property
     def finite(self) -> bool:
-        return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
+        parts = (self.loss, self.grad_norm, self.kl if self.kl is not None else 0.0)
+        return all(math.isfinite(x) for x in parts)
 
 
 @dataclass
@@ -55,6 +58,7 @@ class Results:
 
     task_accuracy_theta0: dict | None = None
     probes_theta0: dict | None = None
+    detectable: dict | None = None  # per probe, what its size can detect (evals/theta0.py)
     state_memory: dict | None = None  # measured vs predicted bytes of parameters, gradients, optimiser state
     memory: dict | None = None  # measured vs predicted peak of the heaviest micro-batch
     final_val_loss: float | None = None

@@ -70,7 +70,7 @@ def run_row(run_dir: Path) -> dict:
         str(run_dir),
         r.get("task_accuracy_final"),
         r.get("task_accuracy_theta0"),
-        (r.get("forgetting") or {}).get("probes") or {},
+        r.get("forgetting") or {},
         val_loss=r.get("final_val_loss"),
         distance=distance_to_theta0(run_dir / "final", str((cfg.get("model") or {}).get("path", "default"))),
         peak_gb=(r.get("memory") or {}).get("measured_peak_gb"),
@@ -78,15 +78,21 @@ def run_row(run_dir: Path) -> dict:
     )
 
 
-def _row(name: str, task: dict | None, task0: dict | None, forgetting: dict, **rest) -> dict:
+def _row(name: str, task: dict | None, task0: dict | None, report: dict, **rest) -> dict:
     """A table row: task accuracy and gain in points; each probe's change from its forgetting-report
-    row (up = better: accuracy points, or −% NLL) with its unit; the worst probe's loss."""
-    probes = {probe: gain(p)[0] for probe, p in forgetting.items()}
+    row (up = better: accuracy points, or −% NLL) with its unit and paired 95 % interval (None for
+    runs from before per-item records); the worst probe's loss."""
+    forgetting = report.get("probes") or {}
+    gains = {probe: gain(p) for probe, p in forgetting.items()}
+    probes = {probe: g for probe, (g, _) in gains.items()}
+    task_row = report.get("task")
     return {
         "run": name,
         "task": 100 * task["accuracy"] if task else None,
         "task_gain": 100 * (task["accuracy"] - task0["accuracy"]) if task and task0 else None,
+        "task_ci": gain({"metric": "acc", **task_row})[1] if task_row and "unit" in task_row else None,
         "probes": probes,
+        "intervals": {probe: ci for probe, (_, ci) in gains.items()},
         "units": {probe: "points" if p["metric"] == "acc" else "−% NLL" for probe, p in forgetting.items()},
         "forgetting": -min(probes.values()) if probes else None,
         **rest,
@@ -121,13 +127,12 @@ def interpolation_rows(out_dir: Path) -> list[dict]:
     full = distance_to_theta0(finetuned, theta0)
     out = []
     for r in rows:
-        changes = forgetting_report(probes0 or {}, r.get("probes") or {})["probes"]
         out.append(
             _row(
                 f"{out_dir} α={r['alpha']:g}",
                 r.get("task"),
                 task0,
-                changes,
+                _paired_with_zero(zero, r, probes0),
                 val_loss=None,
                 distance=r["alpha"] * full if full is not None else None,  # θ(α) − θ0 = α(θ* − θ0)
                 peak_gb=None,
@@ -135,6 +140,21 @@ def interpolation_rows(out_dir: Path) -> list[dict]:
             )
         )  # no training: blending and scoring only
     return out
+
+
+def _paired_with_zero(zero: dict | None, row: dict, probes0: dict | None) -> dict:
+    """The row's forgetting report against the α = 0 row, paired on their per-item records when both
+    have them (interpolate.json from 2026-12-07 on)."""
+    items0, items = (zero or {}).get("items") or {}, row.get("items") or {}
+    task = None
+    if zero and zero.get("task") and row.get("task"):
+        task = {
+            "before": {**zero["task"], "items": items0.get("task")},
+            "after": {**row["task"], "items": items.get("task")},
+        }
+    return forgetting_report(
+        probes0 or {}, row.get("probes") or {}, (items0.get("probes") or {}, items.get("probes") or {}), task
+    )
 
 
 def rows_of(path: Path) -> list[dict]:
@@ -146,18 +166,23 @@ def _fmt(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _with_ci(value, ci) -> str:
+    """ "+1.0 [−2.0, +4.0]": a change with its paired 95 % interval (just the change when unpaired)."""
+    return _fmt(value, "+.1f") + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if value is not None and ci else "")
+
+
 def cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """The table's header and one row of text cells per run."""
     units = {p: u for r in rows for p, u in r["units"].items()}
     probes = sorted(units)
     head = (
-        ["run", "task acc %", "task gain", "val loss"]
-        + [f"Δ {p} ({units[p]})" for p in probes]
+        ["run", "task acc %", "task gain [95 % CI]", "val loss"]
+        + [f"Δ {p} ({units[p]}) [95 % CI]" for p in probes]
         + ["‖θ−θ0‖", "peak GB", "time s"]
     )
     body = [
-        [r["run"], _fmt(r["task"], ".1f"), _fmt(r["task_gain"], "+.1f"), _fmt(r["val_loss"], ".4f")]
-        + [_fmt(r["probes"].get(p), "+.1f") for p in probes]
+        [r["run"], _fmt(r["task"], ".1f"), _with_ci(r["task_gain"], r.get("task_ci")), _fmt(r["val_loss"], ".4f")]
+        + [_with_ci(r["probes"].get(p), r.get("intervals", {}).get(p)) for p in probes]
         + [_fmt(r["distance"], ".3g"), _fmt(r["peak_gb"], ".2f"), _fmt(r["time_s"], ".0f")]
         for r in rows
     ]

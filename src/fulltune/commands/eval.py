@@ -1,4 +1,5 @@
-"""`fulltune eval MODEL [MODEL_B]`: score general-skill probes on one model, or compare two (θ0 vs θ*)."""
+"""`fulltune eval MODEL [MODEL_B]`: score general-skill probes on one model, or compare two (θ0 vs θ*) on
+the same items, paired. The JSON keeps each item's outcome (`items`)."""
 
 from __future__ import annotations
 
@@ -26,17 +27,22 @@ def register(sub) -> None:
     e.set_defaults(run=run)
 
 
-def _row(name: str, summaries: list[dict]) -> str:
+def _row(name: str, summaries: list[dict], change: dict | None) -> str:
+    """One probe: each model's score with its own standard error; with two models, the paired change
+    on the same items with its 95 % interval, p and verdict (evals/paired.py)."""
+    from fulltune.evals.forgetting import describe_change
+
     if summaries[0]["kind"] == "mc":
         cells = [f"{100 * s['acc']:6.1f}% ±{100 * s['acc_stderr']:.1f}" for s in summaries]
-        change = f"{100 * (summaries[-1]['acc'] - summaries[0]['acc']):+6.1f} pts" if len(summaries) == 2 else ""
         metric = "acc"
     else:
         cells = [f"{s['nll_per_token']:7.3f} ({s['bits_per_byte']:.3f} bpb)" for s in summaries]
-        rel = summaries[-1]["nll_per_token"] / summaries[0]["nll_per_token"] - 1
-        change = f"{100 * rel:+6.1f}%" if len(summaries) == 2 else ""
         metric = "NLL/token"
-    return f"{name:<12} {metric:<10} " + "  ".join(f"{c:>22}" for c in cells) + f"  {change}"
+    return (
+        f"{name:<12} {metric:<10} "
+        + "  ".join(f"{c:>22}" for c in cells)
+        + (f"  {describe_change(change)}" if change else "")
+    )
 
 
 def run(args) -> None:
@@ -44,7 +50,8 @@ def run(args) -> None:
 
     from fulltune.config import ModelConfig
     from fulltune.errors import UserError
-    from fulltune.evals.forgetting import ProbeSet
+    from fulltune.evals.forgetting import ProbeSet, forgetting_report
+    from fulltune.evals.records import split
     from fulltune.model import load_theta0
     from fulltune.runtime import autocast_factory, pick_device, resolve_precision
 
@@ -64,9 +71,13 @@ def run(args) -> None:
             results[path] = probes.run(model, autocast, args.batch_size, progress=True)
         print(f"[eval] {path}: probes took {results[path]['_seconds']:.0f} s", flush=True)
         del model
+    changes = {}
+    if len(args.models) == 2:
+        (a, items_a), (b, items_b) = (split(results[m]) for m in args.models)
+        changes = forgetting_report(a, b, (items_a, items_b))["probes"]
     header = f"{'probe':<12} {'metric':<10} " + "  ".join(f"{Path(m).name or m:>22}" for m in args.models)
-    print(header + ("  change" if len(args.models) == 2 else ""))
+    print(header + ("  change, paired on the same items [95 % interval]" if changes else ""))
     for name in (n for n in results[args.models[0]] if not n.startswith("_")):
-        print(_row(name, [results[m][name] for m in args.models]))
+        print(_row(name, [results[m][name] for m in args.models], changes.get(name)))
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"[eval] saved {args.out}")

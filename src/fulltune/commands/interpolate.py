@@ -39,6 +39,11 @@ def register(sub) -> None:
         "from θ0; default: the run's eval.forgetting_budget): find the largest α inside it",
     )
     i.add_argument(
+        "--budget-rule",
+        choices=("significant", "strict", "point"),
+        help="how each probe's paired change is held to its limit (default: the run's eval.budget_rule)",
+    )
+    i.add_argument(
         "--search-steps", type=int, default=3, help="bisections past the grid toward the budget's edge (default 3)"
     )
     i.set_defaults(run=run)
@@ -91,6 +96,16 @@ def _settings(args):
     return task_file, labels, probes, items, code_items, ev.batch_size
 
 
+def _rule(args) -> str:
+    """--budget-rule, else the run's eval.budget_rule (docs in evals/budget.py)."""
+    from fulltune.config import load_config
+
+    if args.budget_rule:
+        return args.budget_rule
+    path = args.config or Path(args.finetuned).expanduser().parent / "config.yaml"
+    return load_config(path).eval.budget_rule if Path(path).is_file() else "significant"
+
+
 def _budget(args, probe_names: list[str]) -> dict:
     """--budget (a YAML mapping), else the run's eval.forgetting_budget; its probes must be scored."""
     import yaml
@@ -137,40 +152,53 @@ def _record_in_run(run_dir: Path, found: dict) -> None:
     )
 
 
-def budget_search(score, rows: list[dict], limits: dict, steps: int) -> dict:
-    """The largest α inside the budget: the grid's largest, then `steps` bisections toward the next α
-    outside it. Losses are from the α = 0 row (θ0)."""
-    from fulltune.evals.budget import losses, within
-    from fulltune.evals.forgetting import headline
+def changes(rows: list[dict], row: dict) -> dict:
+    """The row's forgetting-report rows: each probe's paired change from the α = 0 row (θ0)."""
+    from fulltune.evals.forgetting import forgetting_report
 
-    theta0 = next(r for r in rows if r["alpha"] == 0)["probes"]
+    zero = next(r for r in rows if r["alpha"] == 0)
+    items = ((zero.get("items") or {}).get("probes") or {}, (row.get("items") or {}).get("probes") or {})
+    return forgetting_report(zero["probes"], row["probes"], items)["probes"]
+
+
+def budget_search(score, rows: list[dict], limits: dict, steps: int, *, rule: str = "significant") -> dict:
+    """The largest α inside the budget under `rule` (evals/budget.py): the grid's largest, then
+    `steps` bisections toward the next α outside it. Losses are paired with the α = 0 row (θ0)."""
+    from fulltune.evals.budget import judge, losses
 
     def lost(row):
-        return losses(theta0, {n: headline(s)[1] for n, s in row["probes"].items() if not n.startswith("_")})
+        return losses(changes(rows, row))
+
+    def inside(row):
+        return judge(limits, lost(row), rule)[0]
 
     ordered = sorted(rows, key=lambda r: r["alpha"])
-    inside = [r for r in ordered if within(limits, lost(r))]
-    best = inside[-1]
-    outside = [r for r in ordered if r["alpha"] > best["alpha"] and not within(limits, lost(r))]
+    best = [r for r in ordered if inside(r)][-1]
+    outside = [r for r in ordered if r["alpha"] > best["alpha"] and not inside(r)]
     for _ in range(steps if outside else 0):
         row = score((best["alpha"] + outside[0]["alpha"]) / 2)
         rows.append(row)
-        best, outside = (row, outside) if within(limits, lost(row)) else (best, [row])
+        best, outside = (row, outside) if inside(row) else (best, [row])
     found = {
         "limits": limits,
+        "rule": rule,
         "alpha": best["alpha"],
         "losses": lost(best),
         "task_accuracy": best["task"]["accuracy"] if "task" in best else None,
     }
     print(
-        f"[interpolate] largest α inside the budget: {best['alpha']:.3f}"
+        f"[interpolate] largest α inside the budget (rule {rule}): {best['alpha']:.3f}"
         + (f" (task {100 * found['task_accuracy']:.1f}%" if found["task_accuracy"] is not None else " (")
         + "; lost, in points or % NLL: "
-        + ", ".join(f"{k} {v:+.1f}" for k, v in found["losses"].items())
+        + ", ".join(f"{k} {_loss(v)}" for k, v in found["losses"].items())
         + ")",
         flush=True,
     )
     return found
+
+
+def _loss(v: dict) -> str:
+    return f"{v['loss']:+.1f}" + (f" [{v['ci95'][0]:+.1f}, {v['ci95'][1]:+.1f}]" if v["ci95"] else "")
 
 
 def _general_scores(probes: dict) -> dict:
@@ -186,6 +214,7 @@ def run(args) -> None:
     from fulltune.data.sources import load_records
     from fulltune.evals.classify import gold_labels, label_accuracy
     from fulltune.evals.forgetting import ProbeSet
+    from fulltune.evals.records import split
     from fulltune.model import load_theta0
     from fulltune.runtime import autocast_factory, pick_device, resolve_precision
 
@@ -210,13 +239,14 @@ def run(args) -> None:
     def score(alpha: float) -> dict:
         started = time.perf_counter()
         blend(model, theta0_w, ft_w, alpha)
-        row = {"alpha": alpha}
+        row = {"alpha": alpha, "items": {}}  # items: per-item records, for paired changes from α = 0
         if records is not None:
-            row["task"] = label_accuracy(
+            row["task"], row["items"]["task"] = split(label_accuracy(
                 model, tokenizer, records, source=task_path, labels=labels, batch_size=batch, autocast=autocast
-            )
+            ))  # fmt: skip
+            row["items"]["task"] = row["items"]["task"][""]
         if probes is not None:
-            row["probes"] = probes.run(model, autocast, batch)
+            row["probes"], row["items"]["probes"] = split(probes.run(model, autocast, batch))
             row.update(_general_scores(row["probes"]))
         row["seconds"] = time.perf_counter() - started
         print(_row_line(row), flush=True)
@@ -227,7 +257,7 @@ def run(args) -> None:
     rows = [score(alpha) for alpha in sorted(set(alphas) | ({0.0} if limits else set()))]
     result = {"theta0": args.theta0, "finetuned": args.finetuned, "task_file": task_file, "rows": rows}
     if limits:
-        result["budget"] = budget_search(score, rows, limits, args.search_steps)
+        result["budget"] = budget_search(score, rows, limits, args.search_steps, rule=_rule(args))
         rows.sort(key=lambda r: r["alpha"])
         _record_in_run(Path(args.finetuned).expanduser().parent, result["budget"])
     _write_outputs(out, result, with_plot=records is not None and probes is not None)

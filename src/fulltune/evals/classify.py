@@ -18,6 +18,7 @@ from fulltune.data.formats import Example, detect_format, encode_record
 from fulltune.data.sources import row_location
 from fulltune.errors import UserError
 from fulltune.evals.prefix_tree import collate_tree, groups, tree_attention, tree_row
+from fulltune.evals.probes import choice_outcomes
 from fulltune.loss import target_logprobs
 
 
@@ -150,7 +151,14 @@ def label_accuracy(
         model, candidates, pad_id=tokenizer.pad_token_id, batch_size=batch_size, autocast=autocast, desc=desc
     )
     k = len(labels)
-    preds = [max(range(k), key=lambda j: scores[i * k + j]) for i in range(len(golds))]
-    correct = sum(int(p == g) for p, g in zip(preds, golds))
+    lengths = [sum(c.target_mask) for c in candidates]
+    items = choice_outcomes([k] * len(golds), golds, scores, lengths)
+    correct = sum(items["correct"])
     acc = correct / len(golds)
-    return {"accuracy": acc, "correct": correct, "n": len(golds), "stderr": math.sqrt(acc * (1 - acc) / len(golds))}
+    return {
+        "accuracy": acc,
+        "correct": correct,
+        "n": len(golds),
+        "stderr": math.sqrt(acc * (1 - acc) / len(golds)),
+        "items": items,
+    }

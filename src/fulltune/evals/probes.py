@@ -144,19 +144,19 @@ def probe_examples(probe: Probe, tokenizer, max_len: int = 2048) -> list[Example
 
 
 def summarise(probe: Probe, examples: list[Example], scores: list[float]) -> dict:
-    """Accuracy (raw, per-token) with standard errors, or NLL per token and bits per byte."""
+    """Accuracy (raw, per-token) with standard errors, or NLL per token and bits per byte; with each
+    item's outcome under `items` (evals/records.py)."""
     if probe.kind == "mc":
-        correct_raw = correct_tok = 0
-        k = 0
+        items = choice_outcomes([len(it["choices"]) for it in probe.items], [it["gold"] for it in probe.items],
+                                scores, [sum(e.target_mask) for e in examples])  # fmt: skip
+        correct_tok, k = 0, 0
         for it in probe.items:
             n = len(it["choices"])
-            raw = scores[k : k + n]
-            per_tok = [s / sum(e.target_mask) for s, e in zip(raw, examples[k : k + n])]
-            correct_raw += int(max(range(n), key=raw.__getitem__) == it["gold"])
+            per_tok = [s / sum(e.target_mask) for s, e in zip(scores[k : k + n], examples[k : k + n])]
             correct_tok += int(max(range(n), key=per_tok.__getitem__) == it["gold"])
             k += n
         total = len(probe.items)
-        acc, acc_tok = correct_raw / total, correct_tok / total
+        acc, acc_tok = sum(items["correct"]) / total, correct_tok / total
         return {
             "kind": "mc",
             "n": total,
@@ -164,14 +164,33 @@ def summarise(probe: Probe, examples: list[Example], scores: list[float]) -> dic
             "acc_stderr": math.sqrt(acc * (1 - acc) / total),
             "acc_per_token": acc_tok,
             "acc_per_token_stderr": math.sqrt(acc_tok * (1 - acc_tok) / total),
+            "items": items,
         }
-    tokens = sum(sum(e.target_mask) for e in examples)
+    counts = [sum(e.target_mask) for e in examples]
     nbytes = sum(len(it["continuation"].encode()) for it in probe.items)
     nll = -sum(scores)
     return {
         "kind": "text",
         "n": len(probe.items),
-        "nll_per_token": nll / tokens,
+        "nll_per_token": nll / sum(counts),
         "bits_per_byte": nll / math.log(2) / nbytes,
-        "tokens": tokens,
+        "tokens": sum(counts),
+        "items": {"nll": [-s for s in scores], "tokens": counts},
     }
+
+
+def choice_outcomes(sizes: list[int], golds: list[int], scores: list[float], lengths: list[int]) -> dict:
+    """Per item of consecutive candidates (`sizes[i]` of them; summed log-probabilities `scores`,
+    `lengths` tokens each): correct (the gold scores highest), the gold's log-probability and
+    length, and its margin over the best wrong candidate."""
+    out: dict[str, list] = {"correct": [], "gold_logprob": [], "gold_tokens": [], "margin": []}
+    k = 0
+    for n, gold in zip(sizes, golds):
+        raw = scores[k : k + n]
+        wrong = max((s for j, s in enumerate(raw) if j != gold), default=float("-inf"))
+        out["correct"].append(int(max(range(n), key=raw.__getitem__) == gold))
+        out["gold_logprob"].append(raw[gold])
+        out["gold_tokens"].append(lengths[k + gold])
+        out["margin"].append(raw[gold] - wrong)
+        k += n
+    return out
