@@ -220,6 +220,7 @@ def tiny_overrides(model_dir: Path, train_file: Path, out: Path, **extra) -> lis
         "schedule.warmup_steps": 1,
         "eval.probes": "[]",
         "eval.theta0_cache": False,  # every test scores its own θ0 (tests/test_records.py tests the cache)
+        "eval.drift_general": 0,  # drift on general text: tests/test_drift_run.py (kl_task stays on with a val set)
         "train.peak_probe_s": 0.02,
         "train.report": False,
     }

@@ -516,6 +516,66 @@ case("config", "a negative loss.kl_to_theta0")(
     )
 )
 
+
+# ---- data.replay (self-distilled replay, data/replay.py) ---------------------------------------
+def _replay(ctx, *more: str) -> list[str]:
+    general = _jsonl(ctx, "g.jsonl", [{"text": "the movie was great fun"}] * 4)
+    return [f"data.general=[{general}]", "data.mix_ratio=0.5", *more]
+
+
+def _no_chat_template(path):
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (path / "chat_template.jinja").unlink(missing_ok=True)
+
+
+case("data", "an unknown data.replay built-in")(
+    lambda c: (
+        _replay(c, "data.replay=[builtin:nope]"),
+        "data.replay: unknown built-in 'builtin:nope' (built-in: builtin:arc_easy, builtin:piqa, builtin:sciq; "
+        "or a JSONL file of prompts)",
+    )
+)
+case("data", "a data.replay prompt file that is missing")(
+    lambda c: (
+        _replay(c, f"data.replay=[{c.tmp / 'p.jsonl'}]"),
+        f"data.replay: prompt file not found: {c.tmp / 'p.jsonl'}",
+    )
+)
+ENDS_WITH_ANSWER = [
+    {"prompt": "hi"},
+    {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+]
+case("data", "a data.replay prompt that ends with the answer, on line 2")(
+    lambda c: (
+        _replay(c, f"data.replay=[{_jsonl(c, 'p.jsonl', ENDS_WITH_ANSWER)}]"),
+        f'data.replay: {c.tmp / "p.jsonl"}:2: expected a string "prompt" or a "messages" list of role/content '
+        "ending with a user turn",
+    )
+)
+case("data", "data.replay with data.mix_ratio 0")(
+    lambda c: (
+        ["data.replay=[builtin:arc_easy]", "data.mix_ratio=0"],
+        "data.replay: θ0's answers are mixed into training by data.mix_ratio, which is 0 (nothing would be "
+        "mixed); set data.mix_ratio > 0 (e.g. 0.1)",
+    )
+)
+case("config", "data.replay_items 0")(
+    lambda c: (["data.replay_items=0"], _problem("data.replay_items: 0 must be >= 1 (set on the command line)"))
+)
+case("model", "data.replay for a tokenizer without a chat template")(
+    lambda c: (
+        [
+            f"model.path={(m := _model(c, _no_chat_template))}",
+            *_data(_jsonl(c, "t.jsonl", [{"text": "the movie was great fun"}] * 8)),
+            *_replay(c, f"data.replay=[{_jsonl(c, 'p.jsonl', [{'prompt': 'what is the capital of france'}])}]"),
+        ],
+        f"data.replay: the tokenizer of {m} has no chat template; θ0 answers replay prompts in its chat format, "
+        "so use a chat model or drop data.replay",
+    )
+)
+
 # ---- implausible run lengths ---------------------------------------------------------------------
 case("config", "train.epochs 1e9 (a 12-billion-step run)")(
     lambda c: (

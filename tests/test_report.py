@@ -58,7 +58,7 @@ def test_the_report_is_written_at_the_end_and_self_contained(finished):
     page = (finished / "report.html").read_text()
     assert page.count("plotly.js v") == 1  # the library, inlined once
     assert not re.search(r"<script[^>]+src=|<link[^>]+href=", page)  # nothing fetched (Chromium below opens it offline)
-    assert [int(i) for i in re.findall(r'id="chart-(\d+)"', page)] == list(range(7))
+    assert [int(i) for i in re.findall(r'id="chart-(\d+)"', page)] == list(range(8))  # drift included
     assert "Partial report" not in page and "task accuracy θ0 → θ*" in page and "Resolved config" in page
 
 
@@ -78,7 +78,9 @@ def test_the_charts_hold_the_runs_numbers(finished):
     assert sum(b.y[0] for b in mem.data if b.x[0] == "measured") == pytest.approx(
         max(results["memory"]["measured_peak_gb"], sum(results["state_memory"]["measured_per_rank_gb"][0].values()))
     )
-    during, change = forgetting_figures(run)
+    drift, during, change = forgetting_figures(run)
+    kl = [(r["step"], r["kl_task"]) for r in rows if "kl_task" in r]  # the drift from θ0 at each validation point
+    assert kl and list(zip(drift.data[0].x, drift.data[0].y)) == kl
     mc = results["forgetting"]["probes"]["mc"]
     assert list(during.data[0].x) == [2, 4]  # the probe interval, θ*: each paired with θ0's records
     assert during.data[0].y[-1] == pytest.approx(mc["change"])  # θ*'s change, as in results.json
@@ -111,7 +113,7 @@ def test_chromium_renders_every_chart_without_a_console_message(finished, tmp_pa
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert ":CONSOLE" not in proc.stderr, [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
     charts = re.split(r'id="chart-\d+"', proc.stdout)[1:]
-    assert len(charts) == 7 and all("main-svg" in c for c in charts)  # plotly drew each one
+    assert len(charts) == 8 and all("main-svg" in c for c in charts)  # plotly drew each one
 
 
 def test_an_interrupted_run_gets_a_partial_report_and_a_non_run_one_line(capsys, finished, tmp_path):

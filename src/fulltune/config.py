@@ -94,11 +94,20 @@ class DataConfig:
     )
     mix_ratio: float = opt(
         0.0,
-        "share of each step's sequences drawn from data.general, added to the task's "
+        "share of each step's sequences drawn from data.general (and data.replay), added to the task's "
         "(e.g. 0.05-0.10); 0: task data only",
         lo=0.0,
         hi=0.9,
     )
+    replay: list = opt(
+        [],
+        "self-distilled replay: prompts θ0 answers once, greedily in its chat template, before step 1 (cached); "
+        "the answers are mixed in like data.general (data.mix_ratio > 0), loss on the answer only: "
+        "builtin:arc_easy / builtin:piqa / builtin:sciq (questions the probes never score) or a JSONL file "
+        'of {"prompt": ...} or {"messages": [...]} ending with a user turn',
+    )
+    replay_items: int = opt(200, "data.replay: prompts in all, split evenly over its sources", lo=1)
+    replay_max_new_tokens: int = opt(96, "data.replay: longest answer θ0 generates, in tokens", lo=1)
     packing: bool = opt(
         False,
         "pack several training sequences into each row of max_seq_len tokens, each attending "
@@ -270,6 +279,12 @@ class EvalConfig:
         "interval is inside), point (the point estimate alone, noise included)",
         choices=("significant", "strict", "point"),
     )
+    drift: bool = opt(
+        True,
+        "measure KL(θ0 ‖ θ) per token at every validation point, on the held-out task sequences' answers "
+        "and on general text, from θ0's top-k next-token distributions kept before step 1 (no θ0 in memory)",
+    )
+    drift_general: int = opt(8, "general-text passages for the drift monitor (LAMBADA's last ones)", lo=0)
     theta0_cache: bool = opt(
         True,
         "reuse θ0's task and probe scores from an earlier run on the same model, items, precision and "

@@ -97,8 +97,10 @@ def _cross_checks(cfg: RunConfig) -> list[str]:
         errors.append("eval.labels: task accuracy needs at least two labels")
     if not all(isinstance(x, str) and x for x in cfg.data.general):
         errors.append(f"data.general: expected a list of data files, got {short(cfg.data.general)}")
-    if cfg.data.mix_ratio > 0 and not cfg.data.general:
-        errors.append("data.mix_ratio: mixing needs general data in data.general (e.g. [builtin:lambada])")
+    if cfg.data.mix_ratio > 0 and not cfg.data.general and not cfg.data.replay:
+        errors.append(
+            "data.mix_ratio: mixing needs general data in data.general (e.g. [builtin:lambada]) or data.replay"
+        )
     if cfg.anchor.method == "ewc" and not cfg.data.general:
         errors.append("anchor.method: ewc estimates its Fisher on data.general; set it (e.g. [builtin:lambada])")
     if cfg.anchor.lam > 0 and cfg.anchor.method == "none":

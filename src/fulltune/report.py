@@ -108,7 +108,7 @@ def forgetting_figures(run: dict) -> list:
     import plotly.graph_objects as go
 
     results = run["results"] or {}
-    out = [f for f in [_changes_over_steps(run) or _scores_over_steps(run)] if f]
+    out = [f for f in [_drift_over_steps(run), _changes_over_steps(run) or _scores_over_steps(run)] if f]
     report = results.get("forgetting") or {}
     rows = {name + ("" if p["metric"] == "acc" else " (−ΔNLL)"): p for name, p in (report.get("probes") or {}).items()}
     if report.get("task"):
@@ -128,6 +128,24 @@ def forgetting_figures(run: dict) -> list:
         )
         out.append(fig)
     return out
+
+
+def _drift_over_steps(run: dict):
+    """KL(θ0 ‖ θ) per token at each validation point (eval.drift), on the task's answers and general text."""
+    import plotly.graph_objects as go
+
+    names = {"kl_task": "held-out task answers", "kl_general": "general text"}
+    fig = go.Figure()
+    for key, label in names.items():
+        x, y = _series(run["metrics"], key)
+        if x:
+            fig.add_trace(go.Scatter(x=x, y=y, name=label, mode="lines+markers"))
+    fig.update_layout(
+        title="Drift from θ0: KL(θ0 ‖ θ) per token (θ0's top-k kept before step 1; a lower bound)",
+        xaxis_title="step",
+        yaxis_title="nats per token",
+    )
+    return fig if fig.data else None
 
 
 def _changes_over_steps(run: dict):

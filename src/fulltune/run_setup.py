@@ -23,6 +23,7 @@ from fulltune.data.mixture import MixedSampler
 from fulltune.data.packing import check_isolation
 from fulltune.data.rundata import TaskData, load_task_data, read_sources
 from fulltune.errors import UserError
+from fulltune.evals import drift, records
 from fulltune.evals.during_run import Evaluator
 from fulltune.loss import Objective, objective_for_run
 from fulltune.memory.measure import PeakMeter, make_resident
@@ -64,6 +65,7 @@ class Run:
     progress: bool  # progress bars: train.progress, on rank 0 only
     anchor: Anchor | None = None  # θ0 copy for L2-SP / EWC / decay toward θ0
     objective: Objective = field(default_factory=Objective)  # the loss: CE or DFT, + β·KL to a frozen θ0
+    drift: dict = field(default_factory=dict)  # θ0's references for KL(θ0 ‖ θ) at validation (evals/drift.py)
 
     def examples(self, indices: list[int]) -> list:
         """Task examples, then general ones (index n_task + j) when data mixing is on."""
@@ -131,6 +133,7 @@ def _build(cfg: RunConfig, run_dir: Path, *, resume_from, device, precision: str
     model, tokenizer = _load_model(cfg, precision, device)
     objective = objective_for_run(cfg.loss, model)  # θ0 copied before any compile, resume or update
     data = load_task_data(cfg, tokenizer, sources)
+    data.add_replay(cfg, model, tokenizer, device=device, precision=precision)  # θ0 answers data.replay (cached)
     if cfg.data.packing:  # eager, before compiling: an attention that mixes packed sequences is refused here
         check_isolation(model, device, model.config.vocab_size)
         D.reshard(model)  # the optimizer below must get the shards, not the root's gathered weights
@@ -146,6 +149,8 @@ def _build(cfg: RunConfig, run_dir: Path, *, resume_from, device, precision: str
         cfg, run_dir, model, general=data.general, pad_id=tokenizer.pad_token_id, autocast=autocast,
         resuming=resume_from is not None, progress=progress,
     )  # fmt: skip
+    drift_refs, unsaved = drift.references_for_run(cfg, run_dir, model, data, autocast=autocast, precision=precision,
+                                                   resuming=resume_from is not None)  # fmt: skip
     state = TrainerState()
     if resume_from is not None:
         state = _resume(resume_from, run_dir, cfg, model=model, optimizer=optimizer, sampler=sampler,
@@ -158,7 +163,8 @@ def _build(cfg: RunConfig, run_dir: Path, *, resume_from, device, precision: str
                    steps_per_epoch=sampler.steps_per_epoch, peak=peak)  # fmt: skip
     if D.is_main():  # nothing of an earlier run is moved before this point
         rundir.start_run_dir(run_dir, resume_from is None, cfg)
-    D.barrier()
+        records.trim(run_dir, state.step)  # a resumed run scores the steps past its checkpoint again
+    drift.save_references(unsaved)  # (a barrier)
     _describe(cfg, device=device, precision=precision, total=total, sampler=sampler, optimizer=optimizer)
     return Run(
         cfg=cfg, run_dir=run_dir, model=model, tokenizer=tokenizer, data=data, optimizer=optimizer,
@@ -170,9 +176,9 @@ def _build(cfg: RunConfig, run_dir: Path, *, resume_from, device, precision: str
                            resumed_step=state.step, writer=D.is_main()),
         checkpointer=Checkpointer(run_dir, cfg.train.save_interval, cfg.train.keep_checkpoints, total),
         evaluator=Evaluator(cfg.train.val_interval, cfg.eval.probe_interval, total,
-                            has_val=bool(data.val), has_probes=data.probes is not None),
+                            has_val=bool(data.val or drift_refs), has_probes=data.probes is not None),
         flops=flops, peak_flops=peak, progress=progress,
-        anchor=anchor, objective=objective,
+        anchor=anchor, objective=objective, drift=drift_refs,
     )  # fmt: skip
 
 

@@ -41,6 +41,9 @@ OUTPUTS = (
     "tensorboard",
     "report.html",
     "best-in-budget",
+    "records",
+    "drift-task.safetensors",
+    "drift-general.safetensors",
 )  # what a fresh start replaces
 PREVIOUS = ".previous-run"  # the replaced run's outputs, until the run that replaced it finishes
 _HELD: dict[str, tuple[int, list[str]]] = {}  # run directory → (its locked descriptor, the folders made for it)

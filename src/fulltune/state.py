@@ -62,6 +62,7 @@ class Results:
     state_memory: dict | None = None  # measured vs predicted bytes of parameters, gradients, optimiser state
     memory: dict | None = None  # measured vs predicted peak of the heaviest micro-batch
     final_val_loss: float | None = None
+    drift: dict | None = None  # θ*'s KL(θ0 ‖ θ*) per token: kl_task, kl_general (evals/drift.py)
     task_accuracy_final: dict | None = None
     probes_final: dict | None = None
     forgetting: dict | None = None

@@ -139,7 +139,7 @@ def loop(run: Run, stop: StopRequest) -> None:
         if state.step == 1 and cfg.compile:
             progress.note(f"[train] step 1 took {rec['elapsed_s']:.1f} s, torch.compile's warm-up included")
         if run.evaluator.validation_due(state.step):
-            rec["val_loss"] = during_run.validation_loss(run)
+            rec.update(during_run.validate(run))  # val_loss; kl_task, kl_general (the drift from θ0)
         if run.evaluator.probes_due(state.step):
             rec.update(during_run.probe_step(run, state.step))
         run.metrics.log_step(rec, last=state.step == run.total_steps)
@@ -154,13 +154,19 @@ def loop(run: Run, stop: StopRequest) -> None:
     progress.close()
 
 
+VALIDATION_NAMES = {"val_loss": "validation loss", "kl_task": "KL(θ0‖θ) on task answers",
+                    "kl_general": "KL(θ0‖θ) on general text"}  # fmt: skip
+
+
 def finish(run: Run) -> None:
     """After the last step: validation loss, final/, θ*'s scores and the forgetting report, results.json."""
     results, state = run.state.results, run.state
-    if run.data.val:
-        results.final_val_loss = during_run.validation_loss(run)
-        run.metrics.append({"step": state.step, "val_loss": results.final_val_loss})
-        print(f"[train] validation loss {results.final_val_loss:.4f}", flush=True)
+    last = during_run.validate(run)
+    if last:
+        results.final_val_loss = last.get("val_loss")
+        results.drift = {k: v for k, v in last.items() if k.startswith("kl_")} or None
+        run.metrics.append({"step": state.step, **last})
+        print("[train] " + ", ".join(f"{VALIDATION_NAMES[k]} {v:.4f}" for k, v in last.items()), flush=True)
     final = checkpoint.export_hf(run.model, run.tokenizer, run.run_dir / "final")
     print(f"[train] saved the fine-tuned model to {final}", flush=True)
     during_run.after_training(run)

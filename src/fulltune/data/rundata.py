@@ -26,16 +26,42 @@ class TaskData:
     stats: dict
     probes: ProbeSet | None = None
     general: list[Example] = field(default_factory=list)  # data.general: mixing and the EWC Fisher
+    drift_general: list[Example] = field(default_factory=list)  # general text the drift monitor scores
+    replay_prompts: list[list[dict]] = field(default_factory=list)  # data.replay: conversations θ0 answers
+
+    def add_replay(self, cfg: RunConfig, model, tokenizer, *, device, precision: str) -> None:
+        """data.replay: θ0's own greedy answers (cached) join the general examples; call with θ0,
+        before the sampler is built and before any step (data/replay.py)."""
+        if not self.replay_prompts:
+            return
+        from fulltune.data.replay import replay_examples
+
+        examples, self.stats["replay"] = replay_examples(
+            cfg, self.replay_prompts, model, tokenizer, device=device, precision=precision
+        )
+        self.general += examples
+        print(
+            f"[data] replay: {len(examples)} sequences of θ0's answers join the general examples "
+            f"({self.stats['replay']['target_tokens']:,} loss tokens, answers only)",
+            flush=True,
+        )
 
 
 def read_sources(cfg: RunConfig) -> dict[str, tuple[str, object]]:
-    """Every data file the run needs, read and checked before the model is loaded."""
+    """Every data file the run needs, read and checked before the model is loaded (data.replay's
+    prompts under "replay")."""
+    from fulltune.data.replay import read_prompts
+
     named = {"train": cfg.data.train, "validation": cfg.data.validation, "task": cfg.eval.task_file}
     named.update({f"general:{i}": spec for i, spec in enumerate(cfg.data.general)})
-    return {
+    sources = {
         role: (path, load_records(path))
         for role, path in ((role, resolve_data_path(spec)) for role, spec in named.items() if spec)
     }
+    replay = read_prompts(cfg)
+    if replay:
+        sources["replay"] = ("data.replay", replay)
+    return sources
 
 
 def load_task_data(cfg: RunConfig, tokenizer, sources: dict) -> TaskData:
@@ -82,8 +108,23 @@ def load_task_data(cfg: RunConfig, tokenizer, sources: dict) -> TaskData:
         probes = ProbeSet(list(cfg.eval.probes), tokenizer, cfg.eval.probe_items, cfg.eval.probe_code_items)
         print(f"[data] probes: {', '.join(f'{p.name} ({len(p.items)})' for p in probes.probes)}", flush=True)
     return TaskData(
-        train=train, val=val, task=task, task_source=task_source, stats=stats, probes=probes, general=general
-    )
+        train=train, val=val, task=task, task_source=task_source, stats=stats, probes=probes, general=general,
+        drift_general=_drift_general(cfg, tokenizer, general), replay_prompts=sources.get("replay", ("", []))[1],
+    )  # fmt: skip
+
+
+def _drift_general(cfg: RunConfig, tokenizer, general: list[Example]) -> list[Example]:
+    """The last `eval.drift_general` passages of data.general, or of LAMBADA without it (every token)."""
+    n = cfg.eval.drift_general if cfg.eval.drift else 0
+    if n == 0:
+        return []
+    if general:
+        return general[-n:]
+    path = resolve_data_path("builtin:lambada")
+    ds = load_records(path)
+    as_text = replace(cfg.data, format="auto", loss_on="all")
+    examples, _ = encode_dataset(ds.select(range(max(0, len(ds) - n), len(ds))), tokenizer, as_text, path)
+    return examples
 
 
 def _general_examples(cfg: RunConfig, tokenizer, sources: dict, stats: dict) -> list[Example]:

@@ -11,6 +11,7 @@ from fulltune import distributed as D
 from fulltune.data.loader import collate_or_null, count_targets
 from fulltune.evals import budget, records, theta0
 from fulltune.evals.classify import label_accuracy
+from fulltune.evals.drift import kl_report
 from fulltune.evals.forgetting import forgetting_report, headline, render_report
 from fulltune.loss import loss_sum
 
@@ -48,6 +49,15 @@ def validation_loss(run) -> float:
     run.model.train(was_training)
     total, n = D.all_sum([total, n])
     return total / n
+
+
+def validate(run) -> dict:
+    """A validation point: the held-out loss, and the drift from θ0 (`kl_task`, `kl_general`: KL(θ0 ‖ θ)
+    per token, evals/drift.py) where measured."""
+    out = {"val_loss": validation_loss(run)} if run.data.val else {}
+    if run.drift:
+        out.update(kl_report(run.model, run.drift, run.autocast, run.cfg.eval.batch_size))
+    return out
 
 
 def task_accuracy(run, tag: str) -> dict:

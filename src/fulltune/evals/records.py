@@ -80,6 +80,12 @@ def steps(run_dir: Path) -> list[int]:
     return sorted(found)
 
 
+def trim(run_dir: Path, step: int) -> None:
+    """A resumed run: drop the records of steps past its checkpoint (they are scored again)."""
+    for later in (s for s in steps(run_dir) if s > step):
+        path_for(run_dir, later).unlink(missing_ok=True)
+
+
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
