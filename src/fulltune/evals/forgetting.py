@@ -108,7 +108,7 @@ def _row(b: dict, a: dict, change: dict) -> dict:
             "bits_per_byte_before": b.get("bits_per_byte"),
             "bits_per_byte_after": a.get("bits_per_byte"),
         }
-    row["n"] = b["n"]
+    row["n"] = b.get("n")
     if change:
         row.update({k: v for k, v in change.items() if k not in ("unit", "before", "after", "n")})
     else:
