@@ -70,8 +70,9 @@ def main() -> None:
         task_s.append(ts)
         probe_s.append(ps)
     (t0, p0), (t1, p1) = passes[0], passes[-1]
+    model_dir = resolve_model_path(cfg.model.path)  # before FULLTUNE_HOME points at the empty cache below
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ["FULLTUNE_HOME"] = tmp
+        os.environ["FULLTUNE_HOME"] = tmp  # a cold cache of θ0's scores and file digests
 
         def bookkeeping():
             summaries = []
@@ -89,7 +90,6 @@ def main() -> None:
             return report
 
         _, book_s = timed(bookkeeping)
-        model_dir = resolve_model_path(cfg.model.path)
         _, digest_cold = timed(lambda: records.model_digest(model_dir))
         _, digest_warm = timed(lambda: records.model_digest(model_dir))
         records.store_theta0("k", {"task": t0, "probes": p0})

@@ -74,3 +74,26 @@ def test_a_resumed_run_reads_its_references_back(tiny_dir, tmp_path, capsys):
     assert [path.name for _, path, _ in unsaved] == ["drift-task.safetensors"]  # rebuilt from θ0, with one line
     assert capsys.readouterr().out.count("missing, damaged or from other settings; scoring θ0 again") == 1
     assert torch.equal(again["task"].top_ids, refs["task"].top_ids)
+
+
+def test_one_forward_gives_the_validation_loss_and_the_task_drift(tiny_dir, tmp_path):
+    """The task reference holds the validation sequences at their target positions: its NLL is the
+    validation loss as `validation_loss` computes it (fp32, to rounding)."""
+    from types import SimpleNamespace
+
+    from fulltune.evals.during_run import validation_loss
+
+    cfg = load_config(None, _overrides(tiny_dir, tmp_path, tmp_path / "r", **{"train.micro_batch_size": 3}))
+    model, tokenizer, _ = load_theta0(ModelConfig(path=str(tiny_dir)), verbose=False)
+    data = load_task_data(cfg, tokenizer, read_sources(cfg))
+    refs, _ = drift.references_for_run(
+        cfg, tmp_path, model, data, autocast=contextlib.nullcontext, precision="fp32", resuming=False
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # θ ≠ θ0
+    kl, nll = drift.kl_and_nll(model, refs["task"], contextlib.nullcontext, 16)
+    run = SimpleNamespace(data=data, model=model, cfg=cfg, tokenizer=tokenizer, device=torch.device("cpu"),
+                          autocast=contextlib.nullcontext)  # fmt: skip
+    assert nll == pytest.approx(validation_loss(run), rel=1e-5) and kl > 0
+    assert kl == pytest.approx(drift.kl_per_token(model, refs["task"], contextlib.nullcontext, 4), rel=1e-5)

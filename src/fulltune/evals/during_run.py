@@ -11,7 +11,7 @@ from fulltune import distributed as D
 from fulltune.data.loader import collate_or_null, count_targets
 from fulltune.evals import budget, records, theta0
 from fulltune.evals.classify import label_accuracy
-from fulltune.evals.drift import kl_report
+from fulltune.evals.drift import kl_and_nll, kl_report
 from fulltune.evals.forgetting import forgetting_report, headline, render_report
 from fulltune.loss import loss_sum
 
@@ -53,11 +53,15 @@ def validation_loss(run) -> float:
 
 def validate(run) -> dict:
     """A validation point: the held-out loss, and the drift from θ0 (`kl_task`, `kl_general`: KL(θ0 ‖ θ)
-    per token, evals/drift.py) where measured."""
-    out = {"val_loss": validation_loss(run)} if run.data.val else {}
-    if run.drift:
-        out.update(kl_report(run.model, run.drift, run.autocast, run.cfg.eval.batch_size))
-    return out
+    per token, evals/drift.py) where measured. The task reference holds the validation sequences at
+    their target positions, so one forward gives both the validation loss and `kl_task`."""
+    refs, out = dict(run.drift), {}
+    if "task" in refs:
+        kl, out["val_loss"] = kl_and_nll(run.model, refs.pop("task"), run.autocast, run.cfg.eval.batch_size)
+        out["kl_task"] = kl
+    elif run.data.val:
+        out["val_loss"] = validation_loss(run)
+    return {**out, **kl_report(run.model, refs, run.autocast, run.cfg.eval.batch_size)}
 
 
 def task_accuracy(run, tag: str) -> dict:

@@ -20,7 +20,7 @@ from fulltune.evals import paired, records
 from fulltune.model import resolve_model_path
 
 # Measured on this project's runs (docs/forgetting.md, "What a run can detect"); see the docstring.
-TYPICAL_FLIP_SHARE = 0.3
+TYPICAL_FLIP_SHARE = 0.25
 TYPICAL_NLL_SPREAD = 0.05
 
 
