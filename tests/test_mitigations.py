@@ -352,7 +352,11 @@ def test_interpolate_command_writes_table_and_plot(tiny_dir, tmp_path, capsys):
     assert rows[0]["probes"]["mc"]["acc"] == results["probes_theta0"]["mc"]["acc"]
     assert rows[-1]["probes"]["mc"]["acc"] == results["probes_final"]["mc"]["acc"]
     assert (out / "interpolate.png").stat().st_size > 1000
-    assert "| 0.50 |" in (out / "interpolate.md").read_text()
+    md = (out / "interpolate.md").read_text()
+    assert "| 0.50 |" in md
+    full = next(line for line in md.splitlines() if line.startswith("| 1.00 |"))
+    mc = results["forgetting"]["probes"]["mc"]  # α = 1 is θ*: the run's own paired change, in the table
+    assert f"({mc['change']:+.1f} [{mc['ci95'][0]:+.1f}, {mc['ci95'][1]:+.1f}])" in full
     capsys.readouterr()
     assert main(["interpolate"]) == 2  # a usage error: one line
     assert capsys.readouterr().err.startswith("fulltune: error: interpolate: the following arguments are required")

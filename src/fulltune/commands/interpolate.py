@@ -298,21 +298,31 @@ def _row_line(row: dict) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: α, task accuracy, each probe's headline number, general means."""
+    """Markdown: α, task accuracy, each probe's headline number (with its paired change from α = 0
+    and 95 % interval, when there is an α = 0 row with per-item records), general means."""
     names = [n for n in rows[0].get("probes", {}) if not n.startswith("_")]
+    paired = any(r["alpha"] == 0 for r in rows) and all(r.get("items") for r in rows) and names
     head = ["α"] + (["task acc"] if "task" in rows[0] else []) + names
     head += ["mean MC acc"] if rows[0].get("general_acc") is not None else []
     head += ["mean NLL"] if rows[0].get("text_nll") is not None else []
     lines = ["| " + " | ".join(head) + " |", "|" + " ---: |" * len(head)]
     for r in rows:
         cells = [f"{r['alpha']:.2f}"] + ([f"{100 * r['task']['accuracy']:.1f}%"] if "task" in r else [])
+        change = changes(rows, r) if paired and r["alpha"] != 0 else {}
         for n in names:
             s = r["probes"][n]
-            cells.append(f"{100 * s['acc']:.1f}%" if s["kind"] == "mc" else f"{s['nll_per_token']:.3f}")
+            cell = f"{100 * s['acc']:.1f}%" if s["kind"] == "mc" else f"{s['nll_per_token']:.3f}"
+            cells.append(cell + (f" ({_change(change[n])})" if n in change else ""))
         cells += [f"{100 * r['general_acc']:.1f}%"] if r.get("general_acc") is not None else []
         cells += [f"{r['text_nll']:.3f}"] if r.get("text_nll") is not None else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _change(row: dict) -> str:
+    """ "−2.0 [−5.1, +1.0]": a forgetting-report row's paired change and interval (points or % NLL)."""
+    ci = row.get("ci95")
+    return f"{row['change']:+.1f}" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "")
 
 
 def plot(rows: list[dict], path: Path) -> None:
