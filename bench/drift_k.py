@@ -211,29 +211,26 @@ def timing_only(model0, model, sets, autocast, repeats: int = 3) -> None:
     print(f"load average after: {Path('/proc/loadavg').read_text().split()[:3]}")
 
 
+def ratio_table(rows, cell, exact: bool = False) -> None:
+    """One markdown row per (sequences, model) case, one `cell(row)` per k (and the exact KL first)."""
+    print("| sequences | model | " + ("exact KL | " if exact else "") + " | ".join(f"k={k}" for k in KS) + " |")
+    print("| --- | --- | " + ("---: | " if exact else "") + " | ".join("---:" for _ in KS) + " |")
+    for name, case in dict.fromkeys((r[0], r[1]) for r in rows):
+        mine = [r for r in rows if (r[0], r[1]) == (name, case)]
+        first = f"{mine[0][3]:.4g} | " if exact else ""
+        print(f"| {name} | {case} | {first}" + " | ".join(cell(r) for r in mine) + " |")
+
+
 def report(rows, timing, args) -> None:
     print(
         f"\nCPU: {cpu_name()} ({', '.join(cpu_flags())}); torch {torch.__version__}; python {platform.python_version()}"
     )
     print(f"threads {torch.get_num_threads()}; precision {args.precision}; command: {' '.join(sys.argv)}\n")
-    pairs = list(dict.fromkeys((r[0], r[1]) for r in rows))
-    print("| sequences | model | exact KL | " + " | ".join(f"k={k}" for k in KS) + " |")
-    print("| --- | --- | ---: | " + " | ".join("---:" for _ in KS) + " |")
-    for name, case in pairs:
-        mine = [r for r in rows if (r[0], r[1]) == (name, case)]
-        print(f"| {name} | {case} | {mine[0][3]:.4g} | " + " | ".join(f"{r[4] / r[3]:.3f}" for r in mine) + " |")
+    ratio_table(rows, lambda r: f"{r[4] / r[3]:.3f}", exact=True)
     print("\nθ0's log-probs stored in bf16: estimate / fp32-stored estimate (KL of θ0 itself with bf16 storage)\n")
-    print("| sequences | model | " + " | ".join(f"k={k}" for k in KS) + " |")
-    print("| --- | --- | " + " | ".join("---:" for _ in KS) + " |")
-    for name, case in pairs:
-        mine = [r for r in rows if (r[0], r[1]) == (name, case)]
-        print(f"| {name} | {case} | " + " | ".join(f"{r[5] / r[4]:.3f} ({r[6]:.1e})" for r in mine) + " |")
+    ratio_table(rows, lambda r: f"{r[5] / r[4]:.3f} ({r[6]:.1e})")
     print("\nFollow-up, not built: top k + k draws from θ0's tail (16k + 8 bytes a position): estimate / exact KL\n")
-    print("| sequences | model | " + " | ".join(f"k={k}" for k in KS) + " |")
-    print("| --- | --- | " + " | ".join("---:" for _ in KS) + " |")
-    for name, case in pairs:
-        mine = [r for r in rows if (r[0], r[1]) == (name, case)]
-        print(f"| {name} | {case} | " + " | ".join(f"{r[7] / r[3]:.3f}" for r in mine) + " |")
+    ratio_table(rows, lambda r: f"{r[7] / r[3]:.3f}")
     print("\n| sequences | positions | k | bytes/position | reference MB | build s | KL eval s | one forward s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, k, n, nbytes, build_s, eval_s, forward_s, ratio in timing:
