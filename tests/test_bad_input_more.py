@@ -515,6 +515,12 @@ case("config", "a negative loss.kl_to_theta0")(
         _problem("loss.kl_to_theta0: -1.0 must be >= 0.0 (set on the command line)"),
     )
 )
+case("config", "an eval.budget_rule outside its choices")(
+    lambda c: (
+        ["eval.budget_rule=loose"],
+        _problem("eval.budget_rule: 'loose' is not one of significant, strict, point (set on the command line)"),
+    )
+)
 
 
 # ---- data.replay (self-distilled replay, data/replay.py) ---------------------------------------

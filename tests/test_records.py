@@ -119,6 +119,11 @@ def test_a_changed_model_misses_the_cache(tiny_dir, tmp_path, monkeypatch):
     config = copy / "config.json"
     config.write_text(config.read_text() + "\n")  # one byte more: another model as far as the cache knows
     assert records.model_digest(copy) != digest
+    gguf = tmp_path / "m.gguf"  # a model given as one file (a .gguf) is hashed as that file
+    gguf.write_bytes(b"GGUF one")
+    first = records.model_digest(gguf)
+    gguf.write_bytes(b"GGUF two!")
+    assert records.model_digest(gguf) != first and first != records.model_digest(copy)
     key = dict(what=["probes", []], precision="fp32", device="cpu", batch_size=16)
     assert records.theta0_key(model_digest="a", **key) != records.theta0_key(model_digest="b", **key)
     assert records.theta0_key(model_digest="a", **key) != records.theta0_key(

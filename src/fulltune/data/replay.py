@@ -120,13 +120,11 @@ def _file(spec: str, n: int) -> list[list[dict]]:
 
 
 def cache_key(cfg, prompts: list[list[dict]], *, precision: str, device: torch.device) -> str:
-    from fulltune.atomic import sha256_file
     from fulltune.evals import records
     from fulltune.model import resolve_model_path
 
-    path = resolve_model_path(cfg.model.path)
     parts = {
-        "model": records.model_digest(path) if path.is_dir() else sha256_file(path),  # a .gguf file
+        "model": records.model_digest(resolve_model_path(cfg.model.path)),  # a directory or a .gguf file
         "prompts": prompts,
         "max_new_tokens": cfg.data.replay_max_new_tokens,
         "precision": precision,

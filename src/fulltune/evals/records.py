@@ -97,8 +97,9 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def model_digest(model_dir: Path) -> str:
-    """sha256 over every file of the model directory (weights, config, tokenizer, template), each
-    file's digest remembered by path, size and mtime so an unchanged model is hashed once."""
+    """sha256 over every file of the model directory (weights, config, tokenizer, template), or of
+    the model file itself (a .gguf), each file's digest remembered by path, size and mtime so an
+    unchanged model is hashed once."""
     from fulltune.assets import home
     from fulltune.atomic import sha256_file
 
@@ -108,12 +109,14 @@ def model_digest(model_dir: Path) -> str:
     except (OSError, ValueError):
         memo = {}
     h, changed = hashlib.sha256(), False
-    for f in sorted(p for p in Path(model_dir).rglob("*") if p.is_file()):
+    root = Path(model_dir)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    for f in files:
         st = f.stat()
         key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
         if key not in memo:
             memo[key], changed = sha256_file(f), True
-        h.update(f"{f.relative_to(model_dir)}={memo[key]};".encode())
+        h.update(f"{f.name if f == root else f.relative_to(root)}={memo[key]};".encode())
     if changed and D.is_main():
         _write_json(memo_path, memo)
     return h.hexdigest()
