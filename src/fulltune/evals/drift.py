@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 import fulltune.distributed as D
 from fulltune.data.formats import Example
 from fulltune.data.loader import collate_or_null
-from fulltune.loss import plain_head
+from fulltune.loss import target_logits
 
 POSITIONS = ("target", "all")
 # The smallest k whose estimate was within 5% of the exact KL on all nine cases of docs/drift.md
@@ -132,22 +132,9 @@ def scored_positions(example: Example, positions: str = "target") -> list[int]:
 
 
 def position_logits(model, batch: dict, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """The full-vocabulary logits [N, V] at (rows, positions), through the model's own forward.
-
-    As `loss.target_logprobs` does: for a plain linear head a pre-hook cuts the head's input down to
-    those positions (FSDP2's root hooks still run); other heads (soft-capping) take the model's logits."""
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    if not plain_head(model):
-        return model(**inputs, use_cache=False).logits[rows, positions]
-
-    def only_scored(module, args):
-        return (args[0][rows, positions],)
-
-    handle = model.get_output_embeddings().register_forward_pre_hook(only_scored)
-    try:
-        return model(**inputs, use_cache=False).logits
-    finally:
-        handle.remove()
+    """The full-vocabulary logits [N, V] at (rows, positions), through the model's own forward
+    (`loss.target_logits`: only those positions go through a plain LM head)."""
+    return target_logits(model, {**batch, "score_at": (rows, positions, None)})[0]
 
 
 def _batches(model, examples: list[Example], positions: list[list[int]], *, autocast, batch_size: int):
