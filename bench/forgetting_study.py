@@ -1,20 +1,24 @@
-"""The forgetting study: SmolLM2-135M on the quickstart task, a baseline that forgets, and each mitigation.
+"""The forgetting study, with statistics: a hot baseline and each mitigation, old and new, over seeds,
+on two tasks, every change paired on the same items with its 95 % interval.
 
-Every row is one `fulltune train configs/quickstart-2026-11.yaml BASE + ROW` run in its own process (its
-command is printed and written into the table), scored on the same probe items (100 per
-multiple-choice probe, 40 code solutions). WiSE-FT blends θ0 with the baseline's final weights
-at α = 0.25, 0.5, 0.75 (its PNG is copied to docs/forgetting_wise.png).
-Runs that already finished (results.json present) are read, not rerun. Writes the table to
-docs/forgetting.md between the BENCH markers.
+Each cell (task, mitigation, seed) is one `fulltune train` run in its own process, in
+runs/study/TASK/ROW/seedS (WiSE-FT: `fulltune interpolate` at α = 0.5 on the baseline of the same
+seed). A cell that finished (results.json / interpolate.json) is read, not rerun: the study resumes
+where it stopped, across sessions. `--budget-min M` starts no new cell after M minutes.
 
-    .venv/bin/python bench/forgetting_study.py [--rows baseline,low-lr,...] [--no-write]
+Tasks: sst2 (configs/quickstart.yaml at lr 3e-4 for 3 epochs: 210 steps, the quickstart run hot) and
+boolq (configs/boolq.yaml at lr 3e-4, 1 epoch: 79 steps of 2 × 512 tokens, the second task).
+Every run scores 200 items per multiple-choice probe and 80 per code probe, θ0 from the cache.
+
+The tables (bench/study_table.py) go to docs/forgetting.md between the BENCH markers, the numbers
+to bench/results/forgetting_study.json.
+
+    .venv/bin/python bench/forgetting_study.py [--cells sst2/baseline/0,...] [--budget-min 150] [--no-write]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import shlex
 import shutil
 import subprocess
@@ -22,161 +26,130 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import bench_env, cpu_flags, cpu_name  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "runs" / "study"
-BASE = [
-    "optim.lr=3e-4",
-    "train.epochs=3",
-    "eval.probe_items=100",
-    "eval.probe_code_items=40",
+TASKS = {
+    "sst2": ["configs/quickstart.yaml", "optim.lr=3e-4", "train.epochs=3"],
+    "boolq": ["configs/boolq.yaml", "optim.lr=3e-4"],
+}
+COMMON = [
+    "eval.probe_items=200",
+    "eval.probe_code_items=80",
     "train.progress=false",
     "train.overwrite=true",
+    "train.tensorboard=false",
+    "train.save_interval=0",
 ]
-GENERAL = "data.general=[builtin:lambada]"
+REPLAY = "data.replay=[builtin:arc_easy,builtin:piqa,builtin:sciq]"
+# name: (old or new, overrides, what it is)
 ROWS = {
-    "baseline": [],
-    "low-lr": ["optim.lr=5e-5"],
-    "mix-10%": [GENERAL, "data.mix_ratio=0.1"],
-    "l2sp-0.01": ["anchor.method=l2sp", "anchor.lam=0.01"],
-    "l2sp-0.1": ["anchor.method=l2sp", "anchor.lam=0.1"],
-    "ewc-0.1": [GENERAL, "anchor.method=ewc", "anchor.lam=0.1"],
-    "ewc-1": [GENERAL, "anchor.method=ewc", "anchor.lam=1"],
+    "baseline": ("–", [], "the hot recipe, nothing against forgetting"),
+    "low-lr": ("old", ["optim.lr=5e-5"], "a sixth of the learning rate"),
+    "l2sp": ("old", ["anchor.method=l2sp", "anchor.lam=0.1"], "L2-SP toward θ0, λ 0.1"),
+    "mix": ("old", ["data.general=[builtin:lambada]", "data.mix_ratio=0.1"], "10 % general text (LAMBADA)"),
+    "wise": ("old", [], "WiSE-FT: the baseline's weights halfway back to θ0 (α 0.5), after training"),
+    "dft": ("new", ["loss.type=dft"], "DFT: each token's CE weighted by its probability"),
+    "kl": ("new", ["loss.kl_to_theta0=0.1"], "CE + 0.1·KL(θ0 ‖ θ) at the trained tokens"),
+    "asft": ("new", ["loss.type=dft", "loss.kl_to_theta0=0.1"], "ASFT: DFT + 0.1·KL(θ0 ‖ θ) (ASFT's default weight)"),
+    "asft-cached": (
+        "new",
+        ["loss.type=dft", "loss.kl_to_theta0=0.1", "loss.kl_reference=cached"],
+        "ASFT from θ0's top 256 kept before step 1: no θ0 copy, no second forward",
+    ),
+    "replay": ("new", [REPLAY, "data.mix_ratio=0.1"], "self-distilled replay: θ0's own answers, 10 % of each step"),
 }
-WISE_ALPHAS = "0.25,0.5,0.75"  # α = 0 and 1 are θ0 and the baseline
-MC, CODE = ("arc_easy", "piqa", "sciq"), ("humaneval", "mbpp")
+# The order cells run in: every mitigation once on the first task, the second task's baseline and
+# new mitigations, then the seeds that make the first task's table 3 × 3.
+PLAN = [
+    *(
+        f"sst2/{r}/0"
+        for r in ("baseline", "asft", "replay", "wise", "dft", "asft-cached", "l2sp", "low-lr", "kl", "mix")
+    ),
+    *(f"boolq/{r}/0" for r in ("baseline", "asft", "replay", "wise", "dft", "l2sp", "low-lr")),
+    *(f"sst2/{r}/{s}" for s in (1, 2) for r in ("baseline", "wise", "asft", "replay", "dft", "l2sp", "low-lr")),
+    *(f"boolq/{r}/{s}" for s in (1, 2) for r in ("baseline", "wise", "asft", "replay")),
+]
 
 
-def command(name: str) -> list[str]:
+def cell_dir(cell: str) -> Path:
+    task, row, seed = cell.split("/")
+    return OUT / task / row / f"seed{seed}"
+
+
+def command(cell: str) -> list[str]:
+    task, row, seed = cell.split("/")
+    if row == "wise":
+        base, out = f"runs/study/{task}/baseline/seed{seed}", f"runs/study/{cell_dir(cell).relative_to(OUT)}"
+        return ["fulltune", "interpolate", "default", f"{base}/final", "--alphas", "0.5", "--out", str(out)]
+    config, *recipe = TASKS[task]
+    out = f"runs/study/{cell_dir(cell).relative_to(OUT)}"
     return [
         "fulltune",
         "train",
-        "configs/quickstart-2026-11.yaml",
-        *BASE,
-        *ROWS[name],
-        f"train.output_dir=runs/study/{name}",
+        config,
+        *recipe,
+        *COMMON,
+        *ROWS[row][1],
+        f"train.seed={seed}",
+        f"train.output_dir={out}",
     ]
 
 
-def distance_from_theta0(final: Path) -> float:
-    """‖θ − θ0‖₂ over every parameter, from the saved weights."""
-    from fulltune.commands.compare import distance_to_theta0
-
-    return distance_to_theta0(final, "default")
+def done(cell: str) -> bool:
+    return (cell_dir(cell) / ("interpolate.json" if "/wise/" in cell else "results.json")).is_file()
 
 
-def run_row(name: str) -> dict:
-    results = OUT / name / "results.json"
-    if not results.is_file():
-        cmd = command(name)
-        print("$ " + shlex.join(cmd), flush=True)
-        started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "fulltune", *cmd[1:]], cwd=ROOT, check=True)
-        (OUT / name / "wall_s.txt").write_text(f"{time.perf_counter() - started:.0f}\n")
-    r = json.loads(results.read_text())
-    wall = (OUT / name / "wall_s.txt").read_text().strip() if (OUT / name / "wall_s.txt").is_file() else "?"
-    return {
-        "name": name,
-        "task": r["task_accuracy_final"]["accuracy"],
-        "task0": r["task_accuracy_theta0"]["accuracy"],
-        "probes": r["probes_final"],
-        "probes0": r["probes_theta0"],
-        "train_s": r["train_time_s"],
-        "wall_s": wall,
-        "distance": distance_from_theta0(OUT / name / "final"),
-        "cmd": shlex.join(command(name)),
-    }
-
-
-def run_wise(base: str = "baseline") -> list[dict]:
-    out = OUT / f"wise-{base}"
-    cmd = [
-        "fulltune",
-        "interpolate",
-        "default",
-        f"runs/study/{base}/final",
-        "--alphas",
-        WISE_ALPHAS,
-        "--out",
-        f"runs/study/wise-{base}",
-    ]
-    if not (out / "interpolate.json").is_file():
-        print("$ " + shlex.join(cmd), flush=True)
-        started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "fulltune", *cmd[1:]], cwd=ROOT, check=True)
-        (out / "wall_s.txt").write_text(f"{time.perf_counter() - started:.0f}\n")
-    shutil.copy(out / "interpolate.png", ROOT / "docs" / "forgetting_wise.png")
-    rows = json.loads((out / "interpolate.json").read_text())["rows"]
-    wall = (out / "wall_s.txt").read_text().strip()
-    full = distance_from_theta0(OUT / base / "final")
-    return [
-        {
-            "name": f"WiSE-FT α={r['alpha']:g} ({base})",
-            "task": r["task"]["accuracy"],
-            "probes": r["probes"],
-            "distance": r["alpha"] * full,
-            "train_s": None,
-            "wall_s": f"{wall} for {len(rows)} α" if i == 0 else "″",
-            "cmd": shlex.join(cmd) if i == 0 else "",
-        }
-        for i, r in enumerate(rows)
-    ]
-
-
-def table(rows: list[dict], theta0: dict) -> str:
-    head = (
-        "| run | task acc | ARC-Easy | PIQA | SciQ | mean MC Δ | HumanEval NLL | MBPP NLL | ‖θ−θ0‖ | train s | wall s |"
-    )
-    lines = [head, "| --- |" + " ---: |" * 10]
-    t0 = theta0
-    lines.append(
-        f"| θ0 | {100 * t0['task']:.1f}% | "
-        + " | ".join(f"{100 * t0['probes'][p]['acc']:.0f}%" for p in MC)
-        + " | – | "
-        + " | ".join(f"{t0['probes'][p]['nll_per_token']:.3f}" for p in CODE)
-        + " | 0 | – | – |"
-    )
-    for r in rows:
-        mc_delta = sum(r["probes"][p]["acc"] - t0["probes"][p]["acc"] for p in MC) / len(MC)
-        train = f"{r['train_s']:.0f}" if r["train_s"] is not None else "–"
-        lines.append(
-            f"| {r['name']} | {100 * r['task']:.1f}% | "
-            + " | ".join(f"{100 * r['probes'][p]['acc']:.0f}%" for p in MC)
-            + f" | {100 * mc_delta:+.1f} | "
-            + " | ".join(f"{r['probes'][p]['nll_per_token']:.3f}" for p in CODE)
-            + f" | {r['distance']:.1f} | {train} | {r['wall_s']} |"
+def run_cell(cell: str) -> bool:
+    """Run one cell in its own process (its output in DIR.log); False when it failed."""
+    folder = cell_dir(cell)
+    if "/wise/" in cell and not done(cell.replace("/wise/", "/baseline/")):
+        print(f"[study] {cell}: waits for its baseline", flush=True)
+        return False
+    cmd = command(cell)
+    print(f"[study] {cell}: $ {shlex.join(cmd)}", flush=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(folder.parent / f"{folder.name}.log", "w") as log:
+        proc = subprocess.run(
+            [sys.executable, "-m", "fulltune", *cmd[1:]],
+            cwd=ROOT,
+            env=bench_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
-    return "\n".join(lines)
-
-
-def commands(rows: list[dict]) -> str:
-    return "\n".join(f"# {r['name']}\n{r['cmd']}" for r in rows if r["cmd"])
-
-
-def write_docs(text: str) -> None:
-    doc = ROOT / "docs" / "forgetting.md"
-    body = doc.read_text()
-    new = f"<!-- BENCH:forgetting_study -->\n{text}\n<!-- /BENCH:forgetting_study -->"
-    body = re.sub(
-        r"<!-- BENCH:forgetting_study -->.*?<!-- /BENCH:forgetting_study -->", lambda _: new, body, flags=re.S
-    )
-    doc.write_text(body)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        print(f"[study] {cell}: failed (exit {proc.returncode}, {wall:.0f} s); see {folder}.log", flush=True)
+        return False
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # final/ is what the study reads
+    (folder / "wall_s.txt").write_text(f"{wall:.0f}\n")
+    print(f"[study] {cell}: done in {wall:.0f} s", flush=True)
+    return True
 
 
 def main() -> None:
+    from study_table import write_results
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows to run or read")
-    ap.add_argument("--no-wise", action="store_true", help="skip the WiSE-FT row")
-    ap.add_argument("--no-write", action="store_true", help="print the table only")
+    ap.add_argument("--cells", default=",".join(PLAN), help="comma-separated TASK/ROW/SEED cells, in order")
+    ap.add_argument("--budget-min", type=float, default=None, help="start no new cell after this many minutes")
+    ap.add_argument("--tables-only", action="store_true", help="run nothing: tables from the finished cells")
+    ap.add_argument("--no-write", action="store_true", help="print the tables only")
     args = ap.parse_args()
-    rows = [run_row(name) for name in args.rows.split(",")]
-    if not args.no_wise and (OUT / "baseline" / "final").is_dir():
-        rows += run_wise()
-    first = rows[0]
-    theta0 = {"task": first["task0"], "probes": first["probes0"]}
-    text = table(rows, theta0) + "\n\nCommands (from the repository root):\n```\n" + commands(rows) + "\n```"
-    print(text)
-    if not args.no_write:
-        write_docs(text)
+    print(f"[study] {cpu_name()}, {' '.join(cpu_flags())}", flush=True)
+    started = time.perf_counter()
+    for cell in args.cells.split(","):
+        if args.tables_only or done(cell):
+            continue
+        if args.budget_min is not None and time.perf_counter() - started > 60 * args.budget_min:
+            print(f"[study] out of the {args.budget_min:g}-minute budget: {cell} and later cells wait", flush=True)
+            break
+        run_cell(cell)
+    finished = [c for c in PLAN if done(c)]
+    write_results(finished, write=not args.no_write)
 
 
 if __name__ == "__main__":

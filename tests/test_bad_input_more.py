@@ -515,6 +515,12 @@ case("config", "a negative loss.kl_to_theta0")(
         _problem("loss.kl_to_theta0: -1.0 must be >= 0.0 (set on the command line)"),
     )
 )
+case("config", "a loss.kl_reference outside its choices")(
+    lambda c: (
+        ["loss.kl_reference=disk"],
+        _problem("loss.kl_reference: 'disk' is not one of live, cached (set on the command line)"),
+    )
+)
 case("config", "an eval.budget_rule outside its choices")(
     lambda c: (
         ["eval.budget_rule=loose"],

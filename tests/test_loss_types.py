@@ -232,7 +232,10 @@ def test_kl_is_refused_under_fsdp2_in_one_line():
     from fulltune.run_setup import _refuse_under_fsdp2
 
     _refuse_under_fsdp2(load_config(None, ["loss.type=dft"]))  # DFT alone shards like CE
-    with pytest.raises(UserError, match=r"^loss.kl_to_theta0: its frozen θ0 copy is not sharded with FSDP2"):
+    with pytest.raises(
+        UserError,
+        match=r"^loss.kl_to_theta0: its frozen θ0 copy is not sharded with FSDP2 \(torchrun\), and its cached",
+    ):
         _refuse_under_fsdp2(load_config(None, ["loss.kl_to_theta0=0.1"]))
 
 

@@ -122,3 +122,38 @@ def test_the_forgetting_report_pairs_probe_and_task_records():
     assert code["change"] == pytest.approx(10.0) and code["verdict"] in (paired.LOST, paired.NONE)
     assert report["task"]["lost_items"] == lost and report["task"]["ci95"] == arc["ci95"]
     assert paired_probe("mc", None, mc[1]) == {}  # no θ0 records: not paired
+
+
+def test_seeds_change_pools_runs_and_reduces_to_one_run():
+    rng = np.random.default_rng(5)
+    before = (rng.random(300) < 0.6).astype(float)
+    afters = [np.where(rng.random(300) < 0.1, 1 - before, before) for _ in range(3)]  # 10 % of answers flip
+    pooled = paired.seeds_change("points", before, afters)
+    per_seed = [100 * (a.mean() - before.mean()) for a in afters]
+    assert pooled["per_seed"] == pytest.approx(per_seed) and pooled["change"] == pytest.approx(np.mean(per_seed))
+    assert pooled["ci95"][0] < pooled["change"] < pooled["ci95"][1] and pooled["seeds"] == 3
+    one = paired.seeds_change("points", before, afters[:1])  # one run: the items' bootstrap alone
+    single = paired.accuracy_change(before.astype(bool), afters[0].astype(bool))
+    assert one["change"] == pytest.approx(single["change"])
+    assert abs(one["ci95"][0] - single["ci95"][0]) < 2.0 and abs(one["ci95"][1] - single["ci95"][1]) < 2.0
+    nll0 = rng.gamma(2.0, 10.0, 120)
+    rises = [nll0 * (1 + s) + rng.normal(0, 1, 120) for s in (0.04, 0.05, 0.06)]
+    c = paired.seeds_change("%", nll0, rises)
+    assert c["change"] == pytest.approx(np.mean([100 * (r.sum() / nll0.sum() - 1) for r in rises]))
+    assert 0 < c["ci95"][0] < 5 < c["ci95"][1] and c["verdict"] == paired.LOST
+    # the seeds' spread widens the interval: three runs that disagree against three that agree
+    spread = [nll0 * (1 + s) for s in (-0.05, 0.05, 0.15)]
+    agree = [nll0 * 1.05] * 3
+    width = [np.diff(paired.seeds_change("%", nll0, r)["ci95"])[0] for r in (spread, agree)]
+    assert width[0] > 3 * width[1]
+
+
+def test_spearman_and_its_interval():
+    x = np.arange(12.0)
+    assert paired.spearman(x, x**3)["rho"] == pytest.approx(1.0)
+    assert paired.spearman(x, -x)["rho"] == pytest.approx(-1.0)
+    rng = np.random.default_rng(0)
+    noise = paired.spearman(rng.normal(size=40), rng.normal(size=40))
+    assert noise["ci95"][0] < 0 < noise["ci95"][1] and noise["n"] == 40
+    strong = paired.spearman(x, x + rng.normal(0, 1.0, 12))
+    assert strong["rho"] > 0.8 and strong["ci95"][0] > 0.3

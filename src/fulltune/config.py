@@ -317,10 +317,18 @@ class LossConfig:
     )
     kl_to_theta0: float = opt(
         0.0,
-        "β: add β·KL(p_θ0 ‖ p_θ) over the full vocabulary at each target token, keeping a frozen θ0 copy "
-        "(weight-dtype bytes per parameter) and running its forward each micro-batch; with type dft this is "
-        "ASFT; 0: off, exactly the run without it",
+        "β: add β·KL(p_θ0 ‖ p_θ) at each target token, θ0's distribution from loss.kl_reference (live: "
+        "a frozen θ0 copy, weight-dtype bytes per parameter, its forward each micro-batch); with type dft this "
+        "is ASFT; 0: off, exactly the run without it",
         lo=0.0,
+    )
+    kl_reference: str = opt(
+        "live",
+        "where θ0's distributions for kl_to_theta0 come from: live (a frozen θ0 copy, its forward each "
+        "micro-batch, the full vocabulary: exact) or cached (θ0 scored once before step 1 at every trainable "
+        "target, its top 256 tokens + the tail kept, 2 KB a target position: no copy, no second forward; a "
+        "lower bound of the KL, 0.91-0.97 of it as measured in docs/drift.md)",
+        choices=("live", "cached"),
     )
 
 

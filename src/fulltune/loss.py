@@ -99,11 +99,12 @@ class Objective:
 
     type: str = "ce"  # ce | dft
     kl_beta: float = 0.0  # β ≥ 0
-    theta0: torch.nn.Module | None = None  # frozen θ0 (eval mode, no gradients); only when β > 0
+    theta0: torch.nn.Module | None = None  # frozen θ0 (eval mode, no gradients): β > 0, loss.kl_reference live
+    cached: object | None = None  # kl_reference.CachedKL: β > 0, loss.kl_reference cached (set before step 1)
 
     def __post_init__(self) -> None:
         assert self.type in ("ce", "dft") and self.kl_beta >= 0
-        assert (self.kl_beta > 0) == (self.theta0 is not None), "θ0 is kept exactly when the KL is on"
+        assert self.kl_beta > 0 or (self.theta0 is None and self.cached is None), "θ0 is kept only for the KL"
 
     @property
     def theta0_nbytes(self) -> int:
@@ -113,7 +114,7 @@ class Objective:
 
     def sums(self, model, batch: dict) -> LossSums:
         """The micro-batch's objective (a graph to backpropagate) and its parts as numbers."""
-        if self.type == "ce" and self.theta0 is None:  # today's path, bit for bit
+        if self.type == "ce" and self.kl_beta == 0:  # today's path, bit for bit
             s = loss_sum(model, batch)
             return LossSums(s, s.item(), 0.0, 0.0)
         logits, targets, _ = target_logits(model, batch)
@@ -126,23 +127,35 @@ class Objective:
         else:
             total, dft = -logp.sum(), 0.0
         kl = 0.0
-        if self.theta0 is not None:
-            with torch.no_grad():
-                p0 = F.softmax(target_logits(self.theta0, batch)[0].float(), dim=-1)
-            kl_sum = F.kl_div(logq, p0, reduction="sum")  # Σ_t Σ_v p0·(log p0 − log q): θ0's distribution first
+        if self.kl_beta > 0:
+            kl_sum = self._kl_sum(logq, batch)
             total, kl = total + self.kl_beta * kl_sum, float(kl_sum.detach())
         return LossSums(total, ce, dft, kl)
 
+    def _kl_sum(self, logq: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Σ_t KL(p_θ0 ‖ p_θ): from the live θ0 over the full vocabulary, or from θ0's cached top-k."""
+        if self.theta0 is None:
+            assert self.cached is not None, "β > 0 with loss.kl_reference cached: the reference is built before step 1"
+            return self.cached.kl_sum(logq, batch)
+        with torch.no_grad():
+            p0 = F.softmax(target_logits(self.theta0, batch)[0].float(), dim=-1)
+        return F.kl_div(logq, p0, reduction="sum")  # Σ_t Σ_v p0·(log p0 − log q): θ0's distribution first
+
 
 def objective_for_run(loss_cfg, model: torch.nn.Module) -> Objective:
-    """The run's objective from `cfg.loss`; with β > 0 a frozen copy of `model` as it is now (θ0: call
-    before any update, resume or compile), in the model's own dtype and device."""
-    theta0 = None
-    if loss_cfg.kl_to_theta0 > 0:
+    """The run's objective from `cfg.loss`; with β > 0 and loss.kl_reference live, a frozen copy of
+    `model` as it is now (θ0: call before any update, resume or compile), in the model's own dtype and
+    device (cached: run_setup sets `cached` from kl_reference.reference_for_run before step 1)."""
+    beta, theta0 = loss_cfg.kl_to_theta0, None
+    if beta > 0 and loss_cfg.kl_reference == "live":
         theta0 = copy.deepcopy(model).eval().requires_grad_(False)
-    objective = Objective(loss_cfg.type, loss_cfg.kl_to_theta0, theta0)
-    if loss_cfg.type != "ce" or theta0 is not None:
-        kl = f", β·KL(θ0 ‖ θ) β={loss_cfg.kl_to_theta0:g}: frozen θ0 copy {objective.theta0_nbytes / 1e9:.2f} GB"
-        asft = " (ASFT)" if loss_cfg.type == "dft" and theta0 is not None else ""
-        print(f"[loss] {loss_cfg.type}{kl if theta0 is not None else ''}{asft}", flush=True)
+    objective = Objective(loss_cfg.type, beta, theta0)
+    if loss_cfg.type != "ce" or beta > 0:
+        kl = f", β·KL(θ0 ‖ θ) β={beta:g}: " + (
+            f"frozen θ0 copy {objective.theta0_nbytes / 1e9:.2f} GB"
+            if theta0 is not None
+            else "θ0's top-k, kept before step 1"
+        )
+        asft = " (ASFT)" if loss_cfg.type == "dft" and beta > 0 else ""
+        print(f"[loss] {loss_cfg.type}{kl if beta > 0 else ''}{asft}", flush=True)
     return objective

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from fulltune import checkpoint, rundir
+from fulltune import checkpoint, kl_reference, rundir
 from fulltune import distributed as D
 from fulltune.anchors import Anchor, anchor_for_run
 from fulltune.checkpoint import Checkpointer
@@ -124,8 +124,8 @@ def _refuse_under_fsdp2(cfg: RunConfig) -> None:
         )
     if cfg.loss.kl_to_theta0 > 0:
         raise UserError(
-            "loss.kl_to_theta0: its frozen θ0 copy is not sharded with FSDP2 (torchrun) in this version; "
-            "set it to 0 or train as one process without torchrun"
+            "loss.kl_to_theta0: its frozen θ0 copy is not sharded with FSDP2 (torchrun), and its cached "
+            "reference is untested there, in this version; set it to 0 or train as one process without torchrun"
         )
 
 
@@ -151,6 +151,10 @@ def _build(cfg: RunConfig, run_dir: Path, *, resume_from, device, precision: str
     )  # fmt: skip
     drift_refs, unsaved = drift.references_for_run(cfg, run_dir, model, data, autocast=autocast, precision=precision,
                                                    resuming=resume_from is not None)  # fmt: skip
+    objective.cached, kl_unsaved = kl_reference.reference_for_run(
+        cfg, run_dir, model, data, autocast=autocast, precision=precision, resuming=resume_from is not None
+    )  # θ0's top-k at every trainable target (loss.kl_reference: cached), before the resume
+    unsaved += kl_unsaved
     state = TrainerState()
     if resume_from is not None:
         state = _resume(resume_from, run_dir, cfg, model=model, optimizer=optimizer, sampler=sampler,

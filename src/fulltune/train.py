@@ -100,7 +100,7 @@ def _backward(model, micro_batches: list[dict], autocast, *, objective: Objectiv
     ce, dft, kl = D.all_sum(totals)
     parts = {
         "dft_loss": dft / n_targets if objective.type == "dft" else None,
-        "kl": kl / n_targets if objective.theta0 is not None else None,
+        "kl": kl / n_targets if objective.kl_beta > 0 else None,
     }
     return ce / n_targets, parts
 

@@ -126,7 +126,7 @@ def scored_positions(example: Example, positions: str = "target") -> list[int]:
     """Positions t < len − 1 whose next token is scored: every one ("all") or those whose next token
     is a target ("target": where the run's loss and validation loss are measured)."""
     assert positions in POSITIONS, positions
-    assert not example.lengths, "score sequences one to a row, not packed rows"
+    assert positions == "target" or not example.lengths, "every position of a packed row crosses sequences"
     n = len(example.input_ids)
     return [t for t in range(n - 1) if positions == "all" or example.target_mask[t + 1]]
 
@@ -211,16 +211,18 @@ def coarse_kl(logits: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tenso
     """Per row, KL(p0 ‖ pθ) on the coarsened distribution (θ0's top-k tokens + one tail bucket):
     Σ_top-k p0·(log p0 − log pθ) + tail0·(log tail0 − log tailθ), tailθ = pθ's mass outside θ0's
     top-k ids, a log-sum-exp over those tokens (exact in log space; clamped so it stays finite)."""
-    out = []
-    for part, ids, top0, tail0 in zip(*(t.split(CHUNK_ROWS) for t in (logits, top_ids, top_logp, tail_logp))):
-        logp = torch.log_softmax(part.float(), dim=-1)
-        index = ids.long()
-        top = logp.gather(-1, index)
-        tail = torch.logsumexp(logp.scatter(-1, index, float("-inf")), dim=-1).clamp(min=-1e4)
-        kl = (top0.exp() * (top0 - top)).sum(-1)
-        mass0 = tail0.exp()
-        out.append(kl + torch.where(mass0 > 0, mass0 * (tail0 - tail), torch.zeros_like(kl)))  # 0·log 0 = 0
-    return torch.cat(out)
+    parts = zip(*(t.split(CHUNK_ROWS) for t in (logits, top_ids, top_logp, tail_logp)))
+    return torch.cat([coarse_kl_logp(torch.log_softmax(part.float(), dim=-1), *ref) for part, *ref in parts])
+
+
+def coarse_kl_logp(logp: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tensor, tail_logp: torch.Tensor):
+    """`coarse_kl` from θ's log-probabilities [N, V] (differentiable: the training loss uses it too)."""
+    index = top_ids.long()
+    top = logp.gather(-1, index)
+    tail = torch.logsumexp(logp.scatter(-1, index, float("-inf")), dim=-1).clamp(min=-1e4)
+    kl = (top_logp.exp() * (top_logp - top)).sum(-1)
+    mass0 = tail_logp.exp()
+    return kl + torch.where(mass0 > 0, mass0 * (tail_logp - tail), torch.zeros_like(kl))  # 0·log 0 = 0
 
 
 @_eval_mode

@@ -146,3 +146,67 @@ def detectable_percent(n: int, spread: float) -> float:
 
 def items_for_percent(percent: float, spread: float) -> int:
     return math.ceil(((Z95 + Z80) * 100.0 * spread / percent) ** 2)
+
+
+def _two_stage_index(seeds: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Resamples of runs (seeds) and of items, drawn together (RESAMPLES of each, a fixed seed)."""
+    rng = np.random.default_rng(SEED + 2)
+    return rng.integers(0, seeds, size=(RESAMPLES, seeds)), rng.integers(0, n, size=(RESAMPLES, n))
+
+
+def seeds_change(kind: str, before: Sequence[float], afters: Sequence[Sequence[float]]) -> dict:
+    """θ0 → θ over several training runs (seeds) scored on the same items as θ0, pooled.
+
+    kind "points": 0/1 records, the mean accuracy change in points; kind "%": an NLL-like signal,
+    100·(mean over runs of Σ after / Σ before − 1). The 95 % interval is a two-stage percentile
+    bootstrap: runs with replacement, then items with replacement (paired: the same items on both
+    sides), so it carries both the items' and the seeds' variation (with 3 runs the seeds' part is
+    underestimated; `per_seed` shows each run's own change). One run: the items' bootstrap alone."""
+    assert kind in ("points", "%"), kind
+    b = np.asarray(before, dtype=np.float64)
+    a = np.asarray(afters, dtype=np.float64)
+    assert a.ndim == 2 and a.shape[1] == len(b) > 0, "every run is scored on θ0's items"
+    runs, items = _two_stage_index(len(a), len(b))
+    boot = a[runs[:, :, None], items[:, None, :]]  # [resample, run, item]
+    if kind == "points":
+        per_seed = 100.0 * (a.mean(axis=1) - b.mean())
+        dist = 100.0 * (boot.mean(axis=(1, 2)) - b[items].mean(axis=1))
+    else:
+        per_seed = 100.0 * (a.sum(axis=1) / b.sum() - 1.0)
+        dist = 100.0 * (boot.sum(axis=2).mean(axis=1) / np.maximum(b[items].sum(axis=1), 1e-300) - 1.0)
+    change = float(per_seed.mean())
+    ci = [float(x) for x in np.percentile(dist, [2.5, 97.5])]
+    return {
+        "unit": kind,
+        "change": change,
+        "ci95": ci,
+        "per_seed": [float(x) for x in per_seed],
+        "verdict": verdict(change, ci, SMALLEST[kind], higher_is_better=kind == "points"),
+        "n": len(b),
+        "seeds": len(a),
+    }
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> dict:
+    """Spearman's rank correlation of paired observations, with a percentile bootstrap 95 % interval
+    over the pairs (resamples with a constant side are dropped). Ties are broken by order: meant for
+    continuous measurements such as a KL and a probe's change."""
+    xs, ys = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    assert xs.shape == ys.shape and len(xs) >= 3, "at least three pairs"
+
+    def rho(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        ru = np.argsort(np.argsort(u, axis=-1), axis=-1).astype(np.float64)
+        rv = np.argsort(np.argsort(v, axis=-1), axis=-1).astype(np.float64)
+        ru -= ru.mean(axis=-1, keepdims=True)
+        rv -= rv.mean(axis=-1, keepdims=True)
+        den = np.sqrt((ru**2).sum(axis=-1) * (rv**2).sum(axis=-1))
+        return np.where(den > 0, (ru * rv).sum(axis=-1) / np.where(den > 0, den, 1.0), np.nan)
+
+    idx = np.random.default_rng(SEED + 3).integers(0, len(xs), size=(RESAMPLES, len(xs)))
+    boot = rho(xs[idx], ys[idx])
+    boot = boot[~np.isnan(boot)]
+    return {
+        "rho": float(rho(xs, ys)),
+        "ci95": [float(v) for v in np.percentile(boot, [2.5, 97.5])],
+        "n": len(xs),
+    }

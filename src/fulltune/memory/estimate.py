@@ -53,7 +53,8 @@ class TrainSetup:
     optimizer_in_backward: bool = False  # each parameter updated in backward, its gradient freed at once
     activation_offload: bool = False  # CUDA: saved activations in pinned CPU memory
     cpu_offload: bool = False  # CUDA: optimiser state (and gradients) in CPU memory, stepped there
-    kl_theta0: bool = False  # loss.kl_to_theta0 > 0: a frozen θ0 model beside the weights, its logits in the loss
+    kl_theta0: bool = False  # loss.kl_to_theta0 > 0: θ0's distribution in the loss at each target position
+    kl_live: bool = True  # ... from a frozen θ0 model beside the weights (loss.kl_reference live), not a cache
 
     def __post_init__(self):
         assert self.precision in PRECISIONS and self.optimizer in OPTIMIZERS and self.method in METHODS
@@ -209,7 +210,7 @@ def state_terms(spec: ModelSpec, s: TrainSetup) -> list[Term]:
         what = "θ0 copy + diagonal Fisher" if copies == 2 else "frozen θ0 copy"
         how = f"{s.anchor}: {what}, {copies * ab} B/param{zero if o_div > 1 else ''}"
         terms.append(Term("θ0 anchor", copies * ab * n / o_div, how, "states"))
-    if s.kl_theta0:  # a second, whole module: refused under FSDP2 in this version, so never sharded
+    if s.kl_theta0 and s.kl_live:  # a second, whole module: refused under FSDP2 in this version, so never sharded
         how = f"loss.kl_to_theta0: frozen θ0 model for the KL, {wb} B/param (the weights' dtype)"
         terms.append(Term("θ0 model (KL)", wb * n, how, "states"))
     if s.zero_stage == 3:  # FSDP2, one rank under torchrun included

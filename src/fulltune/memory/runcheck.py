@@ -38,6 +38,7 @@ def train_setup_for(
         activation_offload=cfg.model.activation_offload,
         cpu_offload=cfg.optim.cpu_offload,
         kl_theta0=cfg.loss.kl_to_theta0 > 0,
+        kl_live=cfg.loss.kl_reference == "live",
     )
 
 
