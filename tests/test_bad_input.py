@@ -234,7 +234,8 @@ case("config", "an optimiser fulltune does not have")(
     lambda c: (
         ["optim.name=lion"],
         _problem(
-            "optim.name: 'lion' is not one of adamw, sgd, adafactor, adamw8bit, adamw4bit (set on the command line)"
+            "optim.name: 'lion' is not one of adamw, sgd, adafactor, adamw8bit, adamw4bit, muon "
+            "(set on the command line)"
         ),
     )
 )

@@ -14,15 +14,16 @@ from test_train import NOCAST, _examples
 from fulltune import distributed as D
 from fulltune.cli import main
 from fulltune.config import OptimConfig, load_config
-from fulltune.data.loader import collate
+from fulltune.data.loader import IGNORE, collate
+from fulltune.loss import loss_sum
 from fulltune.memory.estimate import TrainSetup, estimate, optimizer_state_bytes
 from fulltune.memory.measure import state_bytes
 from fulltune.memory.spec import spec_from_config
 from fulltune.optim.param_groups import build_optimizer
 from fulltune.train import run_training, train_step
 
-OPTIMIZERS = ["adamw", "sgd", "adafactor", "adamw8bit", "adamw4bit"]
-LR = {"adamw": 1e-2, "sgd": 0.5, "adafactor": 1e-2, "adamw8bit": 1e-2, "adamw4bit": 1e-2}
+OPTIMIZERS = ["adamw", "sgd", "adafactor", "adamw8bit", "adamw4bit", "muon"]
+LR = {"adamw": 1e-2, "sgd": 0.5, "adafactor": 1e-2, "adamw8bit": 1e-2, "adamw4bit": 1e-2, "muon": 1e-2}
 
 
 def _model(vocab=256, hidden=32, seed=0):
@@ -74,7 +75,7 @@ def test_measured_state_bytes_equal_the_estimate(name, precision):
         assert measured > 0
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS + ["adamw4bit-in-backward", "adamw-bf16"])
+@pytest.mark.parametrize("name", OPTIMIZERS + ["adamw4bit-in-backward", "adamw-bf16", "muon-in-backward"])
 def test_resume_equals_straight_run_bit_for_bit(tiny_dir, chat_file, tmp_path, name):
     base, _, variant = name.partition("-")
     extra = {"optim.name": base, "optim.lr": LR[base], "optim.grad_clip": 0.0, "train.save_interval": 2}
@@ -116,7 +117,7 @@ def test_resume_equals_straight_run_bit_for_bit(tiny_dir, chat_file, tmp_path, n
     assert losses[0] == losses[1] and len(losses[0]) == 4
 
 
-@pytest.mark.parametrize("name", ["sgd", "adamw"])
+@pytest.mark.parametrize("name", ["sgd", "adamw", "muon"])
 def test_step_in_backward_equals_the_ordinary_step(name):
     a, b = _model(), _model()
     b.load_state_dict(a.state_dict())
@@ -191,7 +192,8 @@ def _refused(capsys, tmp_path, tiny_dir, chat_file, *extra) -> str:
         (["train.optimizer_in_backward=true"], "optim.grad_clip: 1.0 needs the global gradient norm"),
         (["optim.cpu_offload=true"], "optim.cpu_offload: offloads GPU memory to the CPU; this run is on the CPU"),
         (["model.activation_offload=true"], "model.activation_offload: offloads GPU memory to the CPU"),
-        (["optim.name=adam"], "optim.name: 'adam' is not one of adamw, sgd, adafactor, adamw8bit, adamw4bit"),
+        (["optim.name=adam"], "optim.name: 'adam' is not one of adamw, sgd, adafactor, adamw8bit, adamw4bit, muon"),
+        (["train.precision=bf16", "optim.name=muon"], "optim.name: muon has no stochastic rounding"),
         (["train.precision=fp16"], "train.precision: 'fp16' is not one of auto, fp32, bf16-mixed, bf16"),
         (["train.precision=bf16", "optim.name=sgd"], "optim.name: sgd has no stochastic rounding"),
     ],
@@ -336,6 +338,7 @@ def test_low_bit_step_temporaries():
             "train.optimizer_in_backward: not combined with FSDP2",
         ),
         ({"optim.name": "adamw4bit"}, "optim.name: adamw4bit fails on sharded (DTensor) states"),
+        ({"optim.name": "muon"}, "optim.name: muon orthogonalises each whole matrix"),
     ],
 )
 def test_what_fsdp2_does_not_combine_is_refused_before_loading(
@@ -360,3 +363,37 @@ def test_plan_over_several_gpus_uses_only_what_fsdp2_trains():
 
     p = plan(load_spec("llama-70b"), "rtx4090", 4, TrainSetup(micro_batch=1, seq_len=2048))
     assert not {"train.optimizer_in_backward", "optim.name", "optim.cpu_offload"} & set(p.overrides or {})
+
+
+def test_muon_steps_the_decoder_matrices_and_adamw_the_rest():
+    """Muon (torch's, match_rms_adamw) gets exactly the decoder's 2-D weights; the embedding, norms and
+    head stay with AdamW; both parts take the run's lr, and each step equals the two torch optimisers'."""
+    from fulltune.optim.muon import MuonAdamW
+
+    model, twin = _model(), _model()
+    twin.load_state_dict(model.state_dict())
+    opt = build_optimizer(model, OptimConfig(name="muon", lr=1e-2, weight_decay=0.1))
+    assert isinstance(opt, MuonAdamW) and set(opt.parts) == {"muon", "adamw"}
+    in_muon = {id(p) for g in opt.parts["muon"].param_groups for p in g["params"]}
+    layers = {id(p) for layer in model.model.layers for p in layer.parameters() if p.ndim == 2}
+    assert in_muon == layers and model.model.embed_tokens.weight.ndim == 2  # the embedding is 2-D, and AdamW's
+    assert {g["adjust_lr_fn"] for g in opt.parts["muon"].param_groups} == {"match_rms_adamw"}
+    names = dict(twin.named_parameters())
+    hidden = [names[n] for n, p in model.named_parameters() if id(p) in in_muon]
+    rest = [names[n] for n, p in model.named_parameters() if id(p) not in in_muon]
+    ref_muon = torch.optim.Muon(hidden, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    decays = [p for p in rest if p.ndim >= 2]
+    ref_adamw = torch.optim.AdamW(
+        [{"params": decays, "weight_decay": 0.1}, {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0}],
+        lr=1e-2,
+    )
+    for step in range(2):
+        batch = [collate(_examples(4, vocab=256, seed=step), pad_id=2)]
+        train_step(model, opt, batch, NOCAST, grad_clip=0.0)
+        twin.zero_grad()
+        n = int((batch[0]["labels"][:, 1:] != IGNORE).sum())
+        (loss_sum(twin, batch[0]) / n).backward()  # the step's token-mean CE, as train_step takes it
+        ref_muon.step()
+        ref_adamw.step()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

@@ -124,8 +124,9 @@ class OptimConfig:
     name: str = opt(
         "adamw",
         "optimiser: adamw (8 B/param of state in fp32), adamw8bit (≈2), adamw4bit (≈1; both torchao), "
-        "adafactor (factored second moment; lr is a relative step), sgd (0, or 4 with momentum)",
-        choices=("adamw", "sgd", "adafactor", "adamw8bit", "adamw4bit"),
+        "adafactor (factored second moment; lr is a relative step), sgd (0, or 4 with momentum), muon "
+        "(torch Muon for the decoder's matrices, 4, AdamW's lr and weight decay; AdamW for the rest)",
+        choices=("adamw", "sgd", "adafactor", "adamw8bit", "adamw4bit", "muon"),
     )
     lr: float = opt(5e-5, "peak learning rate (the top layer's rate with layer_lr_decay)", lo=0.0, lo_open=True)
     weight_decay: float = opt(0.0, "decoupled weight decay, never applied to biases and norm weights", lo=0.0)

@@ -172,6 +172,11 @@ def _memory_checks(cfg: RunConfig) -> list[str]:
                 "anchor / optim.decay_toward: the pulls toward θ0 are applied after backward; this version "
                 "does not combine them with train.optimizer_in_backward"
             )
+    if cfg.optim.name == "muon" and cfg.optim.cpu_offload:
+        errors.append(
+            "optim.cpu_offload: torchao's CPU offload wraps one optimiser class, and muon is two (Muon and "
+            "AdamW); turn one of them off"
+        )
     if t.precision == "bf16" and cfg.optim.name not in ("adamw", "adamw8bit", "adamw4bit"):
         errors.append(
             f"optim.name: {cfg.optim.name} has no stochastic rounding, so in train.precision bf16 its small "

@@ -122,6 +122,11 @@ def _refuse_under_fsdp2(cfg: RunConfig) -> None:
             f"optim.name: {cfg.optim.name} fails on sharded (DTensor) states in torchao 0.18 on CPU "
             "and is unmeasured on GPUs; under FSDP2 use adamw, adafactor or sgd"
         )
+    if cfg.optim.name == "muon":
+        raise UserError(
+            "optim.name: muon orthogonalises each whole matrix, and under FSDP2 (torchrun) a rank holds a "
+            "shard; this version does not gather them: use adamw, adafactor or sgd, or train as one process"
+        )
     if cfg.loss.kl_to_theta0 > 0:
         raise UserError(
             "loss.kl_to_theta0: its frozen θ0 copy is not sharded with FSDP2 (torchrun), and its cached "

@@ -21,7 +21,7 @@ from fulltune.memory.spec import ModelSpec
 GB = 1e9
 PRECISIONS = ("bf16-mixed", "bf16", "fp32", "bf16-master")
 TRAINED_PRECISIONS = ("bf16-mixed", "bf16", "fp32")
-OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit", "sgd", "sgd-momentum", "adafactor")
+OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit", "sgd", "sgd-momentum", "adafactor", "muon")
 # torchao's low-bit AdamW states: (bits per value, values per fp32 scale); tensors under 4096 values,
 # or not a multiple of the block, keep m and v unquantised in the weights' dtype.
 LOW_BIT = {"adamw8bit": (8, 256), "adamw4bit": (4, 128)}
@@ -98,12 +98,16 @@ def master_bytes(precision: str) -> int:
     return 4 if precision == "bf16-master" else 0
 
 
-def _matrix_shapes(spec: ModelSpec) -> list[tuple[int, int]]:
-    """(rows, cols) of every weight matrix; vectors as (n, 1)."""
+def _layer_shapes(spec: ModelSpec) -> list[tuple[int, int]]:
+    """(rows, cols) of one decoder layer's weights: 7 matrices, 2 norm vectors as (n, 1)."""
     h, i, k = spec.hidden, spec.intermediate, spec.kv_dim
     q = spec.heads * spec.head_dim
-    layer = [(q, h), (k, h), (k, h), (h, q), (i, h), (i, h), (h, i), (h, 1), (h, 1)]
-    shapes = layer * spec.layers + [(spec.vocab, spec.hidden), (spec.hidden, 1)]
+    return [(q, h), (k, h), (k, h), (h, q), (i, h), (i, h), (h, i), (h, 1), (h, 1)]
+
+
+def _matrix_shapes(spec: ModelSpec) -> list[tuple[int, int]]:
+    """(rows, cols) of every weight matrix; vectors as (n, 1)."""
+    shapes = _layer_shapes(spec) * spec.layers + [(spec.vocab, spec.hidden), (spec.hidden, 1)]
     if not spec.tied:
         shapes.append((spec.vocab, spec.hidden))
     return shapes
@@ -129,6 +133,9 @@ def optimizer_state_bytes(spec: ModelSpec, optimizer: str, precision: str) -> fl
         return 2 * (sum(_low_bit_state(r * c, optimizer, state) for r, c in shapes) + others * state)
     if optimizer == "sgd":
         return 0.0
+    if optimizer == "muon":  # a momentum buffer per decoder matrix (optim/muon.py), AdamW's m and v for the rest
+        hidden = spec.layers * sum(r * c for r, c in _layer_shapes(spec) if c > 1)
+        return state * hidden + 2 * state * (n - hidden)
     if optimizer == "sgd-momentum":
         return state * n
     # Adafactor without momentum: a row and a column second moment per matrix, full for vectors.

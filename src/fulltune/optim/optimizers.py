@@ -8,6 +8,8 @@
     adafactor  torch Adafactor: a factored second moment, (rows + cols) values per matrix, no first
                moment; its lr is a relative step (scaled by each tensor's RMS), not AdamW's
     sgd        torch SGD (optim.momentum: one buffer, 4 B/param in fp32)
+    muon       torch Muon for the decoder's 2-D matrices (one momentum buffer, 4 B/param in fp32),
+               fused AdamW for embeddings, head, norms and biases (optim/muon.py)
 
 In `train.precision: bf16` the weights are bf16 with no fp32 copy, and torchao's AdamW variants
 round each update stochastically (E[round(x)] = x), so updates below bf16's resolution still move
@@ -20,6 +22,7 @@ import torch
 
 from fulltune.config import OptimConfig
 from fulltune.errors import UserError
+from fulltune.optim.muon import MuonAdamW
 
 TORCHAO_VERSION = "0.18.0"
 
@@ -55,6 +58,8 @@ def optimizer_class(cfg: OptimConfig, precision: str) -> tuple[type, dict]:
 def make_optimizer(groups: list[dict], cfg: OptimConfig, precision: str) -> torch.optim.Optimizer:
     """The configured optimiser over parameter groups (param_groups.param_groups' output). With
     optim.cpu_offload (CUDA), torchao's CPUOffloadOptimizer keeps its state on the CPU and steps it there."""
+    if cfg.name == "muon":  # config_checks refuses it with pure bf16, FSDP2 and CPU offload
+        return MuonAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     cls, kwargs = optimizer_class(cfg, precision)
     if cfg.cpu_offload:
         return torchao_optim().CPUOffloadOptimizer(groups, cls, offload_gradients=True, **kwargs)

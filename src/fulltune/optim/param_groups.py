@@ -13,6 +13,7 @@ from torch import nn
 from fulltune.config import OptimConfig
 from fulltune.model import decoder_layers
 from fulltune.optim.in_backward import InBackward
+from fulltune.optim.muon import is_hidden_matrix
 from fulltune.optim.optimizers import make_optimizer
 
 
@@ -37,13 +38,17 @@ def _decays(name: str, p: nn.Parameter) -> bool:
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """The optimiser's groups: by layer (ULMFiT rates), by weight decay and, for Muon, by whether
+    Muon or AdamW steps the tensor (its `muon` key: optim/muon.py)."""
     depth = depth_from_top(model) if cfg.layer_lr_decay != 1.0 else {}
-    groups: dict[tuple[str, bool], dict] = {}
+    in_decoder = {id(p) for layer in decoder_layers(model) for p in layer.parameters()} if cfg.name == "muon" else set()
+    groups: dict[tuple[str, bool, bool], dict] = {}
     for name, p in model.named_parameters():  # a tied tensor is listed once
         level, label = depth.get(id(p), (0, "all"))
         lr = cfg.lr * cfg.layer_lr_decay ** (-level)
         decay = _decays(name, p) and cfg.weight_decay > 0
-        key = (label, decay)
+        muon = is_hidden_matrix(p, id(p) in in_decoder)
+        key = (label, decay, muon)
         if key not in groups:
             wd = cfg.weight_decay if decay else 0.0
             toward_theta0 = cfg.decay_toward == "theta0"  # the loop's Anchor applies it: θ ← θ − lr·wd·(θ − θ0)
@@ -54,6 +59,7 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
                 "initial_lr": lr,
                 "weight_decay": 0.0 if toward_theta0 else wd,
                 "decay_to_theta0": wd if toward_theta0 else 0.0,
+                "muon": muon,
             }
         groups[key]["params"].append(p)
     out = list(groups.values())
