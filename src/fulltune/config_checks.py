@@ -177,9 +177,10 @@ def _memory_checks(cfg: RunConfig) -> list[str]:
             "optim.cpu_offload: torchao's CPU offload wraps one optimiser class, and muon is two (Muon and "
             "AdamW); turn one of them off"
         )
-    if t.precision == "bf16" and cfg.optim.name not in ("adamw", "adamw8bit", "adamw4bit"):
+    if t.precision == "bf16" and cfg.optim.name in ("sgd", "adafactor") and cfg.optim.cpu_offload:
         errors.append(
-            f"optim.name: {cfg.optim.name} has no stochastic rounding, so in train.precision bf16 its small "
-            "updates would round away; use adamw, adamw8bit or adamw4bit, or train.precision bf16-mixed"
+            f"optim.cpu_offload: torchao's CPU offload wraps one optimiser class, and {cfg.optim.name} in "
+            "train.precision bf16 steps each tensor in fp32 with stochastic rounding around it; use adamw, "
+            "adamw8bit or adamw4bit, or train.precision bf16-mixed"
         )
     return errors

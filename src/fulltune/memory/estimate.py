@@ -29,6 +29,12 @@ LOW_BIT = {"adamw8bit": (8, 256), "adamw4bit": (4, 128)}
 # to unpack the codes): bytes per value of the tensor being stepped, measured on CPU around
 # optimizer.step() on SmolLM2-135M's shapes (the 28.3M-value embedding: 227 and 752 MB).
 LOW_BIT_STEP_BYTES = {"adamw8bit": 8, "adamw4bit": 26}
+# Pure bf16 SGD / Adafactor / Muon (optim/rounding.py): one tensor at a time in fp32 — its weight and
+# gradient (8 B), the rounding's int32 noise (4 B), and its states (4 B each, their bf16 originals
+# dropped meanwhile: +2 B each), per value of the largest tensor (Muon's largest, the embedding, is
+# AdamW's: two states). Measured on CPU around optimizer.step() on SmolLM2-135M's 28.3M-value
+# embedding (bench/rounded_step_memory.py: 14.0, 12.0 and 16.0 B; SGD without momentum by the count).
+ROUNDED_STEP_BYTES = {"sgd": 12, "sgd-momentum": 14, "adafactor": 12, "muon": 16}
 METHODS = ("full", "lora", "qlora")
 ANCHORS = ("none", "l2sp", "ewc")  # θ0 copy (L2-SP, decay toward θ0); θ0 + Fisher (EWC)
 CUDA_CONTEXT = 0.5 * GB  # 287–667 MB measured by PyTorch (PR #86509); 0.5 GB as a round middle
@@ -250,6 +256,12 @@ def _optimizer_terms(spec: ModelSpec, s: TrainSetup, o_div: float, zero: str) ->
         largest = max(r * c for r, c in _matrix_shapes(spec))
         per = LOW_BIT_STEP_BYTES[s.optimizer]
         what = (f"{s.optimizer} dequantises one tensor at a time: "
+                f"{per} B per value of the largest ({largest:,}); measured on CPU")  # fmt: skip
+        terms.append(Term("optimizer step temporaries", per * largest, what, "step"))
+    if s.precision == "bf16" and s.optimizer in ROUNDED_STEP_BYTES:
+        largest = max(r * c for r, c in _matrix_shapes(spec))
+        per = ROUNDED_STEP_BYTES[s.optimizer]
+        what = (f"{s.optimizer} in pure bf16 steps one tensor at a time in fp32, stochastically rounded back: "
                 f"{per} B per value of the largest ({largest:,}); measured on CPU")  # fmt: skip
         terms.append(Term("optimizer step temporaries", per * largest, what, "step"))
     return terms

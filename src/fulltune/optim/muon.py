@@ -10,9 +10,9 @@ norm weights and biases stay with AdamW. Every weight is still trained.
   2502.16982) introduced so that AdamW's lr and weight decay carry over.
 - State: one momentum buffer per hidden matrix (the parameter's dtype: 4 B/param in fp32), AdamW's
   m and v for the rest (8 B/param): memory/estimate.py counts both.
-- Not combined, in this version: pure bf16 (no stochastic rounding), FSDP2 (Newton–Schulz needs the
-  whole matrix, a rank holds a shard), CPU offload (torchao's wrapper takes one optimiser class):
-  config_checks refuses them in one line.
+- Pure bf16: each tensor's step in fp32, stochastically rounded back (optim/rounding.py).
+- Not combined, in this version: FSDP2 (Newton–Schulz needs the whole matrix, a rank holds a
+  shard), CPU offload (torchao's wrapper takes one optimiser class): refused in one line.
 
 `MuonAdamW` stands in for one optimiser as `InBackward` does: `param_groups` (both parts' groups,
 so the schedule sets every rate), `state`, `state_dict` per part (exact resume), `step`, `zero_grad`.

@@ -11,9 +11,10 @@
     muon       torch Muon for the decoder's 2-D matrices (one momentum buffer, 4 B/param in fp32),
                fused AdamW for embeddings, head, norms and biases (optim/muon.py)
 
-In `train.precision: bf16` the weights are bf16 with no fp32 copy, and torchao's AdamW variants
-round each update stochastically (E[round(x)] = x), so updates below bf16's resolution still move
-the weights on average; SGD and Adafactor have no such rounding and are refused there.
+In `train.precision: bf16` the weights are bf16 with no fp32 copy, and every update is rounded
+stochastically (E[round(x)] = x), so updates below bf16's resolution still move the weights on
+average: torchao's AdamW variants inside their step, SGD, Adafactor and Muon by optim/rounding.py
+around theirs (each tensor's step in fp32, written back with stochastic rounding).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import torch
 from fulltune.config import OptimConfig
 from fulltune.errors import UserError
 from fulltune.optim.muon import MuonAdamW
+from fulltune.optim.rounding import StochasticRounding
 
 TORCHAO_VERSION = "0.18.0"
+ROUNDED_AROUND = ("sgd", "adafactor", "muon")  # pure bf16: optim/rounding.py (torchao's AdamW variants round inside)
 
 
 def torchao_optim():
@@ -58,7 +61,9 @@ def optimizer_class(cfg: OptimConfig, precision: str) -> tuple[type, dict]:
 def make_optimizer(groups: list[dict], cfg: OptimConfig, precision: str) -> torch.optim.Optimizer:
     """The configured optimiser over parameter groups (param_groups.param_groups' output). With
     optim.cpu_offload (CUDA), torchao's CPUOffloadOptimizer keeps its state on the CPU and steps it there."""
-    if cfg.name == "muon":  # config_checks refuses it with pure bf16, FSDP2 and CPU offload
+    if precision == "bf16" and cfg.name in ROUNDED_AROUND:  # per tensor in fp32, stochastically rounded back
+        return StochasticRounding(groups, lambda one: make_optimizer(one, cfg, "fp32"))
+    if cfg.name == "muon":  # config_checks refuses it under FSDP2 and with CPU offload
         return MuonAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     cls, kwargs = optimizer_class(cfg, precision)
     if cfg.cpu_offload:
