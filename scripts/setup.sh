@@ -13,5 +13,5 @@ if ! python -c "import torch" >/dev/null 2>&1; then
   pip install --disable-pip-version-check "${FULLTUNE_TORCH:-torch==2.13.0}"
 fi
 echo "[setup] installing fulltune and its dependencies into .venv"
-pip install --disable-pip-version-check -q -e ".[dev]"
+pip install --disable-pip-version-check -q -e ".[dev,optimizers]"
 python -c "import torch, transformers; print(f'[setup] torch {torch.__version__}, transformers {transformers.__version__}')"

@@ -234,7 +234,7 @@ case("config", "an optimiser fulltune does not have")(
     lambda c: (
         ["optim.name=lion"],
         _problem(
-            "optim.name: 'lion' is not one of adamw, sgd, adafactor, adamw8bit, adamw4bit, muon "
+            "optim.name: 'lion' is not one of adamw, sgd, adafactor, adamw8bit, adamw4bit, muon, adam_mini "
             "(set on the command line)"
         ),
     )

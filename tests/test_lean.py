@@ -19,11 +19,19 @@ from fulltune.loss import loss_sum
 from fulltune.memory.estimate import TrainSetup, estimate, optimizer_state_bytes
 from fulltune.memory.measure import state_bytes
 from fulltune.memory.spec import spec_from_config
-from fulltune.optim.param_groups import build_optimizer
+from fulltune.optim.param_groups import build_optimizer, lrs_by_name
 from fulltune.train import run_training, train_step
 
-OPTIMIZERS = ["adamw", "sgd", "adafactor", "adamw8bit", "adamw4bit", "muon"]
-LR = {"adamw": 1e-2, "sgd": 0.5, "adafactor": 1e-2, "adamw8bit": 1e-2, "adamw4bit": 1e-2, "muon": 1e-2}
+OPTIMIZERS = ["adamw", "sgd", "adafactor", "adamw8bit", "adamw4bit", "muon", "adam_mini"]
+LR = {
+    "adamw": 1e-2,
+    "sgd": 0.5,
+    "adafactor": 1e-2,
+    "adamw8bit": 1e-2,
+    "adamw4bit": 1e-2,
+    "muon": 1e-2,
+    "adam_mini": 1e-2,
+}
 
 
 def _model(vocab=256, hidden=32, seed=0):
@@ -60,7 +68,7 @@ def test_each_optimizer_lowers_the_loss_and_moves_every_parameter(name):
 
 @pytest.mark.parametrize(
     "name,precision",
-    [(n, "fp32") for n in OPTIMIZERS] + [(n, "bf16") for n in OPTIMIZERS],
+    [(n, "fp32") for n in OPTIMIZERS] + [(n, "bf16") for n in OPTIMIZERS if n != "adam_mini"],
 )
 def test_measured_state_bytes_equal_the_estimate(name, precision):
     model = _model(hidden=128)  # 128×128 and 64×128 matrices are quantised too; norms (128) are not
@@ -203,6 +211,11 @@ def _refused(capsys, tmp_path, tiny_dir, chat_file, *extra) -> str:
         (["optim.cpu_offload=true"], "optim.cpu_offload: offloads GPU memory to the CPU; this run is on the CPU"),
         (["model.activation_offload=true"], "model.activation_offload: offloads GPU memory to the CPU"),
         (["optim.name=adam"], "optim.name: 'adam' is not one of adamw, sgd, adafactor, adamw8bit, adamw4bit, muon"),
+        (["optim.name=adam_mini", "train.precision=bf16"], "train.precision: adam_mini's package steps every tensor"),
+        (
+            ["optim.name=adam_mini", "train.optimizer_in_backward=true", "optim.grad_clip=0"],
+            "train.optimizer_in_backward: adam_mini's package steps every tensor at once",
+        ),
         (["train.precision=fp16"], "train.precision: 'fp16' is not one of auto, fp32, bf16-mixed, bf16"),
         (
             ["train.precision=bf16", "optim.name=sgd", "optim.cpu_offload=true"],
@@ -356,6 +369,7 @@ def test_low_bit_step_temporaries():
         ),
         ({"optim.name": "adamw4bit"}, "optim.name: adamw4bit fails on sharded (DTensor) states"),
         ({"optim.name": "muon"}, "optim.name: muon orthogonalises each whole matrix"),
+        ({"optim.name": "adam_mini"}, "optim.name: adam_mini's package finds the other ranks by counting GPUs"),
     ],
 )
 def test_what_fsdp2_does_not_combine_is_refused_before_loading(
@@ -414,3 +428,24 @@ def test_muon_steps_the_decoder_matrices_and_adamw_the_rest():
         ref_adamw.step()
     for (name, a), b in zip(model.named_parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_adam_mini_takes_our_rates_and_decay_and_logs_our_labels():
+    """The package's per-tensor groups get the ULMFiT rates, no decay on vectors and our group labels."""
+    model = _model()
+    cfg = OptimConfig(name="adam_mini", lr=1e-2, weight_decay=0.1, layer_lr_decay=0.5)
+    opt = build_optimizer(model, cfg)
+    ours = build_optimizer(_model(), OptimConfig(name="adamw", lr=1e-2, weight_decay=0.1, layer_lr_decay=0.5))
+    assert lrs_by_name(opt) == lrs_by_name(ours)  # the same labels and rates, one per layer
+    assert len(opt.param_groups) == len(list(model.parameters())) and opt.world_size == 1
+    by_tensor = {id(g["params"][0]): g for g in opt.param_groups}
+    for name, p in model.named_parameters():
+        assert by_tensor[id(p)]["weight_decay"] == (0.1 if p.ndim >= 2 else 0.0), name
+    assert by_tensor[id(model.model.embed_tokens.weight)]["lr"] == pytest.approx(1e-2 * 0.5**-2)  # below 2 layers
+    # its blocks: one second moment per token of the embedding, per head of q/k, per row of the rest
+    train_step(model, opt, [collate(_examples(4, vocab=256), pad_id=2)], NOCAST, grad_clip=0.0)
+    v = {n: opt.state[p]["vmean"].numel() for n, p in model.named_parameters()}
+    c = model.config
+    assert v["model.embed_tokens.weight"] == c.vocab_size
+    assert v["model.layers.0.self_attn.q_proj.weight"] == c.num_attention_heads
+    assert v["model.layers.0.mlp.up_proj.weight"] == c.intermediate_size

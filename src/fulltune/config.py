@@ -125,8 +125,9 @@ class OptimConfig:
         "adamw",
         "optimiser: adamw (8 B/param of state in fp32), adamw8bit (≈2), adamw4bit (≈1; both torchao), "
         "adafactor (factored second moment; lr is a relative step), sgd (0, or 4 with momentum), muon "
-        "(torch Muon for the decoder's matrices, 4, AdamW's lr and weight decay; AdamW for the rest)",
-        choices=("adamw", "sgd", "adafactor", "adamw8bit", "adamw4bit", "muon"),
+        "(torch Muon for the decoder's matrices, 4, AdamW's lr and weight decay; AdamW for the rest), "
+        "adam_mini (≈4: one second moment per token, head or neuron; the adam-mini package)",
+        choices=("adamw", "sgd", "adafactor", "adamw8bit", "adamw4bit", "muon", "adam_mini"),
     )
     lr: float = opt(5e-5, "peak learning rate (the top layer's rate with layer_lr_decay)", lo=0.0, lo_open=True)
     weight_decay: float = opt(0.0, "decoupled weight decay, never applied to biases and norm weights", lo=0.0)

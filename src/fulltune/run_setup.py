@@ -122,6 +122,11 @@ def _refuse_under_fsdp2(cfg: RunConfig) -> None:
             f"optim.name: {cfg.optim.name} fails on sharded (DTensor) states in torchao 0.18 on CPU "
             "and is unmeasured on GPUs; under FSDP2 use adamw, adafactor or sgd"
         )
+    if cfg.optim.name == "adam_mini":
+        raise UserError(
+            "optim.name: adam_mini's package finds the other ranks by counting GPUs and gathers its blocks "
+            "itself; this version does not run it under FSDP2 (torchrun): use adamw, or train as one process"
+        )
     if cfg.optim.name == "muon":
         raise UserError(
             "optim.name: muon orthogonalises each whole matrix, and under FSDP2 (torchrun) a rank holds a "

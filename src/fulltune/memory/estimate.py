@@ -21,7 +21,7 @@ from fulltune.memory.spec import ModelSpec
 GB = 1e9
 PRECISIONS = ("bf16-mixed", "bf16", "fp32", "bf16-master")
 TRAINED_PRECISIONS = ("bf16-mixed", "bf16", "fp32")
-OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit", "sgd", "sgd-momentum", "adafactor", "muon")
+OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit", "sgd", "sgd-momentum", "adafactor", "muon", "adam_mini")
 # torchao's low-bit AdamW states: (bits per value, values per fp32 scale); tensors under 4096 values,
 # or not a multiple of the block, keep m and v unquantised in the weights' dtype.
 LOW_BIT = {"adamw8bit": (8, 256), "adamw4bit": (4, 128)}
@@ -139,6 +139,10 @@ def optimizer_state_bytes(spec: ModelSpec, optimizer: str, precision: str) -> fl
         return 2 * (sum(_low_bit_state(r * c, optimizer, state) for r, c in shapes) + others * state)
     if optimizer == "sgd":
         return 0.0
+    if optimizer == "adam_mini":  # m per weight; v per token (embedding, head), head (q, k), row (the rest)
+        h, heads, kv, i = spec.hidden, spec.heads, spec.kv_heads, spec.intermediate
+        blocks = spec.vocab * (1 if spec.tied else 2) + spec.layers * (heads + kv + spec.kv_dim + h + 2 * i + h)
+        return state * (n + blocks)  # a norm's one v is a 0-d tensor (not counted, as measure.state_bytes)
     if optimizer == "muon":  # a momentum buffer per decoder matrix (optim/muon.py), AdamW's m and v for the rest
         hidden = spec.layers * sum(r * c for r, c in _layer_shapes(spec) if c > 1)
         return state * hidden + 2 * state * (n - hidden)

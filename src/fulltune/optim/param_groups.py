@@ -12,6 +12,7 @@ from torch import nn
 
 from fulltune.config import OptimConfig
 from fulltune.model import decoder_layers
+from fulltune.optim.adam_mini import adam_mini
 from fulltune.optim.in_backward import InBackward
 from fulltune.optim.muon import is_hidden_matrix
 from fulltune.optim.optimizers import make_optimizer
@@ -73,11 +74,14 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, precision: str = "fp32",
     """The configured optimiser over this model's groups; with `in_backward`, one per parameter, stepped
     inside the backward pass (optim/in_backward.py)."""
     groups = param_groups(model, cfg)
+    if cfg.name == "adam_mini":  # its blocks need the tensors' names (config_checks refuses in_backward)
+        return adam_mini(model, groups, cfg)
     if in_backward:
         return InBackward(model, groups, lambda one: make_optimizer(one, cfg, precision))
     return make_optimizer(groups, cfg, precision)
 
 
 def lrs_by_name(optimizer) -> dict[str, float]:
-    """Current lr per group label (decay/no-decay halves share a label and a rate)."""
-    return {g["name"]: float(g["lr"]) for g in optimizer.param_groups}
+    """Current lr per group label (decay/no-decay halves share a label and a rate; Adam-mini's
+    per-tensor groups carry ours as `label`)."""
+    return {g.get("label", g["name"]): float(g["lr"]) for g in optimizer.param_groups}

@@ -1,11 +1,11 @@
-"""optim.name muon against adamw on SmolLM2-135M (the embedded default): CPU time per step, the
+"""optim.name muon and adam_mini against adamw on SmolLM2-135M (the embedded default): CPU time per step, the
 optimiser's state bytes (measured, and the estimator's), and what each does to the loss of a fixed
 batch over a few steps (one batch, not a quality claim).
 
 One thread, fp32, lr 1e-4, the quickstart's first 4 packed rows as one micro-batch, 6 steps (the
-first is warm-up), median CPU time per step. Writes bench/results/muon_step.json.
+first is warm-up), median CPU time per step; AdamW first and last. Writes bench/results/optimizer_step.json.
 
-    .venv/bin/python bench/muon_step.py
+    .venv/bin/python bench/optimizer_step.py
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def run(name: str) -> dict:
 
 def main() -> None:
     torch.set_num_threads(1)
-    rows = [run(n) for n in ("adamw", "muon", "adamw")]
+    rows = [run(n) for n in ("adamw", "muon", "adam_mini", "adamw")]
     print(f"{cpu_name()} ({' '.join(cpu_flags())}), 1 thread, torch {torch.__version__}\n")
     print("| optim.name | CPU s / step | state B/param measured | estimated | loss at steps 1 → 6 |")
     print("| --- | ---: | ---: | ---: | --- |")
@@ -64,7 +64,7 @@ def main() -> None:
             f"| {r['losses'][0]:.3f} → {r['losses'][-1]:.3f} |"
         )
     out = {"cpu": cpu_name(), "flags": cpu_flags(), "threads": 1, "rows": rows}
-    (ROOT / "bench" / "results" / "muon_step.json").write_text(json.dumps(out, indent=1) + "\n")
+    (ROOT / "bench" / "results" / "optimizer_step.json").write_text(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":
