@@ -1,4 +1,5 @@
-"""optim.name muon and adam_mini against adamw on SmolLM2-135M (the embedded default): CPU time per step, the
+"""optim.name muon, adam_mini, galore, apollo and apollo_mini against adamw on SmolLM2-135M (the embedded
+default): CPU time per step, the
 optimiser's state bytes (measured, and the estimator's), and what each does to the loss of a fixed
 batch over a few steps (one batch, not a quality claim).
 
@@ -54,7 +55,7 @@ def run(name: str) -> dict:
 
 def main() -> None:
     torch.set_num_threads(1)
-    rows = [run(n) for n in ("adamw", "muon", "adam_mini", "adamw")]
+    rows = [run(n) for n in ("adamw", "muon", "adam_mini", "galore", "apollo", "apollo_mini", "adamw")]
     print(f"{cpu_name()} ({' '.join(cpu_flags())}), 1 thread, torch {torch.__version__}\n")
     print("| optim.name | CPU s / step | state B/param measured | estimated | loss at steps 1 → 6 |")
     print("| --- | ---: | ---: | ---: | --- |")

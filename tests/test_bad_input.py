@@ -192,8 +192,8 @@ case("config", "an unknown key")(
     lambda c: (
         ["optim.lrr=1"],
         _problem(
-            "optim.lrr: unknown key (valid: name, lr, weight_decay, betas, eps, momentum, grad_clip, cpu_offload, "
-            "decay_toward, layer_lr_decay) (set on the command line)"
+            "optim.lrr: unknown key (valid: name, lr, weight_decay, betas, eps, momentum, rank, update_proj_gap, "
+            "proj_scale, grad_clip, cpu_offload, decay_toward, layer_lr_decay) (set on the command line)"
         ),
     )
 )
@@ -234,8 +234,8 @@ case("config", "an optimiser fulltune does not have")(
     lambda c: (
         ["optim.name=lion"],
         _problem(
-            "optim.name: 'lion' is not one of adamw, sgd, adafactor, adamw8bit, adamw4bit, muon, adam_mini "
-            "(set on the command line)"
+            "optim.name: 'lion' is not one of adamw, sgd, adafactor, adamw8bit, adamw4bit, muon, adam_mini, "
+            "galore, apollo, apollo_mini (set on the command line)"
         ),
     )
 )

@@ -515,6 +515,13 @@ case("config", "a negative loss.kl_to_theta0")(
         _problem("loss.kl_to_theta0: -1.0 must be >= 0.0 (set on the command line)"),
     )
 )
+case("config", "an optim.rank above a matrix's shorter side")(
+    lambda c: (
+        ["optim.name=apollo", "optim.rank=64"],
+        "optim.rank: 64 is larger than the shorter side of model.layers.0.self_attn.k_proj.weight (16 × 32); "
+        "use at most 16",
+    )
+)
 case("config", "a loss.kl_reference outside its choices")(
     lambda c: (
         ["loss.kl_reference=disk"],

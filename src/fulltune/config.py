@@ -126,14 +126,34 @@ class OptimConfig:
         "optimiser: adamw (8 B/param of state in fp32), adamw8bit (≈2), adamw4bit (≈1; both torchao), "
         "adafactor (factored second moment; lr is a relative step), sgd (0, or 4 with momentum), muon "
         "(torch Muon for the decoder's matrices, 4, AdamW's lr and weight decay; AdamW for the rest), "
-        "adam_mini (≈4: one second moment per token, head or neuron; the adam-mini package)",
-        choices=("adamw", "sgd", "adafactor", "adamw8bit", "adamw4bit", "muon", "adam_mini"),
+        "adam_mini (≈4: one second moment per token, head or neuron; the adam-mini package), galore / "
+        "apollo / apollo_mini (Adam on the decoder matrices' gradients projected to optim.rank; the "
+        "apollo-torch package)",
+        choices=(
+            "adamw",
+            "sgd",
+            "adafactor",
+            "adamw8bit",
+            "adamw4bit",
+            "muon",
+            "adam_mini",
+            "galore",
+            "apollo",
+            "apollo_mini",
+        ),
     )
     lr: float = opt(5e-5, "peak learning rate (the top layer's rate with layer_lr_decay)", lo=0.0, lo_open=True)
     weight_decay: float = opt(0.0, "decoupled weight decay, never applied to biases and norm weights", lo=0.0)
     betas: list = opt([0.9, 0.999], "AdamW (beta1, beta2)")
     eps: float = opt(1e-8, "AdamW epsilon", lo=0.0, lo_open=True)
     momentum: float = opt(0.0, "SGD momentum", lo=0.0, hi=1.0)
+    rank: int = opt(
+        16, "galore / apollo: the projected gradient's rank (apollo_mini: 1); at most each matrix's shorter side", lo=1
+    )
+    update_proj_gap: int = opt(200, "galore / apollo / apollo_mini: steps between renewals of the projection", lo=1)
+    proj_scale: float = opt(
+        0.0, "galore / apollo / apollo_mini: the update's scale (0: the method's default: 2 / 32 / 128)", lo=0.0
+    )
     grad_clip: float = opt(1.0, "clip the global gradient norm to this value (0: off)", lo=0.0)
     cpu_offload: bool = opt(
         False,

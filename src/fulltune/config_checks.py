@@ -172,6 +172,16 @@ def _memory_checks(cfg: RunConfig) -> list[str]:
                 "anchor / optim.decay_toward: the pulls toward θ0 are applied after backward; this version "
                 "does not combine them with train.optimizer_in_backward"
             )
+    if cfg.optim.name in ("galore", "apollo", "apollo_mini"):
+        errors += [
+            f"{key}: {cfg.optim.name} (the apollo-torch package) has no stochastic rounding and keeps its "
+            f"projections on the parameters' device; this version does not combine it with {what}"
+            for key, what, on in (
+                ("train.precision", "pure bf16 (use bf16-mixed)", t.precision == "bf16"),
+                ("optim.cpu_offload", "CPU offload", cfg.optim.cpu_offload),
+            )
+            if on
+        ]
     if cfg.optim.name == "adam_mini":
         errors += [
             f"{key}: adam_mini's package steps every tensor at once, by name, with no stochastic rounding; "

@@ -127,6 +127,11 @@ def _refuse_under_fsdp2(cfg: RunConfig) -> None:
             "optim.name: adam_mini's package finds the other ranks by counting GPUs and gathers its blocks "
             "itself; this version does not run it under FSDP2 (torchrun): use adamw, or train as one process"
         )
+    if cfg.optim.name in ("galore", "apollo", "apollo_mini"):
+        raise UserError(
+            f"optim.name: {cfg.optim.name} projects each whole matrix's gradient, and under FSDP2 (torchrun) a "
+            "rank holds a shard; this version does not gather them: use adamw, or train as one process"
+        )
     if cfg.optim.name == "muon":
         raise UserError(
             "optim.name: muon orthogonalises each whole matrix, and under FSDP2 (torchrun) a rank holds a "

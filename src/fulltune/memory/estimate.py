@@ -21,7 +21,11 @@ from fulltune.memory.spec import ModelSpec
 GB = 1e9
 PRECISIONS = ("bf16-mixed", "bf16", "fp32", "bf16-master")
 TRAINED_PRECISIONS = ("bf16-mixed", "bf16", "fp32")
-OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit", "sgd", "sgd-momentum", "adafactor", "muon", "adam_mini")
+OPTIMIZERS = (
+    "adamw", "adamw8bit", "adamw4bit", "sgd", "sgd-momentum", "adafactor", "muon", "adam_mini", "galore", "apollo",
+    "apollo_mini",
+)  # fmt: skip
+PROJECTED_RANK = {"galore": 16, "apollo": 16, "apollo_mini": 1}  # optim.rank's default (apollo_mini: always 1)
 # torchao's low-bit AdamW states: (bits per value, values per fp32 scale); tensors under 4096 values,
 # or not a multiple of the block, keep m and v unquantised in the weights' dtype.
 LOW_BIT = {"adamw8bit": (8, 256), "adamw4bit": (4, 128)}
@@ -46,6 +50,7 @@ class TrainSetup:
     seq_len: int = 2048
     precision: str = "bf16-mixed"  # fp32 weights + bf16 autocast (see the module doc for the others)
     optimizer: str = "adamw"
+    rank: int = 0  # optim.rank for galore / apollo (0: its default)
     fp32_grads: bool = False  # mixed precision with fp32 gradient accumulation
     activation_checkpointing: bool = False
     gpus: int = 1
@@ -127,7 +132,7 @@ def _low_bit_state(numel: int, optimizer: str, state: int) -> float:
     return numel * state
 
 
-def optimizer_state_bytes(spec: ModelSpec, optimizer: str, precision: str) -> float:
+def optimizer_state_bytes(spec: ModelSpec, optimizer: str, precision: str, rank: int = 0) -> float:
     """Bytes of optimiser state for the whole model (besides a bf16-master copy), tensor by tensor."""
     n = spec.n_params
     state = 2 if precision == "bf16" else 4  # states in the parameter's dtype (fp32 for a master copy)
@@ -139,6 +144,11 @@ def optimizer_state_bytes(spec: ModelSpec, optimizer: str, precision: str) -> fl
         return 2 * (sum(_low_bit_state(r * c, optimizer, state) for r, c in shapes) + others * state)
     if optimizer == "sgd":
         return 0.0
+    if optimizer in PROJECTED_RANK:  # per decoder matrix m ≥ n: m and v of m·r, the projection r·n
+        r = rank or PROJECTED_RANK[optimizer]
+        hidden = [(a, b) for a, b in _layer_shapes(spec) if b > 1]
+        low = spec.layers * sum(r * (2 * max(a, b) + min(a, b)) for a, b in hidden)
+        return state * low + 2 * state * (n - spec.layers * sum(a * b for a, b in hidden))
     if optimizer == "adam_mini":  # m per weight; v per token (embedding, head), head (q, k), row (the rest)
         h, heads, kv, i = spec.hidden, spec.heads, spec.kv_heads, spec.intermediate
         blocks = spec.vocab * (1 if spec.tied else 2) + spec.layers * (heads + kv + spec.kv_dim + h + 2 * i + h)
@@ -247,7 +257,7 @@ def _gradient_term(spec: ModelSpec, s: TrainSetup, gb: int, *, g_div: float, zer
 
 
 def _optimizer_terms(spec: ModelSpec, s: TrainSetup, o_div: float, zero: str) -> list[Term]:
-    n, opt = spec.n_params, optimizer_state_bytes(spec, s.optimizer, s.precision)
+    n, opt = spec.n_params, optimizer_state_bytes(spec, s.optimizer, s.precision, s.rank)
     if s.cpu_offload:
         where = f"{s.optimizer}: {opt / n:.2f} B/param in CPU memory ({opt / GB:.1f} GB of host RAM), none on the GPU"
         return [Term("optimizer state", 0.0, where, "states")]

@@ -39,6 +39,7 @@ def train_setup_for(
         cpu_offload=cfg.optim.cpu_offload,
         kl_theta0=cfg.loss.kl_to_theta0 > 0,
         kl_live=cfg.loss.kl_reference == "live",
+        rank=cfg.optim.rank,
     )
 
 

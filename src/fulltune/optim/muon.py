@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 MOMENTUM = 0.95  # torch's default and the paper's
+MATRIX_OPTIMIZERS = ("muon", "galore", "apollo", "apollo_mini")  # the decoder's matrices apart from the rest
 ADJUST_LR = "match_rms_adamw"
 
 
@@ -34,8 +35,8 @@ def is_hidden_matrix(p: torch.Tensor, in_decoder: bool) -> bool:
 
 class MuonAdamW:
     def __init__(self, groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float):
-        muon = [g for g in groups if g.get("muon")]
-        adamw = [g for g in groups if not g.get("muon")]
+        muon = [g for g in groups if g.get("hidden_matrix")]
+        adamw = [g for g in groups if not g.get("hidden_matrix")]
         self.parts: dict[str, torch.optim.Optimizer] = {}
         if muon:
             self.parts["muon"] = torch.optim.Muon(muon, lr=lr, momentum=MOMENTUM, adjust_lr_fn=ADJUST_LR)

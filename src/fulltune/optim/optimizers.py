@@ -24,6 +24,7 @@ import torch
 from fulltune.config import OptimConfig
 from fulltune.errors import UserError
 from fulltune.optim.muon import MuonAdamW
+from fulltune.optim.projected import projected
 from fulltune.optim.rounding import StochasticRounding
 
 TORCHAO_VERSION = "0.18.0"
@@ -63,6 +64,8 @@ def make_optimizer(groups: list[dict], cfg: OptimConfig, precision: str) -> torc
     optim.cpu_offload (CUDA), torchao's CPUOffloadOptimizer keeps its state on the CPU and steps it there."""
     if precision == "bf16" and cfg.name in ROUNDED_AROUND:  # per tensor in fp32, stochastically rounded back
         return StochasticRounding(groups, lambda one: make_optimizer(one, cfg, "fp32"))
+    if cfg.name in ("galore", "apollo", "apollo_mini"):  # refused with pure bf16, CPU offload and FSDP2
+        return projected(groups, cfg)
     if cfg.name == "muon":  # config_checks refuses it under FSDP2 and with CPU offload
         return MuonAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     cls, kwargs = optimizer_class(cfg, precision)

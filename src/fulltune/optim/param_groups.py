@@ -14,8 +14,9 @@ from fulltune.config import OptimConfig
 from fulltune.model import decoder_layers
 from fulltune.optim.adam_mini import adam_mini
 from fulltune.optim.in_backward import InBackward
-from fulltune.optim.muon import is_hidden_matrix
+from fulltune.optim.muon import MATRIX_OPTIMIZERS, is_hidden_matrix
 from fulltune.optim.optimizers import make_optimizer
+from fulltune.optim.projected import check_rank, settings
 
 
 def depth_from_top(model: nn.Module) -> dict[int, tuple[int, str]]:
@@ -39,17 +40,18 @@ def _decays(name: str, p: nn.Parameter) -> bool:
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """The optimiser's groups: by layer (ULMFiT rates), by weight decay and, for Muon, by whether
-    Muon or AdamW steps the tensor (its `muon` key: optim/muon.py)."""
+    """The optimiser's groups: by layer (ULMFiT rates), by weight decay and, for the optimisers that
+    treat the decoder's matrices apart (Muon, GaLore, APOLLO), by `hidden_matrix` (optim/muon.py)."""
     depth = depth_from_top(model) if cfg.layer_lr_decay != 1.0 else {}
-    in_decoder = {id(p) for layer in decoder_layers(model) for p in layer.parameters()} if cfg.name == "muon" else set()
+    apart = cfg.name in MATRIX_OPTIMIZERS
+    in_decoder = {id(p) for layer in decoder_layers(model) for p in layer.parameters()} if apart else set()
     groups: dict[tuple[str, bool, bool], dict] = {}
     for name, p in model.named_parameters():  # a tied tensor is listed once
         level, label = depth.get(id(p), (0, "all"))
         lr = cfg.lr * cfg.layer_lr_decay ** (-level)
         decay = _decays(name, p) and cfg.weight_decay > 0
-        muon = is_hidden_matrix(p, id(p) in in_decoder)
-        key = (label, decay, muon)
+        hidden = is_hidden_matrix(p, id(p) in in_decoder)
+        key = (label, decay, hidden)
         if key not in groups:
             wd = cfg.weight_decay if decay else 0.0
             toward_theta0 = cfg.decay_toward == "theta0"  # the loop's Anchor applies it: θ ← θ − lr·wd·(θ − θ0)
@@ -60,7 +62,7 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
                 "initial_lr": lr,
                 "weight_decay": 0.0 if toward_theta0 else wd,
                 "decay_to_theta0": wd if toward_theta0 else 0.0,
-                "muon": muon,
+                "hidden_matrix": hidden,
             }
         groups[key]["params"].append(p)
     out = list(groups.values())
@@ -76,6 +78,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, precision: str = "fp32",
     groups = param_groups(model, cfg)
     if cfg.name == "adam_mini":  # its blocks need the tensors' names (config_checks refuses in_backward)
         return adam_mini(model, groups, cfg)
+    if cfg.name in ("galore", "apollo", "apollo_mini"):  # a rank above a matrix's side: one line, naming the key
+        check_rank(groups, settings(cfg)["rank"], {id(p): n for n, p in model.named_parameters()})
     if in_backward:
         return InBackward(model, groups, lambda one: make_optimizer(one, cfg, precision))
     return make_optimizer(groups, cfg, precision)
