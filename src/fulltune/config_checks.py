@@ -172,16 +172,6 @@ def _memory_checks(cfg: RunConfig) -> list[str]:
                 "anchor / optim.decay_toward: the pulls toward θ0 are applied after backward; this version "
                 "does not combine them with train.optimizer_in_backward"
             )
-    if cfg.optim.name in ("galore", "apollo", "apollo_mini"):
-        errors += [
-            f"{key}: {cfg.optim.name} (the apollo-torch package) has no stochastic rounding and keeps its "
-            f"projections on the parameters' device; this version does not combine it with {what}"
-            for key, what, on in (
-                ("train.precision", "pure bf16 (use bf16-mixed)", t.precision == "bf16"),
-                ("optim.cpu_offload", "CPU offload", cfg.optim.cpu_offload),
-            )
-            if on
-        ]
     if cfg.optim.name == "adam_mini":
         errors += [
             f"{key}: adam_mini's package steps every tensor at once, by name, with no stochastic rounding; "
@@ -197,6 +187,11 @@ def _memory_checks(cfg: RunConfig) -> list[str]:
         errors.append(
             "optim.cpu_offload: torchao's CPU offload wraps one optimiser class, and muon is two (Muon and "
             "AdamW); turn one of them off"
+        )
+    if cfg.optim.name in ("galore", "apollo", "apollo_mini") and cfg.optim.cpu_offload:
+        errors.append(
+            f"optim.cpu_offload: torchao's CPU offload wraps one optimiser class, and {cfg.optim.name} keeps "
+            "its projections on the parameters' device; turn one of them off"
         )
     if t.precision == "bf16" and cfg.optim.name in ("sgd", "adafactor") and cfg.optim.cpu_offload:
         errors.append(

@@ -38,7 +38,8 @@ LOW_BIT_STEP_BYTES = {"adamw8bit": 8, "adamw4bit": 26}
 # dropped meanwhile: +2 B each), per value of the largest tensor (Muon's largest, the embedding, is
 # AdamW's: two states). Measured on CPU around optimizer.step() on SmolLM2-135M's 28.3M-value
 # embedding (bench/rounded_step_memory.py: 14.0, 12.0 and 16.0 B; SGD without momentum by the count).
-ROUNDED_STEP_BYTES = {"sgd": 12, "sgd-momentum": 14, "adafactor": 12, "muon": 16}
+ROUNDED_STEP_BYTES = {"sgd": 12, "sgd-momentum": 14, "adafactor": 12, "muon": 16, "galore": 16, "apollo": 16}
+ROUNDED_STEP_BYTES["apollo_mini"] = 16  # the projected ones' largest tensor, the embedding, is AdamW's too
 METHODS = ("full", "lora", "qlora")
 ANCHORS = ("none", "l2sp", "ewc")  # θ0 copy (L2-SP, decay toward θ0); θ0 + Fisher (EWC)
 CUDA_CONTEXT = 0.5 * GB  # 287–667 MB measured by PyTorch (PR #86509); 0.5 GB as a round middle
@@ -144,11 +145,12 @@ def optimizer_state_bytes(spec: ModelSpec, optimizer: str, precision: str, rank:
         return 2 * (sum(_low_bit_state(r * c, optimizer, state) for r, c in shapes) + others * state)
     if optimizer == "sgd":
         return 0.0
-    if optimizer in PROJECTED_RANK:  # per decoder matrix m ≥ n: m and v of m·r, the projection r·n
+    if optimizer in PROJECTED_RANK:  # per decoder matrix m ≥ n: m and v of m·r, the projection r·n (fp32)
         r = rank or PROJECTED_RANK[optimizer]
         hidden = [(a, b) for a, b in _layer_shapes(spec) if b > 1]
-        low = spec.layers * sum(r * (2 * max(a, b) + min(a, b)) for a, b in hidden)
-        return state * low + 2 * state * (n - spec.layers * sum(a * b for a, b in hidden))
+        moments = spec.layers * sum(2 * r * max(a, b) for a, b in hidden)
+        projections = spec.layers * sum(r * min(a, b) for a, b in hidden)
+        return state * moments + 4 * projections + 2 * state * (n - spec.layers * sum(a * b for a, b in hidden))
     if optimizer == "adam_mini":  # m per weight; v per token (embedding, head), head (q, k), row (the rest)
         h, heads, kv, i = spec.hidden, spec.heads, spec.kv_heads, spec.intermediate
         blocks = spec.vocab * (1 if spec.tied else 2) + spec.layers * (heads + kv + spec.kv_dim + h + 2 * i + h)

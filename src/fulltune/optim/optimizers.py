@@ -13,7 +13,7 @@
 
 In `train.precision: bf16` the weights are bf16 with no fp32 copy, and every update is rounded
 stochastically (E[round(x)] = x), so updates below bf16's resolution still move the weights on
-average: torchao's AdamW variants inside their step, SGD, Adafactor and Muon by optim/rounding.py
+average: torchao's AdamW variants inside their step, SGD, Adafactor, Muon, GaLore and APOLLO by optim/rounding.py
 around theirs (each tensor's step in fp32, written back with stochastic rounding).
 """
 
@@ -28,7 +28,8 @@ from fulltune.optim.projected import projected
 from fulltune.optim.rounding import StochasticRounding
 
 TORCHAO_VERSION = "0.18.0"
-ROUNDED_AROUND = ("sgd", "adafactor", "muon")  # pure bf16: optim/rounding.py (torchao's AdamW variants round inside)
+# pure bf16: optim/rounding.py (torchao's AdamW variants round inside their step)
+ROUNDED_AROUND = ("sgd", "adafactor", "muon", "galore", "apollo", "apollo_mini")
 
 
 def torchao_optim():
@@ -64,7 +65,7 @@ def make_optimizer(groups: list[dict], cfg: OptimConfig, precision: str) -> torc
     optim.cpu_offload (CUDA), torchao's CPUOffloadOptimizer keeps its state on the CPU and steps it there."""
     if precision == "bf16" and cfg.name in ROUNDED_AROUND:  # per tensor in fp32, stochastically rounded back
         return StochasticRounding(groups, lambda one: make_optimizer(one, cfg, "fp32"))
-    if cfg.name in ("galore", "apollo", "apollo_mini"):  # refused with pure bf16, CPU offload and FSDP2
+    if cfg.name in ("galore", "apollo", "apollo_mini"):  # refused with CPU offload and FSDP2
         return projected(groups, cfg)
     if cfg.name == "muon":  # config_checks refuses it under FSDP2 and with CPU offload
         return MuonAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)

@@ -18,8 +18,9 @@ in fp32): memory/estimate.py counts them. The package keeps each projection in a
 `ProjectedAdamW` saves its tensors and numbers instead (checkpoints load with weights_only=True)
 and rebuilds it on resume, so a resumed run projects exactly as the straight one did.
 
-Not combined in this version: pure bf16 (its step has no stochastic rounding), CPU offload, FSDP2
-(refused in one line). A rank above a matrix's shorter side is refused naming `optim.rank`.
+Pure bf16: each tensor's step in fp32 around the package's, stochastically rounded back
+(optim/rounding.py). Not combined in this version: CPU offload, FSDP2 (refused in one line). A rank
+above a matrix's shorter side is refused naming `optim.rank`.
 """
 
 from __future__ import annotations
@@ -101,14 +102,19 @@ class ProjectedAdamW:
         return {"projected": {**sd, "state": {k: _saved(s) for k, s in sd["state"].items()}}}
 
     def load_state_dict(self, state: dict) -> None:
+        """torch's loader casts every state tensor to its parameter's dtype; the projection and APOLLO's
+        0-d norm of the last update (`scaled_grad`, fp32 beside a bf16 weight) are put back as saved."""
         sd = state["projected"]
-        kept = {k: s["projector"] for k, s in sd["state"].items() if "projector" in s}
-        plain = {k: {n: v for n, v in s.items() if n != "projector"} for k, s in sd["state"].items()}
+        aside = {k: {n: v for n, v in s.items() if _as_saved(n, v)} for k, s in sd["state"].items()}
+        plain = {k: {n: v for n, v in s.items() if not _as_saved(n, v)} for k, s in sd["state"].items()}
         self.inner.load_state_dict({**sd, "state": plain})
         params = [(p, g) for g in self.inner.param_groups for p in g["params"]]
-        for k, saved in kept.items():
+        for k, saved in aside.items():
             p, group = params[int(k)]
-            self.inner.state[p]["projector"] = self._projector(group, p, saved)
+            for name, value in saved.items():
+                if name == "projector":
+                    value = self._projector(group, p, value)
+                self.inner.state[p][name] = value.to(p.device) if torch.is_tensor(value) else value
 
     def _projector(self, group: dict, p: torch.Tensor, saved: dict):
         """The package's projector for `p`, as saved (its matrix on the parameter's device)."""
@@ -124,6 +130,10 @@ class ProjectedAdamW:
         for name, value in saved.items():
             setattr(proj, name, value.to(p.device) if torch.is_tensor(value) else value)
         return proj
+
+
+def _as_saved(name: str, value) -> bool:
+    return name == "projector" or (torch.is_tensor(value) and value.ndim == 0)
 
 
 def _saved(state: dict) -> dict:

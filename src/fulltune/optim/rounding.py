@@ -2,7 +2,7 @@
 
 With bf16 weights and no fp32 copy, an update smaller than half the weight's bf16 spacing (2^-8 of
 its magnitude) rounds to nothing, so small learning rates train nothing. torchao's AdamW variants
-round stochastically inside their own step; for SGD, Adafactor and Muon this module does it around
+round stochastically inside their own step; for SGD, Adafactor, Muon, GaLore and APOLLO this module does it around
 theirs, one mechanism for all:
 
 - each parameter gets its own optimiser (the class and settings of the configured one), so the
@@ -82,7 +82,7 @@ class StochasticRounding:
 def _step_in_fp32(opt: torch.optim.Optimizer, p: torch.Tensor) -> None:
     """One bf16 tensor's step computed in fp32, written back with stochastic rounding."""
     weight, grad = p.data, p.grad
-    states = [o.state[p] for o in getattr(opt, "parts", {"": opt}).values()]  # MuonAdamW: its torch part
+    states = [o.state[p] for o in _torch_optimizers(opt)]
     for state in states:  # the state in fp32 for the step (a step counter stays as it is)
         state.update({k: v.float() for k, v in state.items() if _is_state_tensor(v)})
     p.data, p.grad = weight.float(), grad.float()
@@ -93,6 +93,13 @@ def _step_in_fp32(opt: torch.optim.Optimizer, p: torch.Tensor) -> None:
         p.data, p.grad = weight, grad
     for state in states:
         state.update({k: v.to(torch.bfloat16) for k, v in state.items() if _is_state_tensor(v)})
+
+
+def _torch_optimizers(opt) -> list[torch.optim.Optimizer]:
+    """The torch optimisers holding the state: MuonAdamW's parts, ProjectedAdamW's package optimiser."""
+    if hasattr(opt, "parts"):
+        return list(opt.parts.values())
+    return [getattr(opt, "inner", opt)]
 
 
 def _is_state_tensor(v) -> bool:
