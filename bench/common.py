@@ -26,6 +26,20 @@ def bench_env(avx2: bool = False) -> dict:
     return dict(os.environ, PYTHONPATH=str(ROOT / "src"), **(AVX2_CAP if avx2 else {}))
 
 
+def save_results(name: str, rows: list[dict], **extra) -> None:
+    """bench/results/NAME.json: the CPU, its flags, `extra` and the rows."""
+    out = {"cpu": cpu_name(), "flags": cpu_flags(), **extra, "rows": rows}
+    (ROOT / "bench" / "results" / f"{name}.json").write_text(json.dumps(out, indent=1) + "\n")
+
+
+def print_table(head: list[str], aligns: str, lines: list[list[str]]) -> None:
+    """A markdown table: `aligns` one letter a column (l left, r right)."""
+    print("| " + " | ".join(head) + " |")
+    print("| " + " | ".join("---" if a == "l" else "---:" for a in aligns) + " |")
+    for cells in lines:
+        print("| " + " | ".join(cells) + " |")
+
+
 def cpu_flags() -> list[str]:
     return sorted({f for f in Path("/proc/cpuinfo").read_text().split() if f in FLAGS})
 

@@ -13,7 +13,6 @@ bench/results/kl_reference_cost.json.
 from __future__ import annotations
 
 import contextlib
-import json
 import statistics
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, cpu_flags, cpu_name  # noqa: E402
+from common import ROOT, cpu_flags, cpu_name, print_table, save_results  # noqa: E402
 
 from fulltune import kl_reference  # noqa: E402
 from fulltune.config import (  # noqa: E402
@@ -83,16 +82,14 @@ def main() -> None:
     rows = [run(v) for v in ("ce", "live", "cached", "ce again")]
     base = (rows[0]["step_s"] + rows[-1]["step_s"]) / 2
     print(f"{cpu_name()} ({' '.join(cpu_flags())}), 1 thread, torch {torch.__version__}\n")
-    print("| β·KL from | CPU s / step | vs CE (mean of both) | set-up s | memory beyond CE | KL seen / live KL |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        ratio = f"{r['kl_this'] / r['kl_live']:.3f}" if "kl_live" in r else "–"
-        print(
-            f"| {r['variant']} | {r['step_s']:.2f} | {r['step_s'] / base - 1:+.0%} | {r['setup_s']:.1f} "
-            f"| {r['extra_bytes'] / 1e6:.1f} MB | {ratio} |"
-        )
-    out = {"cpu": cpu_name(), "flags": cpu_flags(), "threads": 1, "rows": rows}
-    (ROOT / "bench" / "results" / "kl_reference_cost.json").write_text(json.dumps(out, indent=1) + "\n")
+    lines = [
+        [r["variant"], f"{r['step_s']:.2f}", f"{r['step_s'] / base - 1:+.0%}", f"{r['setup_s']:.1f}",
+         f"{r['extra_bytes'] / 1e6:.1f} MB", f"{r['kl_this'] / r['kl_live']:.3f}" if "kl_live" in r else "–"]
+        for r in rows
+    ]  # fmt: skip
+    head = ["β·KL from", "CPU s / step", "vs CE (mean of both)", "set-up s", "memory beyond CE", "KL seen / live KL"]
+    print_table(head, "lrrrrr", lines)
+    save_results("kl_reference_cost", rows, threads=1)
 
 
 if __name__ == "__main__":

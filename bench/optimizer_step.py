@@ -12,7 +12,6 @@ first is warm-up), median CPU time per step; AdamW first and last. Writes bench/
 from __future__ import annotations
 
 import contextlib
-import json
 import statistics
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, cpu_flags, cpu_name  # noqa: E402
+from common import cpu_flags, cpu_name, print_table, save_results  # noqa: E402
 from kl_reference_cost import examples  # noqa: E402
 
 from fulltune.config import ModelConfig, OptimConfig  # noqa: E402
@@ -57,15 +56,14 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = [run(n) for n in ("adamw", "muon", "adam_mini", "galore", "apollo", "apollo_mini", "adamw")]
     print(f"{cpu_name()} ({' '.join(cpu_flags())}), 1 thread, torch {torch.__version__}\n")
-    print("| optim.name | CPU s / step | state B/param measured | estimated | loss at steps 1 → 6 |")
-    print("| --- | ---: | ---: | ---: | --- |")
-    for r in rows:
-        print(
-            f"| {r['optimizer']} | {r['step_s']:.2f} | {r['state_B_per_param']:.3f} | {r['estimate_B_per_param']:.3f} "
-            f"| {r['losses'][0]:.3f} → {r['losses'][-1]:.3f} |"
-        )
-    out = {"cpu": cpu_name(), "flags": cpu_flags(), "threads": 1, "rows": rows}
-    (ROOT / "bench" / "results" / "optimizer_step.json").write_text(json.dumps(out, indent=1) + "\n")
+    lines = [
+        [r["optimizer"], f"{r['step_s']:.2f}", f"{r['state_B_per_param']:.3f}", f"{r['estimate_B_per_param']:.3f}",
+         f"{r['losses'][0]:.3f} → {r['losses'][-1]:.3f}"]
+        for r in rows
+    ]  # fmt: skip
+    head = ["optim.name", "CPU s / step", "state B/param measured", "estimated", "loss at steps 1 → 6"]
+    print_table(head, "lrrrl", lines)
+    save_results("optimizer_step", rows, threads=1)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from test_train import NOCAST, _examples
 
 from fulltune import distributed as D
 from fulltune.cli import main
-from fulltune.config import OptimConfig, load_config
+from fulltune.config import OPTIMIZER_NAMES, OptimConfig, load_config
 from fulltune.data.loader import IGNORE, collate
 from fulltune.loss import loss_sum
 from fulltune.memory.estimate import TrainSetup, estimate, optimizer_state_bytes
@@ -22,18 +22,7 @@ from fulltune.memory.spec import spec_from_config
 from fulltune.optim.param_groups import build_optimizer, lrs_by_name
 from fulltune.train import run_training, train_step
 
-OPTIMIZERS = [
-    "adamw",
-    "sgd",
-    "adafactor",
-    "adamw8bit",
-    "adamw4bit",
-    "muon",
-    "adam_mini",
-    "galore",
-    "apollo",
-    "apollo_mini",
-]
+OPTIMIZERS = list(OPTIMIZER_NAMES)
 PROJECTED = ("galore", "apollo", "apollo_mini")
 LR = {
     "adamw": 1e-2,

@@ -119,6 +119,20 @@ class DataConfig:
     )
 
 
+OPTIMIZER_NAMES = (
+    "adamw",
+    "sgd",
+    "adafactor",
+    "adamw8bit",
+    "adamw4bit",
+    "muon",
+    "adam_mini",
+    "galore",
+    "apollo",
+    "apollo_mini",
+)
+
+
 @dataclass
 class OptimConfig:
     name: str = opt(
@@ -129,18 +143,7 @@ class OptimConfig:
         "adam_mini (≈4: one second moment per token, head or neuron; the adam-mini package), galore / "
         "apollo / apollo_mini (Adam on the decoder matrices' gradients projected to optim.rank; the "
         "apollo-torch package)",
-        choices=(
-            "adamw",
-            "sgd",
-            "adafactor",
-            "adamw8bit",
-            "adamw4bit",
-            "muon",
-            "adam_mini",
-            "galore",
-            "apollo",
-            "apollo_mini",
-        ),
+        choices=OPTIMIZER_NAMES,
     )
     lr: float = opt(5e-5, "peak learning rate (the top layer's rate with layer_lr_decay)", lo=0.0, lo_open=True)
     weight_decay: float = opt(0.0, "decoupled weight decay, never applied to biases and norm weights", lo=0.0)
