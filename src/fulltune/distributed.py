@@ -135,11 +135,11 @@ def load_sharded(model_cfg, precision: str, device: torch.device):
     copy, on rank 0's host, while loading. A .gguf file is read by every rank."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from fulltune.model import load_theta0
+    from fulltune.model import cast_weights, load_theta0
 
     model, tokenizer, _ = load_theta0(model_cfg, weights=is_main())
     if precision == "bf16":
-        model.to(torch.bfloat16)  # pure bf16: the shards are bf16 (on every rank, meta ones too)
+        cast_weights(model, torch.bfloat16)  # pure bf16: bf16 shards (meta ones too); RoPE's inv_freq stays fp32
     on_meta = any(p.is_meta for p in model.parameters())
     full = model.state_dict() if is_main() else {}  # references to rank 0's full tensors, taken before sharding
     shard(model, device)

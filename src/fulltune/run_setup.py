@@ -30,7 +30,7 @@ from fulltune.memory.measure import PeakMeter, make_resident
 from fulltune.memory.runcheck import warn_if_too_big
 from fulltune.memory.runmemory import RunMemory
 from fulltune.metrics import MetricsLog
-from fulltune.model import compile_layers, load_theta0
+from fulltune.model import cast_weights, compile_layers, load_theta0
 from fulltune.modelcheck import check_model_path
 from fulltune.optim.param_groups import build_optimizer
 from fulltune.optim.schedules import schedule_fn
@@ -206,8 +206,9 @@ def _load_model(cfg: RunConfig, precision: str, device) -> tuple:
     if D.sharded():
         return D.load_sharded(cfg.model, precision, device)  # FSDP2: each rank keeps 1/G of every weight
     model, tokenizer, _ = load_theta0(cfg.model)
-    model.to(device, dtype=torch.bfloat16 if precision == "bf16" else None)
+    model.to(device)
     if precision == "bf16":
+        cast_weights(model, torch.bfloat16)  # RoPE's inv_freq stays fp32
         print("[model] pure bf16: every weight cast to bfloat16, no fp32 copy kept", flush=True)
     make_resident(model)  # the CPU memory check counts the weights as resident before step 1
     return model, tokenizer

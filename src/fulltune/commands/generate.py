@@ -59,13 +59,15 @@ class Sampling:
 def load_for_generation(spec: str, device: torch.device):
     """(model in eval mode, tokenizer, label) for `spec`; a run directory means its final/."""
     from fulltune.config import ModelConfig
-    from fulltune.model import load_theta0
+    from fulltune.model import cast_weights, load_theta0
 
     path = Path(spec).expanduser()
     if spec != "default" and path.is_dir() and not (path / "config.json").exists() and (path / "final").is_dir():
         path = path / "final"
     model, tokenizer, _ = load_theta0(ModelConfig(path="default" if spec == "default" else str(path)), verbose=False)
-    model.requires_grad_(False).eval().to(device, dtype=torch.bfloat16 if device.type == "cuda" else None)
+    model.requires_grad_(False).eval().to(device)
+    if device.type == "cuda":
+        cast_weights(model, torch.bfloat16)  # RoPE's inv_freq stays fp32
     return model, tokenizer, spec
 
 
