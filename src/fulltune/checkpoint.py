@@ -58,7 +58,21 @@ def set_rng_state(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        _set_cuda_rng(state["cuda"], torch.cuda.device_count())
+
+
+def _set_cuda_rng(saved: list, visible: int) -> None:
+    """Each visible GPU's generator from the checkpoint's; a checkpoint from a machine that showed more
+    GPUs (a scheduler that shows each process only its own) restores the first ones, and says so:
+    torch.cuda.set_rng_state_all would index past the visible devices."""
+    for index, generator_state in enumerate(saved[:visible]):
+        torch.cuda.set_rng_state(generator_state, index)
+    if len(saved) != visible:
+        print(
+            f"[train] the checkpoint holds {len(saved)} GPUs' random states and {visible} are visible: "
+            f"restored {min(len(saved), visible)}; a GPU without one keeps its own seed",
+            flush=True,
+        )
 
 
 class Checkpointer:

@@ -64,15 +64,9 @@ def init(device_name: str) -> torch.device | None:
     cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
     if cuda and not torch.cuda.is_available():
         raise UserError("train.device=cuda but no CUDA device is visible")
-    if cuda and local >= torch.cuda.device_count():
-        exc = UserError(
-            f"local rank {local} has no GPU: {torch.cuda.device_count()} visible on this node; "
-            "launch at most that many processes per node (--nproc / --nproc-per-node)"
-        )
-        exc.every_rank = True  # rank 0 may not hit it: this rank reports it itself
-        raise exc
+    index = gpu_index(local, torch.cuda.device_count()) if cuda else 0
     if cuda:
-        torch.cuda.set_device(local)
+        torch.cuda.set_device(index)
     dist.init_process_group(backend(cuda), timeout=timedelta(minutes=30))
     if rank() != 0:  # one rank reports; errors still reach stderr
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - replaces stdout for the rest of the process
@@ -81,7 +75,22 @@ def init(device_name: str) -> torch.device | None:
 
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
-    return torch.device("cuda", local) if cuda else torch.device("cpu")
+    return torch.device("cuda", index) if cuda else torch.device("cpu")
+
+
+def gpu_index(local: int, visible: int) -> int:
+    """This rank's GPU: its local rank; or GPU 0 where a scheduler shows each process only its own
+    (one visible); a local rank past several visible GPUs has none (one line, said by that rank)."""
+    if local < visible:
+        return local
+    if visible == 1:
+        return 0
+    exc = UserError(
+        f"local rank {local} has no GPU: {visible} visible on this node; "
+        "launch at most that many processes per node (--nproc / --nproc-per-node)"
+    )
+    exc.every_rank = True  # rank 0 may not hit it: this rank reports it itself
+    raise exc
 
 
 def shutdown() -> None:

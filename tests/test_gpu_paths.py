@@ -1,0 +1,56 @@
+"""The GPU paths' fixes that a CPU can show (the issue "The GPU path"): pure bf16 casts the weights,
+not the buffers (RoPE's inv_freq stays fp32); GPU random states restore onto fewer visible GPUs; a
+rank finds its GPU where a scheduler shows each process only its own."""
+
+import pytest
+import torch
+from conftest import make_model
+
+from fulltune import checkpoint
+from fulltune.distributed import gpu_index
+from fulltune.errors import UserError
+from fulltune.model import cast_weights
+
+
+def _rotary(model, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rope = model.model.rotary_emb
+    x = torch.zeros(1, 1, 8, dtype=next(model.parameters()).dtype)
+    return rope(x, torch.tensor([[position]]))
+
+
+def test_the_bf16_cast_leaves_rope_in_fp32_and_far_positions_right():
+    fp32 = make_model(64, layers=1, seed=0)
+    bf16 = cast_weights(make_model(64, layers=1, seed=0), torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+    buffers = dict(bf16.named_buffers())
+    assert buffers and all(b.dtype == torch.float32 for b in buffers.values())
+    assert all(torch.equal(buffers[n], b) for n, b in fp32.named_buffers())
+    cos32, sin32 = _rotary(fp32, 2000)
+    cos16, sin16 = _rotary(bf16, 2000)
+    assert cos16.dtype == torch.bfloat16  # cast at the end, from angles computed in fp32
+    assert (cos16.float() - cos32).abs().max() < 2**-8 and (sin16.float() - sin32).abs().max() < 2**-8
+    # what `model.to(torch.bfloat16)` did: the frequencies rounded, the angles far off at position 2,000
+    whole = make_model(64, layers=1, seed=0).to(torch.bfloat16)
+    cos_whole, _ = _rotary(whole, 2000)
+    assert (cos_whole.float() - cos32).abs().max() > 0.1
+
+
+def test_cuda_random_states_restore_onto_fewer_visible_gpus(monkeypatch, capsys):
+    """A checkpoint written where 2 GPUs were visible resumes where 1 is: no IndexError, GPU 0's state
+    restored, one line said (torch.cuda.set_rng_state_all would index past the visible devices)."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((device, state)))
+    saved = [torch.tensor([1], dtype=torch.uint8), torch.tensor([2], dtype=torch.uint8)]
+    checkpoint._set_cuda_rng(saved, visible=1)
+    assert restored == [(0, saved[0])]
+    assert "holds 2 GPUs' random states and 1 are visible: restored 1" in capsys.readouterr().out
+    restored.clear()
+    checkpoint._set_cuda_rng(saved, visible=2)
+    assert [d for d, _ in restored] == [0, 1] and capsys.readouterr().out == ""
+
+
+def test_each_rank_finds_its_gpu_where_a_scheduler_shows_it_only_its_own():
+    assert [gpu_index(r, 4) for r in range(4)] == [0, 1, 2, 3]  # torchrun on one node: cuda:LOCAL_RANK
+    assert gpu_index(3, 1) == 0  # one GPU visible to each process (e.g. Slurm's per-task binding)
+    with pytest.raises(UserError, match=r"^local rank 4 has no GPU: 2 visible on this node"):
+        gpu_index(4, 2)
