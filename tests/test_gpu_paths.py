@@ -54,3 +54,19 @@ def test_each_rank_finds_its_gpu_where_a_scheduler_shows_it_only_its_own():
     assert gpu_index(3, 1) == 0  # one GPU visible to each process (e.g. Slurm's per-task binding)
     with pytest.raises(UserError, match=r"^local rank 4 has no GPU: 2 visible on this node"):
         gpu_index(4, 2)
+
+
+def test_a_gpu_that_only_emulates_bf16_gets_fp32(monkeypatch, capsys):
+    """torch.cuda.is_bf16_supported() counts emulation (V100, T4): auto must pick fp32 there, and pure
+    bf16 be refused in one line unless forced."""
+    from fulltune.runtime import has_bf16_units, resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    cuda = torch.device("cuda")
+    assert not has_bf16_units("cuda") and resolve_precision("auto", cuda) == "fp32"
+    with pytest.raises(UserError, match=r"^train.precision: bf16 refused: this GPU has no bf16 units"):
+        resolve_precision("bf16", cuda)
+    assert resolve_precision("bf16", cuda, force=True) == "bf16"
+    assert resolve_precision("bf16-mixed", cuda) == "bf16-mixed" and "warning" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # A100 and later
+    assert resolve_precision("auto", cuda) == "bf16-mixed"

@@ -46,11 +46,12 @@ def cpu_has_bf16_units() -> bool:
 
 
 def has_bf16_units(device_type: str) -> bool:
-    if device_type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device_type == "cuda":  # emulated bf16 (V100, T4: compute capability < 8.0) does not count
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     return cpu_has_bf16_units()
 
 
+SLOW_BF16_GPU = "this GPU has no bf16 units (compute capability below 8.0, e.g. V100, T4): torch emulates bf16"
 SLOW_BF16 = (
     "this CPU has no bf16 units (no AMX-bf16 or AVX512-bf16 in /proc/cpuinfo, or ONEDNN_MAX_CPU_ISA "
     "caps them off): bf16 matmuls run in "
@@ -64,10 +65,11 @@ def resolve_precision(precision: str, device: torch.device, force: bool = False)
     units = has_bf16_units(device.type)
     if precision == "auto":
         return "bf16-mixed" if units else "fp32"
-    if precision.startswith("bf16") and not units and device.type == "cpu":
+    if precision.startswith("bf16") and not units:
+        why = SLOW_BF16 if device.type == "cpu" else SLOW_BF16_GPU
         if precision == "bf16" and not force:
-            raise UserError(f"train.precision: bf16 refused: {SLOW_BF16}; use fp32, or set train.force_precision=true")
-        print(f"[train] warning: train.precision {precision}: {SLOW_BF16}", flush=True)
+            raise UserError(f"train.precision: bf16 refused: {why}; use fp32, or set train.force_precision=true")
+        print(f"[train] warning: train.precision {precision}: {why}", flush=True)
     return precision
 
 

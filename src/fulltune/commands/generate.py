@@ -60,13 +60,14 @@ def load_for_generation(spec: str, device: torch.device):
     """(model in eval mode, tokenizer, label) for `spec`; a run directory means its final/."""
     from fulltune.config import ModelConfig
     from fulltune.model import cast_weights, load_theta0
+    from fulltune.runtime import has_bf16_units
 
     path = Path(spec).expanduser()
     if spec != "default" and path.is_dir() and not (path / "config.json").exists() and (path / "final").is_dir():
         path = path / "final"
     model, tokenizer, _ = load_theta0(ModelConfig(path="default" if spec == "default" else str(path)), verbose=False)
     model.requires_grad_(False).eval().to(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and has_bf16_units("cuda"):  # not on a GPU that only emulates bf16
         cast_weights(model, torch.bfloat16)  # RoPE's inv_freq stays fp32
     return model, tokenizer, spec
 
