@@ -2,6 +2,8 @@
 not the buffers (RoPE's inv_freq stays fp32); GPU random states restore onto fewer visible GPUs; a
 rank finds its GPU where a scheduler shows each process only its own."""
 
+import re
+
 import pytest
 import torch
 from conftest import make_model
@@ -70,3 +72,52 @@ def test_a_gpu_that_only_emulates_bf16_gets_fp32(monkeypatch, capsys):
     assert resolve_precision("bf16-mixed", cuda) == "bf16-mixed" and "warning" in capsys.readouterr().out
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # A100 and later
     assert resolve_precision("auto", cuda) == "bf16-mixed"
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["optim.grad_clip=1.0"], "optim.grad_clip: 1.0 with optim.cpu_offload, which copies each gradient"),
+        (["optim.grad_clip=0", "train.grad_accum_steps=2"], "train.grad_accum_steps: 2 with optim.cpu_offload"),
+        (["optim.grad_clip=0", "anchor.method=l2sp", "anchor.lam=0.1"], "anchor / optim.decay_toward: with optim"),
+    ],
+)
+def test_what_the_cpu_offload_cannot_reach_is_refused(extra, message):
+    """torchao's CPUOffloadOptimizer copies each gradient to the CPU as backward completes it, frees the
+    GPU's and steps the copy: a clip, an accumulation or a pull toward θ0 after backward would be lost."""
+    from fulltune.config import load_config
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config(None, ["optim.cpu_offload=true", *extra])
+    load_config(None, ["optim.cpu_offload=true", "optim.grad_clip=0"])  # alone it is a valid config
+
+
+def test_cpu_offload_resyncs_its_weights_and_counts_only_device_state():
+    """torchao's CPUOffloadOptimizer asserts a CUDA or XPU device when built, so this CPU test gives
+    the two functions an object with its attributes (param_d2h_map, optim_dict, d_opt): the CPU copy
+    follows the weights loaded from a checkpoint (else the resumed run continues from θ0), and only the
+    on-device optimiser's state is the device's."""
+    from types import SimpleNamespace
+
+    from fulltune.optim.optimizers import device_states, weights_loaded
+
+    big, small = torch.nn.Parameter(torch.full((4,), 2.0)), torch.nn.Parameter(torch.ones(2))
+    host = torch.zeros(4)  # θ0's copy, taken when the optimiser was built
+    d_opt = torch.optim.AdamW([small])
+    small.grad = torch.ones(2)
+    d_opt.step()
+    offload = SimpleNamespace(param_d2h_map={big: host}, optim_dict={big: object()}, d_opt=d_opt)
+    weights_loaded(offload)
+    assert torch.equal(host, big.detach())
+    assert device_states(offload) == list(d_opt.state.values())
+    assert device_states(SimpleNamespace(optim_dict={}, d_opt=None)) == []
+    assert device_states(d_opt) == list(d_opt.state.values())
+    weights_loaded(d_opt)  # any other optimiser: nothing to do
+
+
+def test_cpu_offload_is_refused_under_fsdp2():
+    from fulltune.config import load_config
+    from fulltune.run_setup import _refuse_under_fsdp2
+
+    with pytest.raises(UserError, match=r"^optim.cpu_offload: torchao's CPU offload is for one GPU"):
+        _refuse_under_fsdp2(load_config(None, ["optim.cpu_offload=true", "optim.grad_clip=0"]))

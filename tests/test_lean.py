@@ -216,7 +216,10 @@ def _refused(capsys, tmp_path, tiny_dir, chat_file, *extra) -> str:
             "train.grad_accum_steps: 2 with train.optimizer_in_backward",
         ),
         (["train.optimizer_in_backward=true"], "optim.grad_clip: 1.0 needs the global gradient norm"),
-        (["optim.cpu_offload=true"], "optim.cpu_offload: offloads GPU memory to the CPU; this run is on the CPU"),
+        (
+            ["optim.cpu_offload=true", "optim.grad_clip=0"],
+            "optim.cpu_offload: offloads GPU memory to the CPU; this run is on the CPU",
+        ),
         (["model.activation_offload=true"], "model.activation_offload: offloads GPU memory to the CPU"),
         (["optim.name=adam"], "optim.name: 'adam' is not one of adamw, sgd, adafactor, adamw8bit, adamw4bit, muon"),
         (["optim.name=adam_mini", "train.precision=bf16"], "train.precision: adam_mini's package steps every tensor"),

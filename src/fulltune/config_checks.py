@@ -147,6 +147,30 @@ def _budget_checks(e) -> list[str]:
     return errors
 
 
+def _offload_checks(cfg: RunConfig) -> list[str]:
+    """torchao's CPUOffloadOptimizer copies each gradient to the CPU the moment backward completes it,
+    frees the GPU's, and steps the CPU copy: nothing after backward reaches the update."""
+    if not cfg.optim.cpu_offload:
+        return []
+    o, errors = cfg.optim, []
+    if o.grad_clip > 0:
+        errors.append(
+            f"optim.grad_clip: {o.grad_clip} with optim.cpu_offload, which copies each gradient to the CPU "
+            "before the global norm exists (the clip would miss the update); set optim.grad_clip=0"
+        )
+    if cfg.train.grad_accum_steps > 1:
+        errors.append(
+            f"train.grad_accum_steps: {cfg.train.grad_accum_steps} with optim.cpu_offload, which frees each GPU "
+            "gradient once copied: only the last micro-batch would be stepped; use 1 and a larger micro_batch_size"
+        )
+    if cfg.anchor.lam > 0 or o.decay_toward == "theta0":
+        errors.append(
+            "anchor / optim.decay_toward: with optim.cpu_offload the update happens on the CPU copies, where "
+            "the pulls toward θ0 do not reach; turn one of them off"
+        )
+    return errors
+
+
 def _memory_checks(cfg: RunConfig) -> list[str]:
     """Combinations of the memory savers that cannot work, refused before any model loads."""
     errors, t = [], cfg.train
@@ -183,6 +207,7 @@ def _memory_checks(cfg: RunConfig) -> list[str]:
             )
             if on
         ]
+    errors += _offload_checks(cfg)
     if cfg.optim.name == "muon" and cfg.optim.cpu_offload:
         errors.append(
             "optim.cpu_offload: torchao's CPU offload wraps one optimiser class, and muon is two (Muon and "

@@ -32,6 +32,7 @@ from fulltune.memory.runmemory import RunMemory
 from fulltune.metrics import MetricsLog
 from fulltune.model import cast_weights, compile_layers, load_theta0
 from fulltune.modelcheck import check_model_path
+from fulltune.optim.optimizers import weights_loaded
 from fulltune.optim.param_groups import build_optimizer
 from fulltune.optim.schedules import schedule_fn
 from fulltune.runtime import autocast_factory, check_device_settings, pick_device, resolve_precision
@@ -121,6 +122,11 @@ def _refuse_under_fsdp2(cfg: RunConfig) -> None:
         raise UserError(
             f"optim.name: {cfg.optim.name} fails on sharded (DTensor) states in torchao 0.18 on CPU "
             "and is unmeasured on GPUs; under FSDP2 use adamw, adafactor or sgd"
+        )
+    if cfg.optim.cpu_offload:
+        raise UserError(
+            "optim.cpu_offload: torchao's CPU offload is for one GPU (it pins a copy of each whole weight); "
+            "under FSDP2 (torchrun) the shards already spread the optimiser state: turn it off"
         )
     if cfg.optim.name == "adam_mini":
         raise UserError(
@@ -263,6 +269,7 @@ def _resume(
     """Restore a checkpoint; refuse settings that would silently change the resumed run."""
     checkpoint.check_compatible(path, cfg)
     state = checkpoint.load_checkpoint(path, model, optimizer)
+    weights_loaded(optimizer)  # optim.cpu_offload: its CPU copies of the weights from the checkpoint, not θ0
     checkpoint.check_resumed_run(path, state, cfg, total=total, precision=precision)
     sampler.load_state_dict(state.sampler)
     if D.is_main():  # metrics.jsonl past this step is trimmed by the run's MetricsLog

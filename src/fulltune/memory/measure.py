@@ -201,11 +201,11 @@ def state_bytes(model, optimizer) -> dict:
 
     params = sum(nbytes(p) for p in model.parameters())
     grads = sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None)
-    from fulltune.optim.optimizers import state_tensor_bytes  # torchao's quantised states: their codes and scales
+    from fulltune.optim.optimizers import device_states, state_tensor_bytes  # quantised: codes and scales
 
     opt = sum(
         state_tensor_bytes(local(v))
-        for s in optimizer.state.values()
+        for s in device_states(optimizer)
         for v in s.values()
         if torch.is_tensor(v) and v.ndim > 0
     )

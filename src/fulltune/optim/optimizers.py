@@ -75,6 +75,24 @@ def make_optimizer(groups: list[dict], cfg: OptimConfig, precision: str) -> torc
     return cls(groups, **kwargs)
 
 
+def weights_loaded(optimizer) -> None:
+    """After a checkpoint's weights load: torchao's CPU offload keeps its own CPU copy of each offloaded
+    weight, taken when it was built (θ0), and writes it back to the GPU after every step; copy the loaded
+    weights into it, or the resumed run would silently continue from θ0."""
+    with torch.no_grad():
+        for p_device, p_host in getattr(optimizer, "param_d2h_map", {}).items():
+            p_host.copy_(p_device.detach())
+
+
+def device_states(optimizer) -> list[dict]:
+    """The optimiser's per-tensor states held on the training device. torchao's CPU offload has no
+    `state` of its own: the offloaded tensors' states are its CPU optimisers' (`optim_dict`), and only
+    its on-device optimiser for the small tensors (`d_opt`) holds state on the GPU."""
+    if hasattr(optimizer, "optim_dict"):
+        return list(optimizer.d_opt.state.values()) if optimizer.d_opt is not None else []
+    return list(optimizer.state.values())
+
+
 def set_lr(group: dict, value: float) -> None:
     """torchao keeps lr as a tensor (a new float each step would recompile its step): fill it in place."""
     if torch.is_tensor(group["lr"]):
