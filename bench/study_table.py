@@ -162,7 +162,7 @@ def front(rows: dict) -> set[str]:
 
 HEAD = (
     "| mitigation | kind | seeds | task gain | MC accuracy (3 probes) | MC gold-answer NLL | code NLL (2 probes) "
-    "| KL general | KL task | train s | front |"
+    "| KL general | KL task | train s (shared machine) | front |"
 )
 
 
