@@ -121,3 +121,37 @@ def test_cpu_offload_is_refused_under_fsdp2():
 
     with pytest.raises(UserError, match=r"^optim.cpu_offload: torchao's CPU offload is for one GPU"):
         _refuse_under_fsdp2(load_config(None, ["optim.cpu_offload=true", "optim.grad_clip=0"]))
+
+
+def test_the_step_in_backward_measures_the_norm_without_fp64_copies():
+    """The in-backward norm took `grad.double().pow(2).sum()`: two fp64 copies of every gradient (an
+    8 GB spike on Llama-3-8B's embedding). Recorded with a dispatch mode: no op makes a fp64 tensor of
+    more than one value, and the norm is still the ordinary step's."""
+    from test_lean import _model
+    from test_train import NOCAST, _examples
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fulltune.config import OptimConfig
+    from fulltune.data.loader import collate
+    from fulltune.optim.param_groups import build_optimizer
+    from fulltune.train import train_step
+
+    class LargeDoubles(TorchDispatchMode):
+        seen: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.numel() > 1:
+                    self.seen.append((str(func), tuple(t.shape)))
+            return out
+
+    a, b = _model(), _model()
+    b.load_state_dict(a.state_dict())
+    cfg = OptimConfig(lr=1e-2)
+    batch = [collate(_examples(4, vocab=256), pad_id=2)]
+    ordinary = train_step(a, build_optimizer(a, cfg), batch, NOCAST, grad_clip=0.0)
+    with LargeDoubles() as mode:
+        fused = train_step(b, build_optimizer(b, cfg, in_backward=True), batch, NOCAST, grad_clip=0.0)
+    assert mode.seen == []
+    assert fused.grad_norm == pytest.approx(ordinary.grad_norm, rel=1e-5)
