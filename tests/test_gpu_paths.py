@@ -155,3 +155,31 @@ def test_the_step_in_backward_measures_the_norm_without_fp64_copies():
         fused = train_step(b, build_optimizer(b, cfg, in_backward=True), batch, NOCAST, grad_clip=0.0)
     assert mode.seen == []
     assert fused.grad_norm == pytest.approx(ordinary.grad_norm, rel=1e-5)
+
+
+def test_activation_offload_leaves_the_weights_where_they_are():
+    """save_on_cpu copied every saved tensor out and back, the weights included (fp32 and pure bf16
+    save the parameters themselves for backward). Offloaded now: everything but the parameters, and
+    the gradients are the ones without offloading."""
+    from test_lean import _model
+    from test_train import _examples
+
+    from fulltune.data.loader import collate
+    from fulltune.loss import loss_sum
+    from fulltune.runtime import offload_saved_tensors
+
+    a, b = _model(), _model()
+    b.load_state_dict(a.state_dict())
+    batch = collate(_examples(4, vocab=256), pad_id=2)
+    loss_sum(a, batch).backward()
+    offloaded: list = []
+    with offload_saved_tensors(pin_memory=False, record=offloaded):
+        loss = loss_sum(b, batch)
+    loss.backward()
+    params = {id(p) for p in b.parameters()}
+    kept = [t for moved, t in offloaded if not moved]
+    assert kept and all(id(t) in params for t in kept)  # fp32 saves the weights themselves: they stay
+    assert any(moved for moved, _ in offloaded)  # the activations go
+    assert not any(id(t) in params for moved, t in offloaded if moved)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad)

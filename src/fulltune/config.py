@@ -51,8 +51,8 @@ class ModelConfig:
     )
     activation_offload: bool = opt(
         False,
-        "CUDA: keep the activations saved for backward in pinned CPU memory "
-        "(torch.autograd.graph.save_on_cpu) instead of on the GPU",
+        "CUDA: keep the tensors saved for backward in pinned CPU memory instead of on the GPU (as "
+        "torch.autograd.graph.save_on_cpu, but the weights stay where they are)",
     )
     attn_implementation: str = opt(
         "sdpa",

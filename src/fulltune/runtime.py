@@ -118,8 +118,8 @@ def autocast_factory(precision: str, device: torch.device, offload_activations: 
 
     bf16-mixed: weights, gradients and optimiser state stay fp32; only matmuls run in bf16. fp32 and
     pure bf16 need no autocast: the weights are already in the dtype the matmuls run in.
-    `offload_activations` (CUDA): every tensor saved for backward goes to pinned CPU memory as it is
-    saved and comes back when backward needs it (torch.autograd.graph.save_on_cpu).
+    `offload_activations` (CUDA): every tensor saved for backward but the weights goes to pinned CPU
+    memory as it is saved and comes back when backward needs it (`offload_saved_tensors`).
     """
     cast = contextlib.nullcontext
     if precision == "bf16-mixed":
@@ -129,10 +129,35 @@ def autocast_factory(precision: str, device: torch.device, offload_activations: 
 
     @contextlib.contextmanager
     def cast_and_offload():
-        with cast(), torch.autograd.graph.save_on_cpu(pin_memory=True):
+        with cast(), offload_saved_tensors(pin_memory=True):
             yield
 
     return cast_and_offload
+
+
+def offload_saved_tensors(pin_memory: bool, record: list | None = None):
+    """torch.autograd.graph.save_on_cpu, but a parameter is saved as it is: the model holds it anyway
+    (under FSDP2, the gathered weights are parameters too), so copying it out and back each micro-batch
+    would only move the weights twice. Autocast's bf16 weight copies are new tensors, and go.
+    `record` (tests): (offloaded?, tensor) for each saved tensor."""
+
+    def pack(t: torch.Tensor):
+        keep = isinstance(t, torch.nn.Parameter)
+        if record is not None:
+            record.append((not keep, t))
+        if keep:
+            return t
+        host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=pin_memory and t.is_cuda)
+        host.copy_(t)
+        return t.device, host
+
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        device, host = packed
+        return host.to(device, non_blocking=pin_memory)
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 def machine_line() -> str:

@@ -183,7 +183,7 @@ def activations(spec: ModelSpec, s: TrainSetup) -> tuple[float, str]:
     per_layer = activation_bytes_per_token_layer(spec, s.precision)
     outside = (6 if s.precision in ("bf16-master", "bf16") else 8) * spec.hidden + 12  # embedding output, final norm
     if s.activation_offload:
-        # save_on_cpu moves every saved tensor to pinned host memory as it is saved: the GPU holds the
+        # every saved tensor but the weights goes to pinned host memory as it is saved: the GPU holds the
         # layer being computed (and, in backward, the one being brought back).
         return 2 * tokens * per_layer, f"offloaded to CPU: about two layers' ({per_layer} B/token each) on the GPU"
     if s.activation_checkpointing:
