@@ -183,3 +183,20 @@ def test_activation_offload_leaves_the_weights_where_they_are():
     assert not any(id(t) in params for moved, t in offloaded if moved)
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa.grad, pb.grad)
+
+
+def test_scoring_and_packing_decisions_are_taken_by_every_rank_together(monkeypatch):
+    """Whether to score in prefix trees and whether packing isolates sequences are measured on each
+    rank; if numerics differed between GPUs, ranks would run different forwards and NCCL would hang.
+    Here one process stands for a rank whose own check passed while another rank's failed."""
+    from fulltune import distributed as D
+    from fulltune.data.packing import check_isolation
+    from fulltune.evals.classify import tree_is_exact
+
+    model = make_model(64, layers=1, seed=0)
+    assert tree_is_exact(make_model(64, layers=1, seed=0), "4d", 16)  # alone: exact
+    check_isolation(model, torch.device("cpu"), 64)
+    monkeypatch.setattr(D, "any_rank", lambda flag: True)  # another rank saw a failure
+    assert not tree_is_exact(model, "4d", 16)
+    with pytest.raises(UserError, match=r"^data.packing: LlamaForCausalLM with attention"):
+        check_isolation(model, torch.device("cpu"), 64)

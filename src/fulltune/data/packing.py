@@ -23,6 +23,7 @@ import bisect
 
 import torch
 
+from fulltune import distributed as D
 from fulltune.data.formats import Example
 from fulltune.errors import UserError
 
@@ -82,7 +83,7 @@ def check_isolation(model, device, vocab: int) -> float:
     gap = float((together - alone).abs().max())
     scale = float(alone.abs().max()) or 1.0
     tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
-    if not gap <= tolerance * scale:  # NaN fails too
+    if D.any_rank(not gap <= tolerance * scale):  # NaN fails too; a failure on any rank stops every rank
         attn = getattr(model.config, "_attn_implementation", "?")
         raise UserError(
             f"data.packing: {type(model).__name__} with attention '{attn}' does not keep packed sequences "
