@@ -200,3 +200,40 @@ def test_scoring_and_packing_decisions_are_taken_by_every_rank_together(monkeypa
     assert not tree_is_exact(model, "4d", 16)
     with pytest.raises(UserError, match=r"^data.packing: LlamaForCausalLM with attention"):
         check_isolation(model, torch.device("cpu"), 64)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["train.precision=fp32"], "model.attn_implementation: flash_attention_2 computes in fp16/bf16 only"),
+        (
+            ["data.packing=true", "train.micro_batch_size=2"],
+            "train.micro_batch_size: 2 packed rows with flash_attention_2",
+        ),
+    ],
+)
+def test_flash_attention_refuses_what_it_would_get_wrong(extra, message):
+    from fulltune.config import load_config
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config(None, ["model.attn_implementation=flash_attention_2", *extra])
+    load_config(None, ["model.attn_implementation=flash_attention_2", "data.packing=true", "train.micro_batch_size=1"])
+
+
+def test_the_packing_check_runs_two_rows_to_the_batch():
+    """The isolation check now packs two rows to a batch, as micro_batch_size 2 trains them; sdpa finds
+    packed sequences per row (masking_utils), so it passes, and an attention that lets a row's
+    sequences see each other fails."""
+    from fulltune.data.packing import check_isolation
+
+    model = make_model(64, layers=1, seed=0)
+    assert check_isolation(model, torch.device("cpu"), 64) < 1e-4
+    model.config._attn_implementation = "eager"  # eager with no mask from the position ids: plain causal
+    monkey = model.model.forward
+
+    def causal_only(*args, position_ids=None, **kwargs):
+        return monkey(*args, position_ids=None, **kwargs)  # packing ignored: one causal sequence a row
+
+    model.model.forward = causal_only
+    with pytest.raises(UserError, match=r"does not keep packed sequences apart"):
+        check_isolation(model, torch.device("cpu"), 64)

@@ -156,7 +156,8 @@ def _build(cfg: RunConfig, run_dir: Path, *, resume_from, device, precision: str
     data = load_task_data(cfg, tokenizer, sources)
     data.add_replay(cfg, model, tokenizer, device=device, precision=precision)  # θ0 answers data.replay (cached)
     if cfg.data.packing:  # eager, before compiling: an attention that mixes packed sequences is refused here
-        check_isolation(model, device, model.config.vocab_size)
+        flash = cfg.model.attn_implementation == "flash_attention_2"  # bf16 inputs only: under the run's autocast
+        check_isolation(model, device, model.config.vocab_size, autocast_factory(precision, device) if flash else None)
         D.reshard(model)  # the optimizer below must get the shards, not the root's gathered weights
     if cfg.train.compile:
         compile_layers(model, cfg.train.compile_fallback, device.type)

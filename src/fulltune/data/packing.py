@@ -20,6 +20,7 @@ gives the same rows.
 from __future__ import annotations
 
 import bisect
+import contextlib
 
 import torch
 
@@ -67,22 +68,25 @@ def fill(rows: list[Example], max_len: int) -> float:
 
 
 @torch.no_grad()
-def check_isolation(model, device, vocab: int) -> float:
+def check_isolation(model, device, vocab: int, autocast=None) -> float:
     """Refuse packing where the model's attention does not keep packed sequences apart: the logits
-    of a sequence packed behind another must equal its logits alone. Run in the weights' own dtype
-    (isolation is a property of the mask, not of the precision). Returns the largest gap."""
+    of a sequence packed behind another must equal its logits alone, two packed rows to the batch (as
+    train.micro_batch_size 2 runs them; flash-attn's varlen path sees packing at batch 1 only). Run in
+    the weights' own dtype (isolation is a property of the mask, not of the precision), or under the
+    run's `autocast` where the attention takes bf16 only (flash_attention_2). Returns the largest gap."""
     g = torch.Generator().manual_seed(0)
     first, second = torch.randint(3, vocab, (7,), generator=g), torch.randint(3, vocab, (9,), generator=g)
-    packed = torch.cat([first, second])[None].to(device)
-    positions = torch.tensor([position_ids((7, 9), 16)], device=device)
+    packed = torch.cat([first, second])[None].expand(2, -1).to(device)  # the same packed row twice: batch 2
+    positions = torch.tensor([position_ids((7, 9), 16)] * 2, device=device)
     was_training = model.training
     model.eval()
-    together = model(input_ids=packed, position_ids=positions, use_cache=False).logits[0, 7:].float()
-    alone = model(input_ids=second[None].to(device), use_cache=False).logits[0].float()
+    with autocast() if autocast else contextlib.nullcontext():
+        together = model(input_ids=packed, position_ids=positions, use_cache=False).logits[:, 7:].float()
+        alone = model(input_ids=second[None].to(device), use_cache=False).logits.float()
     model.train(was_training)
     gap = float((together - alone).abs().max())
     scale = float(alone.abs().max()) or 1.0
-    tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
+    tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 and not autocast else 3e-2
     if D.any_rank(not gap <= tolerance * scale):  # NaN fails too; a failure on any rank stops every rank
         attn = getattr(model.config, "_attn_implementation", "?")
         raise UserError(
