@@ -168,7 +168,13 @@ def test_packing_and_group_by_length_together_is_a_config_error(tmp_path):
 def test_flash_attention_on_a_cpu_run_is_refused_before_loading(tiny_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_records(8))
     cfg = load_config(
-        None, tiny_overrides(tiny_dir, data, tmp_path / "run", **{"model.attn_implementation": "flash_attention_2"})
+        None,
+        tiny_overrides(
+            tiny_dir,
+            data,
+            tmp_path / "run",
+            **{"model.attn_implementation": "flash_attention_2", "train.precision": "bf16-mixed"},
+        ),
     )
     with pytest.raises(UserError, match="flash_attention_2 runs on CUDA only"):
         run_training(cfg)
