@@ -24,6 +24,7 @@ from fulltune.data.formats import Example
 from fulltune.data.loader import collate
 from fulltune.memory.estimate import GB, TrainSetup, estimate
 from fulltune.memory.spec import PRESETS, spec_from_config
+from fulltune.model import cast_weights, enable_activation_checkpointing
 from fulltune.optim.param_groups import build_optimizer
 from fulltune.train import train_step
 
@@ -48,9 +49,9 @@ def one(preset: str, mode: str, args, device: torch.device) -> str:
     config = config_of(preset, args.seq) if not args.cpu_tiny else _tiny_config()
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16 if m["precision"] == "bf16" else torch.float32)
+        model = cast_weights(LlamaForCausalLM(config), torch.bfloat16 if m["precision"] == "bf16" else torch.float32)
     if m["ckpt"]:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)  # with model.py's fallback for an older transformers
     model.train()
     optimizer = build_optimizer(model, OptimConfig(name=m["optimizer"], lr=1e-5), m["precision"], m["in_backward"])
     autocast = (

@@ -101,11 +101,7 @@ def load_theta0(cfg: ModelConfig, verbose: bool = True, weights: bool = True):
         # Only used to fill padded positions; they are masked by length, never by id.
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.activation_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.2x; the old name warns there
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_activation_checkpointing(model)
     summary = verify_trainable(model)
     if verbose:
         print(f"[model] θ0 {path}: {summary}", flush=True)
@@ -199,6 +195,15 @@ def compile_failure(exc: BaseException) -> str | None:
         (line for line in lines if "Error" in line or "error" in line), lines[0] if lines else type(exc).__name__
     )
     return f"{type(exc).__name__}: {cause[:240]}"
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Each decoder layer recomputed in backward (non-reentrant), under either name transformers has used."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.2x; the old name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # older transformers (the GPU image's)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
 
 
 def cast_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
