@@ -69,10 +69,10 @@ SAVERS = (
     Saver(
         "optimizer state offloaded to CPU (instead of the step in backward)",
         {"cpu_offload": True, "optimizer_in_backward": False},
-        {"optim.cpu_offload": "true"},
-        "the optimizer steps on the CPU; needs host RAM for the state",
+        {"optim.cpu_offload": "true", "optim.grad_clip": "0", "train.grad_accum_steps": "1"},
+        "the optimizer steps on the CPU (no clipping, no accumulation); needs host RAM for the state",
         one_process_only=True,
-        drops=("train.optimizer_in_backward", "optim.grad_clip", "train.grad_accum_steps"),
+        drops=("train.optimizer_in_backward",),
     ),
     Saver(
         "micro-batch 1",
