@@ -26,6 +26,7 @@ from fulltune.evals import records
 from fulltune.evals.paired import RESAMPLES, SEED, seeds_change, spearman
 
 MC, CODE = ("arc_easy", "piqa", "sciq"), ("humaneval", "mbpp")
+MIN_RUNS = 6  # a bootstrap over fewer runs gives intervals that mean nothing (4 runs: often [+1, +1])
 NAMES = {"arc_easy": "ARC-Easy", "piqa": "PIQA", "sciq": "SciQ", "humaneval": "HumanEval NLL", "mbpp": "MBPP NLL"}
 
 
@@ -213,9 +214,8 @@ def correlations(summary: dict) -> tuple[str, dict]:
             y = [seeds_change(b[name][0], b[name][1], [a[name][1]])["change"] for _, b, a in runs]
             s = spearman(x, y)
             out[f"{key}~{name}"] = s
-            lines.append(
-                f"| {key} | {name} | {s['rho']:+.2f} | [{s['ci95'][0]:+.2f}, {s['ci95'][1]:+.2f}] | {s['n']} |"
-            )
+            ci = f"[{s['ci95'][0]:+.2f}, {s['ci95'][1]:+.2f}]" if s["n"] >= MIN_RUNS else f"– (under {MIN_RUNS} runs)"
+            lines.append(f"| {key} | {name} | {s['rho']:+.2f} | {ci} | {s['n']} |")
     return "\n".join(lines), out
 
 
