@@ -51,6 +51,8 @@ ROWS = {
     "l2sp": ("old", ["anchor.method=l2sp", "anchor.lam=0.1"], "L2-SP toward θ0, λ 0.1"),
     "mix": ("old", ["data.general=[builtin:lambada]", "data.mix_ratio=0.1"], "10 % general text (LAMBADA)"),
     "wise": ("old", [], "WiSE-FT: the baseline's weights halfway back to θ0 (α 0.5), after training"),
+    "wise-replay": ("new + old", [], "WiSE-FT (α 0.5) of the replay run"),
+    "wise-asft": ("new + old", [], "WiSE-FT (α 0.5) of the ASFT run"),
     "dft": ("new", ["loss.type=dft"], "DFT: each token's CE weighted by its probability"),
     "kl": ("new", ["loss.kl_to_theta0=0.1"], "CE + 0.1·KL(θ0 ‖ θ) at the trained tokens"),
     "asft": ("new", ["loss.type=dft", "loss.kl_to_theta0=0.1"], "ASFT: DFT + 0.1·KL(θ0 ‖ θ) (ASFT's default weight)"),
@@ -66,8 +68,9 @@ ROWS = {
 PLAN = [
     *(
         f"sst2/{r}/0"
-        for r in ("baseline", "asft", "replay", "wise", "dft", "asft-cached", "l2sp", "low-lr", "kl", "mix")
+        for r in ("baseline", "asft", "replay", "wise", "dft", "asft-cached", "wise-replay", "wise-asft", "l2sp")
     ),
+    *(f"sst2/{r}/0" for r in ("low-lr", "kl", "mix")),
     *(f"boolq/{r}/0" for r in ("baseline", "asft", "replay", "wise", "dft", "l2sp", "low-lr")),
     *(f"sst2/{r}/{s}" for s in (1, 2) for r in ("baseline", "wise", "asft", "replay", "dft", "l2sp", "low-lr")),
     *(f"boolq/{r}/{s}" for s in (1, 2) for r in ("baseline", "wise", "asft", "replay")),
@@ -81,8 +84,9 @@ def cell_dir(cell: str) -> Path:
 
 def command(cell: str) -> list[str]:
     task, row, seed = cell.split("/")
-    if row == "wise":
-        base, out = f"runs/study/{task}/baseline/seed{seed}", f"runs/study/{cell_dir(cell).relative_to(OUT)}"
+    if row.startswith("wise"):
+        source = row.removeprefix("wise-") if "-" in row else "baseline"
+        base, out = f"runs/study/{task}/{source}/seed{seed}", f"runs/study/{cell_dir(cell).relative_to(OUT)}"
         return ["fulltune", "interpolate", "default", f"{base}/final", "--alphas", "0.5", "--out", str(out)]
     config, *recipe = TASKS[task]
     out = f"runs/study/{cell_dir(cell).relative_to(OUT)}"
@@ -98,15 +102,23 @@ def command(cell: str) -> list[str]:
     ]
 
 
+def wise_source(cell: str) -> str | None:
+    """The trained cell a WiSE-FT cell blends with θ0 (None: not a WiSE-FT cell)."""
+    task, row, seed = cell.split("/")
+    if not row.startswith("wise"):
+        return None
+    return f"{task}/{row.removeprefix('wise-') if '-' in row else 'baseline'}/{seed}"
+
+
 def done(cell: str) -> bool:
-    return (cell_dir(cell) / ("interpolate.json" if "/wise/" in cell else "results.json")).is_file()
+    return (cell_dir(cell) / ("interpolate.json" if wise_source(cell) else "results.json")).is_file()
 
 
 def run_cell(cell: str) -> bool:
     """Run one cell in its own process (its output in DIR.log); False when it failed."""
     folder = cell_dir(cell)
-    if "/wise/" in cell and not done(cell.replace("/wise/", "/baseline/")):
-        print(f"[study] {cell}: waits for its baseline", flush=True)
+    if wise_source(cell) and not done(wise_source(cell)):
+        print(f"[study] {cell}: waits for {wise_source(cell)}", flush=True)
         return False
     cmd = command(cell)
     print(f"[study] {cell}: $ {shlex.join(cmd)}", flush=True)

@@ -20,7 +20,7 @@ import shlex
 
 import numpy as np
 from common import cpu_flags, cpu_name
-from forgetting_study import ROOT, ROWS, cell_dir, command
+from forgetting_study import ROOT, ROWS, cell_dir, command, wise_source
 
 from fulltune.evals import records
 from fulltune.evals.paired import RESAMPLES, SEED, seeds_change, spearman
@@ -35,8 +35,8 @@ def load(cell: str) -> dict:
     task, row, seed = cell.split("/")
     folder = cell_dir(cell)
     wall = (folder / "wall_s.txt").read_text().strip() if (folder / "wall_s.txt").is_file() else None
-    if row == "wise":
-        base = cell_dir(f"{task}/baseline/{seed}")
+    if wise_source(cell):
+        base = cell_dir(wise_source(cell))
         rows = json.loads((folder / "interpolate.json").read_text())["rows"]
         after = next(r for r in rows if r["alpha"] == 0.5)["items"]
         return {
