@@ -137,7 +137,9 @@ def test_the_step_in_backward_measures_the_norm_without_fp64_copies():
     from fulltune.train import train_step
 
     class LargeDoubles(TorchDispatchMode):
-        seen: list = []
+        def __init__(self):
+            super().__init__()
+            self.seen: list = []  # this run's, not a list shared by every instance
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
