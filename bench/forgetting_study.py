@@ -63,17 +63,26 @@ ROWS = {
     ),
     "replay": ("new", [REPLAY, "data.mix_ratio=0.1"], "self-distilled replay: θ0's own answers, 10 % of each step"),
 }
-# The order cells run in: every mitigation once on the first task, the second task's baseline and
-# new mitigations, then the seeds that make the first task's table 3 × 3.
+# The order cells run in: every mitigation once on the first task, the second task's seed-0 sweep,
+# then seeds 1–2 of the rows on or near the front (both tasks), mixing last.
 PLAN = [
     *(
         f"sst2/{r}/0"
         for r in ("baseline", "asft", "replay", "wise", "dft", "asft-cached", "wise-replay", "wise-asft", "l2sp")
     ),
-    *(f"sst2/{r}/0" for r in ("low-lr", "kl", "mix")),
-    *(f"boolq/{r}/0" for r in ("baseline", "asft", "replay", "wise", "dft", "l2sp", "low-lr")),
-    *(f"sst2/{r}/{s}" for s in (1, 2) for r in ("baseline", "wise", "asft", "replay", "dft", "l2sp", "low-lr")),
-    *(f"boolq/{r}/{s}" for s in (1, 2) for r in ("baseline", "wise", "asft", "replay")),
+    *(f"sst2/{r}/0" for r in ("low-lr", "kl")),
+    *(f"boolq/{r}/0" for r in ("baseline", "l2sp", "replay", "wise", "wise-replay", "low-lr", "asft", "dft")),
+    *(
+        f"sst2/{r}/{s}"
+        for s in (1, 2)
+        for r in ("baseline", "wise", "l2sp", "replay", "wise-replay", "low-lr", "asft", "dft")
+    ),
+    *(
+        f"boolq/{r}/{s}"
+        for s in (1, 2)
+        for r in ("baseline", "wise", "l2sp", "replay", "wise-replay", "low-lr", "asft")
+    ),
+    "sst2/mix/0",
 ]
 
 

@@ -91,7 +91,7 @@ def test_measured_state_bytes_equal_the_estimate(name, precision):
     "name",
     OPTIMIZERS
     + ["adamw4bit-in-backward", "adamw-bf16", "muon-in-backward", "sgd-bf16", "adafactor-bf16", "muon-bf16"]
-    + ["apollo-in-backward", "galore-in-backward", "apollo-bf16", "galore-bf16"],
+    + ["apollo-in-backward", "galore-in-backward", "apollo-bf16", "galore-bf16", "adamw4bit-bf16"],
 )
 def test_resume_equals_straight_run_bit_for_bit(tiny_dir, chat_file, tmp_path, name):
     base, _, variant = name.partition("-")

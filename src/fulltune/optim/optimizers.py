@@ -4,7 +4,8 @@
                stochastic rounding and bf16 m and v: 4 B/param
     adamw8bit  torchao AdamW8bit: m and v as uint8 codes + an fp32 scale per 256 values (tensors of
                at least 4096 values; smaller ones keep m and v in the weights' dtype)
-    adamw4bit  torchao AdamW4bit: 4-bit codes + an fp32 scale per 128 values
+    adamw4bit  torchao AdamW4bit: 4-bit codes + an fp32 scale per 128 values (on CPU its update
+               runs through optim/lowbit_cpu.py's vectorised kernel: same state, same codes)
     adafactor  torch Adafactor: a factored second moment, (rows + cols) values per matrix, no first
                moment; its lr is a relative step (scaled by each tensor's RMS), not AdamW's
     sgd        torch SGD (optim.momentum: one buffer, 4 B/param in fp32)
@@ -23,6 +24,7 @@ import torch
 
 from fulltune.config import OptimConfig
 from fulltune.errors import UserError
+from fulltune.optim.lowbit_cpu import adamw4bit_class
 from fulltune.optim.muon import MuonAdamW
 from fulltune.optim.projected import projected
 from fulltune.optim.rounding import StochasticRounding
@@ -56,7 +58,9 @@ def optimizer_class(cfg: OptimConfig, precision: str) -> tuple[type, dict]:
         # fused AdamW runs on CPU too: ~3× faster than the foreach path on 135M parameters.
         return torch.optim.AdamW, {**adam, "fused": True}
     ao = torchao_optim()
-    cls = {"adamw": ao._AdamW, "adamw8bit": ao.AdamW8bit, "adamw4bit": ao.AdamW4bit}[cfg.name]
+    if cfg.name == "adamw4bit":  # torchao's update, its CPU kernel vectorised (optim/lowbit_cpu.py)
+        return adamw4bit_class(ao), {**adam, "bf16_stochastic_round": bf16}
+    cls = {"adamw": ao._AdamW, "adamw8bit": ao.AdamW8bit}[cfg.name]
     return cls, {**adam, "bf16_stochastic_round": bf16}
 
 
