@@ -1,8 +1,9 @@
-"""Peak memory of one optimiser step in pure bf16 with the stochastic rounding around it
-(optim/rounding.py): SGD with momentum, Adafactor and Muon on SmolLM2-135M, against the estimator's
-"optimizer step temporaries" (ROUNDED_STEP_BYTES × the largest tensor).
+"""Peak memory of one optimiser step's temporaries on SmolLM2-135M, against the estimator's
+"optimizer step temporaries" (B per value × the largest tensor): in pure bf16 with the stochastic
+rounding around the step (optim/rounding.py: SGD with momentum, Adafactor, Muon; ROUNDED_STEP_BYTES),
+and the low-bit AdamW's step (LOW_BIT_STEP_BYTES: 8-bit, and 4-bit on fp32 and on bf16 weights).
 
-Each optimiser in its own process state: θ0 in bf16, a gradient of ones on every weight, two steps
+Each optimiser in its own process: θ0 in the precision's weights, a gradient of ones on every weight, two steps
 (the first creates the state), RSS sampled every 2 ms around the second step (glibc in its
 returning mode, as the runs measure), minus the RSS just before it. Writes
 bench/results/rounded_step_memory.json.
@@ -20,16 +21,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, bench_env, cpu_flags, cpu_name  # noqa: E402
 
-CASES = {"sgd-momentum": ("sgd", 0.9), "adafactor": ("adafactor", 0.0), "muon": ("muon", 0.0)}
+# label: (optim.name, momentum, train.precision)
+CASES = {
+    "sgd-momentum": ("sgd", 0.9, "bf16"),
+    "adafactor": ("adafactor", 0.0, "bf16"),
+    "muon": ("muon", 0.0, "bf16"),
+    "adamw8bit": ("adamw8bit", 0.0, "fp32"),
+    "adamw4bit": ("adamw4bit", 0.0, "fp32"),
+    "adamw4bit bf16": ("adamw4bit", 0.0, "bf16"),
+}
 CHILD = """
 import json, sys, torch
 from fulltune.config import ModelConfig, OptimConfig
 from fulltune.memory.measure import PeakMeter
 from fulltune.model import load_theta0
 from fulltune.optim.param_groups import build_optimizer
-name, momentum = sys.argv[1], float(sys.argv[2])
-model = load_theta0(ModelConfig(path="default"), verbose=False)[0].to(torch.bfloat16)
-opt = build_optimizer(model, OptimConfig(name=name, lr=1e-5, momentum=momentum), "bf16")
+name, momentum, precision = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+model = load_theta0(ModelConfig(path="default"), verbose=False)[0]
+model = model.to(torch.bfloat16) if precision == "bf16" else model.float()
+opt = build_optimizer(model, OptimConfig(name=name, lr=1e-5, momentum=momentum), precision)
 for p in model.parameters():
     p.grad = torch.ones_like(p)
 opt.step()
@@ -42,19 +52,20 @@ print(json.dumps({"above_bytes": meter.above_baseline("step")}))
 
 
 def main() -> None:
-    from fulltune.memory.estimate import ROUNDED_STEP_BYTES, _matrix_shapes
+    from fulltune.memory.estimate import LOW_BIT_STEP_BYTES, ROUNDED_STEP_BYTES, _matrix_shapes
     from fulltune.memory.spec import load_spec
 
     largest = max(r * c for r, c in _matrix_shapes(load_spec("smollm2-135m")))
     rows = []
-    for label, (name, momentum) in CASES.items():
-        out = subprocess.run([sys.executable, "-c", CHILD, name, str(momentum)], env=bench_env(), cwd=ROOT,
+    for label, (name, momentum, precision) in CASES.items():
+        out = subprocess.run([sys.executable, "-c", CHILD, name, str(momentum), precision], env=bench_env(), cwd=ROOT,
                              capture_output=True, text=True, check=True).stdout  # fmt: skip
         above = json.loads(out.strip().splitlines()[-1])["above_bytes"]
         rows.append({"optimizer": label, "measured_B_per_value": above / largest,
-                     "estimated_B_per_value": ROUNDED_STEP_BYTES[label], "above_bytes": above})  # fmt: skip
+                     "estimated_B_per_value": ROUNDED_STEP_BYTES.get(label) or LOW_BIT_STEP_BYTES[name], "precision": precision,
+                     "above_bytes": above})  # fmt: skip
     print(f"{cpu_name()} ({' '.join(cpu_flags())}); largest tensor {largest:,} values\n")
-    print("| pure bf16 | step peak above before, measured | B per value of the largest | estimated |")
+    print("| optimiser | step peak above before, measured | B per value of the largest | estimated |")
     print("| --- | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['optimizer']} | {r['above_bytes'] / 1e6:.0f} MB | {r['measured_B_per_value']:.1f} "

@@ -362,7 +362,7 @@ def test_plan_defaults_to_what_auto_trains(capsys):
 def test_low_bit_step_temporaries():
     spec = spec_from_config(_model(hidden=128).config, "test")
     four = estimate(spec, TrainSetup(micro_batch=2, seq_len=32, device="cpu", precision="fp32", optimizer="adamw4bit"))
-    assert four.get("optimizer step temporaries") == 26 * 256 * 128
+    assert four.get("optimizer step temporaries") == 20 * 256 * 128  # optim/lowbit_cpu.py measured
     assert estimate(spec, TrainSetup(device="cpu", optimizer="adamw")).get("optimizer step temporaries") == 0
     # pure bf16 SGD / Adafactor / Muon: one tensor in fp32 at a time, around the stochastic rounding
     for name, per in (("sgd-momentum", 14), ("adafactor", 12), ("muon", 16)):

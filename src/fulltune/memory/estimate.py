@@ -29,10 +29,12 @@ PROJECTED_RANK = {"galore": 16, "apollo": 16, "apollo_mini": 1}  # optim.rank's 
 # torchao's low-bit AdamW states: (bits per value, values per fp32 scale); tensors under 4096 values,
 # or not a multiple of the block, keep m and v unquantised in the weights' dtype.
 LOW_BIT = {"adamw8bit": (8, 256), "adamw4bit": (4, 128)}
-# Their step dequantises one tensor at a time into fp32 temporaries (and, at 4 bits, index tensors
-# to unpack the codes): bytes per value of the tensor being stepped, measured on CPU around
-# optimizer.step() on SmolLM2-135M's shapes (the 28.3M-value embedding: 227 and 752 MB).
-LOW_BIT_STEP_BYTES = {"adamw8bit": 8, "adamw4bit": 26}
+# Their step dequantises one tensor at a time into fp32 temporaries: bytes per value of the tensor
+# being stepped, measured on CPU around optimizer.step() on SmolLM2-135M's shapes (the 28.3M-value
+# embedding; bench/rounded_step_memory.py): 227 MB for torchao's 8-bit step, 568 MB for the 4-bit
+# one through optim/lowbit_cpu.py, on fp32 or bf16 weights (torchao's own 4-bit step: 752 MB, 26 B;
+# on a GPU torchao's kernel runs, its temporaries unmeasured).
+LOW_BIT_STEP_BYTES = {"adamw8bit": 8, "adamw4bit": 20}
 # Pure bf16 SGD / Adafactor / Muon (optim/rounding.py): one tensor at a time in fp32 — its weight and
 # gradient (8 B), the rounding's int32 noise (4 B), and its states (4 B each, their bf16 originals
 # dropped meanwhile: +2 B each), per value of the largest tensor (Muon's largest, the embedding, is
