@@ -61,9 +61,9 @@ def main() -> None:
         out = subprocess.run([sys.executable, "-c", CHILD, name, str(momentum), precision], env=bench_env(), cwd=ROOT,
                              capture_output=True, text=True, check=True).stdout  # fmt: skip
         above = json.loads(out.strip().splitlines()[-1])["above_bytes"]
-        rows.append({"optimizer": label, "measured_B_per_value": above / largest,
-                     "estimated_B_per_value": ROUNDED_STEP_BYTES.get(label) or LOW_BIT_STEP_BYTES[name], "precision": precision,
-                     "above_bytes": above})  # fmt: skip
+        estimated = ROUNDED_STEP_BYTES.get(label) or LOW_BIT_STEP_BYTES[name]
+        rows.append({"optimizer": label, "measured_B_per_value": above / largest, "estimated_B_per_value": estimated,
+                     "precision": precision, "above_bytes": above})  # fmt: skip
     print(f"{cpu_name()} ({' '.join(cpu_flags())}); largest tensor {largest:,} values\n")
     print("| optimiser | step peak above before, measured | B per value of the largest | estimated |")
     print("| --- | ---: | ---: | ---: |")
