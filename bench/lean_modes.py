@@ -41,6 +41,7 @@ MODES = [  # (label, overrides)
     ),
     ("lean (adamw4bit bf16 in-bwd ckpt)", ["train.memory=lean"]),
     ("lean, fp32 weights (no bf16 units)", ["train.memory=lean", "train.precision=fp32"]),
+    ("floor (apollo_mini on every matrix, bf16 in-bwd ckpt)", ["train.memory=floor"]),
 ]
 
 

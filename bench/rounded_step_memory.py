@@ -8,7 +8,7 @@ Each optimiser in its own process: θ0 in the precision's weights, a gradient of
 returning mode, as the runs measure), minus the RSS just before it. Writes
 bench/results/rounded_step_memory.json.
 
-    .venv/bin/python bench/rounded_step_memory.py
+    .venv/bin/python bench/rounded_step_memory.py [LABEL ...]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ CASES = {
     "adamw8bit": ("adamw8bit", 0.0, "fp32"),
     "adamw4bit": ("adamw4bit", 0.0, "fp32"),
     "adamw4bit bf16": ("adamw4bit", 0.0, "bf16"),
+    "floor": ("apollo_mini", 0.0, "bf16"),  # train.memory=floor: the embedding projected too
 }
 CHILD = """
 import json, sys, torch
@@ -39,7 +40,8 @@ from fulltune.optim.param_groups import build_optimizer
 name, momentum, precision = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 model = load_theta0(ModelConfig(path="default"), verbose=False)[0]
 model = model.to(torch.bfloat16) if precision == "bf16" else model.float()
-opt = build_optimizer(model, OptimConfig(name=name, lr=1e-5, momentum=momentum), precision)
+floor = sys.argv[4] == "floor"
+opt = build_optimizer(model, OptimConfig(name=name, lr=1e-5, momentum=momentum, project_embeddings=floor), precision)
 for p in model.parameters():
     p.grad = torch.ones_like(p)
 opt.step()
@@ -57,11 +59,12 @@ def main() -> None:
 
     largest = max(r * c for r, c in _matrix_shapes(load_spec("smollm2-135m")))
     rows = []
-    for label, (name, momentum, precision) in CASES.items():
-        out = subprocess.run([sys.executable, "-c", CHILD, name, str(momentum), precision], env=bench_env(), cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    only = sys.argv[1:] or list(CASES)  # labels to measure (default: all)
+    for label, (name, momentum, precision) in ((k, v) for k, v in CASES.items() if k in only):
+        argv = [sys.executable, "-c", CHILD, name, str(momentum), precision, label]
+        out = subprocess.run(argv, env=bench_env(), cwd=ROOT, capture_output=True, text=True, check=True).stdout
         above = json.loads(out.strip().splitlines()[-1])["above_bytes"]
-        estimated = ROUNDED_STEP_BYTES.get(label) or LOW_BIT_STEP_BYTES[name]
+        estimated = ROUNDED_STEP_BYTES.get(label) or ROUNDED_STEP_BYTES.get(name) or LOW_BIT_STEP_BYTES[name]
         rows.append({"optimizer": label, "measured_B_per_value": above / largest, "estimated_B_per_value": estimated,
                      "precision": precision, "above_bytes": above})  # fmt: skip
     print(f"{cpu_name()} ({' '.join(cpu_flags())}); largest tensor {largest:,} values\n")
@@ -71,7 +74,12 @@ def main() -> None:
         print(f"| {r['optimizer']} | {r['above_bytes'] / 1e6:.0f} MB | {r['measured_B_per_value']:.1f} "
               f"| {r['estimated_B_per_value']} |")  # fmt: skip
     out = {"cpu": cpu_name(), "flags": cpu_flags(), "largest_values": largest, "rows": rows}
-    (ROOT / "bench" / "results" / "rounded_step_memory.json").write_text(json.dumps(out, indent=1) + "\n")
+    path = ROOT / "bench" / "results" / "rounded_step_memory.json"
+    if path.exists():  # a subset replaces its own rows and keeps the others
+        kept = [r for r in json.loads(path.read_text())["rows"] if r["optimizer"] not in only]
+        out["rows"] = [r for r in kept + rows if r["optimizer"] in CASES]
+        out["rows"].sort(key=lambda r: list(CASES).index(r["optimizer"]))
+    path.write_text(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -193,7 +193,8 @@ case("config", "an unknown key")(
         ["optim.lrr=1"],
         _problem(
             "optim.lrr: unknown key (valid: name, lr, weight_decay, betas, eps, momentum, rank, update_proj_gap, "
-            "proj_scale, grad_clip, cpu_offload, decay_toward, layer_lr_decay) (set on the command line)"
+            "project_embeddings, proj_scale, grad_clip, cpu_offload, decay_toward, layer_lr_decay) (set on the "
+            "command line)"
         ),
     )
 )

@@ -522,6 +522,15 @@ case("config", "an optim.rank above a matrix's shorter side")(
         "use at most 16",
     )
 )
+case("config", "optim.project_embeddings with an optimiser that does not project")(
+    lambda c: (
+        ["optim.project_embeddings=true"],
+        _problem(
+            "optim.project_embeddings: only galore, apollo and apollo_mini project gradients, not adamw "
+            "(set on the command line)"
+        ),
+    )
+)
 case("config", "a loss.kl_reference outside its choices")(
     lambda c: (
         ["loss.kl_reference=disk"],

@@ -91,7 +91,7 @@ def test_measured_state_bytes_equal_the_estimate(name, precision):
     "name",
     OPTIMIZERS
     + ["adamw4bit-in-backward", "adamw-bf16", "muon-in-backward", "sgd-bf16", "adafactor-bf16", "muon-bf16"]
-    + ["apollo-in-backward", "galore-in-backward", "apollo-bf16", "galore-bf16", "adamw4bit-bf16"],
+    + ["apollo-in-backward", "galore-in-backward", "apollo-bf16", "galore-bf16", "adamw4bit-bf16", "apollo_mini-floor"],
 )
 def test_resume_equals_straight_run_bit_for_bit(tiny_dir, chat_file, tmp_path, name):
     base, _, variant = name.partition("-")
@@ -102,6 +102,8 @@ def test_resume_equals_straight_run_bit_for_bit(tiny_dir, chat_file, tmp_path, n
         extra["train.optimizer_in_backward"] = True
     if variant == "bf16":
         extra["train.precision"] = "bf16"
+    if variant == "floor":  # the preset's optimiser settings, stepped in backward, in fp32 (bit-exact on CPU)
+        extra.update({"train.memory": "floor", "train.precision": "fp32"})
     run_training(
         load_config(None, tiny_overrides(tiny_dir, chat_file, tmp_path / "a", **extra, **{"train.max_steps": 4}))
     )
@@ -322,6 +324,45 @@ def test_lean_preset_sets_its_keys_and_overrides_win(capsys, monkeypatch, tmp_pa
     ) in out
     state = json.loads((tmp_path / "l" / "results.json").read_text())["state_memory"]
     assert state["measured_per_rank_gb"][0]["grads"] == 0.0  # no gradient outlives its update
+
+
+def test_floor_preset_trains_every_weight_at_about_two_bytes_a_parameter(
+    capsys, monkeypatch, tmp_path, tiny_dir, chat_file
+):
+    """train.memory=floor: APOLLO-Mini on every matrix (the tied embedding too), the step in backward,
+    bf16 weights where the CPU has bf16 units; it prints what it set, every weight moves, no gradient
+    outlives its update, and the measured state is the estimate's (a few values per matrix row)."""
+    monkeypatch.setattr("fulltune.runtime.cpu_has_bf16_units", lambda: True)
+    cfg = load_config(QUICKSTART, ["train.memory=floor", "train.device=cpu"])
+    assert (cfg.train.precision, cfg.optim.name, cfg.optim.project_embeddings, cfg.train.optimizer_in_backward) == (
+        "bf16",
+        "apollo_mini",
+        True,
+        True,
+    )
+    assert cfg.model.activation_checkpointing and cfg.optim.grad_clip == 0.0
+    model = _model(hidden=128)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = build_optimizer(model, OptimConfig(name="apollo_mini", lr=1e-2, project_embeddings=True))
+    assert all(g["hidden_matrix"] == (g["params"][0].ndim == 2) for g in opt.inner.param_groups)
+    for _ in range(2):
+        train_step(model, opt, [collate(_examples(2, vocab=256), pad_id=2)], NOCAST, grad_clip=0.0)
+    assert [n for n, p in model.named_parameters() if torch.equal(p, before[n])] == []
+    spec = spec_from_config(model.config, "test")
+    measured = state_bytes(model, opt)["optimizer"]
+    assert measured == optimizer_state_bytes(spec, "apollo_mini", "fp32", 16, project_embeddings=True)
+    assert measured < 0.2 * optimizer_state_bytes(spec, "apollo_mini", "fp32")  # the embedding's AdamW was most of it
+    run_training(
+        load_config(
+            None,
+            tiny_overrides(tiny_dir, chat_file, tmp_path / "f", **{"train.memory": "floor", "train.max_steps": 2}),
+        )
+    )
+    out = capsys.readouterr().out
+    assert "[train] memory floor: train.precision=fp32, optim.name=apollo_mini, " in out  # the test's fp32 wins
+    assert "optim.project_embeddings=True" in out
+    state = json.loads((tmp_path / "f" / "results.json").read_text())["state_memory"]
+    assert state["measured_per_rank_gb"][0]["grads"] == 0.0
 
 
 # --- the planner recommends only what trains, as overrides the config accepts ----------------------------------------

@@ -154,6 +154,11 @@ class OptimConfig:
         16, "galore / apollo: the projected gradient's rank (apollo_mini: 1); at most each matrix's shorter side", lo=1
     )
     update_proj_gap: int = opt(200, "galore / apollo / apollo_mini: steps between renewals of the projection", lo=1)
+    project_embeddings: bool = opt(
+        False,
+        "galore / apollo / apollo_mini: project the embedding and LM head's gradients too (the floor "
+        "preset's setting), not only the decoder's matrices",
+    )
     proj_scale: float = opt(
         0.0, "galore / apollo / apollo_mini: the update's scale (0: the method's default: 2 / 32 / 128)", lo=0.0
     )
@@ -209,10 +214,11 @@ class TrainConfig:
     )
     memory: str = opt(
         "default",
-        "lean: the measured lowest-memory setup for this device (printed at the start); "
-        "it replaces the config file's values, key=value overrides on the command line win "
-        "over it",
-        choices=("default", "lean"),
+        "lean: the measured best-quality low-memory setup for this device; floor: the least model "
+        "state fulltune trains with (bf16 weights, APOLLO-Mini on every matrix, the step in backward); "
+        "each is printed at the start, replaces the config file's values, and key=value overrides on "
+        "the command line win over it",
+        choices=("default", "lean", "floor"),
     )
     micro_batch_size: int = opt(
         8, "sequences per forward/backward pass (under FSDP2: at most this many per rank)", lo=1
@@ -442,17 +448,17 @@ def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
 
 
 def _apply_preset(raw: dict, pairs: list[tuple[str, Any]]) -> tuple[str, ...]:
-    """train.memory=lean: its settings replace the config file's; key=value overrides still win.
-    Returns the keys it set."""
+    """train.memory=lean or floor: its settings replace the config file's; key=value overrides still
+    win. Returns the keys it set."""
     final = copy.deepcopy(raw)  # the config as it will be, to read train.memory and grad_accum_steps from
     for key, value in pairs:
         _set_dotted(final, key, value)
     train = final.get("train")
-    if not (isinstance(train, dict) and train.get("memory") == "lean"):
+    if not (isinstance(train, dict) and train.get("memory") in ("lean", "floor")):
         return ()
-    from fulltune.runtime import lean_settings
+    from fulltune.runtime import floor_settings, lean_settings
 
-    settings = lean_settings(final)
+    settings = (lean_settings if train["memory"] == "lean" else floor_settings)(final)
     for key, value in settings.items():
         _set_dotted(raw, key, value)
     return tuple(settings)

@@ -239,6 +239,10 @@ def _memory_checks(cfg: RunConfig) -> list[str]:
             f"optim.cpu_offload: torchao's CPU offload wraps one optimiser class, and {cfg.optim.name} keeps "
             "its projections on the parameters' device; turn one of them off"
         )
+    if cfg.optim.project_embeddings and cfg.optim.name not in ("galore", "apollo", "apollo_mini"):
+        errors.append(
+            f"optim.project_embeddings: only galore, apollo and apollo_mini project gradients, not {cfg.optim.name}"
+        )
     if t.precision == "bf16" and cfg.optim.name in ("sgd", "adafactor") and cfg.optim.cpu_offload:
         errors.append(
             f"optim.cpu_offload: torchao's CPU offload wraps one optimiser class, and {cfg.optim.name} in "

@@ -93,9 +93,9 @@ def setup(cfg: RunConfig) -> Run:
     if cfg.train.resume and resume_from is None:
         rundir.refuse_restart_over_final(run_dir, cfg.train.overwrite)
         print(f"[train] no checkpoint in {run_dir / 'checkpoints'}; starting from θ0", flush=True)
-    if cfg.train.memory == "lean":
+    if cfg.train.memory != "default":
         chosen = {k: cfg.get(k) for k in cfg.preset_keys}
-        print("[train] memory lean: " + ", ".join(f"{k}={v}" for k, v in chosen.items()), flush=True)
+        print(f"[train] memory {cfg.train.memory}: " + ", ".join(f"{k}={v}" for k, v in chosen.items()), flush=True)
     sources = read_sources(cfg)  # a missing or malformed file fails before the model loads
     check_run_length(cfg, len(sources["train"][1]))  # ~1e9 epochs: a typo, asked about first
     too_big = warn_if_too_big(cfg, precision, device)

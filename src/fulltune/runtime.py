@@ -113,6 +113,16 @@ def lean_settings(raw: dict) -> dict[str, object]:
     return settings
 
 
+def floor_settings(raw: dict) -> dict[str, object]:
+    """What train.memory=floor sets: lean's weights, checkpointing and step in backward, with
+    APOLLO-Mini (a rank-1 projection, one scale per tensor) on every matrix, the embedding and LM head
+    included, so the optimiser state is a few values per matrix row: ~2 B/param of model state in
+    bf16 (docs/memory.md)."""
+    settings = lean_settings(raw)
+    settings.update({"optim.name": "apollo_mini", "optim.project_embeddings": True})
+    return settings
+
+
 def autocast_factory(precision: str, device: torch.device, offload_activations: bool = False):
     """A zero-argument callable returning the forward pass's context.
 

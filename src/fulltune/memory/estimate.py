@@ -54,6 +54,7 @@ class TrainSetup:
     precision: str = "bf16-mixed"  # fp32 weights + bf16 autocast (see the module doc for the others)
     optimizer: str = "adamw"
     rank: int = 0  # optim.rank for galore / apollo (0: its default)
+    project_embeddings: bool = False  # optim.project_embeddings: the embedding and head projected too
     fp32_grads: bool = False  # mixed precision with fp32 gradient accumulation
     activation_checkpointing: bool = False
     gpus: int = 1
@@ -135,7 +136,9 @@ def _low_bit_state(numel: int, optimizer: str, state: int) -> float:
     return numel * state
 
 
-def optimizer_state_bytes(spec: ModelSpec, optimizer: str, precision: str, rank: int = 0) -> float:
+def optimizer_state_bytes(
+    spec: ModelSpec, optimizer: str, precision: str, rank: int = 0, project_embeddings: bool = False
+) -> float:
     """Bytes of optimiser state for the whole model (besides a bf16-master copy), tensor by tensor."""
     n = spec.n_params
     state = 2 if precision == "bf16" else 4  # states in the parameter's dtype (fp32 for a master copy)
@@ -147,12 +150,14 @@ def optimizer_state_bytes(spec: ModelSpec, optimizer: str, precision: str, rank:
         return 2 * (sum(_low_bit_state(r * c, optimizer, state) for r, c in shapes) + others * state)
     if optimizer == "sgd":
         return 0.0
-    if optimizer in PROJECTED_RANK:  # per decoder matrix m ≥ n: m and v of m·r, the projection r·n (fp32)
-        r = rank or PROJECTED_RANK[optimizer]
-        hidden = [(a, b) for a, b in _layer_shapes(spec) if b > 1]
-        moments = spec.layers * sum(2 * r * max(a, b) for a, b in hidden)
-        projections = spec.layers * sum(r * min(a, b) for a, b in hidden)
-        return state * moments + 4 * projections + 2 * state * (n - spec.layers * sum(a * b for a, b in hidden))
+    if optimizer in PROJECTED_RANK:  # per projected matrix m ≥ n: m and v of m·r, the projection r·n (fp32)
+        r = 1 if optimizer == "apollo_mini" else rank or PROJECTED_RANK[optimizer]
+        hidden = [(a, b) for a, b in _layer_shapes(spec) if b > 1] * spec.layers
+        if project_embeddings:
+            hidden += [(spec.vocab, spec.hidden)] * (1 if spec.tied else 2)
+        moments = sum(2 * r * max(a, b) for a, b in hidden)
+        projections = sum(r * min(a, b) for a, b in hidden)
+        return state * moments + 4 * projections + 2 * state * (n - sum(a * b for a, b in hidden))
     if optimizer == "adam_mini":  # m per weight; v per token (embedding, head), head (q, k), row (the rest)
         h, heads, kv, i = spec.hidden, spec.heads, spec.kv_heads, spec.intermediate
         blocks = spec.vocab * (1 if spec.tied else 2) + spec.layers * (heads + kv + spec.kv_dim + h + 2 * i + h)
@@ -261,7 +266,7 @@ def _gradient_term(spec: ModelSpec, s: TrainSetup, gb: int, *, g_div: float, zer
 
 
 def _optimizer_terms(spec: ModelSpec, s: TrainSetup, o_div: float, zero: str) -> list[Term]:
-    n, opt = spec.n_params, optimizer_state_bytes(spec, s.optimizer, s.precision, s.rank)
+    n, opt = spec.n_params, optimizer_state_bytes(spec, s.optimizer, s.precision, s.rank, s.project_embeddings)
     if s.cpu_offload:
         where = f"{s.optimizer}: {opt / n:.2f} B/param in CPU memory ({opt / GB:.1f} GB of host RAM), none on the GPU"
         return [Term("optimizer state", 0.0, where, "states")]

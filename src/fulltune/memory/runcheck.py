@@ -40,6 +40,7 @@ def train_setup_for(
         kl_theta0=cfg.loss.kl_to_theta0 > 0,
         kl_live=cfg.loss.kl_reference == "live",
         rank=cfg.optim.rank,
+        project_embeddings=cfg.optim.project_embeddings,
     )
 
 

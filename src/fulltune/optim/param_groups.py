@@ -50,7 +50,7 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
         level, label = depth.get(id(p), (0, "all"))
         lr = cfg.lr * cfg.layer_lr_decay ** (-level)
         decay = _decays(name, p) and cfg.weight_decay > 0
-        hidden = is_hidden_matrix(p, id(p) in in_decoder)
+        hidden = is_hidden_matrix(p, id(p) in in_decoder) or (cfg.project_embeddings and p.ndim == 2)
         key = (label, decay, hidden)
         if key not in groups:
             wd = cfg.weight_decay if decay else 0.0
