@@ -266,7 +266,10 @@ def _gradient_term(spec: ModelSpec, s: TrainSetup, gb: int, *, g_div: float, zer
 
 
 def _optimizer_terms(spec: ModelSpec, s: TrainSetup, o_div: float, zero: str) -> list[Term]:
-    n, opt = spec.n_params, optimizer_state_bytes(spec, s.optimizer, s.precision, s.rank, s.project_embeddings)
+    n, opt = (
+        spec.n_params,
+        optimizer_state_bytes(spec, s.optimizer, s.precision, s.rank, project_embeddings=s.project_embeddings),
+    )
     if s.cpu_offload:
         where = f"{s.optimizer}: {opt / n:.2f} B/param in CPU memory ({opt / GB:.1f} GB of host RAM), none on the GPU"
         return [Term("optimizer state", 0.0, where, "states")]
