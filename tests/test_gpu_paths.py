@@ -239,3 +239,91 @@ def test_the_packing_check_runs_two_rows_to_the_batch():
     model.model.forward = causal_only
     with pytest.raises(UserError, match=r"does not keep packed sequences apart"):
         check_isolation(model, torch.device("cpu"), 64)
+
+
+def test_a_step_reads_the_device_a_fixed_number_of_times(monkeypatch):
+    """Each value read back to Python is a host sync on CUDA. The step read its loss parts once per
+    micro-batch (`.item()`, `float`) and the anchor's penalty once per parameter: now the loss parts
+    are read once a step, the penalty once, whatever the micro-batches and parameters number."""
+    import traceback
+    from pathlib import Path
+
+    from test_lean import _model
+    from test_train import NOCAST, _examples
+
+    from fulltune.anchors import Anchor
+    from fulltune.data.loader import collate
+    from fulltune.loss import Objective
+    from fulltune.train import train_step
+
+    reads: list[str] = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name):
+            caller = traceback.extract_stack()[-2]  # fulltune's own reads (transformers' mask code has its own)
+            if "/fulltune/" in caller.filename:
+                reads.append(f"{_name} at {Path(caller.filename).name}:{caller.lineno}")
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    model = _model()
+    theta0 = _model()
+    theta0.load_state_dict(model.state_dict())
+    objective = Objective("dft", kl_beta=0.1, theta0=theta0.eval().requires_grad_(False))
+    anchor = Anchor(model, lam=0.1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    batches = [collate(_examples(2, vocab=256, seed=i), pad_id=2) for i in range(4)]
+    n = sum(int((b["labels"] != -100).sum()) for b in batches)
+    reads.clear()
+    result = train_step(
+        model, optimizer, batches, NOCAST, grad_clip=1.0, anchor=anchor, n_targets=n, objective=objective
+    )
+    assert len(list(model.parameters())) >= 20 and len(batches) == 4
+    assert len(reads) <= 3, reads  # the loss parts, the grad norm, the penalty
+    assert result.finite and result.dft_loss > 0 and result.kl is not None and anchor.last_penalty == 0.0
+
+
+def test_tf32_is_on_for_a_cuda_run_and_the_callers_setting_comes_back():
+    """fp32 runs left TF32 off: fp32 matmuls ~8x slower than they need be on Ampere and later. The
+    switch is process-wide, so the run sets it for its own length and hands the caller's back."""
+    from fulltune.config import load_config
+    from fulltune.runtime import tf32_matmuls
+
+    assert load_config(None, []).train.tf32 is True
+    before = torch.get_float32_matmul_precision()
+    for enabled, inside in ((True, "high"), (False, "highest")):
+        with tf32_matmuls(enabled, torch.device("cuda")):
+            assert torch.get_float32_matmul_precision() == inside
+        assert torch.get_float32_matmul_precision() == before
+    with tf32_matmuls(True, torch.device("cpu")):
+        assert torch.get_float32_matmul_precision() == before  # CPU matmuls are left as they are
+
+
+def test_the_memory_check_stops_measuring_after_memory_steps_on_cuda_too():
+    """On CUDA the memory meter never closed: every step synchronised the device twice and counted
+    its target tokens on the host. It closes after train.memory_steps on every device now (a meter
+    that says it is CUDA's, counting the steps it measured, stands in for the GPU)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from fulltune.memory.runmemory import RunMemory
+    from fulltune.state import TrainerState
+
+    class Meter:
+        device_type, active, sections, measured = "cuda", True, {}, 0
+
+        @contextlib.contextmanager
+        def section(self, name):
+            self.measured += int(self.active)
+            yield
+
+        def stop(self):
+            self.active = False
+
+    meter, cfg = Meter(), SimpleNamespace(train=SimpleNamespace(memory_steps=3))
+    memory = RunMemory(meter, model=None, cfg=cfg, precision="bf16-mixed", state=TrainerState())
+    for _ in range(6):
+        with memory.step([]):
+            pass
+    assert meter.measured == 3 and not meter.active

@@ -7,7 +7,7 @@ import json
 from conftest import QUICKSTART, tiny_overrides
 from safetensors.torch import load_file
 
-from fulltune.atomic import MANIFEST
+from fulltune.atomic import MANIFEST, sha256_file, verify_dir
 from fulltune.cli import main
 
 
@@ -76,3 +76,23 @@ def test_a_checkpoint_from_before_manifests_is_still_resumed(capsys, tiny_dir, c
     capsys.readouterr()
     assert main(_args(tiny_dir, chat_file, out, **{"train.resume": "auto"})) == 0
     assert f"resumed from {out / 'checkpoints' / 'step-0000003'} at step 3" in capsys.readouterr().out
+
+
+def test_files_another_rank_hashed_are_taken_from_its_entries(tmp_path):
+    """Under FSDP2 each rank fsyncs and hashes the shards it wrote (in parallel) and rank 0 writes the
+    manifest from those entries, hashing only its own files: a 70B checkpoint on a network
+    filesystem is not hashed by rank 0 alone while the others wait at a barrier."""
+    from fulltune.atomic import file_entry, write_dir_atomically
+
+    def write(tmp):
+        (tmp / "dcp").mkdir()
+        (tmp / "dcp" / "__1_0.distcp").write_bytes(b"rank one's shard")
+        (tmp / "trainer_state.json").write_text("{}")
+        hashed.update({"dcp/__1_0.distcp": file_entry(tmp / "dcp" / "__1_0.distcp") | {"sha256": "from-rank-1"}})
+
+    hashed: dict = {}
+    final = write_dir_atomically(tmp_path / "ckpt", write, manifest=True, hashed=hashed)
+    listed = json.loads((final / MANIFEST).read_text())["files"]
+    assert listed["dcp/__1_0.distcp"] == {"bytes": 16, "sha256": "from-rank-1"}  # not hashed again
+    assert listed["trainer_state.json"]["sha256"] == sha256_file(final / "trainer_state.json")
+    assert "sha256 differs" in verify_dir(final)  # and verify still reads every byte

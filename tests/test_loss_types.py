@@ -62,8 +62,8 @@ def test_dft_loss_and_gradient_equal_a_hand_computation():
     hand = -(logp.exp().detach() * logp).sum()  # −sg(p_t)·log p_t, summed over the target tokens
     hand.backward(retain_graph=True)
     assert float(s.objective.detach()) == pytest.approx(float(hand.detach()), rel=1e-5)
-    assert s.dft == pytest.approx(float(hand.detach()), rel=1e-5)
-    assert s.ce == pytest.approx(float(-logp.detach().sum()), rel=1e-5)
+    assert float(s.dft) == pytest.approx(float(hand.detach()), rel=1e-5)
+    assert float(s.ce) == pytest.approx(float(-logp.detach().sum()), rel=1e-5)
     for a, b in zip(ours, _grads(model)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     # Not the CE gradient, and not the gradient of p·log p without the stop: the weight matters, detached.
@@ -142,14 +142,14 @@ def test_kl_is_zero_at_theta0_and_the_hand_kl_after_an_update():
     ce = F.cross_entropy(logits, targets, reduction="sum")
     hand_kl = _hand_kl(model, theta0, batch)
     (ce + 0.5 * hand_kl).backward()
-    assert s.kl > 1e-4 and s.kl == pytest.approx(float(hand_kl.detach()), rel=1e-5)
+    assert float(s.kl) > 1e-4 and float(s.kl) == pytest.approx(float(hand_kl.detach()), rel=1e-5)
     assert float(s.objective.detach()) == pytest.approx(float((ce + 0.5 * hand_kl).detach()), rel=1e-5)
     for a, b in zip(ours, _grads(model)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     # The reverse KL(θ ‖ θ0) is another number: the direction is tested, not only the size.
     logits0, _ = _full_logits_at_targets(theta0, batch)
     logq, logp0 = F.log_softmax(logits.detach(), -1), F.log_softmax(logits0, -1)
-    assert float((logq.exp() * (logq - logp0)).sum()) != pytest.approx(s.kl, rel=1e-3)
+    assert float((logq.exp() * (logq - logp0)).sum()) != pytest.approx(float(s.kl), rel=1e-3)
 
 
 def test_kl_works_with_the_step_in_backward():

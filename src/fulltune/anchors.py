@@ -55,14 +55,15 @@ class Anchor:
         value (λ = 0: nothing added)."""
         if self.lam == 0:
             return 0.0
-        penalty = 0.0
+        terms = []  # each parameter's Σ d·(F·d), read once at the end: one host sync, not one per tensor
         for i, (p, p0) in enumerate(zip(self.params, self.theta0)):
             assert p.grad is not None, "every parameter has a gradient after backward in full fine-tuning"
             d = D.local(p.detach()) - p0
             weighted = d * self.fisher[i] if self.fisher is not None else d
-            penalty += float(torch.dot(d.flatten(), weighted.flatten()))
+            terms.append(torch.dot(d.flatten(), weighted.flatten()).double())
             grad = D.local(p.grad)
             grad.add_(weighted.to(grad.dtype), alpha=self.lam)
+        penalty = float(torch.stack(terms).sum()) if terms else 0.0
         self.last_penalty = 0.5 * self.lam * D.all_sum([penalty])[0]
         return self.last_penalty
 
@@ -78,7 +79,8 @@ class Anchor:
     @torch.no_grad()
     def distance(self) -> float:
         """‖θ − θ0‖₂ over every parameter."""
-        mine = sum(float(torch.sum((D.local(p.detach()) - p0) ** 2)) for p, p0 in zip(self.params, self.theta0))
+        terms = [torch.sum((D.local(p.detach()) - p0) ** 2).double() for p, p0 in zip(self.params, self.theta0)]
+        mine = float(torch.stack(terms).sum()) if terms else 0.0  # one host sync
         return D.all_sum([mine])[0] ** 0.5
 
 

@@ -23,12 +23,15 @@ from fulltune.errors import UserError
 MANIFEST = "fulltune-manifest.json"
 
 
-def write_dir_atomically(final: Path, write: Callable[[Path], None], manifest: bool = False, needed: int = 0) -> Path:
+def write_dir_atomically(
+    final: Path, write: Callable[[Path], None], manifest: bool = False, needed: int = 0, hashed: dict | None = None
+) -> Path:
     """Call write(tmp) on a fresh temp directory next to `final`, then move it into place.
 
     A crash or error leaves whatever was at `final` before untouched (the temp dir is removed). A
     full disk or an unwritable directory is one UserError naming the path (`needed`: the bytes the
-    write is expected to take, for the message).
+    write is expected to take, for the message). `hashed`: manifest entries that write() filled in
+    for files someone else already fsynced and hashed (another rank's shards), taken as they are.
     """
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -36,7 +39,7 @@ def write_dir_atomically(final: Path, write: Callable[[Path], None], manifest: b
     except OSError as exc:
         raise UserError(write_failure(exc, final, needed) or f"{final}: cannot write ({exc})") from None
     try:
-        return _write_and_rename(final, tmp, write, manifest)
+        return _write_and_rename(final, tmp, write, manifest=manifest, hashed=hashed)
     except Exception as exc:  # noqa: BLE001 — torch and safetensors report a full disk in their own types
         why = write_failure(exc, final, needed)
         if why is None:
@@ -62,12 +65,12 @@ def write_failure(exc: BaseException, where: Path, needed: int) -> str | None:
     return None
 
 
-def _write_and_rename(final: Path, tmp: Path, write: Callable[[Path], None], manifest: bool) -> Path:
+def _write_and_rename(final: Path, tmp: Path, write: Callable[[Path], None], *, manifest: bool, hashed) -> Path:
     old = final.with_name(f".{final.name}.old")
     try:
         write(tmp)
         if manifest:
-            write_manifest(tmp)
+            write_manifest(tmp, hashed)
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
@@ -103,12 +106,23 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def write_manifest(folder: Path) -> None:
-    """fsync every file, then record each one's size and sha256 in the manifest, written last."""
-    entries = {}
+def file_entry(path: Path) -> dict:
+    """fsync a file, then its manifest entry: size and sha256."""
+    _fsync(path)
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def write_manifest(folder: Path, hashed: dict | None = None) -> None:
+    """fsync every file, then record each one's size and sha256 in the manifest, written last.
+    `hashed`: entries already made where the file was written (by file_entry), by relative path."""
+    entries, hashed = {}, hashed or {}
     for path in _files(folder):
-        _fsync(path)
-        entries[str(path.relative_to(folder))] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        name = str(path.relative_to(folder))
+        if name in hashed:
+            assert hashed[name]["bytes"] == path.stat().st_size, f"{name} changed after it was hashed"
+            entries[name] = hashed[name]
+        else:
+            entries[name] = file_entry(path)
     target = folder / MANIFEST
     with open(target, "w") as fh:
         json.dump({"files": entries}, fh, indent=1)

@@ -24,7 +24,7 @@ from safetensors.torch import load_model, save_model
 from torch.distributed.checkpoint import CheckpointException
 
 from fulltune import distributed as D
-from fulltune.atomic import MANIFEST, verify_dir, write_dir_atomically
+from fulltune.atomic import MANIFEST, file_entry, verify_dir, write_dir_atomically
 from fulltune.errors import UserError
 from fulltune.state import TrainerState
 
@@ -113,11 +113,15 @@ def save_checkpoint(run_dir: Path, *, step: int, model, optimizer, trainer_state
     needed = _bytes(previous[-1]) if previous else 3 * sum(D.local(p).numel() * 4 for p in model.parameters())
     if D.sharded():
         if D.is_main():
+            hashed: dict = {}  # every rank's shards, hashed by the rank that wrote them
             write_dir_atomically(
                 final,
-                lambda tmp: _write_sharded(tmp, run_dir, model=model, optimizer=optimizer, trainer_state=trainer_state),
+                lambda tmp: hashed.update(
+                    _write_sharded(tmp, run_dir, model=model, optimizer=optimizer, trainer_state=trainer_state)
+                ),
                 manifest=True,
                 needed=needed,
+                hashed=hashed,
             )
         else:
             _write_sharded(None, run_dir, model=model, optimizer=optimizer, trainer_state=trainer_state)
@@ -130,8 +134,10 @@ def save_checkpoint(run_dir: Path, *, step: int, model, optimizer, trainer_state
     return final
 
 
-def _write_sharded(tmp: Path | None, run_dir: Path, *, model, optimizer, trainer_state: dict) -> None:
-    """Every rank writes its shards into rank 0's temporary directory; rank 0 adds the small files."""
+def _write_sharded(tmp: Path | None, run_dir: Path, *, model, optimizer, trainer_state: dict) -> dict:
+    """Every rank writes its shards into rank 0's temporary directory, then fsyncs and hashes its own
+    files (the ranks in parallel, not rank 0 alone while the others wait); rank 0 adds the small files.
+    Returns the manifest entries of every rank's files (rank 0's are what counts)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -139,9 +145,14 @@ def _write_sharded(tmp: Path | None, run_dir: Path, *, model, optimizer, trainer
     torch.save(rng_state(), tmp / rng_file(D.rank()))  # every rank's own generators, before the collective save
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp / "dcp"))
+    mine = [tmp / rng_file(D.rank()), *sorted((tmp / "dcp").glob(f"__{D.rank()}_*"))]  # dcp's shard files by rank
+    entries = {}
+    for part in D.gather({str(p.relative_to(tmp)): file_entry(p) for p in mine}):
+        entries.update(part)
     if D.is_main():
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         shutil.copy(run_dir / "config.yaml", tmp / "config.yaml")
+    return entries
 
 
 def _bytes(folder: Path) -> int:

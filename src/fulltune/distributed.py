@@ -98,25 +98,27 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def mixed_precision_policy():
+def mixed_precision_policy(precision: str = "bf16-mixed"):
     """One numerics policy for 1 and G devices, on CPU and CUDA alike: FSDP2 gathers the shards in
-    their own dtype (fp32 master weights for fp32 and bf16-mixed, bf16 for pure bf16) and reduces
-    gradients in it; bf16-mixed computes through the same autocast as one process
-    (runtime.autocast_factory), so norms and the residual stream stay fp32 on any number of ranks."""
+    their own dtype (fp32 master weights for fp32 and bf16-mixed, bf16 for pure bf16); bf16-mixed
+    computes through the same autocast as one process (runtime.autocast_factory), so norms and the
+    residual stream stay fp32 on any number of ranks. Gradients are reduced in fp32: the shards' own
+    dtype, and for pure bf16 an fp32 reduce-scatter whose sum is rounded to bf16 once, not at every hop
+    of the ring (twice the bytes on the wire for those gradients)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    return MixedPrecisionPolicy(param_dtype=None, reduce_dtype=None)
+    return MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32 if precision == "bf16" else None)
 
 
-def shard(model: torch.nn.Module, device: torch.device) -> None:
-    """FSDP2: fully_shard every decoder layer, then the root, under `mixed_precision_policy()`."""
+def shard(model: torch.nn.Module, device: torch.device, precision: str) -> None:
+    """FSDP2: fully_shard every decoder layer, then the root, under `mixed_precision_policy(precision)`."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from fulltune.model import decoder_layers
 
     mesh = init_device_mesh(device.type, (world_size(),))  # CPU ranks stay on CPU on a GPU machine too
-    mp = mixed_precision_policy()
+    mp = mixed_precision_policy(precision)
     for layer in decoder_layers(model):  # each unit moves to the device as it is sharded: 1/G of it stays
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
@@ -151,7 +153,7 @@ def load_sharded(model_cfg, precision: str, device: torch.device):
         cast_weights(model, torch.bfloat16)  # pure bf16: bf16 shards (meta ones too); RoPE's inv_freq stays fp32
     on_meta = any(p.is_meta for p in model.parameters())
     full = model.state_dict() if is_main() else {}  # references to rank 0's full tensors, taken before sharding
-    shard(model, device)
+    shard(model, device, precision)
     if any_rank(on_meta):  # otherwise every rank read the weights (.gguf): nothing to send
         if on_meta:
             model.to_empty(device=device)

@@ -88,9 +88,11 @@ class LossSums(NamedTuple):
     """One micro-batch's sums over its target tokens (the step divides each by its N)."""
 
     objective: torch.Tensor  # what backward runs on: Σ per-token loss (+ β·Σ KL)
-    ce: float  # Σ −log p_t: the step's reported loss whatever the objective (validation loss is CE too)
-    dft: float  # Σ −p_t·log p_t (loss.type dft; else 0)
-    kl: float  # Σ KL(p_θ0 ‖ p_θ) over the target positions (β > 0; else 0)
+    # The parts are detached 0-d tensors, not numbers: reading one is a host sync (on CUDA, a wait for
+    # the GPU), so the step reads all of its micro-batches' parts at once (train._backward).
+    ce: torch.Tensor  # Σ −log p_t: the step's reported loss whatever the objective (validation loss is CE too)
+    dft: torch.Tensor  # Σ −p_t·log p_t (loss.type dft; else 0)
+    kl: torch.Tensor  # Σ KL(p_θ0 ‖ p_θ) over the target positions (β > 0; else 0)
 
 
 @dataclass
@@ -113,23 +115,24 @@ class Objective:
         return sum(t.numel() * t.element_size() for t in self.theta0.parameters())
 
     def sums(self, model, batch: dict) -> LossSums:
-        """The micro-batch's objective (a graph to backpropagate) and its parts as numbers."""
+        """The micro-batch's objective (a graph to backpropagate) and its parts (detached, not read)."""
         if self.type == "ce" and self.kl_beta == 0:  # today's path, bit for bit
             s = loss_sum(model, batch)
-            return LossSums(s, s.item(), 0.0, 0.0)
+            zero = s.new_zeros(())
+            return LossSums(s, s.detach(), zero, zero)
         logits, targets, _ = target_logits(model, batch)
         logq = F.log_softmax(logits.float(), dim=-1)  # [N, V], fp32 as in `target_logprobs`
         logp = logq.gather(-1, targets[:, None]).squeeze(-1)
-        ce = float(-logp.detach().sum())
+        ce, zero = -logp.detach().sum(), logp.new_zeros(())
         if self.type == "dft":
             total = -(logp.detach().exp() * logp).sum()  # the weight p_t carries no gradient
-            dft = float(total.detach())
+            dft = total.detach()
         else:
-            total, dft = -logp.sum(), 0.0
-        kl = 0.0
+            total, dft = -logp.sum(), zero
+        kl = zero
         if self.kl_beta > 0:
             kl_sum = self._kl_sum(logq, batch)
-            total, kl = total + self.kl_beta * kl_sum, float(kl_sum.detach())
+            total, kl = total + self.kl_beta * kl_sum, kl_sum.detach()
         return LossSums(total, ce, dft, kl)
 
     def _kl_sum(self, logq: torch.Tensor, batch: dict) -> torch.Tensor:

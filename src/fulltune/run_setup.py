@@ -182,7 +182,7 @@ def _build(cfg: RunConfig, run_dir: Path, *, resume_from, device, precision: str
         state = _resume(resume_from, run_dir, cfg, model=model, optimizer=optimizer, sampler=sampler,
                         total=total, precision=precision)  # fmt: skip
     state.total_steps, state.precision = total, precision
-    if state.results.memory is not None or (device.type == "cpu" and cfg.train.memory_steps == 0):
+    if state.results.memory is not None or cfg.train.memory_steps == 0:
         meter.stop()  # measured before the resume, or not wanted
     flops, peak = flop_model(model), run_peak(cfg, model, precision, device)
     check_run_time(cfg, total_steps=total - state.step, epoch_flops=_epoch_flops(flops, data),

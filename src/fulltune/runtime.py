@@ -28,6 +28,22 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool, device: torch.device):
+    """CUDA: fp32 matmuls in TF32 (fp32 range, 10-bit mantissa products, fp32 sums; about 8× an IEEE
+    fp32 matmul on Ampere and later) while the run lasts, where `train.tf32` asks; the caller's setting
+    back afterwards. Through torch's one process-wide switch; on CPU nothing changes."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
 # oneDNN instruction-set caps below AVX512_CORE_BF16: with one of these in ONEDNN_MAX_CPU_ISA the matmul
 # kernels use no bf16 units whatever the CPU has (measured with AVX2: bf16 2 GFLOP/s against 230 in fp32).
 ONEDNN_CAPS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}

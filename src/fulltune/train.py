@@ -39,6 +39,7 @@ from fulltune.metrics import Progress
 from fulltune.optim.in_backward import InBackward
 from fulltune.optim.optimizers import set_lr
 from fulltune.run_setup import Run, setup
+from fulltune.runtime import pick_device, tf32_matmuls
 from fulltune.state import StepResult
 from fulltune.stop import StopRequest
 
@@ -91,13 +92,14 @@ def train_step(
 def _backward(model, micro_batches: list[dict], autocast, *, objective: Objective, n_targets: int) -> tuple:
     """Backpropagate each micro-batch's objective / N. Returns the step's mean token CE over every rank
     (the same on each) and StepResult's other parts: the mean DFT term and KL per target token, if on."""
-    totals = [0.0, 0.0, 0.0]  # Σ CE, Σ DFT, Σ KL
+    parts = []  # each micro-batch's (Σ CE, Σ DFT, Σ KL), read once after the last (one host sync a step)
     for batch in micro_batches:
         with autocast():
             s = objective.sums(model, batch)
         (s.objective * D.world_size() / n_targets).backward()  # × 1 is exact: one process computes s / N as before
-        totals = [totals[0] + s.ce, totals[1] + s.dft, totals[2] + s.kl]
-    ce, dft, kl = D.all_sum(totals)
+        parts += [s.ce, s.dft, s.kl]
+    values = torch.stack(parts).tolist() if parts else []  # summed in Python's float64, as before
+    ce, dft, kl = D.all_sum([sum(values[0::3]), sum(values[1::3]), sum(values[2::3])])
     parts = {
         "dft_loss": dft / n_targets if objective.type == "dft" else None,
         "kl": kl / n_targets if objective.kl_beta > 0 else None,
@@ -188,8 +190,10 @@ def finish(run: Run) -> None:
 
 def run_training(cfg) -> Run:
     """setup → task accuracy of θ0 → loop → checkpoint → export, task accuracy of θ*, results.json.
-    SIGINT / SIGTERM (stop.py): at once outside the steps; during them, after the step and a checkpoint."""
-    with StopRequest() as stop, malloc_restored(), rundir.held():  # glibc's settings and the lock: undone after
+    SIGINT / SIGTERM (stop.py): at once outside the steps; during them, after the step and a checkpoint.
+    glibc's settings, the run directory's lock and CUDA's TF32 switch are the caller's again afterwards."""
+    device = pick_device(cfg.train.device)
+    with StopRequest() as stop, malloc_restored(), rundir.held(), tf32_matmuls(cfg.train.tf32, device):  # undone after
         run = setup(cfg)
         if run.state.step == 0:
             during_run.before_training(run)

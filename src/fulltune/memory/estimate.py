@@ -305,9 +305,10 @@ def _autocast_copies(spec: ModelSpec, s: TrainSetup) -> Term:
 
 def _fsdp2_terms(spec: ModelSpec, s: TrainSetup, wb: int, gb: int) -> list[Term]:
     """ZeRO-3 as FSDP2 does it (fully_shard per decoder layer, then the root). The weights are gathered
-    in their own dtype on every device (distributed.mixed_precision_policy). The root unit (embeddings,
-    head, final norm) is used first (embeddings) and last (head, then embeddings in backward): it
-    stays gathered through the step, and its gradient is unsharded until the end of backward."""
+    in their own dtype on every device, the gradients reduced in fp32 (distributed.mixed_precision_policy).
+    The root unit (embeddings, head, final norm) is used first (embeddings) and last (head, then
+    embeddings in backward): it stays gathered through the step, and its gradient is unsharded until
+    the end of backward."""
     gathered = wb
     root = spec.n_embed_params * (1 if spec.tied else 2) + spec.hidden
     return [
@@ -324,6 +325,18 @@ def _fsdp2_terms(spec: ModelSpec, s: TrainSetup, wb: int, gb: int) -> list[Term]
             "transient",
         ),
         Term("root unit gradient", gb * root, "the root unit's gradient, unsharded until backward ends", "transient"),
+        *(
+            [
+                Term(
+                    "fp32 gradient reduce",
+                    4 * root,
+                    "pure bf16: the root's gradient reduce-scattered in fp32",
+                    "transient",
+                )
+            ]
+            if s.precision == "bf16"
+            else []
+        ),
     ]
 
 

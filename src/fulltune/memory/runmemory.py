@@ -7,10 +7,11 @@
         optimizer.zero_grad()
 
 Point 1 keeps the micro-batch with the highest predicted peak (what the peak is compared with) and
-on CPU closes the measurement after `train.memory_steps` steps, since glibc's measuring mode is
-slow. Point 2 measures each rank's bytes of parameters, gradients and optimiser state against the
-estimator. Both results live in the trainer state (`state.results.memory`, `.state_memory`), so a
-resumed run keeps them.
+closes the measurement after `train.memory_steps` steps: on CPU glibc's measuring mode is slow, and on
+CUDA each measured step synchronises the device twice and counts its target tokens on the host.
+Point 2 measures each rank's bytes of parameters, gradients and optimiser state against the estimator.
+Both results live in the trainer state (`state.results.memory`, `.state_memory`), so a resumed run
+keeps them.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class RunMemory:
         with self.meter.section("train"):
             yield
         self.measured_steps += int(self.meter.active)
-        if self.meter.device_type == "cpu" and self.meter.active and self.measured_steps >= self.cfg.train.memory_steps:
+        if self.meter.active and self.measured_steps >= self.cfg.train.memory_steps:
             self.close()  # the peak repeats every step once the optimiser state exists: full speed now
 
     def update_applied(self, model, optimizer) -> None:
