@@ -36,6 +36,7 @@ SHORT = {
     "model.activation_offload": "act-off",
     "optim.cpu_offload": "opt-off",
     "train.micro_batch_size": "mb1",
+    "optim.project_embeddings": "all-matrices",
 }
 
 

@@ -366,3 +366,21 @@ def test_out_of_memory_in_a_step_is_one_line_with_the_breakdown(
     ), line
     assert f". {advice}. Checkpoint {out}/checkpoints/step-0000002 is intact" in line
     assert atomic.verify_dir(out / "checkpoints" / "step-0000002") is None and not (out / "final").exists()
+
+
+@pytest.mark.parametrize("n_gpus", [1, 2, 8])
+def test_every_plan_the_planner_prints_is_a_config_fulltune_accepts(n_gpus):
+    """Recommend only what trains: each model × GPU plan's overrides pass the config checks (APOLLO-Mini
+    and CPU offload, say, are refused together, so the floor's optimiser replaces the offload)."""
+    from fulltune.config import load_config
+    from fulltune.memory.gpus import GPUS
+    from fulltune.memory.plan import plan
+
+    seen = set()
+    for model in ("smollm2-135m", "llama3.2-1b", "qwen2.5-7b", "llama3.1-8b", "llama-70b"):
+        for gpu in GPUS:
+            p = plan(load_spec(model), gpu, n_gpus, TrainSetup(precision="bf16-mixed"))
+            if p.overrides:
+                load_config(None, [f"{k}={v}" for k, v in p.overrides.items()])
+                seen.add(tuple(sorted(p.overrides)))
+    assert n_gpus > 1 or any("optim.name" in keys for keys in seen)

@@ -183,6 +183,7 @@ PRESETS: dict[str, dict] = {
         nominal=2.6e9,
     ),
 }
+PRESETS["llama3.1-70b"] = PRESETS["llama3-70b"]  # 3.1 changed the RoPE scaling and the context, not the sizes
 
 
 @dataclass(frozen=True)
