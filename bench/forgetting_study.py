@@ -7,7 +7,8 @@ seed). A cell that finished (results.json / interpolate.json) is read, not rerun
 where it stopped, across sessions. `--budget-min M` starts no new cell after M minutes.
 
 Tasks: sst2 (configs/quickstart.yaml at lr 3e-4 for 3 epochs: 210 steps, the quickstart run hot) and
-boolq (configs/boolq.yaml at lr 3e-4, 1 epoch: 79 steps of 2 × 512 tokens, the second task).
+subjects (configs/subjects.yaml at lr 3e-4, 1 epoch of 2 × 512-token packed rows, the second task);
+boolq (configs/boolq.yaml at lr 3e-4, 79 steps) is the second task it replaced.
 Every run scores 200 items per multiple-choice probe and 80 per code probe, θ0 from the cache.
 
 The tables (bench/study_table.py) go to docs/forgetting.md between the BENCH markers, the numbers
@@ -34,6 +35,7 @@ OUT = ROOT / "runs" / "study"
 TASKS = {
     "sst2": ["configs/quickstart.yaml", "optim.lr=3e-4", "train.epochs=3"],
     "boolq": ["configs/boolq.yaml", "optim.lr=3e-4"],
+    "subjects": ["configs/subjects.yaml", "optim.lr=3e-4"],
 }
 COMMON = [
     "eval.probe_items=200",
@@ -63,27 +65,26 @@ ROWS = {
     ),
     "replay": ("new", [REPLAY, "data.mix_ratio=0.1"], "self-distilled replay: θ0's own answers, 10 % of each step"),
 }
-# The order cells run in: every mitigation once on the first task, seeds 1–2 of the rows on or near
-# its front, then the second task. BoolQ at lr 3e-4 learned nothing in its first two cells (task
-# 53.0 → 50.0 %, "yes" to almost every question, the training set's 2:1 lean) while forgetting the
-# most of any run: its recipe is being re-measured before the rest of its cells run.
+# The order cells run in: every mitigation once on the first task, seeds 1–2 of the baseline and the
+# rows nearest its front, every mitigation once on the second task (subjects), then the remaining
+# seeds. BoolQ was the first choice of second task: at lr 3e-4 it learned nothing (task 53.0 → 50.0 %,
+# "yes" to almost every question, the training set's 2:1 lean) while forgetting the most of any run,
+# and at lr 1e-4 nothing either; its three finished cells stay in the tables as that record.
+SECOND = ("baseline", "l2sp", "replay", "wise", "wise-replay", "low-lr", "asft", "dft")
 PLAN = [
     *(
         f"sst2/{r}/0"
         for r in ("baseline", "asft", "replay", "wise", "dft", "asft-cached", "wise-replay", "wise-asft", "l2sp")
     ),
     *(f"sst2/{r}/0" for r in ("low-lr", "kl")),
-    *(
-        f"sst2/{r}/{s}"
-        for s in (1, 2)
-        for r in ("baseline", "wise", "l2sp", "replay", "wise-replay", "low-lr", "asft", "dft")
-    ),
-    *(f"boolq/{r}/0" for r in ("baseline", "l2sp", "replay", "wise", "wise-replay", "low-lr", "asft", "dft")),
-    *(
-        f"boolq/{r}/{s}"
-        for s in (1, 2)
-        for r in ("baseline", "wise", "l2sp", "replay", "wise-replay", "low-lr", "asft")
-    ),
+    *(f"sst2/{r}/1" for r in ("baseline", "wise", "l2sp", "replay")),
+    *(f"subjects/{r}/0" for r in SECOND),
+    # the second task's baseline and its two best mitigations at seed 0 (low-lr, L2-SP), seeds 1–2
+    *(f"subjects/{r}/{s}" for s in (1, 2) for r in ("baseline", "low-lr", "l2sp")),
+    *(f"sst2/{r}/1" for r in ("wise-replay", "low-lr", "asft", "dft")),
+    *(f"sst2/{r}/2" for r in SECOND),
+    *(f"subjects/{r}/{s}" for s in (1, 2) for r in SECOND if r not in ("baseline", "low-lr", "l2sp")),
+    *(f"boolq/{r}/0" for r in ("baseline", "l2sp", "replay")),
     "sst2/mix/0",
 ]
 
@@ -125,13 +126,13 @@ def done(cell: str) -> bool:
     return (cell_dir(cell) / ("interpolate.json" if wise_source(cell) else "results.json")).is_file()
 
 
-def run_cell(cell: str) -> bool:
-    """Run one cell in its own process (its output in DIR.log); False when it failed."""
-    folder = cell_dir(cell)
+def run_cell(cell: str, folder: Path | None = None, cmd: list[str] | None = None) -> bool:
+    """Run one cell in its own process (its output in DIR.log); False when it failed. `folder` and
+    `cmd`: another bench's cell (bench/lean_factors.py), run the same way."""
+    folder, cmd = folder or cell_dir(cell), cmd or command(cell)
     if wise_source(cell) and not done(wise_source(cell)):
         print(f"[study] {cell}: waits for {wise_source(cell)}", flush=True)
         return False
-    cmd = command(cell)
     print(f"[study] {cell}: $ {shlex.join(cmd)}", flush=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
