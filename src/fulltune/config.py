@@ -69,7 +69,8 @@ class DataConfig:
         "training data: a .jsonl/.json/.csv/.parquet file, a datasets save_to_disk directory, "
         "or builtin:sst2/train (SST-2 reviews, the instruction in the user turn) / "
         "builtin:sst2-short/train (the same, the instruction as a short system prompt) / "
-        "builtin:boolq/train (BoolQ yes/no questions about a short passage, a system turn)",
+        "builtin:boolq/train (BoolQ yes/no questions about a short passage, a system turn) / "
+        "builtin:subjects/train (MMLU questions labelled with one of five subjects, a system turn)",
     )
     validation: str = opt("", "validation data (same kinds as train); empty: hold out val_fraction of train")
     val_fraction: float = opt(
@@ -206,6 +207,12 @@ class TrainConfig:
         "train in the precision asked for even where it is slow (pure bf16 on a CPU "
         "without bf16 units); a warning instead of an error",
     )
+    tf32: bool = opt(
+        True,
+        "CUDA: fp32 matmuls (fp32 runs, and what autocast leaves in fp32) in TF32 on Ampere and later, "
+        "about 8x faster, fp32 range with a 10-bit mantissa in the products; false: IEEE fp32. "
+        "Nothing changes on CPU",
+    )
     optimizer_in_backward: bool = opt(
         False,
         "update each parameter as soon as its gradient is complete and free that "
@@ -274,8 +281,8 @@ class TrainConfig:
     progress: bool = opt(True, "show a progress bar")
     memory_steps: int = opt(
         3,
-        "CPU: measure the memory peak exactly over the first N steps (glibc made to free at once, "
-        "slower steps), then train at full speed; CUDA measures every step",
+        "measure the memory peak over the first N steps, then train at full speed (CPU: glibc made to "
+        "free at once, slower steps; CUDA: two device syncs a step); 0: no peak check",
         lo=0,
     )
 
