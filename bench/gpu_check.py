@@ -12,7 +12,8 @@ OUT/gpu_check.json and OUT/report.md, the runs' output in OUT/gpu_check.log:
   one         the quickstart's recipe, 10 steps of a random-init SmolLM2-135M-shaped model, one process
   torchrun1   the same under `torchrun --nproc-per-node=1` (FSDP2 over NCCL): the same losses
   resume      one process's step-5 checkpoint resumed under torchrun, and torchrun's in one process
-  packing     packed rows, two to the batch, against each sequence alone (the attention kernel's mask)
+  packing     packed rows, two to the batch, against each sequence alone (the attention kernel's mask);
+              with flash-attn installed, flash_attention_2 too (the two rows run as one row)
   lean        train.memory=lean on a random-init Llama-3.2-1B-shaped model at seq 1024: peak vs estimate
   cpu_offload optim.cpu_offload over 3 steps, then resumed                               (CUDA only)
   act_offload model.activation_offload: the same losses as without                      (CUDA only)
@@ -27,6 +28,7 @@ CUDA-only ones skipped with their reason, so the script cannot rot between GPU l
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -199,6 +201,7 @@ def steps(c: Check, small: Path, large: Path | None) -> None:
         }
 
     def packing(limit):
+        import torch
         from transformers import AutoModelForCausalLM
 
         from fulltune.data.packing import check_isolation
@@ -206,7 +209,14 @@ def steps(c: Check, small: Path, large: Path | None) -> None:
         device = "cpu" if c.dry else "cuda"
         model = AutoModelForCausalLM.from_pretrained(small, attn_implementation="sdpa").to(device)
         gap = check_isolation(model, device, model.config.vocab_size)
-        return {"detail": f"sdpa, two packed rows to the batch: largest logit gap {gap:.2e}"}
+        detail = f"sdpa, two packed rows to the batch: largest logit gap {gap:.2e}"
+        if not c.dry and importlib.util.find_spec("flash_attn"):  # the two rows run as one (packing.as_one_row)
+            flash = AutoModelForCausalLM.from_pretrained(small, attn_implementation="flash_attention_2").to(device)
+            cast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+            detail += (
+                f"; flash_attention_2 as one row: {check_isolation(flash, device, flash.config.vocab_size, cast):.2e}"
+            )
+        return {"detail": detail + ("" if c.dry or importlib.util.find_spec("flash_attn") else "; no flash-attn here")}
 
     def lean(limit):
         seq = 128 if c.dry else 1024

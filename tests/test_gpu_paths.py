@@ -204,22 +204,82 @@ def test_scoring_and_packing_decisions_are_taken_by_every_rank_together(monkeypa
         check_isolation(model, torch.device("cpu"), 64)
 
 
-@pytest.mark.parametrize(
-    "extra,message",
-    [
-        (["train.precision=fp32"], "model.attn_implementation: flash_attention_2 computes in fp16/bf16 only"),
-        (
-            ["data.packing=true", "train.micro_batch_size=2"],
-            "train.micro_batch_size: 2 packed rows with flash_attention_2",
-        ),
-    ],
-)
-def test_flash_attention_refuses_what_it_would_get_wrong(extra, message):
+def test_flash_attention_refuses_fp32_and_takes_packed_batches_of_any_size():
     from fulltune.config import load_config
 
-    with pytest.raises(UserError, match=re.escape(message)):
-        load_config(None, ["model.attn_implementation=flash_attention_2", *extra])
-    load_config(None, ["model.attn_implementation=flash_attention_2", "data.packing=true", "train.micro_batch_size=1"])
+    with pytest.raises(UserError, match=re.escape("flash_attention_2 computes in fp16/bf16 only")):
+        load_config(None, ["model.attn_implementation=flash_attention_2", "train.precision=fp32"])
+    for mb in (1, 4):  # a packed micro-batch of 4 rows runs as one row (packing.as_one_row): no refusal
+        load_config(
+            None, ["model.attn_implementation=flash_attention_2", "data.packing=true", f"train.micro_batch_size={mb}"]
+        )
+
+
+def _as_flash(model, inputs) -> bool:
+    """packing.as_one_row as it decides for flash_attention_2, for any kernel (CPU has no flash-attn:
+    SDPA over one row of B·L tokens, its sequences found from the position ids, stands in for varlen)."""
+    return "position_ids" in inputs and "attention_mask" not in inputs and inputs["input_ids"].shape[0] > 1
+
+
+@pytest.mark.parametrize("plain", [True, False])
+def test_packed_rows_as_one_row_give_the_batched_logits_loss_and_gradients(monkeypatch, plain):
+    """A packed micro-batch of 3 rows run as one row of 3·L tokens (what flash-attention 2 needs to see
+    the sequences) gives each target token the logits, and the step the loss and gradients, of the
+    3-row batch; the forward did see one row. plain: the pre-hook on the LM head; else the logits
+    taken from the whole output (heads outside loss.PLAIN_HEAD_TYPES)."""
+    from test_packing import _examples
+
+    import fulltune.loss as L
+    from fulltune.data.loader import collate, count_targets
+    from fulltune.data.packing import pack
+
+    monkeypatch.setattr(L, "plain_head", lambda model: plain)
+    model = make_model(64, layers=2, seed=1)
+    rows = pack(_examples(14, seed=2), 40, seed=0)[:3]
+    batch = collate(rows, 2)
+    assert batch["input_ids"].shape[0] == 3 and any(len(r.lengths) > 1 for r in rows)
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+
+    def step():
+        model.zero_grad()
+        logits, targets, rows_of = L.target_logits(model, batch)
+        loss = L.loss_sum(model, batch) / count_targets(batch)
+        loss.backward()
+        return logits.detach(), rows_of, float(loss.detach()), [p.grad.clone() for p in model.parameters()]
+
+    want = step()
+    monkeypatch.setattr(L, "as_one_row", _as_flash)
+    got = step()
+    assert seen[0] == (3, batch["input_ids"].shape[1]) and seen[-1] == (1, 3 * batch["input_ids"].shape[1])
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+    assert torch.equal(got[1], want[1]) and got[2] == pytest.approx(want[2], rel=1e-5)
+    for a, b in zip(got[3], want[3]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # It can fail: one row whose positions do not restart is one causal sequence, not the batch.
+    flat = {"input_ids": batch["input_ids"].reshape(1, -1)}
+    with torch.no_grad():
+        mixed = model(**flat, use_cache=False).logits.reshape(3, -1, 64)
+        alone = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    assert not torch.allclose(mixed[1:], alone[1:], atol=1e-3)
+
+
+def test_the_packing_check_runs_one_row_where_flash_attention_would(monkeypatch):
+    """check_isolation flattens its two rows as training does; with the flattening and a kernel that
+    ignores the restarts in the position ids, it refuses."""
+    import fulltune.data.packing as P
+
+    model = make_model(64, layers=1, seed=0)
+    monkeypatch.setattr(P, "as_one_row", _as_flash)
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    assert P.check_isolation(model, torch.device("cpu"), 64) < 1e-4
+    assert seen[0] == (1, 32)
+    import transformers.masking_utils as mu
+
+    monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)  # a kernel blind to them
+    with pytest.raises(UserError, match="does not keep packed sequences apart"):
+        P.check_isolation(model, torch.device("cpu"), 64)
 
 
 def test_the_packing_check_runs_two_rows_to_the_batch():

@@ -20,24 +20,14 @@ def cross_checks(cfg: RunConfig) -> list[str]:
 
 
 def _flash_checks(cfg: RunConfig) -> list[str]:
-    """flash_attention_2 computes in fp16/bf16 only, and transformers finds packed rows in its varlen
-    path only one row to a micro-batch (`_is_packed_sequence`): at batch 2 each packed row would be
-    one causal sequence, its packed sequences attending to each other, silently."""
-    if cfg.model.attn_implementation != "flash_attention_2":
-        return []
-    errors = []
-    if cfg.train.precision == "fp32":
-        errors.append(
+    """flash_attention_2 computes in fp16/bf16 only. (Packed micro-batches of several rows run as one
+    row, where its varlen path finds the sequences: data/packing.as_one_row.)"""
+    if cfg.model.attn_implementation == "flash_attention_2" and cfg.train.precision == "fp32":
+        return [
             "model.attn_implementation: flash_attention_2 computes in fp16/bf16 only; "
             "with train.precision fp32 use sdpa"
-        )
-    if cfg.data.packing and cfg.train.micro_batch_size > 1:
-        errors.append(
-            f"train.micro_batch_size: {cfg.train.micro_batch_size} packed rows with flash_attention_2, whose "
-            "varlen path finds packed sequences only one row to a micro-batch (the rows' sequences would attend "
-            "to each other); use 1 and a longer data.max_seq_len, or model.attn_implementation=sdpa"
-        )
-    return errors
+        ]
+    return []
 
 
 def _length_checks(t: TrainConfig) -> list[str]:

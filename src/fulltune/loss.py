@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from fulltune.data.loader import IGNORE
+from fulltune.data.packing import as_one_row, one_row
 
 PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2"}
 
@@ -57,19 +58,23 @@ def target_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch
         select = labels != IGNORE
         rows, positions = select.nonzero(as_tuple=True)  # row-major: the order of labels[select]
         targets = labels[select]
+    inputs, at = _inputs(batch), (rows, positions)
+    if as_one_row(model, inputs):  # flash-attention 2 finds packed sequences in one row only
+        width = inputs["input_ids"].shape[1]
+        inputs, at = one_row(inputs), (torch.zeros_like(rows), rows * width + positions)
     if plain_head(model):
         # Through the model's own forward (so FSDP2's root hooks gather and reduce its weights), with
         # the LM head's input cut down to the target positions by a pre-hook: logits for N rows, not b·s.
         def only_targets(module, args):
-            return (args[0][rows, positions],)
+            return (args[0][at],)
 
         handle = model.get_output_embeddings().register_forward_pre_hook(only_targets)
         try:
-            logits = model(**_inputs(batch), use_cache=False).logits
+            logits = model(**inputs, use_cache=False).logits
         finally:
             handle.remove()
     else:
-        logits = model(**_inputs(batch), use_cache=False).logits[rows, positions]
+        logits = model(**inputs, use_cache=False).logits[at]
     return logits, targets, rows
 
 

@@ -63,6 +63,25 @@ def position_ids(lengths: tuple[int, ...], width: int) -> list[int]:
     return out + list(range(width - len(out)))
 
 
+def as_one_row(model, inputs: dict) -> bool:
+    """Whether a micro-batch of packed rows runs as one row of B·L tokens: flash-attention 2 finds packed
+    sequences (position ids restarting at 0) only in a batch of one row (transformers'
+    `_is_packed_sequence`), and would otherwise run each packed row as one causal sequence. Its varlen
+    path costs the same either way; SDPA and eager keep the rows (their block mask grows with B·L)."""
+    return (
+        getattr(model.config, "_attn_implementation", None) == "flash_attention_2"
+        and "position_ids" in inputs
+        and "attention_mask" not in inputs
+        and inputs["input_ids"].shape[0] > 1
+    )
+
+
+def one_row(inputs: dict) -> dict:
+    """[B, L] ids and position ids as [1, B·L]: each row's sequences (its padding a sequence of its
+    own) one after another, every sequence still starting at position 0."""
+    return {k: v.reshape(1, -1) for k, v in inputs.items()}
+
+
 def fill(rows: list[Example], max_len: int) -> float:
     return sum(len(r.input_ids) for r in rows) / (max_len * len(rows)) if rows else 0.0
 
@@ -71,7 +90,7 @@ def fill(rows: list[Example], max_len: int) -> float:
 def check_isolation(model, device, vocab: int, autocast=None) -> float:
     """Refuse packing where the model's attention does not keep packed sequences apart: the logits
     of a sequence packed behind another must equal its logits alone, two packed rows to the batch (as
-    train.micro_batch_size 2 runs them; flash-attn's varlen path sees packing at batch 1 only). Run in
+    train.micro_batch_size 2 runs them: flash-attention 2 as one row, `as_one_row`). Run in
     the weights' own dtype (isolation is a property of the mask, not of the precision), or under the
     run's `autocast` where the attention takes bf16 only (flash_attention_2). Returns the largest gap."""
     g = torch.Generator().manual_seed(0)
@@ -80,8 +99,11 @@ def check_isolation(model, device, vocab: int, autocast=None) -> float:
     positions = torch.tensor([position_ids((7, 9), 16)] * 2, device=device)
     was_training = model.training
     model.eval()
+    inputs = {"input_ids": packed, "position_ids": positions}
+    flat = as_one_row(model, inputs)  # as loss.target_logits runs the training rows
     with autocast() if autocast else contextlib.nullcontext():
-        together = model(input_ids=packed, position_ids=positions, use_cache=False).logits[:, 7:].float()
+        logits = model(**(one_row(inputs) if flat else inputs), use_cache=False).logits
+        together = logits.reshape(2, 16, -1)[:, 7:].float()
         alone = model(input_ids=second[None].to(device), use_cache=False).logits.float()
     model.train(was_training)
     gap = float((together - alone).abs().max())
