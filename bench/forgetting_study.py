@@ -4,7 +4,9 @@ on two tasks, every change paired on the same items with its 95 % interval.
 Each cell (task, mitigation, seed) is one `fulltune train` run in its own process, in
 runs/study/TASK/ROW/seedS (WiSE-FT: `fulltune interpolate` at α = 0.5 on the baseline of the same
 seed). A cell that finished (results.json / interpolate.json) is read, not rerun: the study resumes
-where it stopped, across sessions. `--budget-min M` starts no new cell after M minutes.
+where it stopped, across sessions: each finished cell's per-item signals are kept in git
+(bench/results/study/TASK/ROW/seedS.json), so a fresh checkout goes on too. `--budget-min M` starts
+no new cell after M minutes.
 
 Tasks: sst2 (configs/quickstart.yaml at lr 3e-4 for 3 epochs: 210 steps, the quickstart run hot) and
 subjects (configs/subjects.yaml at lr 3e-4, 1 epoch of 2 × 512-token packed rows, the second task);
@@ -32,6 +34,7 @@ from common import bench_env, cpu_flags, cpu_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "runs" / "study"
+KEPT = ROOT / "bench" / "results" / "study"
 TASKS = {
     "sst2": ["configs/quickstart.yaml", "optim.lr=3e-4", "train.epochs=3"],
     "boolq": ["configs/boolq.yaml", "optim.lr=3e-4"],
@@ -65,26 +68,22 @@ ROWS = {
     ),
     "replay": ("new", [REPLAY, "data.mix_ratio=0.1"], "self-distilled replay: θ0's own answers, 10 % of each step"),
 }
-# The order cells run in: every mitigation once on the first task, seeds 1–2 of the baseline and the
-# rows nearest its front, every mitigation once on the second task (subjects), then the remaining
-# seeds. BoolQ was the first choice of second task: at lr 3e-4 it learned nothing (task 53.0 → 50.0 %,
+# The order cells run in. The first session's 31 cells (docs/forgetting.md, 2026-12-07) lived only in
+# runs/, which a fresh checkout lacks; their per-item signals are now kept in git (bench/results/study/)
+# and the plan rebuilds them: the second task first (cheaper, ~8 min a cell), every mitigation × 3
+# seeds, then the first task: 3 seeds of the baseline and the rows on or near its front, one seed of
+# the rest. BoolQ was the first choice of second task: at lr 3e-4 it learned nothing (task 53.0 → 50.0 %,
 # "yes" to almost every question, the training set's 2:1 lean) while forgetting the most of any run,
-# and at lr 1e-4 nothing either; its three finished cells stay in the tables as that record.
+# and at lr 1e-4 nothing either; docs/forgetting.md keeps that record, and its cells are not rerun.
 SECOND = ("baseline", "l2sp", "replay", "wise", "wise-replay", "low-lr", "asft", "dft")
 PLAN = [
+    *(f"subjects/{r}/{s}" for s in (0, 1, 2) for r in SECOND),
     *(
         f"sst2/{r}/0"
         for r in ("baseline", "asft", "replay", "wise", "dft", "asft-cached", "wise-replay", "wise-asft", "l2sp")
     ),
     *(f"sst2/{r}/0" for r in ("low-lr", "kl")),
-    *(f"sst2/{r}/1" for r in ("baseline", "wise", "l2sp", "replay")),
-    *(f"subjects/{r}/0" for r in SECOND),
-    # the second task's baseline and its two best mitigations at seed 0 (low-lr, L2-SP), seeds 1–2
-    *(f"subjects/{r}/{s}" for s in (1, 2) for r in ("baseline", "low-lr", "l2sp")),
-    *(f"sst2/{r}/1" for r in ("wise-replay", "low-lr", "asft", "dft")),
-    *(f"sst2/{r}/2" for r in SECOND),
-    *(f"subjects/{r}/{s}" for s in (1, 2) for r in SECOND if r not in ("baseline", "low-lr", "l2sp")),
-    *(f"boolq/{r}/0" for r in ("baseline", "l2sp", "replay")),
+    *(f"sst2/{r}/{s}" for s in (1, 2) for r in SECOND),
     "sst2/mix/0",
 ]
 
@@ -122,16 +121,27 @@ def wise_source(cell: str) -> str | None:
     return f"{task}/{row.removeprefix('wise-') if '-' in row else 'baseline'}/{seed}"
 
 
-def done(cell: str) -> bool:
+def kept(cell: str) -> Path:
+    """A finished cell's per-item signals, kept in git (study_table.load writes it)."""
+    task, row, seed = cell.split("/")
+    return KEPT / task / row / f"seed{seed}.json"
+
+
+def done_here(cell: str) -> bool:
+    """The cell's run folder is here, finished."""
     return (cell_dir(cell) / ("interpolate.json" if wise_source(cell) else "results.json")).is_file()
+
+
+def done(cell: str) -> bool:
+    return done_here(cell) or kept(cell).is_file()
 
 
 def run_cell(cell: str, folder: Path | None = None, cmd: list[str] | None = None) -> bool:
     """Run one cell in its own process (its output in DIR.log); False when it failed. `folder` and
     `cmd`: another bench's cell (bench/lean_factors.py), run the same way."""
     folder, cmd = folder or cell_dir(cell), cmd or command(cell)
-    if wise_source(cell) and not done(wise_source(cell)):
-        print(f"[study] {cell}: waits for {wise_source(cell)}", flush=True)
+    if wise_source(cell) and not done_here(wise_source(cell)):  # the blend needs its source's final/
+        print(f"[study] {cell}: waits for {wise_source(cell)}'s run folder", flush=True)
         return False
     print(f"[study] {cell}: $ {shlex.join(cmd)}", flush=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -155,7 +165,7 @@ def run_cell(cell: str, folder: Path | None = None, cmd: list[str] | None = None
 
 
 def main() -> None:
-    from study_table import write_results
+    from study_table import load, write_results
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cells", default=",".join(PLAN), help="comma-separated TASK/ROW/SEED cells, in order")
@@ -171,7 +181,8 @@ def main() -> None:
         if args.budget_min is not None and time.perf_counter() - started > 60 * args.budget_min:
             print(f"[study] out of the {args.budget_min:g}-minute budget: {cell} and later cells wait", flush=True)
             break
-        run_cell(cell)
+        if run_cell(cell):
+            load(cell)  # keeps its per-item signals in bench/results/study/ now
     finished = [c for c in PLAN if done(c)]
     write_results(finished, write=not args.no_write)
 

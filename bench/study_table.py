@@ -20,7 +20,7 @@ import shlex
 
 import numpy as np
 from common import cpu_flags, cpu_name
-from forgetting_study import ROOT, ROWS, cell_dir, command, wise_source
+from forgetting_study import ROOT, ROWS, cell_dir, command, done_here, kept, wise_source
 
 from fulltune.evals import records
 from fulltune.evals.paired import RESAMPLES, SEED, seeds_change, spearman
@@ -30,10 +30,31 @@ MIN_RUNS = 6  # a bootstrap over fewer runs gives intervals that mean nothing (4
 NAMES = {"arc_easy": "ARC-Easy", "piqa": "PIQA", "sciq": "SciQ", "humaneval": "HumanEval NLL", "mbpp": "MBPP NLL"}
 
 
+def _compact(record: dict) -> dict:
+    """The part of a records file the tables read: the task's and each probe's per-item signals."""
+    keep = {"correct": 0, "gold_logprob": 4, "nll": 4}  # value -> decimals kept
+
+    def lists(d: dict) -> dict:
+        return {k: [round(v, keep[k]) if keep[k] else int(v) for v in d[k]] for k in keep if k in d}
+
+    return {"task": lists(record["task"]), "probes": {n: lists(v) for n, v in record["probes"].items()}}
+
+
 def load(cell: str) -> dict:
-    """One finished cell: θ0's and θ*'s per-item records, the drift KL, times."""
-    task, row, seed = cell.split("/")
+    """One finished cell: θ0's and θ*'s per-item records, the drift KL, times. From the run's folder
+    when it is there (and then kept, compact, in bench/results/study/, which git holds), else from
+    what was kept: a fresh checkout goes on with the study without rerunning its cells."""
     folder = cell_dir(cell)
+    if not done_here(cell):
+        return json.loads(kept(cell).read_text())
+    out = _load_run(cell, folder)
+    out = out | {"before": _compact(out["before"]), "after": _compact(out["after"])}
+    kept(cell).parent.mkdir(parents=True, exist_ok=True)
+    kept(cell).write_text(json.dumps(out, separators=(",", ":")) + "\n")
+    return out
+
+
+def _load_run(cell: str, folder) -> dict:
     wall = (folder / "wall_s.txt").read_text().strip() if (folder / "wall_s.txt").is_file() else None
     if wise_source(cell):
         base = cell_dir(wise_source(cell))
