@@ -216,8 +216,8 @@ class TrainConfig:
     optimizer_in_backward: bool = opt(
         False,
         "update each parameter as soon as its gradient is complete and free that "
-        "gradient (no whole-model gradients); needs grad_accum_steps 1 and "
-        "optim.grad_clip 0",
+        "gradient (no whole-model gradients); needs grad_accum_steps 1; optim.grad_clip then scales "
+        "each gradient by the previous step's global norm (step 1: one more pass measures its own)",
     )
     memory: str = opt(
         "default",

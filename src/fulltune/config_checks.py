@@ -192,11 +192,6 @@ def _memory_checks(cfg: RunConfig) -> list[str]:
                 f"train.grad_accum_steps: {t.grad_accum_steps} with {why}, i.e. once per micro-batch; "
                 "use grad_accum_steps 1 (and a larger micro_batch_size) or turn it off"
             )
-        if cfg.optim.grad_clip > 0:
-            errors.append(
-                f"optim.grad_clip: {cfg.optim.grad_clip} needs the global gradient norm before any update, "
-                f"but {why}; set optim.grad_clip=0 or turn it off"
-            )
         if cfg.optim.cpu_offload:
             errors.append(
                 "optim.cpu_offload: torchao's CPU offload already steps each parameter from a backward hook; "

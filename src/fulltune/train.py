@@ -69,6 +69,12 @@ def train_step(
     `memory`: the run's memory check, told when the update is applied (gradients still alive).
     `objective`: the loss (loss.py; default token CE); the result's loss is the mean token CE always."""
     n_targets = n_targets or int(D.all_sum([sum(count_targets(b) for b in micro_batches)])[0])
+    assert not isinstance(optimizer, InBackward) or optimizer.clip == grad_clip, (
+        "the step in backward clips by optim.grad_clip"
+    )
+    if isinstance(optimizer, InBackward) and optimizer.needs_norm:  # the clip's first norm: one more pass, once
+        with optimizer.measuring():
+            _backward(model, micro_batches, autocast, objective=objective or Objective(), n_targets=n_targets)
     loss, parts = _backward(model, micro_batches, autocast, objective=objective or Objective(), n_targets=n_targets)
     if isinstance(optimizer, InBackward):  # every parameter was updated, and its gradient freed, in backward
         result = StepResult(loss, float(optimizer.take_grad_norm()), applied=True, **parts)

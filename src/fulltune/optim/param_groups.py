@@ -81,7 +81,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, precision: str = "fp32",
     if cfg.name in ("galore", "apollo", "apollo_mini"):  # a rank above a matrix's side: one line, naming the key
         check_rank(groups, settings(cfg)["rank"], {id(p): n for n, p in model.named_parameters()})
     if in_backward:
-        return InBackward(model, groups, lambda one: make_optimizer(one, cfg, precision))
+        return InBackward(model, groups, lambda one: make_optimizer(one, cfg, precision), clip=cfg.grad_clip)
     return make_optimizer(groups, cfg, precision)
 
 
