@@ -91,7 +91,8 @@ case("data", "a list where text belongs, after a schema change")(
 case("data", "columns of no known format")(
     lambda c: (
         _data(_jsonl(c, "c.jsonl", [{"foo": "x"}] * 3)),
-        f"{c.tmp / 'c.jsonl'}: cannot tell the format from columns foo (expected messages, prompt+completion, or text)",
+        f"{c.tmp / 'c.jsonl'}: cannot tell the format from columns foo (expected messages, conversations (ShareGPT), "
+        "prompt+completion, instruction+output (Alpaca), or text)",
     )
 )
 case("data", "data.format that the columns do not hold")(
@@ -122,6 +123,31 @@ case("data", "an unknown role")(
     lambda c: (
         _data(_jsonl(c, "ur.jsonl", [{"messages": [{"role": "tool", "content": "x"}]}] * 3)),
         f"{c.tmp / 'ur.jsonl'}:1: unknown role 'tool' (system, user, assistant)",
+    )
+)
+case("data", "a ShareGPT turn with an unknown role")(
+    lambda c: (
+        _data(_jsonl(c, "sg.jsonl", [{"conversations": [{"from": "tool", "value": "x"}]}] * 3)),
+        f"{c.tmp / 'sg.jsonl'}:1: ShareGPT role 'tool' is not one of human, gpt, system",
+    )
+)
+case("data", "an Alpaca output that is not a string")(
+    lambda c: (
+        _data(_jsonl(c, "al.jsonl", [{"instruction": "rate it", "output": 3}] * 3)),
+        f"{c.tmp / 'al.jsonl'}:1: Alpaca's output must be a string, got int",
+    )
+)
+case("data", "a weight on a user turn")(
+    lambda c: (
+        _data(
+            _jsonl(
+                c,
+                "w.jsonl",
+                [{"messages": [{"role": "user", "content": "a", "weight": 0}, {"role": "assistant", "content": "b"}]}]
+                * 3,
+            )
+        ),  # fmt: skip
+        f"{c.tmp / 'w.jsonl'}:1: weight 0 on a user turn; weight is 0 or 1, on assistant turns",
     )
 )
 case("data", "a prompt that is not a string")(

@@ -144,3 +144,82 @@ def test_a_csv_record_is_named_by_the_line_it_starts_on(tmp_path):
     assert len(load_records(str(path))) == 2
     assert [row_location(str(path), i) for i in (0, 1)] == [f"{path}:2", f"{path}:5"]
     assert row_location(str(tmp_path / "d.parquet"), 0) == f"{tmp_path / 'd.parquet'} (record 1)"
+
+
+def _encoded(tmp_path, rows, tokenizer=TOK, **cfg):
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    examples, _ = encode_dataset(load_records(str(path)), tokenizer, DataConfig(**cfg), str(path))
+    return examples
+
+
+def _targets(example, tokenizer=TOK) -> str:
+    return tokenizer.decode([t for t, m in zip(example.input_ids, example.target_mask) if m])
+
+
+def test_sharegpt_records_train_as_the_same_conversation_in_messages(tmp_path):
+    """ShareGPT (conversations, from/value, human/gpt/system) is the messages conversation it names:
+    the same tokens and the same loss mask, found by data.format auto."""
+    names = {"user": "human", "assistant": "gpt", "system": "system"}
+    conv = [{"role": "system", "content": "be brief"}, *CONV]
+    share = [{"from": names[m["role"]], "value": m["content"]} for m in conv]
+    a = _encoded(tmp_path, [{"conversations": share}])[0]
+    b = encode_messages(TOK, conv, "completion")
+    assert a == b and _targets(a) == "positive<|im_end|>\nnegative<|im_end|>\n"
+
+
+def test_alpaca_is_a_chat_turn_or_alpacas_own_prompt_without_a_template(tmp_path):
+    rows = [{"instruction": "classify the movie", "input": "the plot", "output": "positive"},
+            {"instruction": "classify the movie", "input": "", "output": "negative"}]  # fmt: skip
+    chat = _encoded(tmp_path, rows)
+    want = encode_messages(TOK, [{"role": "user", "content": "classify the movie\n\nthe plot"},
+                                 {"role": "assistant", "content": "positive"}], "completion")  # fmt: skip
+    assert chat[0] == want and _targets(chat[1]) == "negative<|im_end|>\n"
+    plain = make_tokenizer()
+    plain.chat_template = None  # a base model: Alpaca's own prompt, the loss on the response only
+    ex = _encoded(tmp_path, rows, tokenizer=plain)
+    text = plain.decode(ex[0].input_ids)
+    assert text.startswith("Below is an instruction that describes a task, paired with an input")
+    assert "### Input:\nthe plot\n\n### Response:\npositive" in text and "### Input" not in plain.decode(
+        ex[1].input_ids
+    )
+    assert _targets(ex[0], plain) == "positive<|im_end|>" and _targets(ex[1], plain) == "negative<|im_end|>"
+
+
+def test_openai_weight_zero_takes_an_assistant_turn_out_of_the_loss(tmp_path):
+    """OpenAI's chat fine-tuning JSONL: weight 0 on an assistant turn, no loss there; the other turns
+    (weight 1 or none) train as before, and every turn weighted 0 leaves nothing to train on."""
+    weighted = [dict(CONV[0]), {**CONV[1], "weight": 0}, dict(CONV[2]), {**CONV[3], "weight": 1}]
+    ex = _encoded(tmp_path, [{"messages": weighted}, {"messages": CONV}])
+    assert ex[0].input_ids == ex[1].input_ids  # the weight is not shown to the template
+    assert _targets(ex[0]) == "negative<|im_end|>\n" and _targets(ex[1]) == "positive<|im_end|>\nnegative<|im_end|>\n"
+    none = [dict(CONV[0]), {**CONV[1], "weight": 0}]
+    path = write_jsonl(tmp_path / "z.jsonl", [{"messages": none}, {"messages": CONV}])
+    kept, stats = encode_dataset(load_records(str(path)), TOK, DataConfig(), str(path))
+    assert len(kept) == 1 and stats.dropped_no_target == 1
+
+
+def test_a_task_file_in_sharegpt_or_alpaca_scores_as_its_messages(tmp_path):
+    """The task accuracy reads ShareGPT and Alpaca task files: the gold is the last answer, and each
+    record's label scores equal those of the same records written as messages."""
+    import contextlib
+
+    from conftest import make_model
+
+    from fulltune.evals.classify import gold_labels, label_accuracy
+
+    labels, reviews = ["positive", "negative"], ["classify the movie", "and the plot", "the movie was great"]
+    gold = ["positive", "negative", "negative"]
+    messages = [{"messages": [{"role": "user", "content": r}, {"role": "assistant", "content": g}]}
+                for r, g in zip(reviews, gold)]  # fmt: skip
+    share = [
+        {"conversations": [{"from": "human", "value": r}, {"from": "gpt", "value": g}]} for r, g in zip(reviews, gold)
+    ]
+    alpaca = [{"instruction": r, "output": g} for r, g in zip(reviews, gold)]
+    model = make_model(len(TOK), layers=1, seed=3)
+    results = []
+    for name, rows in (("m", messages), ("s", share), ("a", alpaca)):
+        path = str(write_jsonl(tmp_path / f"{name}.jsonl", rows))
+        assert gold_labels(load_records(path), path, labels)[1] == [0, 1, 1]
+        results.append(label_accuracy(model, TOK, load_records(path), source=path, labels=labels, batch_size=4,
+                                      autocast=contextlib.nullcontext))  # fmt: skip
+    assert results[0]["items"] == results[1]["items"] == results[2]["items"]

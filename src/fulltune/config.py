@@ -78,8 +78,10 @@ class DataConfig:
     )
     format: str = opt(
         "auto",
-        "record format; auto picks messages, prompt+completion or text from the columns",
-        choices=("auto", "text", "prompt_completion", "messages"),
+        "record format; auto picks it from the columns: messages (OpenAI chat JSONL too, weight 0 on an "
+        "assistant turn: no loss there), conversations (ShareGPT: from/value, human/gpt/system), "
+        "prompt+completion, instruction+output (Alpaca, input optional), text",
+        choices=("auto", "text", "prompt_completion", "messages", "sharegpt", "alpaca"),
     )
     max_seq_len: int = opt(512, "longest sequence in tokens; longer ones are handled by `overlong`", lo=8)
     overlong: str = opt("truncate", "what to do with sequences longer than max_seq_len", choices=("truncate", "drop"))

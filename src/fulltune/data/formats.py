@@ -12,10 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fulltune.config import DataConfig
+from fulltune.data.conversions import convert
 from fulltune.data.sources import row_location
 from fulltune.errors import UserError
 
-FORMAT_COLUMNS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
+FORMAT_COLUMNS = {  # auto takes the first whose columns are all there
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "prompt_completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"),
+    "text": ("text",),
+}
 
 
 @dataclass
@@ -57,7 +64,7 @@ def detect_format(columns: list[str], requested: str, source: str) -> str:
             return name
     raise UserError(
         f"{source}: cannot tell the format from columns {', '.join(columns)} "
-        "(expected messages, prompt+completion, or text)"
+        "(expected messages, conversations (ShareGPT), prompt+completion, instruction+output (Alpaca), or text)"
     )
 
 
@@ -128,12 +135,15 @@ def template_syntax_error(tokenizer, exc) -> str:
 
 
 def _encode_messages(tokenizer, messages: list[dict], loss_on: str, where: str) -> Example:
+    trained = [m.get("weight") != 0 for m in messages if m["role"] == "assistant"]  # OpenAI's weight: 0
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]  # what the template sees
     whole = _render(tokenizer, messages, False)
     ids = _tokens(tokenizer, whole, False)
     mask = [int(loss_on == "all")] * len(ids)
     spans = _spans_by_prefix(tokenizer, messages, ids) or _spans_in_whole(tokenizer, messages, whole, ids, where=where)
-    for start, end in spans:
-        mask[start:end] = [1] * (end - start)
+    for (start, end), on in zip(spans, trained, strict=True):
+        if on:
+            mask[start:end] = [1] * (end - start)
     return Example(ids, mask)
 
 
@@ -205,6 +215,10 @@ def _check_messages(messages, where: str) -> None:
             raise UserError(f"{where}: each message needs string 'role' and 'content', got {m!r}"[:300])
         if m["role"] not in ("system", "user", "assistant"):
             raise UserError(f"{where}: unknown role {m['role']!r} (system, user, assistant)")
+        if m.get("weight") is not None and (m["role"] != "assistant" or m["weight"] not in (0, 1)):
+            raise UserError(
+                f"{where}: weight {m['weight']!r} on a {m['role']} turn; weight is 0 or 1, on assistant turns"
+            )
 
 
 def encode_record(tokenizer, record: dict, fmt: str, *, loss_on: str, where: str) -> Example:
@@ -239,6 +253,7 @@ def _empty_answer(record: dict, fmt: str) -> bool:
 def encode_dataset(ds, tokenizer, cfg: DataConfig, source: str) -> tuple[list[Example], EncodeStats]:
     """Tokenise every record; truncate or drop overlong ones and count what happened."""
     fmt = detect_format(list(ds.column_names), cfg.format, source)
+    ds, fmt = convert(ds, fmt, source, chat=tokenizer.chat_template is not None)  # ShareGPT, Alpaca
     stats = EncodeStats(records=len(ds))
     examples, empty = [], []
     for index, record in enumerate(ds):

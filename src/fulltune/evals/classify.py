@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from fulltune import distributed as D
+from fulltune.data.conversions import convert
 from fulltune.data.formats import Example, detect_format, encode_record
 from fulltune.data.sources import row_location
 from fulltune.errors import UserError
@@ -117,6 +118,7 @@ _TREE_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def gold_labels(ds, source: str, labels: list[str]) -> tuple[str, list[int]]:
     """(format, index of each record's gold label); checked before training so a bad file fails early."""
     fmt = detect_format(list(ds.column_names), "auto", source)
+    ds, fmt = convert(ds, fmt, source)  # ShareGPT, Alpaca: the gold is the last answer either way
     if fmt == "text":
         raise UserError(f"{source}: task accuracy needs messages or prompt+completion records")
     golds = []
@@ -135,7 +137,10 @@ def label_accuracy(
     model, tokenizer, ds, *, source: str, labels: list[str], batch_size: int, autocast, desc: str = ""
 ) -> dict:
     """{"accuracy", "correct", "n", "stderr"} over the records of `ds`."""
-    fmt, golds = gold_labels(ds, source, labels)
+    _, golds = gold_labels(ds, source, labels)
+    ds, fmt = convert(
+        ds, detect_format(list(ds.column_names), "auto", source), source, chat=tokenizer.chat_template is not None
+    )
     candidates = []
     for index, record in enumerate(ds):
         for label in labels:
