@@ -11,8 +11,11 @@ import torch
 from conftest import QUICKSTART, sentiment_records, tiny_overrides, write_jsonl
 from safetensors.torch import load_file
 
+from fulltune.atomic import verify_dir
 from fulltune.cli import main
+from fulltune.commands.interpolate import changes
 from fulltune.evals.budget import judge, losses, within
+from fulltune.evals.forgetting import describe_change
 
 MC = [
     {"context": "the movie was", "choices": [" great fun", " dull"], "gold": 0},
@@ -77,6 +80,9 @@ def test_the_best_step_inside_the_budget_is_kept(tiny_dir, tmp_path, limits):
     if best["step"] == 6:
         assert best["path"] == str(out / "final")
     else:  # the exported model is that step's model, bit for bit
+        card = (out / "best-in-budget" / "README.md").read_text()  # its model card, in its manifest
+        assert f"This is the run's step {best['step']}, the best task score inside its forgetting budget." in card
+        assert verify_dir(out / "best-in-budget") is None
         kept = load_file(str(out / "best-in-budget" / "model.safetensors"))
         ckpt = load_file(str(out / "checkpoints" / f"step-{best['step']:07d}" / "model.safetensors"))
         common = kept.keys() & ckpt.keys()  # the tied embedding is saved under one name or the other
@@ -167,6 +173,7 @@ def test_interpolate_reads_the_runs_budget_and_refuses_a_bad_one(capsys, tiny_di
                 str(wise),
                 "--precision",
                 "fp32",
+                "--save-models",
             ]
         )
         == 0
@@ -178,6 +185,10 @@ def test_interpolate_reads_the_runs_budget_and_refuses_a_bad_one(capsys, tiny_di
     mc = result["budget"]["losses"]["mc"]  # paired with the α = 0 row's per-item records
     assert mc["ci95"][0] <= mc["loss"] <= mc["ci95"][1]
     assert json.loads((out / "results.json").read_text())["wise_budget"] == result["budget"]  # the run keeps it
+    card = (wise / "alpha-0.50" / "README.md").read_text()  # each saved blend's card: α, its scores, from θ0
+    assert "# WiSE-FT blend at α = 0.50 of" in card and verify_dir(wise / "alpha-0.50") is None
+    mc_change = changes(result["rows"], result["rows"][1])["mc"]
+    assert f"- mc: {describe_change(mc_change)} (against θ0, paired)" in card
     assert main(["report", str(out)]) == 0
     assert "WiSE-FT inside the budget</th><td>largest α 1.000, task " in (out / "report.html").read_text()
     assert main(["interpolate", str(tiny_dir), str(out / "final"), "--budget", "{arc_easy: 2}"]) == 2

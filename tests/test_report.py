@@ -164,3 +164,34 @@ def test_the_run_ends_with_a_summary(capsys, finished, tiny_dir, chat_file, tmp_
     printed = capsys.readouterr().out.splitlines()
     start = printed.index("[train] summary")
     assert printed[start + 1 :] == summary_lines(json.loads((out / "results.json").read_text()))
+
+
+def test_final_carries_a_model_card_with_the_runs_own_numbers(finished):
+    """RUN/final/README.md: Hub metadata, the data's counts, the task's paired change, each probe's
+    interval and verdict, the hardware, the time and the whole recipe, all read from the run's files,
+    and in final/'s manifest (a changed card fails verify)."""
+    import yaml
+
+    from fulltune.atomic import verify_dir
+    from fulltune.evals.forgetting import describe_change
+    from fulltune.report import task_change
+
+    results = json.loads((finished / "results.json").read_text())
+    card = (finished / "final" / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert (
+        meta["library_name"] == "transformers" and "fulltune" in meta["tags"] and "base_model" not in meta
+    )  # a local path
+    metric = meta["model-index"][0]["results"][0]["metrics"][0]
+    assert metric == {"type": "accuracy", "value": round(100 * results["task_accuracy_final"]["accuracy"], 2),
+                      "name": "task accuracy (%)"}  # fmt: skip
+    train = results["data"]["train"]
+    assert f"{train['kept']:,} of {train['records']:,} records kept, {train['tokens']:,} tokens" in card
+    assert f"θ0 → fine-tuned: {task_change(results)}" in card
+    for name, row in results["forgetting"]["probes"].items():
+        assert f"| {name} | " in card and describe_change(row) in card
+    assert f"{results['train_time_s']:.0f} s of training, {results['steps']} steps" in card and "cores; flags" in card
+    assert (finished / "config.yaml").read_text().rstrip() in card and "fulltune train config.yaml" in card
+    assert verify_dir(finished / "final") is None
+    manifest = json.loads((finished / "final" / "fulltune-manifest.json").read_text())["files"]
+    assert manifest["README.md"]["bytes"] == len(card.encode())

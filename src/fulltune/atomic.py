@@ -132,6 +132,25 @@ def write_manifest(folder: Path, hashed: dict | None = None) -> None:
         _fsync(sub)
 
 
+def add_file(folder: Path, name: str, text: str) -> Path:
+    """Put one more text file into a finished directory and its manifest (a model card into final/):
+    the file written beside and renamed into place, then the manifest rewritten the same way, so a
+    crash leaves the old manifest, which `verify` reports, never a half-written file it trusts."""
+    listed = json.loads((folder / MANIFEST).read_text())["files"]
+    path, tmp = folder / name, folder / f".{name}.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    listed[name] = file_entry(path)
+    tmp = folder / f".{MANIFEST}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump({"files": listed}, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, folder / MANIFEST)
+    _fsync(folder)
+    return path
+
+
 def verify_dir(folder: Path) -> str | None:
     """None if every file matches the manifest; else what is wrong, in a few words."""
     try:

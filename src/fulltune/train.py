@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fulltune import checkpoint, health, report, rundir, throughput
+from fulltune import checkpoint, health, modelcard, report, rundir, throughput
 from fulltune import distributed as D
 from fulltune.data.loader import collate_or_null, count_targets
 from fulltune.data.mixture import mixing_summary
@@ -191,6 +191,7 @@ def finish(run: Run) -> None:
     run.metrics.close()
     if D.is_main():
         (run.run_dir / "results.json").write_text(json.dumps(results.to_dict(), indent=1))
+        modelcard.attach_run_cards(run.run_dir, results.to_dict(), modelcard.hardware(run.device, run.precision))
         rundir.finish_run_dir(run.run_dir)
 
 

@@ -260,7 +260,21 @@ def run(args) -> None:
         result["budget"] = budget_search(score, rows, limits, args.search_steps, rule=_rule(args))
         rows.sort(key=lambda r: r["alpha"])
         _record_in_run(Path(args.finetuned).expanduser().parent, result["budget"])
+    if args.save_models:
+        _cards(args, out, rows, device)
     _write_outputs(out, result, with_plot=records is not None and probes is not None)
+
+
+def _cards(args, out: Path, rows: list[dict], device) -> None:
+    """Each saved blend's model card: its scores, and its probes' paired changes from θ0 where α = 0 ran."""
+    from fulltune.modelcard import attach, blend_card, hardware
+
+    zero = any(r["alpha"] == 0 for r in rows)
+    for row in rows:
+        shown = {**row, "changes": changes(rows, row) if zero and "probes" in row else {}}
+        attach(
+            out / f"alpha-{row['alpha']:.2f}", blend_card(args.theta0, args.finetuned, shown, hardware=hardware(device))
+        )
 
 
 def _write_outputs(out: Path, result: dict, with_plot: bool) -> None:
