@@ -13,8 +13,8 @@ thing back from lean:
     bf16       the default in pure bf16 (AdamW, stochastically rounded updates)
     4bit       the default with 4-bit AdamW moments
     in-bwd     the default with the step in backward (no clipping)
-    lean-lag   lean with clip 1.0 in backward: each gradient scaled by the previous step's norm, step 1
-               measured by one more pass (optim/in_backward.py)
+    lean-2pass lean with clip 1.0 in backward: a first forward and backward measure the norm, the second
+               applies the clipped updates (optim/in_backward.py): the ordinary clipped step's math
 
 RoPE's frequencies, the fifth factor the issue names, are not a row: pure bf16 keeps them in fp32
 since 2026-12-07 (model.cast_weights), so every row here runs with the fix.
@@ -51,16 +51,16 @@ ROWS = {
     "bf16": ["train.precision=bf16"],
     "4bit": ["optim.name=adamw4bit"],
     "in-bwd": ["train.optimizer_in_backward=true", "optim.grad_clip=0"],
-    "lean-lag": ["train.memory=lean", "optim.grad_clip=1.0"],
+    "lean-2pass": ["train.memory=lean", "optim.grad_clip=1.0"],
 }
-# One seed of every row on both tasks, then seeds 1-2 of the default, lean, lean-clip and lean-lag. The
+# One seed of every row on both tasks, then seeds 1-2 of the default, lean, lean-clip and lean-2pass. The
 # first session's cells (seed 0 on subjects of default, lean, lean-clip, no-clip, in-bwd) lived only in
 # runs/: their numbers are in docs/memory.md, their records lost; the plan reruns them.
 PLAN = [f"{t}/{r}/0" for t in ("subjects", "quickstart") for r in ROWS] + [
     f"{t}/{r}/{s}"
     for s in (1, 2)
     for t in ("subjects", "quickstart")
-    for r in ("default", "lean", "lean-clip", "lean-lag")
+    for r in ("default", "lean", "lean-clip", "lean-2pass")
 ]
 
 

@@ -218,8 +218,8 @@ class TrainConfig:
     optimizer_in_backward: bool = opt(
         False,
         "update each parameter as soon as its gradient is complete and free that "
-        "gradient (no whole-model gradients); needs grad_accum_steps 1; optim.grad_clip then scales "
-        "each gradient by the previous step's global norm (step 1: one more pass measures its own)",
+        "gradient (no whole-model gradients); needs grad_accum_steps 1; with optim.grad_clip each step "
+        "runs forward and backward twice (the first measures the global norm): the ordinary clipped step",
     )
     memory: str = opt(
         "default",

@@ -72,8 +72,9 @@ def train_step(
     assert not isinstance(optimizer, InBackward) or optimizer.clip == grad_clip, (
         "the step in backward clips by optim.grad_clip"
     )
-    if isinstance(optimizer, InBackward) and optimizer.needs_norm:  # the clip's first norm: one more pass, once
-        with optimizer.measuring():
+    if isinstance(optimizer, InBackward) and optimizer.clip > 0:  # the norm first, then the clipped updates
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with optimizer.measuring(), torch.random.fork_rng(devices=devices):  # the same dropout masks twice
             _backward(model, micro_batches, autocast, objective=objective or Objective(), n_targets=n_targets)
     loss, parts = _backward(model, micro_batches, autocast, objective=objective or Objective(), n_targets=n_targets)
     if isinstance(optimizer, InBackward):  # every parameter was updated, and its gradient freed, in backward

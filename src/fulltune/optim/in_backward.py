@@ -6,16 +6,13 @@ alive together (saving up to 4 B/param in fp32, 2 in bf16). What this rules out,
 config before any model loads: gradient accumulation (the update would happen per micro-batch). The
 gradient norm is measured from each gradient as it passes, and logged as before.
 
-Clipping (`optim.grad_clip` c > 0): the global norm of a step is known only after every update has
-been applied, so each gradient is scaled by min(1, c / ‖g‖) of the previous step's norm, which tracks
-the current one (lean's measurement: docs/memory.md). The first step has none: one forward and
-backward measure its norm without updating (`measuring`, once a run), so step 1, whose gradient is
-usually the largest, is clipped exactly. The last norm is saved with the state: resume is exact.
-
-The object stands in for the optimiser everywhere the loop and checkpoints touch one:
-`param_groups` (one group per parameter, so the stateless schedule sets every rate),
-`state` (for the model-state bytes), `state_dict` keyed by parameter name (exact resume),
-`step`/`zero_grad` (nothing left to do: the hooks did it).
+Clipping (`optim.grad_clip` c > 0) needs the step's global norm before any update, and the norm is
+known only once backward has passed every parameter. So each step runs forward and backward twice:
+the first pass only measures the norm (`measuring`: every gradient freed as it passes, nothing
+updated, the random state restored after it so dropout draws the same masks), the second scales each
+gradient by min(1, c / ‖g‖) and updates: exactly the ordinary clipped step, for one more forward and
+backward a step. (The previous step's norm is no substitute: with small batches it swings 5–10× from
+one step to the next, and a lagged clip missed exactly the spikes it is for; docs/memory.md.)
 """
 
 from __future__ import annotations
@@ -28,7 +25,7 @@ import torch
 
 class InBackward:
     def __init__(self, model: torch.nn.Module, groups: list[dict], make, clip: float = 0.0):
-        self.clip, self.last_norm, self.scale = clip, None, 1.0  # the scale: min(1, clip / last_norm)
+        self.clip, self.scale = clip, 1.0  # the scale: min(1, clip / this step's norm), set by `measuring`
         self._measuring = False
         names = {id(p): n for n, p in model.named_parameters()}  # a tied tensor once, under its first name
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
@@ -63,33 +60,23 @@ class InBackward:
     def state(self) -> dict:
         return {p: s for opt in self.optimizers.values() for p, s in opt.state.items()}
 
-    @property
-    def needs_norm(self) -> bool:
-        """Clipping with no norm yet: the first step measures one before it updates."""
-        return self.clip > 0 and self.last_norm is None
-
     @contextlib.contextmanager
     def measuring(self):
-        """Backward passes inside only measure the gradients' norm (no update), and set the clip's scale."""
+        """Backward passes inside only measure the gradients' norm (nothing updated); the clip's scale
+        for the pass after is set from it."""
         self._measuring = True
         try:
             yield
         finally:
             self._measuring = False
-        self.take_grad_norm()
+        norm = self.take_grad_norm()
+        self.scale = min(1.0, self.clip / (norm + 1e-6)) if math.isfinite(norm) else 1.0
 
     def take_grad_norm(self) -> float:
-        """‖g‖₂ over every gradient since the last call (the step's norm before clipping, as
-        clip_grad_norm_ returns it); the next step's clip scale is set from it."""
+        """‖g‖₂ over every gradient since the last call (before clipping, as clip_grad_norm_ returns it)."""
         total = float(sum(s.cpu() for s in self._squares)) if self._squares else 0.0
         self._squares = []
-        self._set_norm(math.sqrt(total))
         return math.sqrt(total)
-
-    def _set_norm(self, norm: float | None) -> None:
-        self.last_norm = norm
-        finite = norm is not None and math.isfinite(norm)
-        self.scale = min(1.0, self.clip / (norm + 1e-6)) if self.clip > 0 and finite else 1.0
 
     def step(self) -> None:
         """Nothing to do: every parameter was updated in the backward pass."""
@@ -98,13 +85,9 @@ class InBackward:
         """Nothing to do: each gradient was freed right after its update."""
 
     def state_dict(self) -> dict:
-        return {
-            "in_backward": {name: opt.state_dict() for name, opt in self.optimizers.items()},
-            "last_norm": self.last_norm,
-        }
+        return {"in_backward": {name: opt.state_dict() for name, opt in self.optimizers.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self._set_norm(state.get("last_norm"))  # checkpoints from before clipping here: measured again
         saved = state["in_backward"]
         if set(saved) != set(self.optimizers):
             raise ValueError("the checkpoint's per-parameter optimisers do not match the model's parameters")
