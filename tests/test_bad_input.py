@@ -224,6 +224,12 @@ case("config", "an unknown key")(
         ),
     )
 )
+case("config", "a tracker fulltune does not know")(
+    lambda c: (
+        ["train.loggers=[comet]"],
+        _problem("train.loggers: 'comet' is not one of tensorboard, mlflow, wandb (set on the command line)"),
+    )
+)
 case("config", "an unknown section in the YAML")(
     lambda c: (
         ["--config-in-test", str(_file(c, "s.yaml", "optimizer:\n  lr: 1\n"))],

@@ -244,7 +244,14 @@ class TrainConfig:
     report: bool = opt(True, "write RUN/report.html when the run ends (fulltune report RUN_DIR writes it any time)")
     tensorboard: bool = opt(
         False,
-        "also write metrics.jsonl's numbers as TensorBoard scalars in RUN/tensorboard/ (tensorboard --logdir runs/)",
+        "also write metrics.jsonl's numbers as TensorBoard scalars in RUN/tensorboard/ (tensorboard --logdir runs/); "
+        "the same as naming tensorboard in train.loggers",
+    )
+    loggers: list = opt(
+        [],
+        "trackers that get every metrics.jsonl record, and at the end the forgetting verdicts and the run's files: "
+        "tensorboard, mlflow (MLFLOW_TRACKING_URI, else RUN/mlflow.db), wandb (offline in RUN/wandb/ unless W&B "
+        "is configured); mlflow and wandb are extras: pip install 'fulltune[mlflow]' / 'fulltune[wandb]'",
     )
     val_interval: int = opt(0, "validation loss every N steps (0: only at the end)", lo=0)
     save_interval: int = opt(0, "checkpoint every N steps (0: only at the end)", lo=0)

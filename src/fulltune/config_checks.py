@@ -90,6 +90,12 @@ def check_run_time(cfg: RunConfig, *, total_steps: int, epoch_flops: float, step
 
 def _cross_checks(cfg: RunConfig) -> list[str]:
     errors = []
+    from fulltune.trackers import LOGGERS
+
+    for name in cfg.train.loggers:
+        if name not in LOGGERS:
+            errors.append(f"train.loggers: {short(name)} is not one of {', '.join(LOGGERS)}")
+            break
     betas = cfg.optim.betas
     if not (len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
         errors.append(f"optim.betas: expected two numbers in [0, 1), got {short(betas)}")

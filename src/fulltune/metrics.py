@@ -1,7 +1,7 @@
 """RUN/metrics.jsonl has one owner: `MetricsLog`. It appends a record per logged step (strict JSON:
 NaN and inf as null), trims the lines past a resumed checkpoint's step so they are written again,
-reads the file back for the report, and mirrors every record's numbers to TensorBoard
-(`train.tensorboard`: RUN/tensorboard/, events past the resumed step purged). Only rank 0 writes.
+reads the file back for the report, and mirrors every record's numbers to the trackers
+(`train.loggers`: TensorBoard, MLflow, W&B; trackers.py). Only rank 0 writes.
 
 `Progress` is the terminal's view of the same records: tqdm's bar with loss, lr, tok/s, padding,
 memory now/peak and MFU.
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from fulltune import trackers
 from fulltune.atomic import write_failure
 from fulltune.errors import UserError
 
@@ -22,18 +23,13 @@ FILE = "metrics.jsonl"
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, *, log_interval: int, tensorboard: bool, resumed_step: int, writer: bool):
+    def __init__(self, run_dir: Path, *, log_interval: int, trackers: list, resumed_step: int, writer: bool):
         """`resumed_step`: the checkpoint's step when resuming (its later lines are trimmed), else 0.
-        `writer`: this process writes (rank 0); other ranks hold a log that writes nothing."""
-        self.path, self.log_interval, self.writer = run_dir / FILE, log_interval, writer
-        self.tensorboard = None
+        `writer`: this process writes (rank 0); other ranks hold a log that writes nothing.
+        `trackers`: trackers.open_trackers' (rank 0's), given every record's numbers."""
+        self.path, self.log_interval, self.writer, self.trackers = run_dir / FILE, log_interval, writer, trackers
         if writer and resumed_step:
             trim(self.path, resumed_step)
-        if writer and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            purge = resumed_step + 1 if resumed_step else None
-            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
 
     def log_step(self, record: dict, last: bool) -> None:
         """A step's record, written every `train.log_interval` steps, with an evaluation, and at the last."""
@@ -49,15 +45,13 @@ class MetricsLog:
                 fh.write(json.dumps(finite) + "\n")
         except OSError as exc:
             raise UserError(write_failure(exc, self.path, 1 << 20) or f"{self.path}: cannot write ({exc})") from None
-        if self.tensorboard is not None and "step" in record:
-            for tag, value in scalars(record).items():
-                self.tensorboard.add_scalar(tag, value, record["step"])
-            self.tensorboard.flush()
+        if self.trackers and "step" in record:
+            trackers.log(self.trackers, self.path.parent, scalars(record), record["step"])
 
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-            self.tensorboard = None
+    def end(self, results: dict | None, status: str = "FINISHED") -> None:
+        """The trackers' runs ended: a finished run's verdicts and files (trackers.end), or a status."""
+        ending, self.trackers = self.trackers, []
+        trackers.end(ending, self.path.parent, results, status)
 
 
 def read(run_dir: Path) -> list[dict]:

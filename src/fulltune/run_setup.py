@@ -38,6 +38,7 @@ from fulltune.optim.schedules import schedule_fn
 from fulltune.runtime import autocast_factory, check_device_settings, pick_device, resolve_precision
 from fulltune.state import TrainerState
 from fulltune.throughput import FlopModel, flop_model, run_peak
+from fulltune.trackers import check_installed, open_trackers, trackers_of
 
 
 @dataclass
@@ -83,6 +84,7 @@ def setup(cfg: RunConfig) -> Run:
     random.seed(cfg.train.seed)
     precision = resolve_precision(cfg.train.precision, device, cfg.train.force_precision)
     check_device_settings(cfg, device)
+    check_installed(trackers_of(cfg.train))  # a tracker's missing package, before any model loads
     if D.sharded():
         _refuse_under_fsdp2(cfg)
     if D.is_main():
@@ -198,8 +200,9 @@ def _build(cfg: RunConfig, run_dir: Path, *, resume_from, device, precision: str
         autocast=autocast, precision=precision, device=device, state=state,
         memory=RunMemory(meter, model, cfg, precision=precision, state=state,
                          anchor_bytes=(anchor.nbytes if anchor else 0) + objective.theta0_nbytes),
-        metrics=MetricsLog(run_dir, log_interval=cfg.train.log_interval, tensorboard=cfg.train.tensorboard,
-                           resumed_step=state.step, writer=D.is_main()),
+        metrics=MetricsLog(run_dir, log_interval=cfg.train.log_interval, resumed_step=state.step, writer=D.is_main(),
+                           trackers=open_trackers(trackers_of(cfg.train), run_dir, config=cfg.to_dict(),
+                                                  resumed_step=state.step) if D.is_main() else []),
         checkpointer=Checkpointer(run_dir, cfg.train.save_interval, cfg.train.keep_checkpoints, total),
         evaluator=Evaluator(cfg.train.val_interval, cfg.eval.probe_interval, total,
                             has_val=bool(data.val or drift_refs), has_probes=data.probes is not None),

@@ -45,6 +45,10 @@ OUTPUTS = (
     "drift-task.safetensors",
     "drift-general.safetensors",
     "kl-theta0.safetensors",  # loss.kl_reference cached (kl_reference.py)
+    "trackers.json",  # train.loggers (trackers.py): the MLflow and W&B runs, and their local stores
+    "mlflow.db",
+    "mlflow-artifacts",
+    "wandb",
 )  # what a fresh start replaces
 PREVIOUS = ".previous-run"  # the replaced run's outputs, until the run that replaced it finishes
 _HELD: dict[str, tuple[int, list[str]]] = {}  # run directory → (its locked descriptor, the folders made for it)

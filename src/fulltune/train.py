@@ -189,7 +189,6 @@ def finish(run: Run) -> None:
         state.target_tokens_seen,
     )
     results.train_time_s, results.data = state.elapsed_s, run.data.stats
-    run.metrics.close()
     if D.is_main():
         (run.run_dir / "results.json").write_text(json.dumps(results.to_dict(), indent=1))
         modelcard.attach_run_cards(run.run_dir, results.to_dict(), modelcard.hardware(run.device, run.precision))
@@ -199,31 +198,40 @@ def finish(run: Run) -> None:
 def run_training(cfg) -> Run:
     """setup → task accuracy of θ0 → loop → checkpoint → export, task accuracy of θ*, results.json.
     SIGINT / SIGTERM (stop.py): at once outside the steps; during them, after the step and a checkpoint.
-    glibc's settings, the run directory's lock and CUDA's TF32 switch are the caller's again afterwards."""
+    glibc's settings, the run directory's lock and CUDA's TF32 switch are the caller's again afterwards.
+    The trackers' runs (train.loggers) end FINISHED with the results, or KILLED / FAILED."""
     device = pick_device(cfg.train.device)
     with StopRequest() as stop, malloc_restored(), rundir.held(), tf32_matmuls(cfg.train.tf32, device):  # undone after
         run = setup(cfg)
-        if run.state.step == 0:
-            during_run.before_training(run)
-        started = time.perf_counter()
-        stop.defer = True  # from here a signal lets the step finish, then checkpoints
         try:
-            loop(run, stop)
-        except (torch.OutOfMemoryError, MemoryError):
-            last = (checkpoint.list_checkpoints(run.run_dir) or [None])[-1]
-            raise OutOfMemory(
-                run.memory.out_of_memory_line(run.device, step=run.state.step + 1, checkpoint=last)
-            ) from None
-        run.memory.close()
-        saved = run.checkpointer.save(run)  # the trained weights, before the final evaluation
-        stop.defer = False
-        if D.any_rank(stop.requested):
-            raise Interrupted(
-                f"stopped after the last step ({run.state.step}); checkpoint {saved}; continue with train.resume=auto",
-                stop.exit_code,
-            )
-        finish(run)
+            started = time.perf_counter()
+            _train(run, stop)
+        except BaseException as exc:
+            run.metrics.end(None, "KILLED" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "FAILED")
+            raise
     print(f"[train] done: {run.state.step} steps in {time.perf_counter() - started:.0f} s → {run.run_dir}", flush=True)
     if D.is_main():
         report.at_end_of_run(run.run_dir, run.state.results.to_dict(), run.cfg.train.report)
+    run.metrics.end(run.state.results.to_dict())
     return run
+
+
+def _train(run: Run, stop: StopRequest) -> None:
+    """θ0's evaluation, the steps, the last checkpoint, then `finish`."""
+    if run.state.step == 0:
+        during_run.before_training(run)
+    stop.defer = True  # from here a signal lets the step finish, then checkpoints
+    try:
+        loop(run, stop)
+    except (torch.OutOfMemoryError, MemoryError):
+        last = (checkpoint.list_checkpoints(run.run_dir) or [None])[-1]
+        raise OutOfMemory(run.memory.out_of_memory_line(run.device, step=run.state.step + 1, checkpoint=last)) from None
+    run.memory.close()
+    saved = run.checkpointer.save(run)  # the trained weights, before the final evaluation
+    stop.defer = False
+    if D.any_rank(stop.requested):
+        raise Interrupted(
+            f"stopped after the last step ({run.state.step}); checkpoint {saved}; continue with train.resume=auto",
+            stop.exit_code,
+        )
+    finish(run)
