@@ -3,6 +3,7 @@ saved as an HF directory, plus small data files in each format."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,6 +17,11 @@ import torch
 # calls main() in-process changes nothing.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Set once per process by a library as it is first imported, not by a test: threadpoolctl (which scipy
+# imports, and which the lmeval extra brings) sets KMP_DUPLICATE_LIB_OK. Imported here, the session
+# starts with it, whichever test would have imported it first.
+with contextlib.suppress(ImportError):
+    import threadpoolctl  # noqa: F401
 
 
 def _config_values(module) -> dict:

@@ -147,8 +147,9 @@ class TensorBoard:
 
 
 @contextlib.contextmanager
-def _quiet(*names: str):
-    """MLflow and alembic announce every table they create at INFO: warnings only, while we call them."""
+def quiet_loggers(*names: str):
+    """Libraries that announce every step at INFO (MLflow and alembic their tables, lm-eval its defaults):
+    warnings only, while we call them."""
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -172,7 +173,7 @@ class MLflow:
 
         local = not os.environ.get("MLFLOW_TRACKING_URI")
         self.uri = f"sqlite:///{(run_dir / 'mlflow.db').resolve()}" if local else os.environ["MLFLOW_TRACKING_URI"]
-        with _quiet("mlflow", "alembic"):
+        with quiet_loggers("mlflow", "alembic"):
             self.client = MlflowClient(tracking_uri=self.uri)
             if saved.get("run_id") and saved.get("tracking_uri") == self.uri:
                 self.run_id, self.last_step = saved["run_id"], saved.get("last_step", -1)

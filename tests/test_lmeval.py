@@ -1,0 +1,71 @@
+"""`fulltune eval MODEL --against THETA0 --lm-eval TASKS`: EleutherAI's harness (the real package) runs
+offline on local items, pairs the two models item by item, and agrees with fulltune's own probe on
+the same items; a user's own lm-eval YAML runs as it is; what cannot run is one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import write_jsonl
+
+from fulltune.cli import main
+
+WORDS = ["the movie was", "the plot was", "the music was", "the acting was", "the ending was", "the film was"]
+ITEMS = [{"context": w, "choices": [" great fun", " dull", " good"], "gold": i % 3} for i, w in enumerate(WORDS)]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))  # lm-eval's json builder caches here
+
+
+def test_two_models_are_paired_and_fulltunes_probe_agrees_on_every_item(capsys, tiny_dir, tmp_path):
+    items = write_jsonl(tmp_path / "mine.jsonl", ITEMS)
+    out = tmp_path / "eval.json"
+    args = ["eval", str(tiny_dir), "--against", str(tiny_dir), "--lm-eval", f"mc:{items}", "--out", str(out)]
+    assert main([*args, "--precision", "fp32"]) == 0
+    results = json.loads(out.read_text())
+    a, b = (results[str(tiny_dir)]["mine"],) * 2
+    assert a["n"] == len(ITEMS) and len(a["items"]["correct"]) == len(ITEMS)
+    assert a["acc"] == pytest.approx(sum(a["items"]["correct"]) / len(ITEMS))
+    # fulltune's probe on the same items: the same tokens here (no special tokens to add), so every item agrees
+    assert a["fulltune"]["agree"] == 1.0 and a["fulltune"]["acc"] == pytest.approx(a["acc"])
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("mine "))
+    assert f"{100 * b['acc']:.1f}% (ours {100 * b['acc']:.1f}%, agree 100%)" in line
+    assert "+0.0 points" in line and "no detectable change" in line  # the same model twice: paired, nothing moved
+
+
+def test_a_users_own_lm_eval_yaml_runs_as_it_is(tiny_dir, tmp_path):
+    data = write_jsonl(
+        tmp_path / "qa.jsonl", [{"q": r["context"], "opts": r["choices"], "y": r["gold"]} for r in ITEMS]
+    )
+    task = tmp_path / "my_task.yaml"
+    task.write_text(
+        "task: my_task\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{q}}"\ndoc_to_choice: "{{opts}}"\ndoc_to_target: "{{y}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(tiny_dir), "--lm-eval", str(task), "--out", str(out), "--precision", "fp32"]) == 0
+    result = json.loads(out.read_text())[str(tiny_dir)]["my_task"]
+    assert result["n"] == len(ITEMS) and "fulltune" not in result  # no fulltune probe for a foreign task
+
+
+def test_what_cannot_run_is_one_line(capsys, tiny_dir, tmp_path, monkeypatch):
+    assert main(["eval", str(tiny_dir), "--lm-eval", "winogrande"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("fulltune: error:") == 1 and "--lm-eval: unknown task 'winogrande'" in err
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    assert main(["eval", str(tiny_dir), "--lm-eval", "arc_easy"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("fulltune: error: --lm-eval needs EleutherAI's lm-evaluation-harness: pip install 'fulltune[lmeval]'")
+    )
