@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import write_jsonl
+from conftest import tiny_overrides, write_jsonl
 
 from fulltune.cli import main
 
@@ -69,3 +69,21 @@ def test_what_cannot_run_is_one_line(capsys, tiny_dir, tmp_path, monkeypatch):
         .err.strip()
         .endswith("fulltune: error: --lm-eval needs EleutherAI's lm-evaluation-harness: pip install 'fulltune[lmeval]'")
     )
+
+
+def test_an_lmeval_probe_in_training_is_paired_and_scores_as_ours(tiny_dir, chat_file, tmp_path):
+    """eval.probes lmeval:arc_easy beside arc_easy: the same items, each choice scored by lm-eval, so
+    θ0's per-item records match ours (log-likelihoods to float noise) and the forgetting table pairs it."""
+    from fulltune.config import load_config
+    from fulltune.evals import records
+    from fulltune.train import run_training
+
+    out = tmp_path / "run"
+    extra = {"train.max_steps": 2, "eval.probes": "[arc_easy, lmeval:arc_easy]", "eval.probe_items": 6}
+    run_training(load_config(None, tiny_overrides(tiny_dir, chat_file, out, **extra) + ["eval.task_file="]))
+    theta0 = records.read(out, 0)["probes"]
+    ours, theirs = theta0["arc_easy"], theta0["lmeval:arc_easy"]
+    assert ours["correct"] == theirs["correct"] and len(ours["correct"]) == 6
+    assert theirs["gold_logprob"] == pytest.approx(ours["gold_logprob"], rel=1e-4)
+    row = json.loads((out / "results.json").read_text())["forgetting"]["probes"]["lmeval:arc_easy"]
+    assert row["ci95"] is not None and row["verdict"] in ("lost", "gained", "no detectable change")

@@ -308,7 +308,9 @@ class EvalConfig:
     probes: list = opt(
         [],
         "general-skill probes run on θ0, during and after training: arc_easy, piqa, sciq, "
-        "humaneval, mbpp, or mc:FILE.jsonl / text:FILE.jsonl",
+        "humaneval, mbpp, or mc:FILE.jsonl / text:FILE.jsonl, or lmeval:TASK (arc_easy, arc_challenge, piqa, "
+        "sciq, hellaswag, boolq, csqa, openbookqa: the same item subsets scored by lm-evaluation-harness, "
+        "pip install 'fulltune[lmeval]')",
     )
     probe_items: int = opt(50, "items per multiple-choice probe (a fixed seeded subset)", lo=1)
     probe_code_items: int = opt(30, "items per code / text probe", lo=1)

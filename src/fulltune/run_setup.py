@@ -23,7 +23,7 @@ from fulltune.data.mixture import MixedSampler
 from fulltune.data.packing import check_isolation
 from fulltune.data.rundata import TaskData, load_task_data, read_sources
 from fulltune.errors import UserError
-from fulltune.evals import drift, records
+from fulltune.evals import drift, lmeval, records
 from fulltune.evals.during_run import Evaluator
 from fulltune.loss import Objective, objective_for_run
 from fulltune.memory.measure import PeakMeter, make_resident
@@ -85,6 +85,8 @@ def setup(cfg: RunConfig) -> Run:
     precision = resolve_precision(cfg.train.precision, device, cfg.train.force_precision)
     check_device_settings(cfg, device)
     check_installed(trackers_of(cfg.train))  # a tracker's missing package, before any model loads
+    if any(str(p).startswith("lmeval:") for p in cfg.eval.probes):
+        lmeval.check_installed()
     if D.sharded():
         _refuse_under_fsdp2(cfg)
     if D.is_main():
@@ -124,6 +126,11 @@ def _refuse_under_fsdp2(cfg: RunConfig) -> None:
         raise UserError(
             f"optim.name: {cfg.optim.name} fails on sharded (DTensor) states in torchao 0.18 on CPU "
             "and is unmeasured on GPUs; under FSDP2 use adamw, adafactor or sgd"
+        )
+    if any(str(p).startswith("lmeval:") for p in cfg.eval.probes):
+        raise UserError(
+            "eval.probes: an lmeval: probe runs lm-evaluation-harness on one process's whole model; under FSDP2 "
+            "(torchrun) name the built-in probe instead (arc_easy, piqa, sciq: the same items, scored by fulltune)"
         )
     if cfg.optim.cpu_offload:
         raise UserError(

