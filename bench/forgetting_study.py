@@ -164,6 +164,18 @@ def run_cell(cell: str, folder: Path | None = None, cmd: list[str] | None = None
     return True
 
 
+def run_cells(cells: list[str], *, done, run, budget_min: float | None) -> None:
+    """Run each cell not `done` in order (`run`), starting none after `budget_min` minutes."""
+    started = time.perf_counter()
+    for cell in cells:
+        if done(cell):
+            continue
+        if budget_min is not None and time.perf_counter() - started > 60 * budget_min:
+            print(f"[study] out of the {budget_min:g}-minute budget: {cell} and later cells wait", flush=True)
+            break
+        run(cell)
+
+
 def main() -> None:
     from study_table import load, write_results
 
@@ -174,15 +186,8 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print the tables only")
     args = ap.parse_args()
     print(f"[study] {cpu_name()}, {' '.join(cpu_flags())}", flush=True)
-    started = time.perf_counter()
-    for cell in args.cells.split(","):
-        if args.tables_only or done(cell):
-            continue
-        if args.budget_min is not None and time.perf_counter() - started > 60 * args.budget_min:
-            print(f"[study] out of the {args.budget_min:g}-minute budget: {cell} and later cells wait", flush=True)
-            break
-        if run_cell(cell):
-            load(cell)  # keeps its per-item signals in bench/results/study/ now
+    if not args.tables_only:  # each finished cell's per-item signals kept in bench/results/study/ at once
+        run_cells(args.cells.split(","), done=done, run=lambda c: run_cell(c) and load(c), budget_min=args.budget_min)
     finished = [c for c in PLAN if done(c)]
     write_results(finished, write=not args.no_write)
 

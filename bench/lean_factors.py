@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -161,15 +160,9 @@ def main() -> None:
     ap.add_argument("--budget-min", type=float, default=None)
     ap.add_argument("--tables-only", action="store_true")
     args = ap.parse_args()
-    started = time.perf_counter()
-    for cell in args.cells.split(","):
-        if args.tables_only or done(cell):
-            continue
-        if args.budget_min is not None and time.perf_counter() - started > 60 * args.budget_min:
-            print(f"[factors] out of the {args.budget_min:g}-minute budget: {cell} and later cells wait", flush=True)
-            break
-        if fs.run_cell(cell, folder(cell), command(cell)):
-            keep(cell)
+    if not args.tables_only:
+        run = lambda c: fs.run_cell(c, folder(c), command(c)) and keep(c)  # noqa: E731
+        fs.run_cells(args.cells.split(","), done=done, run=run, budget_min=args.budget_min)
     s = summary([c for c in args.cells.split(",") if done(c)])
     (fs.ROOT / "bench" / "results" / "lean_factors.json").write_text(json.dumps(s, indent=1))
     print(table(s))

@@ -10,24 +10,15 @@ from pathlib import Path
 
 import pytest
 from conftest import QUICKSTART, sentiment_records, tiny_overrides, write_jsonl
+from test_tensorboard import _metrics
 
 from fulltune.cli import main
-from fulltune.metrics import scalars
 from fulltune.trackers import _metric_key
 
 MC = [
     {"context": "the movie was", "choices": [" great fun", " dull"], "gold": 0},
     {"context": "the plot was", "choices": [" dull", " good"], "gold": 1},
 ]
-
-
-def _metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    out: dict[str, list] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        for tag, value in scalars(record).items():
-            out.setdefault(tag, []).append((record["step"], value))
-    return out
 
 
 def _mlflow(run_dir: Path):

@@ -56,12 +56,9 @@ def _row(name: str, summaries: list[dict], change: dict | None) -> str:
 def run(args) -> None:
     import torch
 
-    from fulltune.config import ModelConfig
     from fulltune.errors import UserError
     from fulltune.evals.forgetting import ProbeSet, forgetting_report
     from fulltune.evals.records import split
-    from fulltune.model import load_theta0
-    from fulltune.runtime import autocast_factory, pick_device, resolve_precision
 
     if args.against:
         args.models = [args.against, *args.models]
@@ -72,12 +69,8 @@ def run(args) -> None:
     if args.items < 1 or args.code_items < 1 or args.batch_size < 1:
         raise UserError("--items, --code-items and --batch-size must be ≥ 1")
     names = [n.strip() for n in args.probes.split(",") if n.strip()]
-    device = pick_device("auto")
-    autocast = autocast_factory(resolve_precision(args.precision, device), device)
     results = {}
-    for path in args.models:
-        model, tokenizer, _ = load_theta0(ModelConfig(path=path))
-        model.to(device).eval()
+    for path, model, tokenizer, autocast in _each_model(args):
         probes = ProbeSet(names, tokenizer, args.items, args.code_items)
         with torch.no_grad():
             results[path] = probes.run(model, autocast, args.batch_size, progress=True)
@@ -95,6 +88,21 @@ def run(args) -> None:
     print(f"[eval] saved {args.out}")
 
 
+def _each_model(args):
+    """(path, model, tokenizer, autocast) for each of args.models in turn, on the device in the run's
+    precision; the model freed before the next loads."""
+    from fulltune.config import ModelConfig
+    from fulltune.model import load_theta0
+    from fulltune.runtime import autocast_factory, pick_device, resolve_precision
+
+    device = pick_device("auto")
+    autocast = autocast_factory(resolve_precision(args.precision, device), device)
+    for path in args.models:
+        model, tokenizer, _ = load_theta0(ModelConfig(path=path))
+        yield path, model.to(device).eval(), tokenizer, autocast
+        del model
+
+
 def run_lm_eval(args) -> None:
     """`--lm-eval TASKS`: lm-eval's accuracy per model, paired between the two, and fulltune's probe on
     the same items with how often the two agree on an item."""
@@ -102,25 +110,18 @@ def run_lm_eval(args) -> None:
 
     import torch
 
-    from fulltune.config import ModelConfig
     from fulltune.errors import UserError
     from fulltune.evals import lmeval
     from fulltune.evals.forgetting import ProbeSet
     from fulltune.evals.paired import accuracy_change
-    from fulltune.model import load_theta0
-    from fulltune.runtime import autocast_factory, pick_device, resolve_precision
 
     lmeval.check_installed()
     if args.items < 1 or args.batch_size < 1:
         raise UserError("--items and --batch-size must be ≥ 1")
     folder = Path(tempfile.mkdtemp(prefix="fulltune-lmeval-"))
     tasks = lmeval.task_configs([t.strip() for t in args.lm_eval.split(",") if t.strip()], args.items, folder)
-    device = pick_device("auto")
-    autocast = autocast_factory(resolve_precision(args.precision, device), device)
     results = {}
-    for path in args.models:
-        model, tokenizer, _ = load_theta0(ModelConfig(path=path))
-        model.to(device).eval()
+    for path, model, tokenizer, autocast in _each_model(args):
         with torch.no_grad():
             results[path] = lmeval.run(model, tokenizer, tasks, folder, batch_size=args.batch_size, autocast=autocast)
             ours = [f"mc:{folder / n}.jsonl" for n in tasks if (folder / f"{n}.jsonl").is_file()]
