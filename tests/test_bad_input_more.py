@@ -416,7 +416,7 @@ case("data", "an unknown probe name")(
     lambda c: (
         ["eval.probes=[arc_eazy]"],
         "unknown probe 'arc_eazy' (built-in: arc_easy, piqa, sciq, humaneval, mbpp; or mc:FILE.jsonl / "
-        "text:FILE.jsonl)",
+        "text:FILE.jsonl / lmeval:TASK)",
     )
 )
 

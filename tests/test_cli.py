@@ -141,7 +141,7 @@ def test_the_parser_has_every_verb_module():
     """chat and generate come from one module (generate); every other verb is its module's name."""
     from fulltune.commands import VERBS
 
-    assert set(_verbs()) == (set(VERBS) | {"chat"}) and len(_verbs()) == 13
+    assert set(_verbs()) == (set(VERBS) | {"chat"}) and len(_verbs()) == 14
 
 
 def test_help_of_fulltune_itself_as_a_process():

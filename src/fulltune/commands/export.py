@@ -30,7 +30,7 @@ def register(sub) -> None:
     e.add_argument(
         "model", metavar="MODEL_OR_RUN", help="an HF model directory, a run directory (its final/), or default"
     )
-    e.add_argument("--gguf", action="store_true", required=True, help="GGUF (the one format for now)")
+    e.add_argument("--gguf", action="store_true", help="GGUF, the one format (the default; say it for clarity)")
     e.add_argument("--type", choices=TYPES, default="f16", help="the tensors' type: f16 (default), bf16, q8_0, f32")
     e.add_argument("--out", help="the .gguf file (default: beside the model, NAME-TYPE.gguf)")
     e.set_defaults(run=run)
