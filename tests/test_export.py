@@ -82,7 +82,8 @@ def test_a_model_the_converter_cannot_take_is_one_line_and_no_file(capsys, tiny_
 
 
 # family: (config class, model class, extra config, llama.cpp's architecture name). Llama is the q8_0 test
-# above (SmolLM2); Mistral converts as llama too (measured once, docs/usage.md): kept out for CI's time.
+# above (SmolLM2); Mistral converts as llama too (bench/gguf_llamacpp.py --families, with llama.cpp running each
+# family's file): kept out for CI's time.
 FAMILIES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}, "qwen3"),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16}, "gemma3"),
