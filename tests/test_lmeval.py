@@ -87,3 +87,23 @@ def test_an_lmeval_probe_in_training_is_paired_and_scores_as_ours(tiny_dir, chat
     assert theirs["gold_logprob"] == pytest.approx(ours["gold_logprob"], rel=1e-4)
     row = json.loads((out / "results.json").read_text())["forgetting"]["probes"]["lmeval:arc_easy"]
     assert row["ci95"] is not None and row["verdict"] in ("lost", "gained", "no detectable change")
+
+
+def test_lm_eval_scores_under_the_runs_autocast(tiny_dir):
+    """bf16-mixed reaches lm-eval's forward passes: HFLM's own autocast context, enabled only with its
+    mixed_precision_dtype, switched ours off, so a bf16-mixed run was scored in fp32."""
+    import contextlib
+    import functools
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fulltune.evals import lmeval
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_dir), AutoTokenizer.from_pretrained(tiny_dir)
+    bf16 = functools.partial(torch.autocast, device_type="cpu", dtype=torch.bfloat16)
+    assert lmeval.autocast_dtype(bf16, "cpu") is torch.bfloat16
+    assert lmeval.autocast_dtype(contextlib.nullcontext, "cpu") is None
+    fp32 = lmeval.candidate_logliks(model, tokenizer, ITEMS, batch_size=4, autocast=contextlib.nullcontext)
+    mixed = lmeval.candidate_logliks(model, tokenizer, ITEMS, batch_size=4, autocast=bf16)
+    assert mixed != fp32 and mixed == pytest.approx(fp32, rel=5e-2)  # bf16's rounding, not another model
