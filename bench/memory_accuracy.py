@@ -51,25 +51,29 @@ CONFIGS = [
 ]
 
 
-def make_tiny(folder: Path, default_dir: Path) -> Path:
+# the "tiny" model: an 8-layer Llama with SmolLM2's vocabulary
+TINY = dict(
+    vocab_size=49152,
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+    max_position_embeddings=2048,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+)
+
+
+def make_llama(folder: Path, default_dir: Path, shape: dict) -> Path:
+    """A random-init (seed 0) Llama of `shape`, with SmolLM2's tokenizer, saved in `folder`."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        max_position_embeddings=2048,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    LlamaForCausalLM(LlamaConfig(**shape)).save_pretrained(folder)
     AutoTokenizer.from_pretrained(default_dir).save_pretrained(folder)
     return folder
 
@@ -156,7 +160,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        models = {"135m": str(default_dir), "tiny": str(make_tiny(tmp / "tiny", default_dir))}
+        models = {"135m": str(default_dir), "tiny": str(make_llama(tmp / "tiny", default_dir, TINY))}
         for index, (label, model, data, extra) in enumerate(CONFIGS):
             if args.only and index not in args.only:
                 continue

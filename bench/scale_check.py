@@ -18,35 +18,21 @@ import tempfile
 from pathlib import Path
 
 from common import ROOT, cpu_flags, cpu_name
-from memory_accuracy import make_text, run_one
+from memory_accuracy import TINY, make_llama, make_text, run_one
 
-# Llama-3.2-1B's config.json, less the weights.
-SHAPE = dict(
-    vocab_size=128256,
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=64,
-    tie_word_embeddings=True,
-    max_position_embeddings=2048,
-    rope_theta=500000.0,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=2,
-)
+# Llama-3.2-1B's config.json, less the weights (SmolLM2's token ids fit its vocabulary).
+SHAPE = {
+    **TINY,
+    "vocab_size": 128256,
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "rope_theta": 500000.0,
+}
 RESULTS = ROOT / "bench" / "results" / "scale_check.json"
-
-
-def make_model(folder: Path, default_dir: Path) -> Path:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**SHAPE)).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(default_dir).save_pretrained(folder)  # SmolLM2's ids fit the vocabulary
-    return folder
 
 
 def main() -> None:
@@ -68,7 +54,7 @@ def main() -> None:
     kept.update(cpu=cpu_name(), flags=cpu_flags(), shape=SHAPE)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = make_model(tmp / "llama-1b", default_dir)
+        model = make_llama(tmp / "llama-1b", default_dir, SHAPE)
         data = make_text(tmp / "text-1024.jsonl", 1024, tokenizer, reviews, n=8)
         for mode in args.modes:
             extra = ["data.max_seq_len=1024", "train.micro_batch_size=1", f"train.memory={mode}"]
