@@ -78,6 +78,20 @@ def make_llama(folder: Path, default_dir: Path, shape: dict) -> Path:
     return folder
 
 
+def text_source():
+    """The default model's directory and tokenizer, and SST-2's training reviews (make_text's material)."""
+    from transformers import AutoTokenizer
+
+    from fulltune.assets import ensure_model, ensure_sst2
+
+    default_dir, sst2 = ensure_model(), ensure_sst2()
+    reviews = [
+        json.loads(line)["messages"][0]["content"].split("Review: ")[1].split("\n")[0]
+        for line in (sst2 / "train.jsonl").read_text().splitlines()
+    ]
+    return default_dir, AutoTokenizer.from_pretrained(default_dir), reviews
+
+
 def make_text(path: Path, tokens: int, tokenizer, reviews: list[str], n: int = 64) -> Path:
     """n records of at least `tokens` tokens each, made by joining SST-2 reviews."""
     rows, i = [], 0
@@ -147,16 +161,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--only", type=int, nargs="*", help="indices of CONFIGS to run")
     args = ap.parse_args()
-    from transformers import AutoTokenizer
-
-    from fulltune.assets import ensure_model, ensure_sst2
-
-    default_dir, sst2 = ensure_model(), ensure_sst2()
-    tokenizer = AutoTokenizer.from_pretrained(default_dir)
-    reviews = [
-        json.loads(line)["messages"][0]["content"].split("Review: ")[1].split("\n")[0]
-        for line in (sst2 / "train.jsonl").read_text().splitlines()
-    ]
+    default_dir, tokenizer, reviews = text_source()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

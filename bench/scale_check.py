@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from common import ROOT, cpu_flags, cpu_name
-from memory_accuracy import TINY, make_llama, make_text, run_one
+from memory_accuracy import TINY, make_llama, make_text, run_one, text_source
 
 # Llama-3.2-1B's config.json, less the weights (SmolLM2's token ids fit its vocabulary).
 SHAPE = {
@@ -40,16 +40,7 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["lean", "floor"], choices=["default", "lean", "floor"])
     ap.add_argument("--steps", type=int, default=3)
     args = ap.parse_args()
-    from transformers import AutoTokenizer
-
-    from fulltune.assets import ensure_model, ensure_sst2
-
-    default_dir, sst2 = ensure_model(), ensure_sst2()
-    tokenizer = AutoTokenizer.from_pretrained(default_dir)
-    reviews = [
-        json.loads(line)["messages"][0]["content"].split("Review: ")[1].split("\n")[0]
-        for line in (sst2 / "train.jsonl").read_text().splitlines()
-    ]
+    default_dir, tokenizer, reviews = text_source()
     kept = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"rows": {}}
     kept.update(cpu=cpu_name(), flags=cpu_flags(), shape=SHAPE)
     with tempfile.TemporaryDirectory() as tmp:
