@@ -86,7 +86,7 @@ def test_a_model_the_converter_cannot_take_is_one_line_and_no_file(capsys, tiny_
 # family's file): kept out for CI's time.
 FAMILIES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}, "qwen3"),
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16}, "gemma3"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "query_pre_attn_scalar": 16}, "gemma3"),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}, "olmo2"),
 }
 
@@ -117,3 +117,18 @@ def test_each_family_llama_cpp_converts_exports(family, tmp_path, monkeypatch):
     assert reader.fields["general.architecture"].contents() == arch
     assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == 49152
     assert reader.fields[f"{arch}.block_count"].contents() == 2
+
+
+def test_a_gemma3_that_llama_cpp_would_compute_differently_is_warned_of():
+    """llama.cpp reads no query_pre_attn_scalar: Gemma-3 converts, but only the released configs (the
+    scalar equal to head_dim, or hidden/heads for the 62-layer 27B) compute the same model there."""
+    from fulltune.commands.export import llama_cpp_mismatch
+
+    gemma = {"model_type": "gemma3_text", "head_dim": 16, "hidden_size": 64, "num_attention_heads": 4}
+    assert llama_cpp_mismatch({**gemma, "query_pre_attn_scalar": 16, "num_hidden_layers": 2}) is None
+    line = llama_cpp_mismatch({**gemma, "query_pre_attn_scalar": 256, "num_hidden_layers": 2})
+    assert line.startswith("query_pre_attn_scalar is 256, but llama.cpp scales Gemma-3's queries as if it were 16 ")
+    big = {"model_type": "gemma3_text", "head_dim": 128, "hidden_size": 5376, "num_attention_heads": 32}
+    assert llama_cpp_mismatch({**big, "query_pre_attn_scalar": 168, "num_hidden_layers": 62}) is None  # 27B
+    assert llama_cpp_mismatch({"model_type": "gemma3", "text_config": {"num_hidden_layers": 34}}) is None  # 4B
+    assert llama_cpp_mismatch({"model_type": "llama", "query_pre_attn_scalar": 3}) is None

@@ -13,6 +13,7 @@ said in that line. The converter needs sentencepiece: pip install 'fulltune[gguf
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -82,6 +83,9 @@ def run(args) -> int:
         raise UserError(f"--out: {out} should end in .gguf")
     out.parent.mkdir(parents=True, exist_ok=True)
     root = converter_dir()
+    warning = llama_cpp_mismatch(json.loads((model / "config.json").read_text()))
+    if warning:
+        print(f"[export] warning: {warning}", flush=True)
     tmp, log = out.with_name(f".{out.name}.tmp"), out.with_suffix(".log")
     cmd = [sys.executable, str(root / CONVERTER[0]), str(model), "--outfile", str(tmp), "--outtype", args.type]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "gguf-py"), os.environ.get("PYTHONPATH", "")])}
@@ -96,6 +100,25 @@ def run(args) -> int:
     modelfile = write_modelfile(out, model)
     print(f"[export] wrote {out} ({out.stat().st_size / 1e6:.0f} MB) and {modelfile}", flush=True)
     return 0
+
+
+def llama_cpp_mismatch(config: dict) -> str | None:
+    """What llama.cpp would compute differently from transformers for this config.json, which its
+    converter writes without a word (measured: bench/gguf_llamacpp.py --families). Gemma-3: llama.cpp
+    scales the queries by 1/sqrt(head_dim) (by 1/sqrt(hidden/heads) for the 62-layer 27B) and does not
+    read query_pre_attn_scalar; transformers scales by query_pre_attn_scalar^-1/2."""
+    text = config.get("text_config") or config
+    if text.get("model_type", config.get("model_type")) not in ("gemma3", "gemma3_text"):
+        return None
+    head_dim, scalar = text.get("head_dim", 256), text.get("query_pre_attn_scalar", 256)
+    layers, hidden, heads = text.get("num_hidden_layers"), text.get("hidden_size"), text.get("num_attention_heads")
+    expected = hidden / heads if layers == 62 and hidden and heads else head_dim
+    if scalar == expected:
+        return None
+    return (
+        f"query_pre_attn_scalar is {scalar}, but llama.cpp scales Gemma-3's queries as if it were {expected:g} "
+        "(it does not read that key): the GGUF will not compute this model's answers"
+    )
 
 
 def write_modelfile(gguf: Path, model: Path) -> Path:
