@@ -431,6 +431,18 @@ def test_low_bit_step_temporaries():
     spec = spec_from_config(_model(hidden=128).config, "test")
     four = estimate(spec, TrainSetup(micro_batch=2, seq_len=32, device="cpu", precision="fp32", optimizer="adamw4bit"))
     assert four.get("optimizer step temporaries") == 20 * 256 * 128  # optim/lowbit_cpu.py measured
+    # a tensor above the CPU step's slice is stepped in slices: its temporaries are the slice's (not on a GPU)
+    from transformers import LlamaConfig
+
+    from fulltune.memory.estimate import LOW_BIT_STEP_SLICE
+    from fulltune.optim.lowbit_cpu import STEP_SLICE
+
+    shape = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
+    big = spec_from_config(LlamaConfig(vocab_size=(1 << 24) // 128 + 256, **shape), "test")  # embedding > a slice
+    setup = dict(micro_batch=1, seq_len=8, precision="bf16", optimizer="adamw4bit")
+    assert LOW_BIT_STEP_SLICE == STEP_SLICE
+    assert estimate(big, TrainSetup(device="cpu", **setup)).get("optimizer step temporaries") == 20 * STEP_SLICE
+    assert estimate(big, TrainSetup(device="cuda", **setup)).get("optimizer step temporaries") == 20 * big.vocab * 128
     assert estimate(spec, TrainSetup(device="cpu", optimizer="adamw")).get("optimizer step temporaries") == 0
     # pure bf16 SGD / Adafactor / Muon: one tensor in fp32 at a time, around the stochastic rounding
     for name, per in (("sgd-momentum", 14), ("adafactor", 12), ("muon", 16)):

@@ -101,3 +101,29 @@ def test_pure_bf16_rounds_stochastically_around_the_fp32_update():
     moved, expected = (b16[0].float() - start).mean().item(), (f32[0] - start).mean().item()
     assert expected < 0 and moved == pytest.approx(expected, rel=0.1)
     assert (b16[0].float() != start).float().mean() > 0.05  # many weights moved, not one in a million
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_tensor_larger_than_a_slice_steps_in_slices_to_the_same_update(monkeypatch, dtype):
+    """STEP_SLICE caps the step's fp32 temporaries: a 12,288-value tensor stepped in slices of 4,096
+    (and a last one of 4,096) ends with the same weights and the same codes as in one piece, in pure
+    bf16 too (the stochastic rounding draws its noise slice after slice, in the same order)."""
+    from fulltune.optim import lowbit_cpu
+
+    cls, _ = optimizer_class(OptimConfig(name="adamw4bit", lr=1e-2), "bf16" if dtype is torch.bfloat16 else "fp32")
+    torch.manual_seed(3)
+    grads = [[torch.randn(96, 128), torch.randn(40)] for _ in range(3)]
+    results, sizes = [], []
+    kernel = lowbit_cpu.adam4bit_kernel  # eager here: the slicing is what is tested, not inductor
+    monkeypatch.setattr(lowbit_cpu, "_compiled", lambda p, *a, **k: sizes.append(p.numel()) or kernel(p, *a, **k))
+    for piece in (1 << 24, 4096):
+        monkeypatch.setattr(lowbit_cpu, "STEP_SLICE", piece)
+        torch.manual_seed(4)  # the same rounding noise for both
+        params = _params(dtype)
+        opt = _run(cls, params, 3, grads)
+        results.append((params[0].detach().clone(), opt.state[params[0]]))
+    assert sizes == [12288] * 3 + [4096] * 9  # three steps whole, then three of three slices
+    (whole, a), (sliced, b) = results
+    assert torch.equal(whole, sliced) and not torch.equal(whole, _params(dtype)[0])
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(a[key].codes, b[key].codes) and torch.equal(a[key].scale, b[key].scale)

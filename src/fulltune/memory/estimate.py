@@ -35,6 +35,7 @@ LOW_BIT = {"adamw8bit": (8, 256), "adamw4bit": (4, 128)}
 # one through optim/lowbit_cpu.py, on fp32 or bf16 weights (torchao's own 4-bit step: 752 MB, 26 B;
 # on a GPU torchao's kernel runs, its temporaries unmeasured).
 LOW_BIT_STEP_BYTES = {"adamw8bit": 8, "adamw4bit": 20}
+LOW_BIT_STEP_SLICE = 1 << 24  # optim/lowbit_cpu.STEP_SLICE: the CPU 4-bit step's largest piece (tests hold them equal)
 # Pure bf16 SGD / Adafactor / Muon (optim/rounding.py): one tensor at a time in fp32 — its weight and
 # gradient (8 B), the rounding's int32 noise (4 B), and its states (4 B each, their bf16 originals
 # dropped meanwhile: +2 B each), per value of the largest tensor (Muon's largest, the embedding, is
@@ -283,6 +284,9 @@ def _optimizer_terms(spec: ModelSpec, s: TrainSetup, o_div: float, zero: str) ->
         per = LOW_BIT_STEP_BYTES[s.optimizer]
         what = (f"{s.optimizer} dequantises one tensor at a time: "
                 f"{per} B per value of the largest ({largest:,}); measured on CPU")  # fmt: skip
+        if s.optimizer == "adamw4bit" and s.device == "cpu" and largest > LOW_BIT_STEP_SLICE:
+            what += f"; stepped in slices of {LOW_BIT_STEP_SLICE:,} values (optim/lowbit_cpu.py)"
+            largest = LOW_BIT_STEP_SLICE
         terms.append(Term("optimizer step temporaries", per * largest, what, "step"))
     if s.precision == "bf16" and s.optimizer in ROUNDED_STEP_BYTES:
         largest = max(r * c for r, c in _matrix_shapes(spec))

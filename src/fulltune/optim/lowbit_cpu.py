@@ -85,25 +85,36 @@ def adam4bit_kernel(
 
 
 _compiled = None
+# Values stepped at once: the kernel's fp32 temporaries are ~20 B a value, so a tensor larger than this
+# (a 128k-vocabulary embedding: 262.7M values, 5.25 GB of temporaries at 1B) is stepped in slices of
+# whole blocks. A multiple of every block size (torchao's 4-bit block: 128 values).
+STEP_SLICE = 1 << 24
 
 
 def adam4bit_step(p: Tensor, grad: Tensor, state: dict, group: dict, *, rounded: bool) -> None:
-    """torchao's AdamW4bit update of one tensor whose m and v are OptimState4bit, on the CPU."""
+    """torchao's AdamW4bit update of one tensor whose m and v are OptimState4bit, on the CPU, in slices
+    of at most STEP_SLICE values (each block's codes and scale stay together)."""
     global _compiled
     if _compiled is None:
         _compiled = torch.compile(adam4bit_kernel, fullgraph=True, dynamic=False)
     m, v = state["exp_avg"], state["exp_avg_sq"]
     beta1, beta2 = group["betas"]
     step = state["step"]
-    _compiled(
-        p.detach(),
-        grad,
-        (m.codes, m.scale, v.codes, v.scale),
-        (group["lr"], 1 - beta1**step, (1 - beta2**step).sqrt()),
-        hyper=(beta1, beta2, group["weight_decay"], group["eps"]),
-        maps=(tuple(m.qmap.tolist()), tuple(v.qmap.tolist())),
-        rounded=rounded,
-    )
+    n, block = p.numel(), p.numel() // m.scale.numel()
+    assert p.is_contiguous() and STEP_SLICE % block == 0 and block % 2 == 0, "whole blocks in every slice"
+    flat, g = p.detach().view(-1), grad.reshape(-1)
+    for a in range(0, n, STEP_SLICE):
+        b, blocks = min(a + STEP_SLICE, n), slice(a // block, min(a + STEP_SLICE, n) // block)
+        codes = slice(a // 2, b // 2)
+        _compiled(
+            flat[a:b],
+            g[a:b],
+            (m.codes.view(-1)[codes], m.scale.view(-1)[blocks], v.codes.view(-1)[codes], v.scale.view(-1)[blocks]),
+            (group["lr"], 1 - beta1**step, (1 - beta2**step).sqrt()),
+            hyper=(beta1, beta2, group["weight_decay"], group["eps"]),
+            maps=(tuple(m.qmap.tolist()), tuple(v.qmap.tolist())),
+            rounded=rounded,
+        )
 
 
 def adamw4bit_class(ao) -> type:
