@@ -438,7 +438,7 @@ def test_low_bit_step_temporaries():
     from fulltune.optim.lowbit_cpu import STEP_SLICE
 
     shape = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
-    big = spec_from_config(LlamaConfig(vocab_size=(1 << 24) // 128 + 256, **shape), "test")  # embedding > a slice
+    big = spec_from_config(LlamaConfig(vocab_size=STEP_SLICE // 128 + 256, **shape), "test")  # embedding > a slice
     setup = dict(micro_batch=1, seq_len=8, precision="bf16", optimizer="adamw4bit")
     assert LOW_BIT_STEP_SLICE == STEP_SLICE
     assert estimate(big, TrainSetup(device="cpu", **setup)).get("optimizer step temporaries") == 20 * STEP_SLICE

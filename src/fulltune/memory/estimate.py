@@ -35,7 +35,7 @@ LOW_BIT = {"adamw8bit": (8, 256), "adamw4bit": (4, 128)}
 # one through optim/lowbit_cpu.py, on fp32 or bf16 weights (torchao's own 4-bit step: 752 MB, 26 B;
 # on a GPU torchao's kernel runs, its temporaries unmeasured).
 LOW_BIT_STEP_BYTES = {"adamw8bit": 8, "adamw4bit": 20}
-LOW_BIT_STEP_SLICE = 1 << 24  # optim/lowbit_cpu.STEP_SLICE: the CPU 4-bit step's largest piece (tests hold them equal)
+LOW_BIT_STEP_SLICE = 1 << 25  # optim/lowbit_cpu.STEP_SLICE: the CPU 4-bit step's largest piece (tests hold them equal)
 # Pure bf16 SGD / Adafactor / Muon (optim/rounding.py): one tensor at a time in fp32 — its weight and
 # gradient (8 B), the rounding's int32 noise (4 B), and its states (4 B each, their bf16 originals
 # dropped meanwhile: +2 B each), per value of the largest tensor (Muon's largest, the embedding, is

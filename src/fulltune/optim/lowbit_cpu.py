@@ -87,8 +87,9 @@ def adam4bit_kernel(
 _compiled = None
 # Values stepped at once: the kernel's fp32 temporaries are ~20 B a value, so a tensor larger than this
 # (a 128k-vocabulary embedding: 262.7M values, 5.25 GB of temporaries at 1B) is stepped in slices of
-# whole blocks. A multiple of every block size (torchao's 4-bit block: 128 values).
-STEP_SLICE = 1 << 24
+# whole blocks: at most ~0.67 GB of temporaries. 33.5M values leaves SmolLM2-135M's 28.3M-value embedding
+# whole (one compiled graph per shape). A multiple of every block size (torchao's 4-bit block: 128).
+STEP_SLICE = 1 << 25
 
 
 def adam4bit_step(p: Tensor, grad: Tensor, state: dict, group: dict, *, rounded: bool) -> None:
